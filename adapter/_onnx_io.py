@@ -1,0 +1,29 @@
+"""Saving ONNX models, with external data when protobuf's 2 GiB limit is near."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+PROTOBUF_SAFE_BYTES = 1_800_000_000
+"""Above this many initializer bytes the model is saved with external data."""
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of the main graph's initializers."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, path: Path) -> list[str]:
+    """Save ``model`` at ``path``; return the file names written (relative to its folder)."""
+    if initializer_bytes(model) > PROTOBUF_SAFE_BYTES:
+        data = path.name + ".data"
+        ir.save(model, path, external_data=data, size_threshold_bytes=1024)
+        return [path.name, data]
+    ir.save(model, path)
+    return [path.name]

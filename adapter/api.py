@@ -1,0 +1,222 @@
+"""Python API: ``convert()`` a model source to a verified engine, ``load()`` an engine."""
+
+from __future__ import annotations
+
+__all__ = ["ConvertOptions", "ConvertResult", "convert", "load", "default_output"]
+
+import datetime as _dt
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapter import artifact
+from adapter._timing import median_ms
+from adapter.backends import get_backend
+from adapter.backends.base import unsupported_nodes
+from adapter.errors import ArtifactError, UnsupportedOpsError
+from adapter.importer import import_source, prepare_source
+from adapter.passes import build_pipeline, run_pipeline
+from adapter.specs import parse_dynamic
+from adapter.verify import Tolerance, verify
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything that shapes an engine; all of it is part of the cache key."""
+
+    target: str = "host"
+    """Target profile name or path to a profile file."""
+    backend: str | None = None
+    """Backend name; None takes the profile's default backend."""
+    dynamic: tuple[str, ...] = ()
+    """``--dynamic`` items, e.g. ``input_ids:0=batch,1=seq[1..512]``."""
+    passes: tuple[str, ...] | None = None
+    """Pass or pipeline names; None takes the profile's pipeline (else canonicalize)."""
+    tolerance: Tolerance = Tolerance()
+    """Verification criteria against the eager model."""
+    verify_samples: int = 2
+    """Random verification cases besides the example inputs."""
+    backend_options: tuple[tuple[str, Any], ...] = ()
+    """Backend option overrides as (name, value) pairs."""
+    trust_source: bool = False
+    """Allow a .pt2 that unpickles objects (only for files you made)."""
+    benchmark: bool = True
+    """Measure engine and eager latency on the example inputs for the report."""
+    use_cache: bool = True
+    """Reuse a cached artifact when the cache key matches."""
+
+    def key_fields(self) -> dict[str, Any]:
+        """The options that change the engine (cache key), as JSON-ready data."""
+        data = asdict(self)
+        for unrelated in ("use_cache", "benchmark", "target", "trust_source"):
+            data.pop(unrelated)
+        return data
+
+
+@dataclass
+class ConvertResult:
+    """Where the artifact is, its manifest, and whether the cache served it."""
+
+    path: Path
+    manifest: dict[str, Any]
+    cache_hit: bool
+    seconds: float
+    cache_note: str = ""
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def default_output(source: str, target: str) -> Path:
+    """``<model>-<target>`` in the working folder, e.g. ``minilm-host``."""
+    stem = source.rstrip("/").rpartition(":")[2] if ":" in source else Path(source.rstrip("/")).stem
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}-{Path(target).stem}").strip("-.")
+    return Path(clean or "engine")
+
+
+def _cached(output: Path, key: str) -> tuple[Path | None, str]:
+    """Find a valid artifact for ``key``: the output folder itself, then the cache."""
+    if (output / artifact.MANIFEST).is_file():
+        try:
+            manifest = artifact.validate(output)
+            if manifest.get("cache_key") == key:
+                return output, "the output folder already holds this engine"
+        except ArtifactError:
+            pass
+    entry = artifact.cache_root() / "engines" / key
+    if entry.is_dir():
+        try:
+            artifact.validate(entry)
+            return entry, f"cache entry {key[:12]}"
+        except ArtifactError:
+            import shutil
+
+            shutil.rmtree(entry, ignore_errors=True)
+            return None, "a corrupted cache entry was removed and the engine rebuilt"
+    return None, ""
+
+
+def convert(
+    source: str,
+    output: Path | str | None = None,
+    options: ConvertOptions = ConvertOptions(),
+    progress: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert a model source to a verified engine artifact for a target.
+
+    Args:
+        source: A factory (``file.py:fn``, ``pkg.mod:fn``), Hugging Face folder, ``.pt2``
+            or ``.onnx`` file.
+        output: Artifact folder; defaults to ``<model>-<target>``.
+        options: Target, backend, passes, dynamic dims, tolerances.
+        progress: Called with the name of each stage as it starts.
+
+    Returns:
+        The artifact's path and manifest, and whether the cache served it.
+
+    Raises:
+        AdapterError: Any user-facing failure (see ``adapter.errors``).
+    """
+    from adapter.profiles import load_profile
+
+    say = progress or (lambda _stage: None)
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        stages[name] = time.perf_counter()
+        say(name)
+
+    output = Path(output) if output else default_output(source, options.target)
+    stage("load profile")
+    profile = load_profile(options.target)
+    backend_name = options.backend or getattr(profile, "default_backend", None) or "onnxruntime"
+    backend = get_backend(backend_name)
+    dynamic = parse_dynamic(options.dynamic)
+    stage("load source")
+    prepared = prepare_source(source, dynamic, trust_source=options.trust_source)
+    passes = list(options.passes) if options.passes is not None else list(getattr(profile, "passes", None) or ["canonicalize"])
+    key = artifact.cache_key({
+        "format": artifact.FORMAT_VERSION,
+        "source": {"kind": prepared.kind, "digest": prepared.digest},
+        "options": options.key_fields(),
+        "passes": passes,
+        "profile": profile.digest(),
+        "backend": {"name": backend_name, "version": backend.version()},
+        "libraries": artifact.library_versions(),
+    })
+    if options.use_cache:
+        found, note = _cached(output, key)
+        if found is not None:
+            if found != output:
+                artifact.copy_artifact(found, output)
+            manifest = artifact.read_manifest(output)
+            return ConvertResult(output, manifest, True, time.perf_counter() - started, note)
+    else:
+        note = "cache disabled"
+
+    stage("export")
+    imported = import_source(prepared)
+    stage("passes")
+    records = run_pipeline(imported.model, build_pipeline(passes))
+    stage("check support")
+    missing = unsupported_nodes(imported.model, lambda n, m: backend.supports(n, m, profile))
+    if missing:
+        raise UnsupportedOpsError(backend_name, missing)
+    with artifact.staging_dir(output) as staged:
+        stage("compile")
+        backend_options = backend.Options.from_profile(profile, dict(options.backend_options))
+        engine = backend.compile(imported.model, profile, backend_options, (imported.inputs, imported.outputs), staged)
+        stage("verify")
+        report = verify(engine.run, imported.reference, imported.inputs, imported.example_inputs, options.tolerance, options.verify_samples)
+        latency = None
+        if options.benchmark:
+            stage("benchmark")
+            latency = {
+                "inputs": {k: list(v.shape) for k, v in imported.example_inputs.items()},
+                "engine_ms": median_ms(lambda: engine.run(imported.example_inputs)),
+                "reference_ms": median_ms(lambda: imported.reference(imported.example_inputs)),
+                "reference": imported.reference_kind,
+            }
+            latency["speedup"] = latency["reference_ms"] / latency["engine_ms"]
+        now = time.perf_counter()
+        stamps = list(stages.items()) + [("end", now)]
+        timings = {name: round(stamps[i + 1][1] - t, 4) for i, (name, t) in enumerate(stamps[:-1])}
+        manifest = {
+            "adapter_version": artifact.library_versions()["adapter"],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cache_key": key,
+            "source": {"spec": source, "kind": imported.kind, "digest": imported.digest, "reference": imported.reference_kind},
+            "options": {**options.key_fields(), "target": options.target, "passes": passes},
+            "target": {"name": profile.name, "digest": profile.digest(), "profile": profile.to_dict()},
+            "backend": {"name": backend_name, "version": backend.version(), "config": engine.config},
+            "passes": [r.to_json() for r in records],
+            "graph": {"nodes": len(list(imported.model.graph.all_nodes())), "opsets": dict(imported.model.opset_imports)},
+            "inputs": [s.to_json() for s in imported.inputs],
+            "outputs": [s.to_json() for s in imported.outputs],
+            "verification": report,
+            "latency": latency,
+            "timings_s": {**imported.seconds, **timings},
+            "libraries": artifact.library_versions(),
+        }
+        del engine
+        artifact.write_manifest(staged, manifest)
+        if options.use_cache:
+            entry = artifact.cache_root() / "engines" / key
+            artifact.copy_artifact(staged, entry)
+        artifact.publish(staged, output)
+    manifest = artifact.read_manifest(output)
+    return ConvertResult(output, manifest, False, time.perf_counter() - started, note, timings)
+
+
+def load(path: Path | str, check: bool = True):
+    """Load an engine artifact; with ``check`` its files are verified against the manifest.
+
+    Raises:
+        ArtifactError: Not an artifact, or damaged.
+    """
+    path = Path(path)
+    manifest = artifact.validate(path) if check else artifact.read_manifest(path)
+    backend = get_backend(manifest["backend"]["name"])
+    return backend.Engine.load(path)

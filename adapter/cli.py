@@ -1,0 +1,230 @@
+"""The ``adapter`` command line (click + rich).
+
+Every user-facing failure is an :class:`adapter.errors.AdapterError`: printed as one
+paragraph, no traceback (``--debug`` shows it), non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from adapter.errors import AdapterError, SourceError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+_state = {"debug": os.environ.get("ADAPTER_DEBUG") == "1"}
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.version_option(package_name="adapter")
+def cli(debug: bool) -> None:
+    """adapter: convert PyTorch models to verified, optimized engines.
+
+    \b
+    Example:
+      adapter convert adapter.zoo:minilm --target host
+    """
+    _state["debug"] = _state["debug"] or debug
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-t", "--target", default="host", show_default=True, help="Target profile name (see `adapter targets`) or a profile .toml file.")
+@click.option("-b", "--backend", default=None, help="Backend; default: the target profile's default backend.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Artifact folder; default: ./<model>-<target>.")
+@click.option("--dynamic", multiple=True, metavar="INPUT:AXIS=NAME[MIN..MAX],...", help="Dynamic axes, e.g. input_ids:0=batch,1=seq[1..512]. Repeatable.")
+@click.option("--passes", default=None, help="Comma-separated passes or pipelines (default: the profile's, else canonicalize; 'none' for no passes).")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute verification tolerance.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Tolerance relative to the largest reference value.")
+@click.option("--min-cosine", type=float, default=0.99999, show_default=True, help="Lowest cosine similarity per output.")
+@click.option("--verify-samples", type=int, default=2, show_default=True, help="Random verification cases besides the example inputs.")
+@click.option("--trust-source", is_flag=True, help="Allow a .pt2 that unpickles objects. Only for files you made yourself.")
+@click.option("--no-cache", is_flag=True, help="Rebuild even if a cached engine matches.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency figures in the report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
+def convert(source, target, backend, output, dynamic, passes, atol, rtol, min_cosine, verify_samples, trust_source, no_cache, no_bench, as_json):
+    """Convert SOURCE to a verified engine for a target.
+
+    SOURCE is a factory (path/to/file.py:make_model or package.module:attr,
+    returning (module, example_inputs[, dynamic])), a local Hugging Face folder
+    (safetensors), a .pt2 ExportedProgram or an .onnx file. A factory is Python code:
+    it runs with your rights, so only name files you trust. Pickled checkpoints
+    (.pt, .pth, .bin) are refused.
+
+    \b
+    Examples:
+      adapter convert adapter.zoo:minilm --target host
+      adapter convert model.py:make_model -t intel-xeon-spr --dynamic x:0=batch -o out/
+      adapter convert model.onnx --json
+    """
+    from adapter.api import ConvertOptions, convert as run_convert
+    from adapter.report import render_manifest
+    from adapter.verify import Tolerance
+
+    options = ConvertOptions(
+        target=target, backend=backend, dynamic=tuple(dynamic),
+        passes=tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None,
+        tolerance=Tolerance(atol=atol, rtol=rtol, min_cosine=min_cosine), verify_samples=verify_samples,
+        trust_source=trust_source, benchmark=not no_bench, use_cache=not no_cache,
+    )
+    with err.status("converting…") as status:
+        result = run_convert(source, output, options, progress=lambda s: status.update(f"{s}…"))
+    if as_json:
+        _print_json({"artifact": str(result.path), "cache_hit": result.cache_hit, "seconds": result.seconds, "manifest": result.manifest})
+        return
+    verdict = "[bold green]cache hit[/]" if result.cache_hit else "[bold green]converted and verified[/]"
+    out.print(f"{verdict}: {result.path}")
+    render_manifest(out, result.manifest, cache_note=result.cache_note if result.cache_hit else "", seconds=result.seconds)
+
+
+def _load_npz(path: Path) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError as exc:
+        raise SourceError(f"Inputs file '{path}' does not exist.") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise SourceError(f"'{path}' is not a readable .npz of arrays ({exc}).", "Save inputs with numpy.savez(path, name=array, ...); object arrays are refused.") from exc
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-i", "--inputs", "inputs_path", type=click.Path(path_type=Path), required=True, help=".npz file with one array per input name.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the outputs to this .npz file.")
+@click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
+def run(artifact, inputs_path, output, as_json):
+    """Run an engine ARTIFACT on inputs from an .npz file.
+
+    \b
+    Example:
+      adapter run minilm-host --inputs x.npz --output y.npz
+    """
+    import numpy as np
+
+    from adapter.api import load
+    from adapter.report import render_outputs
+
+    engine = load(artifact)
+    results = engine.run(_load_npz(inputs_path))
+    if output is not None:
+        tmp = output.with_name(f".{output.name}.tmp.npz")
+        np.savez(tmp, **results)
+        os.replace(tmp, output)
+    if as_json:
+        _print_json({name: {"shape": list(v.shape), "dtype": str(v.dtype), "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())} for name, v in results.items()})
+        return
+    render_outputs(out, results)
+    if output is not None:
+        out.print(f"Saved to {output}")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@click.pass_context
+def targets(ctx, as_json):
+    """List target profiles (`adapter targets probe` measures this machine).
+
+    \b
+    Examples:
+      adapter targets
+      adapter targets probe --force
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from adapter.profiles import list_profiles, load_profile
+    from adapter.report import render_targets
+
+    rows = [load_profile(name).to_dict() for name in list_profiles()]
+    if as_json:
+        _print_json(rows)
+    else:
+        render_targets(out, rows)
+
+
+@targets.command()
+@click.option("--force", is_flag=True, help="Measure again even if a cached probe exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measured profile as JSON.")
+def probe(force, as_json):
+    """Measure this machine: matmul FP32/BF16 peaks and copy bandwidth (cached).
+
+    \b
+    Example:
+      adapter targets probe --json
+    """
+    from adapter.profiles.probe import probe_host
+    from adapter.report import render_targets
+
+    with err.status("measuring this machine…"):
+        profile = probe_host(force=force)
+    if as_json:
+        _print_json(profile.to_dict())
+    else:
+        render_targets(out, [profile.to_dict()])
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(artifact, as_json):
+    """Show an engine ARTIFACT's manifest (checksums verified).
+
+    \b
+    Example:
+      adapter info minilm-host
+    """
+    from adapter.artifact import validate
+    from adapter.report import render_manifest
+
+    manifest = validate(artifact)
+    if as_json:
+        _print_json(manifest)
+    else:
+        render_manifest(out, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning errors into one-paragraph messages."""
+    try:
+        cli.main(args=argv, prog_name="adapter", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("Interrupted.")
+        return 130
+    except AdapterError as exc:
+        if _state["debug"]:
+            err.print(traceback.format_exc(), markup=False, highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
+    except Exception as exc:  # a traceback reaching a user is a bug: say so plainly
+        if _state["debug"]:
+            err.print(traceback.format_exc(), markup=False, highlight=False)
+        err.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc).splitlines()[0]) if str(exc) else ''} — "
+            "this is a bug in adapter; run again with --debug for the traceback and report it.",
+            highlight=False,
+        )
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""What every backend shares: support answers and the engine's checked ``run``."""
+
+from __future__ import annotations
+
+__all__ = ["Support", "EngineBase", "unsupported_nodes", "module_of"]
+
+import abc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx_ir as ir
+
+from adapter.errors import UnsupportedOp
+from adapter.specs import TensorSpec, check_inputs
+
+
+class Support(NamedTuple):
+    """Whether a backend runs a node, and why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def module_of(node: ir.Node) -> str:
+    """The ``nn.Module`` path a node came from ('' when unknown)."""
+    return node.metadata_props.get("adapter.module", "")
+
+
+def unsupported_nodes(model: ir.Model, supports: Callable[[ir.Node, ir.Model], Support]) -> list[UnsupportedOp]:
+    """Every node ``supports`` refuses, with its module path, in graph order."""
+    found = []
+    for node in model.graph.all_nodes():
+        answer = supports(node, model)
+        if not answer:
+            found.append(UnsupportedOp(node.name or "", node.op_type, node.domain, module_of(node), answer.reason))
+    return found
+
+
+class EngineBase(abc.ABC):
+    """An engine: checked inputs in, named numpy outputs out."""
+
+    backend: str = ""
+
+    def __init__(self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.inputs = inputs
+        self.outputs = outputs
+        self.config = config
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check inputs against the specs (all problems at once), then run the engine."""
+        feed = check_inputs(self.inputs, inputs)
+        return self._run(feed)
+
+    @abc.abstractmethod
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on inputs already checked against the specs."""
+
+    @abc.abstractmethod
+    def files(self) -> list[str]:
+        """The engine's files, relative to its folder."""

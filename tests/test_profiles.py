@@ -1,0 +1,219 @@
+"""Tests for the hardware profiles: bundled data files, schema checks and the host probe."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from adapter.profiles import DTYPES, Profile, list_profiles, load_profile
+from adapter.profiles import probe as probe_module
+from adapter.profiles.probe import probe_host
+
+from adapter import profiles
+from adapter.errors import ProfileError
+
+DATA_DIR = Path(profiles.__file__).parent
+BUNDLED = [name for name in list_profiles() if name != "host"]
+EXPECTED = {
+    "intel-xeon-spr",
+    "amd-epyc-genoa",
+    "arm-cortex-a76",
+    "nvidia-a100",
+    "nvidia-h100",
+    "nvidia-jetson-orin",
+    "amd-mi250x",
+    "amd-mi300x",
+}
+
+
+def _copy_with(tmp_path: Path, name: str, pattern: str, replacement: str) -> Path:
+    """Copy a bundled profile to tmp_path, replacing the first line matching pattern."""
+    text = (DATA_DIR / f"{name}.toml").read_text()
+    new_text, count = re.subn(pattern, replacement, text, count=1, flags=re.MULTILINE)
+    assert count == 1, f"pattern {pattern!r} not found in {name}.toml"
+    path = tmp_path / f"{name}-edited.toml"
+    path.write_text(new_text)
+    return path
+
+
+def test_list_profiles_has_every_target_and_host() -> None:
+    names = list_profiles()
+    assert set(BUNDLED) == EXPECTED
+    assert names[-1] == "host" and names[:-1] == sorted(names[:-1])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bundled_profile_loads_and_validates(name: str) -> None:
+    profile = load_profile(name)
+    assert profile.name == name
+    assert profile.kind in ("cpu", "gpu")
+    assert (profile.cores if profile.kind == "cpu" else profile.compute_units) > 0
+    assert profile.peak("fp32") > 1e9
+    assert all(dtype in DTYPES and value > 0 for dtype, value in profile.peak_flops.items())
+    assert set(profile.precisions) <= set(profile.peak_flops)
+    assert profile.memory_bandwidth > 1e8 and profile.memory_size > 2**30
+    assert profile.interconnect.bandwidth > 0 and profile.interconnect.name
+    assert profile.default_backend in profile.backends
+    assert profile.sources
+    assert re.fullmatch(r"[0-9a-f]{64}", profile.digest())
+    if profile.kind == "cpu":
+        assert profile.threads == profile.cores
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_to_dict_round_trips(name: str) -> None:
+    profile = load_profile(name)
+    again = Profile.from_dict(profile.to_dict())
+    assert again == profile and again.digest() == profile.digest()
+    assert hash(again) == hash(profile)
+
+
+def test_profile_is_immutable() -> None:
+    profile = load_profile("nvidia-a100")
+    with pytest.raises(AttributeError):
+        profile.name = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        profile.peak_flops["fp32"] = 1.0  # type: ignore[index]
+
+
+def test_peak_accepts_aliases_and_rejects_missing_dtype() -> None:
+    profile = load_profile("nvidia-h100")
+    assert profile.peak("bfloat16") == profile.peak("bf16") == 989.5e12
+    with pytest.raises(ProfileError, match="int4"):
+        profile.peak("int4")
+
+
+def test_load_by_path_gives_same_digest(tmp_path: Path) -> None:
+    copy = tmp_path / "copy.toml"
+    shutil.copy(DATA_DIR / "nvidia-a100.toml", copy)
+    assert load_profile(copy).digest() == load_profile("nvidia-a100").digest()
+    assert load_profile(str(copy)).digest() == load_profile("nvidia-a100").digest()
+
+
+def test_digest_changes_when_a_figure_changes(tmp_path: Path) -> None:
+    edited = _copy_with(
+        tmp_path, "nvidia-a100", r"^memory_bandwidth = .*$", "memory_bandwidth = 1.935e12"
+    )
+    changed = load_profile(edited)
+    assert changed.memory_bandwidth == 1.935e12
+    assert changed.digest() != load_profile("nvidia-a100").digest()
+
+
+def test_unknown_name_lists_known_profiles() -> None:
+    with pytest.raises(ProfileError) as info:
+        load_profile("nvidia-a999")
+    message = str(info.value)
+    assert "nvidia-a999" in message
+    for name in list_profiles():
+        assert name in message
+
+
+def test_missing_file_path_is_a_profile_error(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match=r"absent\.toml"):
+        load_profile(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "replacement", "key"),
+    [
+        (r"^memory_bandwidth = .*$", "", "memory_bandwidth"),
+        (r"^fp32 = .*$", "fp32 = -19.5e12", "peak_flops.fp32"),
+        (r"^memory_size = .*$", "memory_size = 0", "memory_size"),
+        (r"^compute_units = .*$", "compute_units = 1.5", "compute_units"),
+        (r"^bandwidth = .*$", "bandwidth = -1", "interconnect.bandwidth"),
+        (r"^kind = .*$", 'kind = "tpu"', "kind"),
+        (r"^precisions = .*$", 'precisions = ["fp32", "fp4"]', "precisions[1]"),
+        (r"^default_backend = .*$", 'default_backend = "cuda"', "default_backend"),
+        (r"^vendor = .*$", 'vendor = "nvidia"\ncolour = "green"', "colour"),
+    ],
+)
+def test_bad_file_names_file_and_key(
+    tmp_path: Path, pattern: str, replacement: str, key: str
+) -> None:
+    path = _copy_with(tmp_path, "nvidia-a100", pattern, replacement)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert f"'{key}'" in message
+    assert path.name in message
+
+
+def test_invalid_toml_is_a_profile_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("name = \n")
+    with pytest.raises(ProfileError, match=r"broken\.toml"):
+        load_profile(path)
+
+
+def test_load_host_uses_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    sentinel = load_profile("intel-xeon-spr")
+    monkeypatch.setattr(probe_module, "probe_host", lambda: sentinel)
+    assert load_profile("host") is sentinel
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Profile, Path]:
+    """Measure the host once for the module, caching in a fresh folder."""
+    cache_dir = tmp_path_factory.mktemp("probe") / "cache"
+    return probe_host(cache_dir=cache_dir), cache_dir
+
+
+def test_probe_measures_plausible_figures(probed: tuple[Profile, Path]) -> None:
+    profile, _ = probed
+    assert profile.name == "host" and profile.kind == "cpu"
+    assert profile.peak("fp32") > 1e9 and profile.peak("bf16") > 1e9
+    assert profile.memory_bandwidth > 1e9
+    assert profile.memory_size > 2**28
+    assert profile.threads == profile.cores == len(os.sched_getaffinity(0))
+    assert {"fp32", "int8"} <= set(profile.precisions)
+    assert profile.default_backend == "onnxruntime"
+
+
+def test_probe_cache_is_private_and_reused(
+    probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile, cache_dir = probed
+    assert cache_dir.stat().st_mode & 0o777 == 0o700
+    assert len(list(cache_dir.glob("host-*.json"))) == 1
+    assert not list(cache_dir.glob(".host-*"))
+
+    def must_not_measure(threads: int) -> dict[str, object]:
+        raise AssertionError("the cached profile should have been used")
+
+    monkeypatch.setattr(probe_module, "_measure", must_not_measure)
+    again = probe_host(cache_dir=cache_dir)
+    assert again == profile and again.digest() == profile.digest()
+
+
+def test_probe_force_measures_again(
+    probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, cache_dir = probed
+    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
+    monkeypatch.setattr(probe_module, "_measure", lambda threads: figures)
+    forced = probe_host(force=True, cache_dir=cache_dir)
+    assert forced.peak("fp32") == 2e9 and forced.memory_bandwidth == 4e9
+    assert probe_host(cache_dir=cache_dir) == forced
+
+
+def test_probe_ignores_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
+    monkeypatch.setattr(probe_module, "_measure", lambda threads: figures)
+    first = probe_host(cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("host-*.json")
+    cache_file.write_text("{not json")
+    again = probe_host(cache_dir=tmp_path)
+    assert again.peak_flops == first.peak_flops and again.memory_bandwidth == 4e9
+
+
+def test_default_cache_dir_follows_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ADAPTER_CACHE_DIR", str(tmp_path / "a"))
+    assert probe_module.default_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("ADAPTER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert probe_module.default_cache_dir() == tmp_path / "x" / "adapter"
