@@ -76,10 +76,10 @@ def source_kind(spec: str) -> str:
             "in a Hugging Face folder, or write a factory file that builds the module and "
             "loads weights with torch.load(weights_only=True).",
         )
-    if lower.endswith(".onnx"):
-        return "onnx"
-    if lower.endswith(".pt2"):
-        return "pt2"
+    if lower.endswith((".onnx", ".pt2")):
+        if not path.is_file():
+            raise SourceError(f"'{spec}' does not exist.", "Check the path of the model file.")
+        return "onnx" if lower.endswith(".onnx") else "pt2"
     if path.is_dir():
         return "hf"
     head, sep, _ = spec.rpartition(":")

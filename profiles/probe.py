@@ -252,8 +252,8 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
         },
         "sources": [
             f"measured by adapter.profiles.probe on {today}: torch {_torch_version()} matmul "
-            f"{_MATMUL_N}x{_MATMUL_N}, best of {_REPEATS}, {cpus} threads (fp32, bf16)",
-            f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of {_REPEATS}, "
+            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32, bf16)",
+            f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of up to {_REPEATS}, "
             "bytes read + written per second",
             "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, "
             "cgroup memory limit",

@@ -1,0 +1,34 @@
+"""Shared fixtures: a private cache per test session, offline Hugging Face, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Every test session gets its own engine cache (and host-probe cache)."""
+    os.environ["ADAPTER_CACHE_DIR"] = str(tmp_path_factory.mktemp("adapter-cache"))
+    yield
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    from adapter.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

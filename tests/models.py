@@ -1,0 +1,89 @@
+"""Small factories for tests (importable as ``models:<name>`` with tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return MLP().eval(), {"x": torch.randn(2, 8)}, {"x": {0: "batch"}}
+
+
+def mlp_fixed():
+    """Same MLP, no dynamic dims: shapes are fixed at batch 2."""
+    torch.manual_seed(0)
+    return MLP().eval(), (torch.randn(2, 8),)
+
+
+@torch.library.custom_op("adapter_tests::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("adapter_tests::enigma", mutates_args=())
+def enigma(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+@enigma.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Odd(nn.Module):
+    def forward(self, x):
+        return enigma(x)
+
+
+class CustomOps(nn.Module):
+    """Two torch ops with no ONNX translation, in two different modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.odd = Odd()
+
+    def forward(self, x):
+        return self.odd(mystery(self.proj(x)))
+
+
+def custom_ops():
+    return CustomOps().eval(), {"x": torch.randn(2, 4)}
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x[x > 0].sum().reshape(1) * torch.ones(int(x.abs().sum().item()))
+
+
+def data_dependent():
+    return DataDependent().eval(), {"x": torch.randn(2, 4)}
+
+
+def not_a_tuple():
+    return MLP()
+
+
+def raises():
+    raise RuntimeError("weights file is corrupt")
+
+
+NOT_CALLABLE = 42
