@@ -10,6 +10,7 @@ from adapter.passes.canonicalize import (
     ConstantFolding,
     DeadCodeElimination,
     IdentityElimination,
+    LiftConstants,
     ShapeInference,
     TopologicalSort,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ConstantFolding",
     "DeadCodeElimination",
     "IdentityElimination",
+    "LiftConstants",
     "CommonSubexpressionElimination",
     "ShapeInference",
     "TopologicalSort",

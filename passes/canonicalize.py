@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConstantFolding",
+    "LiftConstants",
     "IdentityElimination",
     "DeadCodeElimination",
     "CommonSubexpressionElimination",
@@ -58,6 +59,18 @@ class ConstantFolding(CountedPass):
             "nodes_folded": max(0, nodes - len(list(model.graph.all_nodes()))),
             "initializers_added": max(0, len(model.graph.initializers) - before),
         }
+
+
+class LiftConstants(CountedPass):
+    """Turn ``Constant`` nodes into graph initializers (one form for every constant)."""
+
+    name = "lift-constants"
+
+    def apply(self, model: ir.Model) -> dict[str, Any]:
+        before = sum(1 for n in model.graph if n.op_type == "Constant" and n.domain == "")
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        after = sum(1 for n in model.graph if n.op_type == "Constant" and n.domain == "")
+        return {"constants_lifted": before - after}
 
 
 class IdentityElimination(CountedPass):

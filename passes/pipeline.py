@@ -14,6 +14,7 @@ from adapter.passes.base import CountedPass, PassRecord
 
 PASSES: dict[str, Callable[[], CountedPass]] = {
     "constant-folding": canonicalize.ConstantFolding,
+    "lift-constants": canonicalize.LiftConstants,
     "identity-elimination": canonicalize.IdentityElimination,
     "cse": canonicalize.CommonSubexpressionElimination,
     "dead-code-elimination": canonicalize.DeadCodeElimination,
@@ -25,6 +26,7 @@ PASSES: dict[str, Callable[[], CountedPass]] = {
 PIPELINES: dict[str, tuple[str, ...]] = {
     "canonicalize": (
         "constant-folding",
+        "lift-constants",
         "identity-elimination",
         "cse",
         "dead-code-elimination",
