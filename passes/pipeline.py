@@ -56,6 +56,8 @@ def build_pipeline(names: Sequence[str] | str) -> list[CountedPass]:
 
 def run_pipeline(model: ir.Model, passes: Sequence[CountedPass]) -> list[PassRecord]:
     """Run passes in order through onnx-ir's PassManager; return each pass's record."""
+    if not passes:
+        return []
     manager = ir.passes.PassManager(list(passes), steps=1)
     try:
         manager(model)

@@ -32,3 +32,20 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def fresh_cache(tmp_path_factory, monkeypatch):
+    """An empty engine cache for one test (the host probe is carried over, not re-measured)."""
+    import shutil
+
+    from adapter.profiles import load_profile
+
+    load_profile("host")  # make sure the session cache holds the probe
+    session_cache = Path(os.environ["ADAPTER_CACHE_DIR"])
+    cache = tmp_path_factory.mktemp("cache")
+    cache.chmod(0o700)
+    for probe in session_cache.glob("host-*.json"):
+        shutil.copy2(probe, cache / probe.name)
+    monkeypatch.setenv("ADAPTER_CACHE_DIR", str(cache))
+    return cache
