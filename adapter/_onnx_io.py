@@ -25,5 +25,8 @@ def save_model(model: ir.Model, path: Path) -> list[str]:
         data = path.name + ".data"
         ir.save(model, path, external_data=data, size_threshold_bytes=1024)
         return [path.name, data]
+    # Tensors still backed by the source's external-data file are read in, so the saved
+    # model is self-contained and never points back at the source's folder.
+    ir.external_data.load_to_model(model)
     ir.save(model, path)
     return [path.name]

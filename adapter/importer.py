@@ -196,6 +196,36 @@ def _module_digest(spec: str, module, inputs, dynamic) -> str:
     return digest.hexdigest()
 
 
+def _tensors(result) -> dict:
+    return {k: v for k, v in result.items() if v is not None and hasattr(v, "shape")}
+
+
+def _hf_wrappers():
+    import torch
+
+    class TextModel(torch.nn.Module):
+        """A Hugging Face text model returning a plain dict of its tensor outputs."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, attention_mask):
+            return _tensors(self.model(input_ids=input_ids, attention_mask=attention_mask))
+
+    class VisionModel(torch.nn.Module):
+        """A Hugging Face vision model returning a plain dict of its tensor outputs."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, pixel_values):
+            return _tensors(self.model(pixel_values=pixel_values))
+
+    return TextModel, VisionModel
+
+
 def _hf_model(folder: Path):
     """Build a module + example inputs from a local Hugging Face folder, offline."""
     import torch
@@ -214,7 +244,7 @@ def _hf_model(folder: Path):
     with _safety.weights_only_loads():
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+            model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, attn_implementation="eager")
         except Exception as exc:
             raise SourceError(f"transformers could not load '{folder}': {exc}") from exc
     torch.manual_seed(0)
@@ -229,16 +259,9 @@ def _hf_model(folder: Path):
     else:
         raise SourceError(f"Cannot tell what inputs the model in '{folder}' takes.", "Write a factory file that returns the model with example inputs.")
 
-    class _TensorOutputs(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.model = inner
-
-        def forward(self, **kwargs):
-            result = self.model(**kwargs)
-            return {k: v for k, v in result.items() if isinstance(v, torch.Tensor)}
-
-    return _TensorOutputs(model).eval(), inputs, dynamic
+    text_model, vision_model = _hf_wrappers()
+    wrapper = text_model if "input_ids" in inputs else vision_model
+    return wrapper(model).eval(), inputs, dynamic
 
 
 def _torch_reference(module, output_names: list[str]):

@@ -21,24 +21,36 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from adapter.specs import DEFAULT_DIM_MAX, Dim
+
 __all__ = ["ZOO", "Factory", "gpt2", "llama", "minilm", "resnet", "t5_encoder", "vit", "whisper_encoder"]
 
 Inputs = dict[str, torch.Tensor]
-Dynamic = dict[str, dict[int, str]]
+Dynamic = dict[str, dict[int, Dim]]
 Factory = Callable[[], tuple[nn.Module, Inputs, Dynamic]]
 
 _SEED = 0
 _BATCH = 2
 _SEQ = 16
-# "eager" rather than "sdpa": torch's SDPA returns zeros for query rows whose keys are all
-# masked (left padding, an all-zero mask row) while the exported graph softmaxes them
-# uniformly, so "sdpa" models differ from their ONNX export by up to 0.2 on such rows.
+_MINILM_SEQ = 128  # the sequence length of the figures in DESIGN.md
+# "eager" rather than "sdpa": torch's SDPA (boolean mask) returns zeros for query rows whose
+# keys are all masked (left padding, a leading 0 in a causal mask, an all-zero mask row);
+# the exported graph averages V there, so "sdpa" models differ from their ONNX by 0.02-0.2.
 # "eager" matches everywhere and gets the same ORT fusions (Attention, SkipLayerNorm).
 _ATTN = "eager"
 
 
-def _text_axes() -> Dynamic:
-    return {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+_MAX_BATCH = 64
+
+
+def _text_axes(max_seq: int = DEFAULT_DIM_MAX) -> Dynamic:
+    """Batch and sequence dynamic, the sequence bounded by the model's position table."""
+    batch, seq = Dim("batch", 1, _MAX_BATCH), Dim("seq", 1, max_seq)
+    return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+
+
+def _batch_axis(name: str) -> Dynamic:
+    return {name: {0: Dim("batch", 1, _MAX_BATCH)}}
 
 
 class _NamedOutputs(nn.Module):
@@ -138,7 +150,7 @@ def minilm() -> tuple[nn.Module, Inputs, Dynamic]:
 
     Outputs ``token_embeddings`` (batch, seq, 384) and ``sentence_embedding`` (batch, 384),
     equal to sentence-transformers' own to 2e-6. Example inputs: two sentences tokenized
-    by the folder's tokenizer and padded to 16 tokens. Sequence length at most 512.
+    by the folder's tokenizer and padded to 128 tokens. Sequence length at most 512.
 
     Returns:
         The ``(module, example_inputs, dynamic)`` triple; batch and seq are dynamic.
@@ -151,9 +163,9 @@ def minilm() -> tuple[nn.Module, Inputs, Dynamic]:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation=_ATTN)
     texts = ["The quick brown fox jumps over the lazy dog.", "Compilers turn graphs into fast engines."]
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=_SEQ, return_tensors="pt")
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=_MINILM_SEQ, return_tensors="pt")
     inputs = {name: encoded[name].to(torch.int64) for name in ("input_ids", "attention_mask")}
-    return _finish(_SentenceEmbedder(model)), inputs, _text_axes()
+    return _finish(_SentenceEmbedder(model)), inputs, _text_axes(model.config.max_position_embeddings)
 
 
 def gpt2() -> tuple[nn.Module, Inputs, Dynamic]:
@@ -171,7 +183,7 @@ def gpt2() -> tuple[nn.Module, Inputs, Dynamic]:
         bos_token_id=0, eos_token_id=0, use_cache=False,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation=_ATTN)
-    return _finish(_TextModel(model, ("logits",))), _token_inputs(config.vocab_size), _text_axes()
+    return _finish(_TextModel(model, ("logits",))), _token_inputs(config.vocab_size), _text_axes(config.n_positions)
 
 
 def llama() -> tuple[nn.Module, Inputs, Dynamic]:
@@ -189,7 +201,7 @@ def llama() -> tuple[nn.Module, Inputs, Dynamic]:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation=_ATTN)
-    return _finish(_TextModel(model, ("logits",))), _token_inputs(config.vocab_size), _text_axes()
+    return _finish(_TextModel(model, ("logits",))), _token_inputs(config.vocab_size), _text_axes(config.max_position_embeddings)
 
 
 def vit() -> tuple[nn.Module, Inputs, Dynamic]:
@@ -206,7 +218,7 @@ def vit() -> tuple[nn.Module, Inputs, Dynamic]:
         num_attention_heads=4, intermediate_size=64, num_labels=10,
     )  # fmt: skip
     model = ViTForImageClassification._from_config(config, attn_implementation=_ATTN)
-    return _finish(_ImageModel(model, ("logits",))), _image_inputs(), {"pixel_values": {0: "batch"}}
+    return _finish(_ImageModel(model, ("logits",))), _image_inputs(), _batch_axis("pixel_values")
 
 
 def resnet() -> tuple[nn.Module, Inputs, Dynamic]:
@@ -230,7 +242,7 @@ def resnet() -> tuple[nn.Module, Inputs, Dynamic]:
                 layer.running_var.uniform_(0.5, 1.5)
                 layer.weight.uniform_(0.5, 1.5)
                 layer.bias.uniform_(-0.5, 0.5)
-    return _finish(_ImageModel(model, ("logits",))), _image_inputs(), {"pixel_values": {0: "batch"}}
+    return _finish(_ImageModel(model, ("logits",))), _image_inputs(), _batch_axis("pixel_values")
 
 
 def t5_encoder() -> tuple[nn.Module, Inputs, Dynamic]:
@@ -272,7 +284,7 @@ def whisper_encoder() -> tuple[nn.Module, Inputs, Dynamic]:
     generator = torch.Generator().manual_seed(_SEED)
     frames = 2 * config.max_source_positions
     inputs = {"input_features": torch.randn(_BATCH, config.num_mel_bins, frames, generator=generator)}
-    return _finish(_AudioModel(model, ("last_hidden_state",))), inputs, {"input_features": {0: "batch"}}
+    return _finish(_AudioModel(model, ("last_hidden_state",))), inputs, _batch_axis("input_features")
 
 
 ZOO: dict[str, Factory] = {
