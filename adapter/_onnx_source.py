@@ -26,6 +26,13 @@ def _data_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
+def source_files(path: Path) -> list[str]:
+    """The ONNX file and its (vetted) external-data files."""
+    if not path.is_file():
+        raise SourceError(f"'{path}' does not exist.", "Check the path of the .onnx file.")
+    return [str(path)] + [str(p) for p in _data_files(path)]
+
+
 def onnx_digest(path: Path) -> str:
     """Hash the ONNX file and every external-data file it uses (after vetting them)."""
     if not path.is_file():

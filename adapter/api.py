@@ -97,6 +97,24 @@ def _cached(output: Path, key: str) -> tuple[Path | None, str]:
     return None, ""
 
 
+def _spec_identity(source: str) -> str:
+    """The source string made independent of the working folder where it names files."""
+    head, sep, attr = source.rpartition(":")
+    if sep and head.endswith(".py"):
+        return f"{Path(head).resolve()}:{attr}"
+    if Path(source).exists():
+        return str(Path(source).resolve())
+    return f"{source}@{Path.cwd()}"
+
+
+def _serve(found: Path, output: Path, note: str, started: float) -> ConvertResult:
+    """Return a cached artifact, copied to ``output`` unless it is already there."""
+    if found != output:
+        artifact.copy_artifact(found, output)
+    manifest = artifact.read_manifest(output)
+    return ConvertResult(output, manifest, True, time.perf_counter() - started, note)
+
+
 def convert(
     source: str,
     output: Path | str | None = None,
@@ -134,27 +152,31 @@ def convert(
     backend_name = options.backend or getattr(profile, "default_backend", None) or "onnxruntime"
     backend = get_backend(backend_name)
     dynamic = parse_dynamic(options.dynamic)
-    stage("load source")
-    prepared = prepare_source(source, dynamic, trust_source=options.trust_source)
     passes = list(options.passes) if options.passes is not None else list(getattr(profile, "passes", None) or ["canonicalize"])
-    key = artifact.cache_key({
+    context = {
         "format": artifact.FORMAT_VERSION,
-        "source": {"kind": prepared.kind, "digest": prepared.digest},
         "options": options.key_fields(),
         "passes": passes,
         "profile": profile.digest(),
         "backend": {"name": backend_name, "version": backend.version()},
         "libraries": artifact.library_versions(),
-    })
+    }
+    index_key = artifact.cache_key({**context, "spec": _spec_identity(source)})
+    note = "cache disabled"
     if options.use_cache:
-        found, note = _cached(output, key)
+        key = artifact.lookup_index(index_key)
+        found, note = _cached(output, key) if key else (None, "")
         if found is not None:
-            if found != output:
-                artifact.copy_artifact(found, output)
-            manifest = artifact.read_manifest(output)
-            return ConvertResult(output, manifest, True, time.perf_counter() - started, note)
-    else:
-        note = "cache disabled"
+            return _serve(found, output, note, started)
+    stage("load source")
+    prepared = prepare_source(source, dynamic, trust_source=options.trust_source)
+    key = artifact.cache_key({**context, "source": {"kind": prepared.kind, "digest": prepared.digest}})
+    if options.use_cache:
+        found, slow_note = _cached(output, key)
+        note = slow_note or note
+        if found is not None:
+            artifact.write_index(index_key, prepared.reads, key)
+            return _serve(found, output, note, started)
 
     stage("export")
     imported = import_source(prepared)
@@ -205,6 +227,7 @@ def convert(
         if options.use_cache:
             entry = artifact.cache_root() / "engines" / key
             artifact.copy_artifact(staged, entry)
+            artifact.write_index(index_key, prepared.reads, key)
         artifact.publish(staged, output)
     manifest = artifact.read_manifest(output)
     return ConvertResult(output, manifest, False, time.perf_counter() - started, note, timings)

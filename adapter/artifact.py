@@ -21,6 +21,8 @@ __all__ = [
     "publish",
     "copy_artifact",
     "library_versions",
+    "lookup_index",
+    "write_index",
 ]
 
 import contextlib
@@ -194,3 +196,33 @@ def copy_artifact(source: Path, dest: Path) -> None:
             elif item.is_dir():
                 shutil.copytree(item, tmp / item.name)
         publish(tmp, dest)
+
+
+def lookup_index(index_key: str) -> str | None:
+    """The cache key recorded for a source + options, if the source's files are unchanged.
+
+    The index lets a repeated conversion skip loading the source (for a factory, running
+    it) when none of the files it depends on changed; see :mod:`adapter._reads`.
+    """
+    from adapter import _reads
+
+    path = cache_root() / "index" / f"{index_key}.json"
+    try:
+        entry = json.loads(path.read_text())
+        reads, key = entry["reads"], entry["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not reads or not isinstance(key, str) or not _reads.unchanged(reads):
+        return None
+    return key
+
+
+def write_index(index_key: str, reads: list[list], key: str) -> None:
+    """Record which cache key a source + options produced, with its file fingerprint."""
+    if not reads:
+        return
+    folder = cache_root() / "index"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = folder / f".{index_key}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_text(json.dumps({"reads": reads, "key": key}))
+    os.replace(tmp, folder / f"{index_key}.json")

@@ -30,17 +30,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from adapter import _safety
-from adapter._torch_export import (
-    broaden_examples,
-    export_program,
-    flatten_outputs,
-    name_outputs,
-    rename_symbols,
-    symbol_dims,
-    to_numpy,
-    to_onnx,
-)
+from adapter import _reads, _safety
 from adapter.errors import SourceError, UnsafeSourceError
 from adapter.specs import Dim, TensorSpec
 
@@ -172,6 +162,8 @@ def _module_digest(spec: str, module, inputs, dynamic) -> str:
     """Hash everything that defines a torch model: weights, structure, code, examples."""
     import torch
 
+    from adapter._torch_export import to_numpy
+
     digest = hashlib.sha256(spec.encode())
     digest.update(repr(module).encode())
     code_files = set()
@@ -267,6 +259,8 @@ def _hf_model(folder: Path):
 def _torch_reference(module, output_names: list[str]):
     import torch
 
+    from adapter._torch_export import flatten_outputs, to_numpy
+
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             result = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()})
@@ -291,6 +285,8 @@ def _specs_from_graph(values, sym: dict[str, Dim]) -> list[TensorSpec]:
 
 
 def _import_torch(spec: str, kind: str, module, inputs, dynamic, digest: str, seconds: dict) -> ImportedModel:
+    from adapter._torch_export import broaden_examples, export_program
+
     inputs = broaden_examples(inputs, dynamic)
     start = time.perf_counter()
     program = export_program(module, inputs, dynamic)
@@ -300,6 +296,8 @@ def _import_torch(spec: str, kind: str, module, inputs, dynamic, digest: str, se
 
 def _from_program(spec, kind, program, module, inputs, dynamic, digest, seconds) -> ImportedModel:
     import torch
+
+    from adapter._torch_export import flatten_outputs, name_outputs, rename_symbols, symbol_dims, to_numpy, to_onnx
 
     start = time.perf_counter()
     model = to_onnx(program, inputs)
@@ -363,6 +361,8 @@ class PreparedSource:
     dynamic: dict[str, dict[int, Dim]] = field(default_factory=dict)
     trust_source: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    reads: list[list] = field(default_factory=list)
+    """(path, size, mtime) of the files the source depends on (see adapter._reads)."""
 
 
 def prepare_source(
@@ -386,29 +386,35 @@ def prepare_source(
     kind = source_kind(spec)
     start = time.perf_counter()
     if kind == "onnx":
-        from adapter._onnx_source import onnx_digest
+        from adapter._onnx_source import onnx_digest, source_files
 
-        return PreparedSource(spec, kind, onnx_digest(Path(spec)), dynamic=dynamic)
+        files = source_files(Path(spec))
+        return PreparedSource(spec, kind, onnx_digest(Path(spec)), dynamic=dynamic, reads=_reads.fingerprint(files))
     if kind == "pt2":
         _safety.check_pt2(Path(spec), trust_source)
-        return PreparedSource(spec, kind, _sha256_files([Path(spec)]), dynamic=dynamic, trust_source=trust_source)
+        return PreparedSource(spec, kind, _sha256_files([Path(spec)]), dynamic=dynamic, trust_source=trust_source, reads=_reads.fingerprint([spec]))
     if kind == "hf":
         folder = Path(spec)
+        files = [p for p in folder.rglob("*") if p.is_file()]
         module, inputs, own_dynamic = _hf_model(folder)
         own_dynamic.update(dynamic)
-        digest = _sha256_files([p for p in folder.rglob("*") if p.is_file()], folder)
+        digest = _sha256_files(files, folder)
         digest = hashlib.sha256((digest + repr(sorted(own_dynamic.items()))).encode()).hexdigest()
+        reads = _reads.fingerprint([str(p) for p in files])
     else:
-        factory = _load_factory(spec)
-        try:
-            with _safety.weights_only_loads():
-                result = factory()
-        except Exception as exc:
-            raise SourceError(f"Factory '{spec}' raised {type(exc).__name__}: {exc}", "Run with --debug for the trace.") from exc
+        with _reads.recording() as opened:
+            factory = _load_factory(spec)
+            try:
+                with _safety.weights_only_loads():
+                    result = factory()
+            except Exception as exc:
+                raise SourceError(f"Factory '{spec}' raised {type(exc).__name__}: {exc}", "Run with --debug for the trace.") from exc
+        code = getattr(sys.modules.get(getattr(factory, "__module__", ""), None), "__file__", None)
+        reads = _reads.fingerprint(opened | ({code} if code else set()))
         module, inputs, own_dynamic = _normalise_factory_result(spec, result)
         own_dynamic.update(dynamic)
         digest = _module_digest(spec, module, inputs, own_dynamic)
-    prepared = PreparedSource(spec, kind, digest, module, inputs, own_dynamic)
+    prepared = PreparedSource(spec, kind, digest, module, inputs, own_dynamic, reads=reads)
     prepared.seconds["load"] = time.perf_counter() - start
     return prepared
 

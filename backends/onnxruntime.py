@@ -70,9 +70,9 @@ def require() -> None:
 
 
 def version() -> str:
-    import onnxruntime
+    from importlib import metadata
 
-    return onnxruntime.__version__
+    return metadata.version("onnxruntime")
 
 
 @functools.cache

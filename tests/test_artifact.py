@@ -131,3 +131,46 @@ def test_engine_round_trip_matches_eager(tmp_path):
         want = module(torch.from_numpy(x)).numpy()
     got = engine.run({"x": x})["output"]
     np.testing.assert_allclose(got, want, rtol=1.3e-6, atol=1e-5)
+
+
+def _weights_factory(folder):
+    """A factory reading a config with open() and weights through safetensors' native code."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file({"weight": torch.randn(2, 4), "bias": torch.randn(2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"in": 4, "out": 2}')
+    factory = folder / "factory.py"
+    factory.write_text(
+        "import json, pathlib, torch\n"
+        "from safetensors.torch import load_file\n"
+        "HERE = pathlib.Path(__file__).parent\n\n"
+        "def make():\n"
+        "    config = json.loads((HERE / 'config.json').read_text())\n"
+        "    layer = torch.nn.Linear(config['in'], config['out'])\n"
+        "    layer.load_state_dict(load_file(str(HERE / 'model.safetensors')))\n"
+        "    return layer.eval(), (torch.randn(2, 4),)\n"
+    )
+    return f"{factory}:make"
+
+
+def test_repeat_convert_skips_the_factory_until_an_input_file_changes(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    import adapter.api
+
+    spec = _weights_factory(tmp_path)
+    first = convert(spec, tmp_path / "e", FAST)
+    calls = []
+    real_prepare = adapter.api.prepare_source
+    monkeypatch.setattr(adapter.api, "prepare_source", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
+    assert convert(spec, tmp_path / "e", FAST).cache_hit and not calls  # served from the index
+
+    save_file({"weight": torch.zeros(2, 4), "bias": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    changed = convert(spec, tmp_path / "e", FAST)
+    assert calls and not changed.cache_hit
+    assert changed.manifest["source"]["digest"] != first.manifest["source"]["digest"]
+    x = np.ones((2, 4), np.float32)  # nn.Linear's forward names its argument "input"
+    np.testing.assert_allclose(load(tmp_path / "e").run({"input": x})["output"], np.ones((2, 2)), atol=1e-6)

@@ -1,0 +1,71 @@
+"""The main job: the bundled all-MiniLM-L6-v2 (real weights) to the host CPU and to the
+Sapphire Rapids profile, verified against eager PyTorch; `adapter run` agrees."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adapter.zoo import minilm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def eager():
+    module, inputs, _ = minilm()
+    return module, {k: v.numpy() for k, v in inputs.items()}
+
+
+def _eager_outputs(module, feed):
+    with torch.no_grad():
+        result = module(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    return {k: v.numpy() for k, v in result.items()}
+
+
+def _cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("target", ["host", "intel-xeon-spr"])
+def test_convert_run_matches_eager(cli, tmp_path, eager, target):
+    module, examples = eager
+    out = tmp_path / f"minilm-{target}"
+    code, stdout, stderr = cli("convert", "adapter.zoo:minilm", "--target", target, "-o", out, "--json")
+    assert code == 0, stderr
+    manifest = json.loads(stdout)["manifest"]
+    assert manifest["target"]["name"] == target
+    for figures in manifest["verification"]["worst"].values():
+        assert figures["cosine"] >= 0.99999 and figures["max_abs"] <= 1e-4
+
+    # adapter run on fresh inputs (a batch and length never exported) gives eager's numbers
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1000, 29000, (3, 40), dtype=np.int64)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = np.ones_like(ids)
+    mask[2, 30:] = 0
+    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
+    code, _, stderr = cli("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz")
+    assert code == 0, stderr
+    with np.load(tmp_path / "out.npz") as saved:
+        got = {k: saved[k] for k in saved.files}
+    want = _eager_outputs(module, {"input_ids": ids, "attention_mask": mask})
+    for name in ("token_embeddings", "sentence_embedding"):
+        assert np.abs(got[name] - want[name]).max() <= 1e-4, name
+        assert _cosine(got[name], want[name]) >= 0.99999, name
+
+
+def test_second_convert_is_a_cache_hit(cli, tmp_path, fresh_cache):
+    out = tmp_path / "m"
+    code, first, err = cli("convert", "adapter.zoo:minilm", "-o", out, "--no-bench")
+    assert code == 0 and "converted and verified" in first, err
+    code, second, err = cli("convert", "adapter.zoo:minilm", "-o", out, "--no-bench")
+    assert code == 0 and "cache hit" in second, err
+    code, third, err = cli("convert", "adapter.zoo:minilm", "-o", out, "--no-bench", "--atol", "2e-4")
+    assert code == 0 and "converted and verified" in third, err
+    code, info, err = cli("info", out)
+    assert code == 0 and "token_embeddings" in info and "Verification" in info
