@@ -73,8 +73,9 @@ def render_manifest(console: Console, manifest: dict[str, Any], *, cache_note: s
 def render_targets(console: Console, rows: list[dict[str, Any]]) -> None:
     """Print the table of target profiles."""
     table = Table(title="Target profiles", title_justify="left")
-    for col in ("name", "kind", "FP32 TFLOP/s", "BF16 TFLOP/s", "bandwidth GB/s", "memory GiB", "precisions", "default backend"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    for col in ("kind", "FP32 TF/s", "BF16 TF/s", "GB/s", "GiB", "precisions", "default backend"):
+        table.add_column(col, overflow="fold")
     for row in rows:
         peaks = row.get("peak_flops", {})
 
@@ -84,7 +85,7 @@ def render_targets(console: Console, rows: list[dict[str, Any]]) -> None:
         table.add_row(
             row["name"], row.get("kind", ""), tflops("fp32"), tflops("bf16"),
             f"{row.get('memory_bandwidth', 0) / 1e9:.0f}", f"{row.get('memory_size', 0) / 2**30:.0f}",
-            ",".join(row.get("precisions", [])), row.get("default_backend", ""),
+            " ".join(row.get("precisions", [])), row.get("default_backend", ""),
         )
     console.print(table)
 
