@@ -54,7 +54,10 @@ def _input_specs(model: ir.Model, dynamic: dict[str, dict[int, Dim]]) -> list[Te
         if value.name in initializers:
             continue
         if value.shape is None or value.dtype is None:
-            raise SourceError(f"ONNX input '{value.name}' has no declared type or shape.", "Give the model's inputs full type information.")
+            raise SourceError(
+                f"ONNX input '{value.name}' has no declared type or shape.",
+                "Give the model's inputs full type information.",
+            )
         dims: list[int | Dim] = []
         for axis, d in enumerate(value.shape):
             user = dynamic.get(value.name, {}).get(axis)
@@ -86,7 +89,14 @@ def import_onnx(path: Path, dynamic: dict[str, dict[int, Dim]], digest: str):
     except Exception as exc:
         raise SourceError(f"'{path}' could not be read as an ONNX model: {exc}") from exc
     inputs = _input_specs(model, dynamic)
-    outputs = [TensorSpec(v.name, v.dtype.numpy().name if v.dtype else "float32", tuple(d if isinstance(d, int) else Dim(str(d)) for d in (v.shape or []))) for v in model.graph.outputs]
+    outputs = [
+        TensorSpec(
+            v.name,
+            v.dtype.numpy().name if v.dtype else "float32",
+            tuple(d if isinstance(d, int) else Dim(str(d)) for d in (v.shape or [])),
+        )
+        for v in model.graph.outputs
+    ]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -100,8 +110,14 @@ def import_onnx(path: Path, dynamic: dict[str, dict[int, Dim]], digest: str):
 
     examples = random_inputs(inputs, None, np.random.default_rng(0))
     return ImportedModel(
-        model=model, kind="onnx", source=str(path), digest=digest, inputs=inputs, outputs=outputs,
-        example_inputs=examples, reference=reference,
+        model=model,
+        kind="onnx",
+        source=str(path),
+        digest=digest,
+        inputs=inputs,
+        outputs=outputs,
+        example_inputs=examples,
+        reference=reference,
         reference_kind="ONNX Runtime with graph optimizations off, on the source file",
         seconds={"load": time.perf_counter() - start},
     )

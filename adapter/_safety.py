@@ -29,10 +29,8 @@ def check_protobuf_backend() -> None:
     kind = api_implementation.Type()
     if kind == "python":
         raise SourceError(
-            "protobuf is using its pure-Python backend, which has known denial-of-service "
-            "bugs on hostile files.",
-            "Unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION or reinstall protobuf so the "
-            "upb backend is used.",
+            "protobuf is using its pure-Python backend, which has known denial-of-service bugs on hostile files.",
+            "Unset PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION or reinstall protobuf so the upb backend is used.",
         )
 
 
@@ -63,7 +61,9 @@ def check_external_data_location(location: str, base_dir: Path, model_path: Path
     if pure.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
         raise UnsafeSourceError(f"{where}, an absolute path.", "External data must sit inside the model's folder.")
     if ".." in pure.parts:
-        raise UnsafeSourceError(f"{where}, which climbs out with '..'.", "External data must sit inside the model's folder.")
+        raise UnsafeSourceError(
+            f"{where}, which climbs out with '..'.", "External data must sit inside the model's folder."
+        )
     candidate = base_dir / Path(*pure.parts)
     real_base = base_dir.resolve()
     walked = base_dir
@@ -75,7 +75,9 @@ def check_external_data_location(location: str, base_dir: Path, model_path: Path
         raise UnsafeSourceError(f"{where}, which is a symbolic link.", "Copy the data file into the model's folder.")
     real = candidate.resolve()
     if real_base not in real.parents:
-        raise UnsafeSourceError(f"{where}, which resolves outside the model's folder.", "External data must sit inside the model's folder.")
+        raise UnsafeSourceError(
+            f"{where}, which resolves outside the model's folder.", "External data must sit inside the model's folder."
+        )
     if not real.is_file():
         raise SourceError(f"{where}, but that file does not exist.", "Keep the data file beside the .onnx file.")
     if real.stat().st_nlink > 1:
@@ -101,7 +103,9 @@ def check_onnx_file(path: Path):
             "Check that the file is complete and really an .onnx file.",
         ) from exc
     if not proto.graph.node and not proto.graph.output:
-        raise SourceError(f"'{path}' parses as protobuf but holds no ONNX graph.", "Check that it is an .onnx model file.")
+        raise SourceError(
+            f"'{path}' parses as protobuf but holds no ONNX graph.", "Check that it is an .onnx model file."
+        )
     base = path.parent
     for tensor in _iter_tensors(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -115,7 +119,9 @@ def check_archive(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise SourceError(f"'{path}' is not a readable .pt2 archive ({exc}).", "Re-save it with torch.export.save().") from exc
+        raise SourceError(
+            f"'{path}' is not a readable .pt2 archive ({exc}).", "Re-save it with torch.export.save()."
+        ) from exc
     members = archive.infolist()
     if len(members) > MAX_ARCHIVE_MEMBERS:
         raise UnsafeSourceError(f"'{path}' has {len(members)} members, more than the {MAX_ARCHIVE_MEMBERS} allowed.")
@@ -123,12 +129,17 @@ def check_archive(path: Path) -> zipfile.ZipFile:
     for info in members:
         name = PurePosixPath(info.filename)
         if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
-            raise UnsafeSourceError(f"'{path}' has a member named '{info.filename}' that points outside the archive.", "Refusing to load it.")
+            raise UnsafeSourceError(
+                f"'{path}' has a member named '{info.filename}' that points outside the archive.",
+                "Refusing to load it.",
+            )
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise UnsafeSourceError(f"'{path}' has a symbolic-link member '{info.filename}'.", "Refusing to load it.")
         total += info.file_size
         if info.compress_size and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
-            raise UnsafeSourceError(f"'{path}' member '{info.filename}' expands {info.file_size // info.compress_size}x: a zip bomb?")
+            raise UnsafeSourceError(
+                f"'{path}' member '{info.filename}' expands {info.file_size // info.compress_size}x: a zip bomb?"
+            )
     if total > MAX_ARCHIVE_BYTES:
         raise UnsafeSourceError(f"'{path}' would expand to {total} bytes, more than allowed.")
     return archive
@@ -144,7 +155,9 @@ def check_pt2(path: Path, trust_source: bool) -> None:
     with check_archive(path) as archive:
         names = archive.namelist()
         if not any(n.endswith("archive_format") for n in names):
-            raise SourceError(f"'{path}' is a zip file but not a torch.export .pt2 archive.", "Save models with torch.export.save().")
+            raise SourceError(
+                f"'{path}' is a zip file but not a torch.export .pt2 archive.", "Save models with torch.export.save()."
+            )
         if trust_source:
             return
         risky: list[str] = []
@@ -161,11 +174,16 @@ def check_pt2(path: Path, trust_source: bool) -> None:
                     raise SourceError(f"'{path}' has an unreadable manifest '{name}' ({exc}).") from exc
                 if not isinstance(config, dict):
                     raise SourceError(f"'{path}' has a malformed manifest '{name}'.")
-                risky += [f"{name}: {fqn} (use_pickle)" for fqn, meta in config.items() if isinstance(meta, dict) and meta.get("use_pickle")]
+                risky += [
+                    f"{name}: {fqn} (use_pickle)"
+                    for fqn, meta in config.items()
+                    if isinstance(meta, dict) and meta.get("use_pickle")
+                ]
         if risky:
             raise UnsafeSourceError(
                 f"'{path}' would unpickle objects when loaded: {', '.join(risky[:5])}"
-                + (f" and {len(risky) - 5} more" if len(risky) > 5 else "") + ".",
+                + (f" and {len(risky) - 5} more" if len(risky) > 5 else "")
+                + ".",
                 "Unpickling runs code. Pass --trust-source only if you made this file yourself.",
             )
 

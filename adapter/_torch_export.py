@@ -97,8 +97,14 @@ def to_onnx(program, inputs: dict[str, torch.Tensor], opset: int | None = None) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(
-                program, (), kwargs=inputs, dynamo=True, optimize=False, verbose=False,
-                opset_version=opset, report=False,
+                program,
+                (),
+                kwargs=inputs,
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+                opset_version=opset,
+                report=False,
             )
     except Exception as exc:
         try:
@@ -107,11 +113,14 @@ def to_onnx(program, inputs: dict[str, torch.Tensor], opset: int | None = None) 
             missing = []
         if missing:
             raise UnsupportedOpsError(
-                "onnx-exporter", missing,
+                "onnx-exporter",
+                missing,
                 "Register an ONNX translation for these ops (torch.onnx.export custom_translation_table) "
                 "or replace them with standard torch operations.",
             ) from exc
-        raise ExportError(f"The ONNX exporter failed: {_first_lines(exc)}", "Run with --debug for the full trace.") from exc
+        raise ExportError(
+            f"The ONNX exporter failed: {_first_lines(exc)}", "Run with --debug for the full trace."
+        ) from exc
     model = onnx_program.model
     annotate_modules(model)
     return model

@@ -152,7 +152,11 @@ def convert(
     backend_name = options.backend or getattr(profile, "default_backend", None) or "onnxruntime"
     backend = get_backend(backend_name)
     dynamic = parse_dynamic(options.dynamic)
-    passes = list(options.passes) if options.passes is not None else list(getattr(profile, "passes", None) or ["canonicalize"])
+    passes = (
+        list(options.passes)
+        if options.passes is not None
+        else list(getattr(profile, "passes", None) or ["canonicalize"])
+    )
     context = {
         "format": artifact.FORMAT_VERSION,
         "options": options.key_fields(),
@@ -191,7 +195,14 @@ def convert(
         backend_options = backend.Options.from_profile(profile, dict(options.backend_options))
         engine = backend.compile(imported.model, profile, backend_options, (imported.inputs, imported.outputs), staged)
         stage("verify")
-        report = verify(engine.run, imported.reference, imported.inputs, imported.example_inputs, options.tolerance, options.verify_samples)
+        report = verify(
+            engine.run,
+            imported.reference,
+            imported.inputs,
+            imported.example_inputs,
+            options.tolerance,
+            options.verify_samples,
+        )
         latency = None
         if options.benchmark:
             stage("benchmark")
@@ -207,14 +218,22 @@ def convert(
         timings = {name: round(stamps[i + 1][1] - t, 4) for i, (name, t) in enumerate(stamps[:-1])}
         manifest = {
             "adapter_version": artifact.library_versions()["adapter"],
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "cache_key": key,
-            "source": {"spec": source, "kind": imported.kind, "digest": imported.digest, "reference": imported.reference_kind},
+            "source": {
+                "spec": source,
+                "kind": imported.kind,
+                "digest": imported.digest,
+                "reference": imported.reference_kind,
+            },
             "options": {**options.key_fields(), "target": options.target, "passes": passes},
             "target": {"name": profile.name, "digest": profile.digest(), "profile": profile.to_dict()},
             "backend": {"name": backend_name, "version": backend.version(), "config": engine.config},
             "passes": [r.to_json() for r in records],
-            "graph": {"nodes": len(list(imported.model.graph.all_nodes())), "opsets": dict(imported.model.opset_imports)},
+            "graph": {
+                "nodes": len(list(imported.model.graph.all_nodes())),
+                "opsets": dict(imported.model.opset_imports),
+            },
             "inputs": [s.to_json() for s in imported.inputs],
             "outputs": [s.to_json() for s in imported.outputs],
             "verification": report,
@@ -222,7 +241,6 @@ def convert(
             "timings_s": {**imported.seconds, **timings},
             "libraries": artifact.library_versions(),
         }
-        del engine
         artifact.write_manifest(staged, manifest)
         if options.use_cache:
             entry = artifact.cache_root() / "engines" / key

@@ -85,9 +85,7 @@ def _sha256(path: Path) -> str:
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file in ``folder`` except the manifest, by relative path."""
     return {
-        str(p.relative_to(folder)): _sha256(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
 
 
@@ -103,11 +101,17 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise ArtifactError(f"'{folder}' has no {MANIFEST}, so it is not an engine artifact.", "Create one with `adapter convert`.") from exc
+        raise ArtifactError(
+            f"'{folder}' has no {MANIFEST}, so it is not an engine artifact.", "Create one with `adapter convert`."
+        ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"'{path}' is not valid JSON ({exc}).", "Re-create the artifact with `adapter convert`.") from exc
+        raise ArtifactError(
+            f"'{path}' is not valid JSON ({exc}).", "Re-create the artifact with `adapter convert`."
+        ) from exc
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"'{path}' has an unknown format version.", f"This adapter reads format {FORMAT_VERSION}; re-create it.")
+        raise ArtifactError(
+            f"'{path}' has an unknown format version.", f"This adapter reads format {FORMAT_VERSION}; re-create it."
+        )
     return manifest
 
 

@@ -42,20 +42,68 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("source")
-@click.option("-t", "--target", default="host", show_default=True, help="Target profile name (see `adapter targets`) or a profile .toml file.")
+@click.option(
+    "-t",
+    "--target",
+    default="host",
+    show_default=True,
+    help="Target profile name (see `adapter targets`) or a profile .toml file.",
+)
 @click.option("-b", "--backend", default=None, help="Backend; default: the target profile's default backend.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Artifact folder; default: ./<model>-<target>.")
-@click.option("--dynamic", multiple=True, metavar="INPUT:AXIS=NAME[MIN..MAX],...", help="Dynamic axes, e.g. input_ids:0=batch,1=seq[1..512]. Repeatable.")
-@click.option("--passes", default=None, help="Comma-separated passes or pipelines (default: the profile's, else canonicalize; 'none' for no passes).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Artifact folder; default: ./<model>-<target>.",
+)
+@click.option(
+    "--dynamic",
+    multiple=True,
+    metavar="INPUT:AXIS=NAME[MIN..MAX],...",
+    help="Dynamic axes, e.g. input_ids:0=batch,1=seq[1..512]. Repeatable.",
+)
+@click.option(
+    "--passes",
+    default=None,
+    help="Comma-separated passes or pipelines (default: the profile's, else canonicalize; 'none' for no passes).",
+)
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute verification tolerance.")
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Tolerance relative to the largest reference value.")
-@click.option("--min-cosine", type=float, default=0.99999, show_default=True, help="Lowest cosine similarity per output.")
-@click.option("--verify-samples", type=int, default=2, show_default=True, help="Random verification cases besides the example inputs.")
-@click.option("--trust-source", is_flag=True, help="Allow a .pt2 that unpickles objects. Only for files you made yourself.")
+@click.option(
+    "--rtol", type=float, default=1e-5, show_default=True, help="Tolerance relative to the largest reference value."
+)
+@click.option(
+    "--min-cosine", type=float, default=0.99999, show_default=True, help="Lowest cosine similarity per output."
+)
+@click.option(
+    "--verify-samples",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Random verification cases besides the example inputs.",
+)
+@click.option(
+    "--trust-source", is_flag=True, help="Allow a .pt2 that unpickles objects. Only for files you made yourself."
+)
 @click.option("--no-cache", is_flag=True, help="Rebuild even if a cached engine matches.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency figures in the report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
-def convert(source, target, backend, output, dynamic, passes, atol, rtol, min_cosine, verify_samples, trust_source, no_cache, no_bench, as_json):
+def convert(
+    source,
+    target,
+    backend,
+    output,
+    dynamic,
+    passes,
+    atol,
+    rtol,
+    min_cosine,
+    verify_samples,
+    trust_source,
+    no_cache,
+    no_bench,
+    as_json,
+):
     """Convert SOURCE to a verified engine for a target.
 
     SOURCE is a factory (path/to/file.py:make_model or package.module:attr,
@@ -70,24 +118,39 @@ def convert(source, target, backend, output, dynamic, passes, atol, rtol, min_co
       adapter convert model.py:make_model -t intel-xeon-spr --dynamic x:0=batch -o out/
       adapter convert model.onnx --json
     """
-    from adapter.api import ConvertOptions, convert as run_convert
+    from adapter.api import ConvertOptions
+    from adapter.api import convert as run_convert
     from adapter.report import render_manifest
     from adapter.verify import Tolerance
 
     options = ConvertOptions(
-        target=target, backend=backend, dynamic=tuple(dynamic),
+        target=target,
+        backend=backend,
+        dynamic=tuple(dynamic),
         passes=tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None,
-        tolerance=Tolerance(atol=atol, rtol=rtol, min_cosine=min_cosine), verify_samples=verify_samples,
-        trust_source=trust_source, benchmark=not no_bench, use_cache=not no_cache,
+        tolerance=Tolerance(atol=atol, rtol=rtol, min_cosine=min_cosine),
+        verify_samples=verify_samples,
+        trust_source=trust_source,
+        benchmark=not no_bench,
+        use_cache=not no_cache,
     )
     with err.status("converting…") as status:
         result = run_convert(source, output, options, progress=lambda s: status.update(f"{s}…"))
     if as_json:
-        _print_json({"artifact": str(result.path), "cache_hit": result.cache_hit, "seconds": result.seconds, "manifest": result.manifest})
+        _print_json(
+            {
+                "artifact": str(result.path),
+                "cache_hit": result.cache_hit,
+                "seconds": result.seconds,
+                "manifest": result.manifest,
+            }
+        )
         return
     verdict = "[bold green]cache hit[/]" if result.cache_hit else "[bold green]converted and verified[/]"
     out.print(f"{verdict}: {result.path}")
-    render_manifest(out, result.manifest, cache_note=result.cache_note if result.cache_hit else "", seconds=result.seconds)
+    render_manifest(
+        out, result.manifest, cache_note=result.cache_note if result.cache_hit else "", seconds=result.seconds
+    )
 
 
 def _load_npz(path: Path) -> dict:
@@ -99,13 +162,25 @@ def _load_npz(path: Path) -> dict:
     except FileNotFoundError as exc:
         raise SourceError(f"Inputs file '{path}' does not exist.") from exc
     except (ValueError, OSError, EOFError) as exc:
-        raise SourceError(f"'{path}' is not a readable .npz of arrays ({exc}).", "Save inputs with numpy.savez(path, name=array, ...); object arrays are refused.") from exc
+        raise SourceError(
+            f"'{path}' is not a readable .npz of arrays ({exc}).",
+            "Save inputs with numpy.savez(path, name=array, ...); object arrays are refused.",
+        ) from exc
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-i", "--inputs", "inputs_path", type=click.Path(path_type=Path), required=True, help=".npz file with one array per input name.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the outputs to this .npz file.")
+@click.option(
+    "-i",
+    "--inputs",
+    "inputs_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help=".npz file with one array per input name.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the outputs to this .npz file."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
 def run(artifact, inputs_path, output, as_json):
     """Run an engine ARTIFACT on inputs from an .npz file.
@@ -126,7 +201,18 @@ def run(artifact, inputs_path, output, as_json):
         np.savez(tmp, **results)
         os.replace(tmp, output)
     if as_json:
-        _print_json({name: {"shape": list(v.shape), "dtype": str(v.dtype), "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())} for name, v in results.items()})
+        _print_json(
+            {
+                name: {
+                    "shape": list(v.shape),
+                    "dtype": str(v.dtype),
+                    "min": float(v.min()),
+                    "max": float(v.max()),
+                    "mean": float(v.mean()),
+                }
+                for name, v in results.items()
+            }
+        )
         return
     render_outputs(out, results)
     if output is not None:

@@ -90,8 +90,7 @@ class UnsupportedOpsError(AdapterError):
         super().__init__(
             f"Backend '{backend}' cannot run {len(self.ops)} node(s): {lines}.",
             hint
-            or "Choose another backend with --backend, or rewrite these modules with "
-            "operations the backend supports.",
+            or "Choose another backend with --backend, or rewrite these modules with operations the backend supports.",
         )
 
 

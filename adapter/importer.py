@@ -118,7 +118,10 @@ def _load_factory(spec: str) -> Callable[[], Any]:
         try:
             module = importlib.import_module(head)
         except ImportError as exc:
-            raise SourceError(f"Cannot import module '{head}' named in '{spec}': {exc}.", "Check the module path and that its package is installed.") from exc
+            raise SourceError(
+                f"Cannot import module '{head}' named in '{spec}': {exc}.",
+                "Check the module path and that its package is installed.",
+            ) from exc
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -129,7 +132,10 @@ def _load_factory(spec: str) -> Callable[[], Any]:
             )
         target = getattr(target, part)
     if not callable(target):
-        raise SourceError(f"'{spec}' names {type(target).__name__} '{attr}', not a callable.", "Point at a function that returns (module, example_inputs).")
+        raise SourceError(
+            f"'{spec}' names {type(target).__name__} '{attr}', not a callable.",
+            "Point at a function that returns (module, example_inputs).",
+        )
     return target
 
 
@@ -144,17 +150,26 @@ def _normalise_factory_result(spec: str, result: Any):
     module, inputs = result[0], result[1]
     dynamic = result[2] if len(result) == 3 else {}
     if not isinstance(module, torch.nn.Module):
-        raise SourceError(f"Factory '{spec}' returned {type(module).__name__} as its model; expected a torch.nn.Module.")
+        raise SourceError(
+            f"Factory '{spec}' returned {type(module).__name__} as its model; expected a torch.nn.Module."
+        )
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     if isinstance(inputs, (tuple, list)):
-        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if len(params) < len(inputs):
             raise SourceError(f"Factory '{spec}' gave {len(inputs)} example inputs but forward() takes {len(params)}.")
         inputs = {p.name: v for p, v in zip(params, inputs)}
     if not isinstance(inputs, dict) or not all(isinstance(v, torch.Tensor) for v in inputs.values()):
         raise SourceError(f"Factory '{spec}' example inputs must be tensors (a tuple or a dict of name to tensor).")
-    dims = {name: {int(axis): d if isinstance(d, Dim) else Dim(str(d)) for axis, d in axes.items()} for name, axes in dynamic.items()}
+    dims = {
+        name: {int(axis): d if isinstance(d, Dim) else Dim(str(d)) for axis, d in axes.items()}
+        for name, axes in dynamic.items()
+    }
     return module.eval(), inputs, dims
 
 
@@ -236,20 +251,27 @@ def _hf_model(folder: Path):
     with _safety.weights_only_loads():
         try:
             config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, attn_implementation="eager")
+            model = AutoModel.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True, attn_implementation="eager"
+            )
         except Exception as exc:
             raise SourceError(f"transformers could not load '{folder}': {exc}") from exc
     torch.manual_seed(0)
     if hasattr(config, "vocab_size") and not hasattr(config, "image_size"):
         ids = torch.randint(0, config.vocab_size, (2, 16))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        dynamic = {k: {0: Dim("batch"), 1: Dim("seq", 1, getattr(config, "max_position_embeddings", 512))} for k in inputs}
+        dynamic = {
+            k: {0: Dim("batch"), 1: Dim("seq", 1, getattr(config, "max_position_embeddings", 512))} for k in inputs
+        }
     elif hasattr(config, "image_size"):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         inputs = {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size)}
         dynamic = {"pixel_values": {0: Dim("batch")}}
     else:
-        raise SourceError(f"Cannot tell what inputs the model in '{folder}' takes.", "Write a factory file that returns the model with example inputs.")
+        raise SourceError(
+            f"Cannot tell what inputs the model in '{folder}' takes.",
+            "Write a factory file that returns the model with example inputs.",
+        )
 
     text_model, vision_model = _hf_wrappers()
     wrapper = text_model if "input_ids" in inputs else vision_model
@@ -280,7 +302,9 @@ def _specs_from_graph(values, sym: dict[str, Dim]) -> list[TensorSpec]:
             else:
                 label = str(d.value) if getattr(d, "value", None) is not None else "?"
                 dims.append(by_name.get(label, Dim(label)))
-        specs.append(TensorSpec(value.name, value.dtype.numpy().name if value.dtype is not None else "float32", tuple(dims)))
+        specs.append(
+            TensorSpec(value.name, value.dtype.numpy().name if value.dtype is not None else "float32", tuple(dims))
+        )
     return specs
 
 
@@ -308,11 +332,16 @@ def _from_program(spec, kind, program, module, inputs, dynamic, digest, seconds)
     sym = symbol_dims(program, dynamic)
     rename_symbols(model, sym)
     return ImportedModel(
-        model=model, kind=kind, source=spec, digest=digest,
+        model=model,
+        kind=kind,
+        source=spec,
+        digest=digest,
         inputs=_specs_from_graph(model.graph.inputs, sym),
         outputs=_specs_from_graph(model.graph.outputs, sym),
         example_inputs={k: to_numpy(v) for k, v in inputs.items()},
-        reference=_torch_reference(module, names), reference_kind="eager PyTorch", seconds=seconds,
+        reference=_torch_reference(module, names),
+        reference_kind="eager PyTorch",
+        seconds=seconds,
     )
 
 
@@ -327,14 +356,19 @@ def _import_pt2(path: Path, trust_source: bool, digest: str, seconds: dict) -> I
             with _safety.weights_only_loads():
                 program = torch.export.load(str(path))
     except Exception as exc:
-        raise SourceError(f"torch.export.load could not read '{path}': {type(exc).__name__}: {exc}", "Re-save it with torch.export.save() from the same torch version.") from exc
+        raise SourceError(
+            f"torch.export.load could not read '{path}': {type(exc).__name__}: {exc}",
+            "Re-save it with torch.export.save() from the same torch version.",
+        ) from exc
     seconds["load"] = time.perf_counter() - start
     args, kwargs = program.example_inputs or ((), {})
     names = program.graph_signature.user_inputs
     inputs = dict(kwargs)
     inputs.update({n: a for n, a in zip([n for n in names if n not in kwargs], args)})
     module = program.module()
-    return _from_program(str(path), "pt2", program, _KwargsModule(module, names, len(args)), inputs, {}, digest, seconds)
+    return _from_program(
+        str(path), "pt2", program, _KwargsModule(module, names, len(args)), inputs, {}, digest, seconds
+    )
 
 
 class _KwargsModule:
@@ -345,7 +379,7 @@ class _KwargsModule:
 
     def __call__(self, **inputs):
         args = [inputs[n] for n in self.names[: self.n_positional]]
-        kwargs = {n: inputs[n] for n in self.names[self.n_positional:] if n in inputs}
+        kwargs = {n: inputs[n] for n in self.names[self.n_positional :] if n in inputs}
         return self.module(*args, **kwargs)
 
 
@@ -392,7 +426,14 @@ def prepare_source(
         return PreparedSource(spec, kind, onnx_digest(Path(spec)), dynamic=dynamic, reads=_reads.fingerprint(files))
     if kind == "pt2":
         _safety.check_pt2(Path(spec), trust_source)
-        return PreparedSource(spec, kind, _sha256_files([Path(spec)]), dynamic=dynamic, trust_source=trust_source, reads=_reads.fingerprint([spec]))
+        return PreparedSource(
+            spec,
+            kind,
+            _sha256_files([Path(spec)]),
+            dynamic=dynamic,
+            trust_source=trust_source,
+            reads=_reads.fingerprint([spec]),
+        )
     if kind == "hf":
         folder = Path(spec)
         files = [p for p in folder.rglob("*") if p.is_file()]
@@ -408,7 +449,9 @@ def prepare_source(
                 with _safety.weights_only_loads():
                     result = factory()
             except Exception as exc:
-                raise SourceError(f"Factory '{spec}' raised {type(exc).__name__}: {exc}", "Run with --debug for the trace.") from exc
+                raise SourceError(
+                    f"Factory '{spec}' raised {type(exc).__name__}: {exc}", "Run with --debug for the trace."
+                ) from exc
         code = getattr(sys.modules.get(getattr(factory, "__module__", ""), None), "__file__", None)
         reads = _reads.fingerprint(opened | ({code} if code else set()))
         module, inputs, own_dynamic = _normalise_factory_result(spec, result)
@@ -419,7 +462,9 @@ def prepare_source(
     return prepared
 
 
-def import_source(source: PreparedSource | str, dynamic: dict[str, dict[int, Dim]] | None = None, *, trust_source: bool = False) -> ImportedModel:
+def import_source(
+    source: PreparedSource | str, dynamic: dict[str, dict[int, Dim]] | None = None, *, trust_source: bool = False
+) -> ImportedModel:
     """Export a prepared source (or a source string) to ONNX with its reference.
 
     Raises:

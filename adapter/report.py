@@ -17,7 +17,9 @@ def _shape(spec: dict[str, Any]) -> str:
     return escape(f"{spec['dtype']}[{', '.join(map(str, dims))}]")
 
 
-def render_manifest(console: Console, manifest: dict[str, Any], *, cache_note: str = "", seconds: float | None = None) -> None:
+def render_manifest(
+    console: Console, manifest: dict[str, Any], *, cache_note: str = "", seconds: float | None = None
+) -> None:
     """Print the convert report (also ``adapter info``) from an artifact's manifest."""
     src, tgt, backend = manifest["source"], manifest["target"], manifest["backend"]
     head = Table.grid(padding=(0, 2))
@@ -40,18 +42,26 @@ def render_manifest(console: Console, manifest: dict[str, Any], *, cache_note: s
         parts = [f"{k}={v}" for k, v in record["counters"].items()]
         if record["nodes_before"] != record["nodes_after"]:
             parts.append(f"nodes {record['nodes_before']}→{record['nodes_after']}")
-        passes.add_row(record["name"], "yes" if record["modified"] else "no", ", ".join(parts), f"{record['seconds'] * 1e3:.0f}")
+        passes.add_row(
+            record["name"], "yes" if record["modified"] else "no", ", ".join(parts), f"{record['seconds'] * 1e3:.0f}"
+        )
     console.print(passes)
 
     ver = manifest["verification"]
     tol = ver["tolerance"]
-    table = Table(title=f"Verification against {src['reference']} (max-abs ≤ {tol['atol']:g} + {tol['rtol']:g}·max|ref|, cosine ≥ {tol['min_cosine']})", title_justify="left")
+    table = Table(
+        title=f"Verification against {src['reference']} (max-abs ≤ {tol['atol']:g} + {tol['rtol']:g}·max|ref|, cosine ≥ {tol['min_cosine']})",
+        title_justify="left",
+    )
     for col in ("case", "output", "max-abs", "cosine", "ok"):
         table.add_column(col)
     for case in ver["cases"]:
         for name, fig in case["outputs"].items():
             table.add_row(
-                escape(case["case"]), name, f"{fig.get('max_abs', float('nan')):.2e}", f"{fig.get('cosine', float('nan')):.8f}",
+                escape(case["case"]),
+                name,
+                f"{fig.get('max_abs', float('nan')):.2e}",
+                f"{fig.get('cosine', float('nan')):.8f}",
                 "[green]pass[/]" if fig["passed"] else f"[red]FAIL[/] {escape(fig.get('problem', ''))}",
             )
     console.print(table)
@@ -76,16 +86,21 @@ def render_targets(console: Console, rows: list[dict[str, Any]]) -> None:
     table.add_column("name", no_wrap=True)
     for col in ("kind", "FP32 TF/s", "BF16 TF/s", "GB/s", "GiB", "precisions", "default backend"):
         table.add_column(col, overflow="fold")
+
+    def tflops(peaks: dict[str, float], dtype: str) -> str:
+        return f"{peaks[dtype] / 1e12:.2f}" if dtype in peaks else "—"
+
     for row in rows:
         peaks = row.get("peak_flops", {})
-
-        def tflops(dtype: str) -> str:
-            return f"{peaks[dtype] / 1e12:.2f}" if dtype in peaks else "—"
-
         table.add_row(
-            row["name"], row.get("kind", ""), tflops("fp32"), tflops("bf16"),
-            f"{row.get('memory_bandwidth', 0) / 1e9:.0f}", f"{row.get('memory_size', 0) / 2**30:.0f}",
-            " ".join(row.get("precisions", [])), row.get("default_backend", ""),
+            row["name"],
+            row.get("kind", ""),
+            tflops(peaks, "fp32"),
+            tflops(peaks, "bf16"),
+            f"{row.get('memory_bandwidth', 0) / 1e9:.0f}",
+            f"{row.get('memory_size', 0) / 2**30:.0f}",
+            " ".join(row.get("precisions", [])),
+            row.get("default_backend", ""),
         )
     console.print(table)
 

@@ -55,9 +55,7 @@ class TensorSpec:
         return cls(data["name"], data["dtype"], shape)
 
     def describe(self) -> str:
-        dims = ", ".join(
-            f"{d.name}[{d.min}..{d.max}]" if isinstance(d, Dim) else str(d) for d in self.shape
-        )
+        dims = ", ".join(f"{d.name}[{d.min}..{d.max}]" if isinstance(d, Dim) else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
@@ -98,16 +96,12 @@ def parse_dynamic(items: list[str] | tuple[str, ...]) -> dict[str, dict[int, Dim
                     )
                 if dim_name in ranges and ranges[dim_name] != (lo_i, hi_i):
                     raise SourceError(
-                        f"Dynamic dim '{dim_name}' is given two ranges: "
-                        f"{ranges[dim_name]} and {(lo_i, hi_i)}."
+                        f"Dynamic dim '{dim_name}' is given two ranges: {ranges[dim_name]} and {(lo_i, hi_i)}."
                     )
                 ranges[dim_name] = (lo_i, hi_i)
             axes[int(axis)] = (dim_name, None, None)
     return {
-        inp: {
-            axis: Dim(dim, *ranges.get(dim, (1, DEFAULT_DIM_MAX)))
-            for axis, (dim, _, _) in axes.items()
-        }
+        inp: {axis: Dim(dim, *ranges.get(dim, (1, DEFAULT_DIM_MAX))) for axis, (dim, _, _) in axes.items()}
         for inp, axes in parsed.items()
     }
 
@@ -144,18 +138,13 @@ def check_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray]) -> dict
             if isinstance(dim, Dim):
                 if not dim.min <= size <= dim.max:
                     problems.append(
-                        f"input '{spec.name}' axis {axis} ('{dim.name}') is {size}, "
-                        f"outside [{dim.min}..{dim.max}]"
+                        f"input '{spec.name}' axis {axis} ('{dim.name}') is {size}, outside [{dim.min}..{dim.max}]"
                     )
                 prev = bound.setdefault(dim.name, (size, spec.name))
                 if prev[0] != size:
-                    problems.append(
-                        f"dim '{dim.name}' is {prev[0]} in '{prev[1]}' but {size} in '{spec.name}'"
-                    )
+                    problems.append(f"dim '{dim.name}' is {prev[0]} in '{prev[1]}' but {size} in '{spec.name}'")
             elif size != dim:
-                problems.append(
-                    f"input '{spec.name}' axis {axis} is {size}, expected {dim} ({spec.describe()})"
-                )
+                problems.append(f"input '{spec.name}' axis {axis} is {size}, expected {dim} ({spec.describe()})")
     if problems:
         raise InputMismatchError(
             "Inputs do not match the engine: " + "; ".join(problems) + ".",

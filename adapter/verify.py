@@ -62,7 +62,11 @@ def random_inputs(
             lo, hi = (int(example.min()), int(example.max())) if example is not None and example.size else (0, 1)
             feed[spec.name] = rng.integers(lo, hi + 1, size=shape, dtype=dtype)
         else:
-            mean, std = (float(example.mean()), float(example.std()) or 1.0) if example is not None and example.size else (0.0, 1.0)
+            mean, std = (
+                (float(example.mean()), float(example.std()) or 1.0)
+                if example is not None and example.size
+                else (0.0, 1.0)
+            )
             feed[spec.name] = rng.normal(mean, std, size=shape).astype(dtype)
     return feed
 
@@ -142,8 +146,13 @@ def verify(
     if not report["passed"]:
         failures = [
             f"{o_name} in case '{c['case']}': "
-            + (o.get("problem") or f"max-abs {o['max_abs']:.3g} (allowed {o['bound']:.3g}), cosine {o['cosine']:.7f} (need {tol.min_cosine})")
-            for c in cases for o_name, o in c["outputs"].items() if not o["passed"]
+            + (
+                o.get("problem")
+                or f"max-abs {o['max_abs']:.3g} (allowed {o['bound']:.3g}), cosine {o['cosine']:.7f} (need {tol.min_cosine})"
+            )
+            for c in cases
+            for o_name, o in c["outputs"].items()
+            if not o["passed"]
         ]
         error = VerificationError(
             "The engine's outputs differ from the reference beyond tolerance: " + "; ".join(failures) + ".",

@@ -201,7 +201,11 @@ def llama() -> tuple[nn.Module, Inputs, Dynamic]:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, attn_implementation=_ATTN)
-    return _finish(_TextModel(model, ("logits",))), _token_inputs(config.vocab_size), _text_axes(config.max_position_embeddings)
+    return (
+        _finish(_TextModel(model, ("logits",))),
+        _token_inputs(config.vocab_size),
+        _text_axes(config.max_position_embeddings),
+    )
 
 
 def vit() -> tuple[nn.Module, Inputs, Dynamic]:

@@ -28,9 +28,7 @@ def get_backend(name: str) -> ModuleType:
         BackendUnavailableError: Unknown name, or its SDK is not installed.
     """
     if name not in BACKENDS:
-        raise BackendUnavailableError(
-            f"Unknown backend '{name}'.", f"Known backends: {', '.join(sorted(BACKENDS))}."
-        )
+        raise BackendUnavailableError(f"Unknown backend '{name}'.", f"Known backends: {', '.join(sorted(BACKENDS))}.")
     module = importlib.import_module(BACKENDS[name])
     module.require()
     return module

@@ -46,7 +46,9 @@ class EngineBase(abc.ABC):
 
     backend: str = ""
 
-    def __init__(self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]) -> None:
+    def __init__(
+        self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]
+    ) -> None:
         self.folder = Path(folder)
         self.inputs = inputs
         self.outputs = outputs

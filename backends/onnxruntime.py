@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from adapter.backends.base import EngineBase, Support
 
 from adapter import _safety
 from adapter._onnx_io import save_model
-from adapter.backends.base import EngineBase, Support
 from adapter.errors import AdapterError, BackendUnavailableError
 from adapter.specs import TensorSpec
 
@@ -33,7 +33,12 @@ OPTIMIZED_FILE = "model.ort-optimized.onnx"
 _GRAPH_LEVEL_OPS = frozenset({"Constant"})
 """Ops ONNX Runtime resolves while loading the graph, with no kernel of their own."""
 
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ def available() -> bool:
 def require() -> None:
     """Raise a clear error when onnxruntime is missing."""
     if not available():
-        raise BackendUnavailableError("The onnxruntime backend needs the onnxruntime package.", "pip install onnxruntime==1.32.0")
+        raise BackendUnavailableError(
+            "The onnxruntime backend needs the onnxruntime package.", "pip install onnxruntime==1.32.0"
+        )
 
 
 def version() -> str:
@@ -130,14 +137,24 @@ def _session(path: Path, level: str, threads: int, optimized_out: Path | None = 
         ) from exc
 
 
-def compile(model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path) -> Engine:
+def compile(
+    model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path
+) -> Engine:
     """Write the model into ``workdir`` and build a session for the profile."""
     if options.optimization not in _LEVELS:
-        raise AdapterError(f"Unknown ONNX Runtime optimisation level '{options.optimization}'.", f"Use one of {', '.join(_LEVELS)}.")
+        raise AdapterError(
+            f"Unknown ONNX Runtime optimisation level '{options.optimization}'.", f"Use one of {', '.join(_LEVELS)}."
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_model(model, workdir / MODEL_FILE)
     threads = _threads(options, profile)
-    config: dict[str, Any] = {**asdict(options), "threads": threads, "provider": PROVIDER, "files": files, "ort_version": version()}
+    config: dict[str, Any] = {
+        **asdict(options),
+        "threads": threads,
+        "provider": PROVIDER,
+        "files": files,
+        "ort_version": version(),
+    }
     if options.save_optimized:
         _session(workdir / MODEL_FILE, "extended", threads, workdir / OPTIMIZED_FILE)
         config["optimized_file"] = OPTIMIZED_FILE
@@ -150,12 +167,16 @@ class Engine(EngineBase):
 
     backend = NAME
 
-    def __init__(self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]) -> None:
+    def __init__(
+        self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]
+    ) -> None:
         super().__init__(folder, inputs, outputs, config)
         optimized = config.get("optimized_file")
         use_optimized = optimized and config.get("ort_version") == version() and (self.folder / optimized).is_file()
         path = self.folder / (optimized if use_optimized else MODEL_FILE)
-        self.session = _session(path, config.get("optimization", "all"), _threads(Options(threads=config.get("threads", 0)), None))
+        self.session = _session(
+            path, config.get("optimization", "all"), _threads(Options(threads=config.get("threads", 0)), None)
+        )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def files(self) -> list[str]:
@@ -186,5 +207,7 @@ class Engine(EngineBase):
         try:
             results = self.session.run(self.output_names, feed)
         except Exception as exc:
-            raise AdapterError(f"ONNX Runtime failed while running the engine: {str(exc).splitlines()[0][:400]}") from exc
+            raise AdapterError(
+                f"ONNX Runtime failed while running the engine: {str(exc).splitlines()[0][:400]}"
+            ) from exc
         return dict(zip(self.output_names, results))

@@ -56,24 +56,37 @@ def main() -> None:
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
         with torch.inference_mode():
-            eager_ms = median_ms(lambda: module(**tensors), repeats=args.repeats)
+            eager_ms = median_ms(lambda t=tensors: module(**t), repeats=args.repeats)
             want = module(**tensors)["token_embeddings"].numpy()
-        engine_ms = median_ms(lambda: engine.run(feed), repeats=args.repeats)
+        engine_ms = median_ms(lambda f=feed: engine.run(f), repeats=args.repeats)
         got = engine.run(feed)["token_embeddings"]
         cos = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
-        rows.append({
-            "batch": batch, "seq": args.seq, "eager_ms": eager_ms, "engine_ms": engine_ms,
-            "speedup_vs_eager": eager_ms / engine_ms, "token_cosine_min": float(cos.min()),
-            "max_abs": float(np.abs(got - want).max()),
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "seq": args.seq,
+                "eager_ms": eager_ms,
+                "engine_ms": engine_ms,
+                "speedup_vs_eager": eager_ms / engine_ms,
+                "token_cosine_min": float(cos.min()),
+                "max_abs": float(np.abs(got - want).max()),
+            }
+        )
     report = {
-        "convert_seconds": convert_s, "cache_hit": result.cache_hit, "threads": engine.config["threads"],
-        "backend": result.manifest["backend"]["name"] + " " + result.manifest["backend"]["version"], "rows": rows,
+        "convert_seconds": convert_s,
+        "cache_hit": result.cache_hit,
+        "threads": engine.config["threads"],
+        "backend": result.manifest["backend"]["name"] + " " + result.manifest["backend"]["version"],
+        "rows": rows,
     }
-    print(f"convert: {convert_s:.2f} s ({'cache hit' if result.cache_hit else 'built'}), {report['backend']}, {report['threads']} threads")
+    print(
+        f"convert: {convert_s:.2f} s ({'cache hit' if result.cache_hit else 'built'}), {report['backend']}, {report['threads']} threads"
+    )
     print(f"{'batch':>5} {'seq':>4} {'eager ms':>9} {'engine ms':>10} {'speedup':>8} {'min cos':>10} {'max-abs':>9}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['seq']:>4} {r['eager_ms']:>9.2f} {r['engine_ms']:>10.2f} {r['speedup_vs_eager']:>7.2f}x {r['token_cosine_min']:>10.7f} {r['max_abs']:>9.2e}")
+        print(
+            f"{r['batch']:>5} {r['seq']:>4} {r['eager_ms']:>9.2f} {r['engine_ms']:>10.2f} {r['speedup_vs_eager']:>7.2f}x {r['token_cosine_min']:>10.7f} {r['max_abs']:>9.2e}"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

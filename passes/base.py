@@ -15,9 +15,7 @@ import onnx_ir as ir
 
 def op_histogram(model: ir.Model) -> Counter:
     """Count nodes per ``domain::op_type`` over the main graph and its subgraphs."""
-    return Counter(
-        f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes()
-    )
+    return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
 
 
 @dataclass

@@ -21,7 +21,6 @@ from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-
 from adapter.passes.base import CountedPass
 
 
@@ -40,9 +39,9 @@ class ConstantFolding(CountedPass):
 
     name = "constant-folding"
 
-    def __init__(self, options: FoldOptions = FoldOptions()) -> None:
+    def __init__(self, options: FoldOptions | None = None) -> None:
         super().__init__()
-        self.options = options
+        self.options = options or FoldOptions()
 
     def apply(self, model: ir.Model) -> dict[str, Any]:
         from onnxscript.optimizer._constant_folding import FoldConstantsPass
@@ -122,9 +121,7 @@ class ShapeInference(CountedPass):
 
     def apply(self, model: ir.Model) -> dict[str, Any]:
         def unknown() -> int:
-            return sum(
-                1 for n in model.graph.all_nodes() for v in n.outputs if v.shape is None or v.dtype is None
-            )
+            return sum(1 for n in model.graph.all_nodes() for v in n.outputs if v.shape is None or v.dtype is None)
 
         before = unknown()
         common.ShapeInferencePass(strict_mode=False)(model)

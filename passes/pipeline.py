@@ -7,10 +7,10 @@ __all__ = ["PIPELINES", "PASSES", "build_pipeline", "run_pipeline"]
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
-
-from adapter.errors import PassFailedError
 from adapter.passes import canonicalize
 from adapter.passes.base import CountedPass, PassRecord
+
+from adapter.errors import PassFailedError
 
 PASSES: dict[str, Callable[[], CountedPass]] = {
     "constant-folding": canonicalize.ConstantFolding,

@@ -151,8 +151,7 @@ class Profile:
         default = check.string("default_backend")
         if default not in backends:
             raise _error(
-                f"{origin}: key 'default_backend' names '{default}', which has no "
-                f"[backends.{default}] table.",
+                f"{origin}: key 'default_backend' names '{default}', which has no [backends.{default}] table.",
                 "Add the table, even if empty.",
             )
         unit_key = "cores" if kind == "cpu" else "compute_units"
@@ -163,10 +162,7 @@ class Profile:
             vendor=check.string("vendor"),
             arch=check.string("arch"),
             peak_flops=_freeze(
-                {
-                    check.dtype(f"peak_flops.{k}", k): check.positive(f"peak_flops.{k}", v)
-                    for k, v in peaks.items()
-                }
+                {check.dtype(f"peak_flops.{k}", k): check.positive(f"peak_flops.{k}", v) for k, v in peaks.items()}
             ),
             memory_bandwidth=check.positive("memory_bandwidth"),
             memory_size=check.count("memory_size"),
@@ -174,10 +170,7 @@ class Profile:
                 name=check.string("interconnect.name", inter.get("name")),
                 bandwidth=check.positive("interconnect.bandwidth", inter.get("bandwidth")),
             ),
-            precisions=tuple(
-                check.dtype(f"precisions[{i}]", p)
-                for i, p in enumerate(check.strings("precisions"))
-            ),
+            precisions=tuple(check.dtype(f"precisions[{i}]", p) for i, p in enumerate(check.strings("precisions"))),
             default_backend=default,
             backends=_freeze({k: check.table(f"backends.{k}", v) for k, v in backends.items()}),
             sources=check.strings("sources"),
@@ -236,8 +229,7 @@ class Profile:
         key = _ALIASES.get(dtype, dtype)
         if key not in self.peak_flops:
             raise _error(
-                f"Profile '{self.name}' has no peak figure for '{dtype}'; it has "
-                f"{', '.join(self.peak_flops)}.",
+                f"Profile '{self.name}' has no peak figure for '{dtype}'; it has {', '.join(self.peak_flops)}.",
                 "Choose one of those precisions.",
             )
         return self.peak_flops[key]
@@ -298,23 +290,13 @@ class _Checker:
 
     def strings(self, key: str, value: Any = _MISSING, empty: bool = False) -> tuple[str, ...]:
         value = self._get(key, value)
-        if (
-            not isinstance(value, list | tuple)
-            or not all(isinstance(v, str) for v in value)
-            or not (value or empty)
-        ):
-            raise self._bad(
-                key, "a list of strings" if empty else "a non-empty list of strings", value
-            )
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value) or not (value or empty):
+            raise self._bad(key, "a list of strings" if empty else "a non-empty list of strings", value)
         return tuple(value)
 
     def positive(self, key: str, value: Any = _MISSING) -> float:
         value = self._get(key, value)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not 0 < value < float("inf")
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
             raise self._bad(key, "a positive number", value)
         return float(value)
 
@@ -364,12 +346,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
         from .probe import probe_host
 
         return probe_host()
-    is_path = (
-        isinstance(name_or_path, os.PathLike)
-        or text.endswith(".toml")
-        or os.sep in text
-        or "/" in text
-    )
+    is_path = isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or os.sep in text or "/" in text
     path = Path(text) if is_path else _DATA_DIR / f"{text}.toml"
     if not is_path and not path.is_file():
         raise _error(

@@ -101,8 +101,7 @@ def _measure(threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     try:
         peaks = {
-            name: _matmul_flops(torch, dtype)
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+            name: _matmul_flops(torch, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
     finally:
         torch.set_num_threads(previous)
@@ -139,13 +138,9 @@ def _copy_bandwidth(threads: int) -> float:
     dst = np.zeros_like(src)
     best = _best_time(lambda: np.copyto(dst, src))
     if threads > 1:
-        parts = [
-            slice(i * src.size // threads, (i + 1) * src.size // threads) for i in range(threads)
-        ]
+        parts = [slice(i * src.size // threads, (i + 1) * src.size // threads) for i in range(threads)]
         with ThreadPoolExecutor(threads) as pool:
-            best = min(
-                best, _best_time(lambda: list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts)))
-            )
+            best = min(best, _best_time(lambda: list(pool.map(lambda s: np.copyto(dst[s], src[s]), parts))))
     return 2 * src.nbytes / best
 
 
@@ -255,8 +250,7 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
             f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32, bf16)",
             f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of up to {_REPEATS}, "
             "bytes read + written per second",
-            "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, "
-            "cgroup memory limit",
+            "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, cgroup memory limit",
         ],
     }
     return Profile.from_dict(data, origin="host probe")

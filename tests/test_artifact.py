@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adapter import ConvertOptions, Tolerance, artifact, convert, load
-from adapter.errors import ArtifactError
+from adapter.errors import AdapterError, ArtifactError
 
 FAST = ConvertOptions(benchmark=False)
 
@@ -21,12 +21,18 @@ def _own_cache(fresh_cache):
 def test_artifact_contents_and_manifest(tmp_path):
     result = convert("models:mlp", tmp_path / "e", FAST)
     manifest = result.manifest
-    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["manifest.json", "model.onnx", "model.ort-optimized.onnx"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "model.ort-optimized.onnx",
+    ]
     assert set(manifest["files"]) == {"model.onnx", "model.ort-optimized.onnx"}
     assert manifest["source"]["kind"] == "factory" and len(manifest["source"]["digest"]) == 64
     assert manifest["backend"]["name"] == "onnxruntime" and manifest["backend"]["version"]
     assert manifest["libraries"]["torch"].startswith("2.13")
-    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": [{"name": "batch", "min": 1, "max": 4096}, 8]}]
+    assert manifest["inputs"] == [
+        {"name": "x", "dtype": "float32", "shape": [{"name": "batch", "min": 1, "max": 4096}, 8]}
+    ]
     assert [p["name"] for p in manifest["passes"]][0] == "constant-folding"
     assert manifest["verification"]["passed"] is True
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folders left behind"
@@ -70,7 +76,9 @@ def test_changing_one_option_misses(tmp_path, change):
 
 def test_changed_weights_miss(tmp_path):
     factory = tmp_path / "f.py"
-    factory.write_text("import torch\n\ndef make():\n    torch.manual_seed(SEED)\n    return torch.nn.Linear(4, 2).eval(), (torch.randn(2, 4),)\n\nSEED = 0\n")
+    factory.write_text(
+        "import torch\n\ndef make():\n    torch.manual_seed(SEED)\n    return torch.nn.Linear(4, 2).eval(), (torch.randn(2, 4),)\n\nSEED = 0\n"
+    )
     first = convert(f"{factory}:make", tmp_path / "a", FAST)
     factory.write_text(factory.read_text().replace("SEED = 0", "SEED = 1"))
     second = convert(f"{factory}:make", tmp_path / "a", FAST)
@@ -97,7 +105,7 @@ def test_validate_names_changed_and_extra_files(tmp_path):
 
 def test_failed_convert_keeps_the_old_artifact(tmp_path):
     good = convert("models:mlp", tmp_path / "e", FAST)
-    with pytest.raises(Exception):
+    with pytest.raises(AdapterError):
         convert("models:custom_ops", tmp_path / "e", FAST)
     assert artifact.validate(tmp_path / "e")["cache_key"] == good.manifest["cache_key"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -120,7 +128,6 @@ def test_cache_folder_is_private():
 
 def test_engine_round_trip_matches_eager(tmp_path):
     import torch
-
     from models import mlp
 
     convert("models:mlp", tmp_path / "e", FAST)

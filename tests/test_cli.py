@@ -21,7 +21,17 @@ def test_targets_lists_every_profile(cli):
     code, out, err = cli("targets", "--json")
     assert code == 0, err
     rows = {row["name"]: row for row in json.loads(out)}
-    for name in ("intel-xeon-spr", "amd-epyc-genoa", "arm-cortex-a76", "nvidia-a100", "nvidia-h100", "nvidia-jetson-orin", "amd-mi250x", "amd-mi300x", "host"):
+    for name in (
+        "intel-xeon-spr",
+        "amd-epyc-genoa",
+        "arm-cortex-a76",
+        "nvidia-a100",
+        "nvidia-h100",
+        "nvidia-jetson-orin",
+        "amd-mi250x",
+        "amd-mi300x",
+        "host",
+    ):
         assert name in rows
     assert rows["nvidia-h100"]["peak_flops"]["fp8"] > rows["nvidia-a100"]["peak_flops"]["bf16"]
     code, table, _ = cli("targets")

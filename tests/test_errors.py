@@ -28,8 +28,18 @@ def _fails(result, code: int, *needles: str) -> str:
 
 
 def _tiny_onnx(path: Path, domain: str = "", op: str = "Relu", n: int = 1) -> Path:
-    nodes = [helper.make_node(op, ["x" if i == 0 else f"h{i}"], [f"h{i + 1}" if i < n - 1 else "y"], name=f"n{i}", domain=domain) for i in range(n)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    nodes = [
+        helper.make_node(
+            op, ["x" if i == 0 else f"h{i}"], [f"h{i + 1}" if i < n - 1 else "y"], name=f"n{i}", domain=domain
+        )
+        for i in range(n)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
     opsets = [helper.make_opsetid("", 20)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     onnx.save(helper.make_model(graph, opset_imports=opsets), path)
     return path
@@ -83,7 +93,13 @@ def test_export_failure(cli, tmp_path):
 
 
 def test_unsupported_torch_ops_listed_at_once(cli, tmp_path):
-    err = _fails(cli("convert", "models:custom_ops", "-o", tmp_path / "out"), 4, "cannot run 2 node(s)", "adapter_tests::mystery", "adapter_tests::enigma")
+    err = _fails(
+        cli("convert", "models:custom_ops", "-o", tmp_path / "out"),
+        4,
+        "cannot run 2 node(s)",
+        "adapter_tests::mystery",
+        "adapter_tests::enigma",
+    )
     assert "module 'odd'" in err  # the nn.Module path of the second op
 
 
@@ -118,13 +134,22 @@ def _onnx_with_external(folder: Path, location: str) -> Path:
     tensor.data_location = TensorProto.EXTERNAL
     tensor.external_data.add(key="location", value=location)
     node = helper.make_node("Add", ["x", "w"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [tensor])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [tensor],
+    )
     path = folder / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
     return path
 
 
-@pytest.mark.parametrize(("location", "needle"), [("/etc/passwd", "absolute path"), ("../secret.bin", "climbs out"), ("link.bin", "symbolic link")])
+@pytest.mark.parametrize(
+    ("location", "needle"),
+    [("/etc/passwd", "absolute path"), ("../secret.bin", "climbs out"), ("link.bin", "symbolic link")],
+)
 def test_external_data_outside_folder_refused(cli, tmp_path, location, needle):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -137,7 +162,6 @@ def test_external_data_outside_folder_refused(cli, tmp_path, location, needle):
 
 def _pt2(tmp_path: Path) -> Path:
     import torch
-
     from models import mlp
 
     module, inputs, _ = mlp()
@@ -240,7 +264,9 @@ def test_run_refuses_object_arrays(cli, tmp_path, mlp_artifact):
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "adapter.cli", "convert", str(tmp_path / "missing.pt2")],
-        capture_output=True, text=True, cwd=TESTS,
+        capture_output=True,
+        text=True,
+        cwd=TESTS,
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,12 +5,9 @@ inputs), and a case where it must not fire."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
-
 from adapter.passes import (
     CommonSubexpressionElimination,
     ConstantFolding,
@@ -22,6 +19,8 @@ from adapter.passes import (
     build_pipeline,
     run_pipeline,
 )
+from onnx import TensorProto, helper
+
 from adapter.errors import PassFailedError
 
 RNG = np.random.default_rng(7)
@@ -29,7 +28,8 @@ RNG = np.random.default_rng(7)
 
 def _model(nodes, inputs=("x",), outputs=("y",), initializers=()) -> ir.Model:
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 4]) for n in inputs],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         list(initializers),
@@ -39,7 +39,9 @@ def _model(nodes, inputs=("x",), outputs=("y",), initializers=()) -> ir.Model:
 
 
 def _run(model: ir.Model, feed):
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feed)
 
 
@@ -63,11 +65,20 @@ def _check(make, pass_, expected_ops, *, fires=True):
 
 
 def _const(name, value):
-    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_t", TensorProto.FLOAT, [], [value]))
+    return helper.make_node(
+        "Constant", [], [name], value=helper.make_tensor(name + "_t", TensorProto.FLOAT, [], [value])
+    )
 
 
 def test_constant_folding_fires():
-    make = lambda: _model([_const("a", 2.0), _const("b", 3.0), helper.make_node("Mul", ["a", "b"], ["c"]), helper.make_node("Add", ["x", "c"], ["y"])])
+    make = lambda: _model(
+        [
+            _const("a", 2.0),
+            _const("b", 3.0),
+            helper.make_node("Mul", ["a", "b"], ["c"]),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ]
+    )
     record = _check(make, ConstantFolding(), ["Add"])
     assert record.counters["nodes_folded"] == 3
 
@@ -89,7 +100,13 @@ def test_lift_constants_without_constants():
 
 
 def test_identity_elimination_fires():
-    make = lambda: _model([helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Identity", ["b"], ["y"])])
+    make = lambda: _model(
+        [
+            helper.make_node("Identity", ["x"], ["a"]),
+            helper.make_node("Relu", ["a"], ["b"]),
+            helper.make_node("Identity", ["b"], ["y"]),
+        ]
+    )
     record = _check(make, IdentityElimination(), ["Relu"])
     assert record.counters["identities_removed"] == 2
 
@@ -100,19 +117,34 @@ def test_identity_between_graph_input_and_output_is_kept():
 
 
 def test_cse_merges_duplicates():
-    make = lambda: _model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]), helper.make_node("Add", ["a", "b"], ["y"])])
+    make = lambda: _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Relu", ["x"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ]
+    )
     record = _check(make, CommonSubexpressionElimination(), ["Relu", "Add"])
     assert record.counters["nodes_merged"] == 1
 
 
 def test_cse_keeps_different_inputs():
-    make = lambda: _model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["z"], ["b"]), helper.make_node("Add", ["a", "b"], ["y"])], inputs=("x", "z"))
+    make = lambda: _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Relu", ["z"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        inputs=("x", "z"),
+    )
     _check(make, CommonSubexpressionElimination(), ["Relu", "Relu", "Add"], fires=False)
 
 
 def test_dead_code_elimination_fires():
     unused = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0] * 4)
-    make = lambda: _model([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Add", ["x", "w"], ["dead"])], initializers=[unused])
+    make = lambda: _model(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Add", ["x", "w"], ["dead"])], initializers=[unused]
+    )
     record = _check(make, DeadCodeElimination(), ["Relu"])
     assert record.counters == {"nodes_removed": 1, "initializers_removed": 1, "functions_removed": 0}
 
@@ -123,7 +155,9 @@ def test_dead_code_elimination_keeps_live_nodes():
 
 
 def test_shape_inference_fills_shapes():
-    make = lambda: _model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Transpose", ["a"], ["y"], perm=[1, 0])])
+    make = lambda: _model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Transpose", ["a"], ["y"], perm=[1, 0])]
+    )
     model = make()
     shape_pass = ShapeInference()
     record = _check(make, shape_pass, ["Relu", "Transpose"])
@@ -144,8 +178,10 @@ def test_shape_inference_on_a_typed_graph_changes_nothing():
 def _unsorted():
     proto = helper.make_model(
         helper.make_graph(
-            [helper.make_node("Neg", ["a"], ["y"]), helper.make_node("Relu", ["x"], ["a"])], "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [helper.make_node("Neg", ["a"], ["y"]), helper.make_node("Relu", ["x"], ["a"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         ),
         opset_imports=[helper.make_opsetid("", 20)],
     )
@@ -166,9 +202,19 @@ def test_topological_sort_keeps_sorted_graph():
 
 
 def test_canonicalize_pipeline_records_every_pass():
-    model = _model([_const("a", 2.0), helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Mul", ["i", "a"], ["y"])])
+    model = _model(
+        [_const("a", 2.0), helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Mul", ["i", "a"], ["y"])]
+    )
     records = run_pipeline(model, build_pipeline("canonicalize"))
-    assert [r.name for r in records] == ["constant-folding", "lift-constants", "identity-elimination", "cse", "dead-code-elimination", "shape-inference", "topological-sort"]
+    assert [r.name for r in records] == [
+        "constant-folding",
+        "lift-constants",
+        "identity-elimination",
+        "cse",
+        "dead-code-elimination",
+        "shape-inference",
+        "topological-sort",
+    ]
     assert _ops(model) == ["Mul"]
     feed = {"x": RNG.standard_normal((3, 4)).astype(np.float32)}
     np.testing.assert_allclose(_run(model, feed)[0], feed["x"] * 2, rtol=1e-6)

@@ -94,9 +94,7 @@ def test_load_by_path_gives_same_digest(tmp_path: Path) -> None:
 
 
 def test_digest_changes_when_a_figure_changes(tmp_path: Path) -> None:
-    edited = _copy_with(
-        tmp_path, "nvidia-a100", r"^memory_bandwidth = .*$", "memory_bandwidth = 1.935e12"
-    )
+    edited = _copy_with(tmp_path, "nvidia-a100", r"^memory_bandwidth = .*$", "memory_bandwidth = 1.935e12")
     changed = load_profile(edited)
     assert changed.memory_bandwidth == 1.935e12
     assert changed.digest() != load_profile("nvidia-a100").digest()
@@ -130,9 +128,7 @@ def test_missing_file_path_is_a_profile_error(tmp_path: Path) -> None:
         (r"^vendor = .*$", 'vendor = "nvidia"\ncolour = "green"', "colour"),
     ],
 )
-def test_bad_file_names_file_and_key(
-    tmp_path: Path, pattern: str, replacement: str, key: str
-) -> None:
+def test_bad_file_names_file_and_key(tmp_path: Path, pattern: str, replacement: str, key: str) -> None:
     path = _copy_with(tmp_path, "nvidia-a100", pattern, replacement)
     with pytest.raises(ProfileError) as info:
         load_profile(path)
@@ -172,9 +168,7 @@ def test_probe_measures_plausible_figures(probed: tuple[Profile, Path]) -> None:
     assert profile.default_backend == "onnxruntime"
 
 
-def test_probe_cache_is_private_and_reused(
-    probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_probe_cache_is_private_and_reused(probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     profile, cache_dir = probed
     assert cache_dir.stat().st_mode & 0o777 == 0o700
     assert len(list(cache_dir.glob("host-*.json"))) == 1
@@ -188,9 +182,7 @@ def test_probe_cache_is_private_and_reused(
     assert again == profile and again.digest() == profile.digest()
 
 
-def test_probe_force_measures_again(
-    probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _, cache_dir = probed
     figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
     monkeypatch.setattr(probe_module, "_measure", lambda threads: figures)
@@ -209,9 +201,7 @@ def test_probe_ignores_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.Monke
     assert again.peak_flops == first.peak_flops and again.memory_bandwidth == 4e9
 
 
-def test_default_cache_dir_follows_environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_default_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ADAPTER_CACHE_DIR", str(tmp_path / "a"))
     assert probe_module.default_cache_dir() == tmp_path / "a"
     monkeypatch.delenv("ADAPTER_CACHE_DIR")

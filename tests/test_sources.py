@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from models import mlp
 
 from adapter import ConvertOptions, convert, load
-from models import mlp
 
 FAST = ConvertOptions(benchmark=False)
 
@@ -27,7 +29,10 @@ def _check_engine(path, name="output"):
 
 def test_factory_file_form(tmp_path):
     factory = tmp_path / "make.py"
-    factory.write_text("import sys\nsys.path.insert(0, %r)\nfrom models import mlp\n\ndef make_model():\n    return mlp()\n" % str(__import__("pathlib").Path(__file__).parent))
+    tests = str(Path(__file__).parent)
+    factory.write_text(
+        f"import sys\nsys.path.insert(0, {tests!r})\nfrom models import mlp\n\ndef make_model():\n    return mlp()\n"
+    )
     result = convert(f"{factory}:make_model", tmp_path / "e", FAST)
     assert result.manifest["source"]["kind"] == "factory"
     _check_engine(tmp_path / "e")
@@ -40,7 +45,9 @@ def test_fixed_shape_factory_keeps_shapes_fixed(tmp_path):
 
 def test_pt2_source(tmp_path):
     module, inputs, _ = mlp()
-    program = torch.export.export(module, (), inputs, dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+    program = torch.export.export(
+        module, (), inputs, dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}}
+    )
     torch.export.save(program, tmp_path / "mlp.pt2")
     result = convert(str(tmp_path / "mlp.pt2"), tmp_path / "e", FAST)
     assert result.manifest["source"]["reference"] == "eager PyTorch"
@@ -52,7 +59,9 @@ def test_pt2_source(tmp_path):
 @pytest.mark.parametrize("external", [False, True])
 def test_onnx_source(tmp_path, external):
     module, inputs, _ = mlp()
-    onnx_program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    onnx_program = torch.onnx.export(
+        module, (), kwargs=inputs, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+    )
     folder = tmp_path / "src"
     folder.mkdir()
     onnx_program.save(str(folder / "mlp.onnx"), external_data=external)

@@ -28,7 +28,9 @@ def _fresh_inputs(manifest, sizes, rng):
     for spec in manifest["inputs"]:
         shape = [sizes[d["name"]] if isinstance(d, dict) else d for d in spec["shape"]]
         if spec["dtype"] == "int64":
-            feed[spec["name"]] = (np.ones(shape, np.int64) if "mask" in spec["name"] else rng.integers(0, 200, shape, dtype=np.int64))
+            feed[spec["name"]] = (
+                np.ones(shape, np.int64) if "mask" in spec["name"] else rng.integers(0, 200, shape, dtype=np.int64)
+            )
         else:
             feed[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
     return feed
