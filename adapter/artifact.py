@@ -56,12 +56,10 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def cache_root() -> Path:
-    """The per-user cache folder, created private (0700)."""
-    base = os.environ.get("ADAPTER_CACHE_DIR")
-    if base:
-        root = Path(base)
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adapter"
+    """The per-user cache folder (``$ADAPTER_CACHE_DIR``, else XDG), created private (0700)."""
+    from adapter.profiles.probe import default_cache_dir
+
+    root = default_cache_dir()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(OSError):
         os.chmod(root, 0o700)
