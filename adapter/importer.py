@@ -247,6 +247,9 @@ def _hf_model(folder: Path):
             "pytorch_model.bin files with the safetensors tools first.",
         )
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     with _safety.weights_only_loads():
         try:

