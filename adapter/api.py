@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter import artifact
+from adapter._precision import PrecisionOptions, lower_precision
 from adapter._timing import median_ms
 from adapter.backends import get_backend
 from adapter.backends.base import unsupported_nodes
@@ -41,6 +42,8 @@ class ConvertOptions:
     """Random verification cases besides the example inputs."""
     backend_options: tuple[tuple[str, Any], ...] = ()
     """Backend option overrides as (name, value) pairs."""
+    precision: PrecisionOptions = PrecisionOptions()
+    """Precision mode, accuracy budget, calibration data and plan."""
     trust_source: bool = False
     """Allow a .pt2 that unpickles objects (only for files you made)."""
     benchmark: bool = True
@@ -164,6 +167,7 @@ def convert(
         "profile": profile.digest(),
         "backend": {"name": backend_name, "version": backend.version()},
         "libraries": artifact.library_versions(),
+        "precision_files": options.precision.files_digest(),
     }
     index_key = artifact.cache_key({**context, "spec": _spec_identity(source)})
     note = "cache disabled"
@@ -190,18 +194,24 @@ def convert(
     missing = unsupported_nodes(imported.model, lambda n, m: backend.supports(n, m, profile))
     if missing:
         raise UnsupportedOpsError(backend_name, missing)
+    stage("precision")
+    lowered = lower_precision(
+        imported, imported.model, profile, backend, backend_name, options.precision, artifact.cache_root() / "calibration", say
+    )
+    model = lowered.model if lowered else imported.model
+    tolerance = lowered.tolerance if lowered else options.tolerance
+    overrides = dict(options.backend_options)
+    if lowered and "precision" in backend.Options.__dataclass_fields__:
+        overrides.setdefault("precision", lowered.backend_precision)
     with artifact.staging_dir(output) as staged:
         stage("compile")
-        backend_options = backend.Options.from_profile(profile, dict(options.backend_options))
-        engine = backend.compile(imported.model, profile, backend_options, (imported.inputs, imported.outputs), staged)
+        backend_options = backend.Options.from_profile(profile, overrides)
+        engine = backend.compile(model, profile, backend_options, (imported.inputs, imported.outputs), staged)
+        if lowered:
+            lowered.plan.save(staged / "plan.json")
         stage("verify")
         report = verify(
-            engine.run,
-            imported.reference,
-            imported.inputs,
-            imported.example_inputs,
-            options.tolerance,
-            options.verify_samples,
+            engine.run, imported.reference, imported.inputs, imported.example_inputs, tolerance, options.verify_samples
         )
         latency = None
         if options.benchmark:
@@ -230,10 +240,8 @@ def convert(
             "target": {"name": profile.name, "digest": profile.digest(), "profile": profile.to_dict()},
             "backend": {"name": backend_name, "version": backend.version(), "config": engine.config},
             "passes": [r.to_json() for r in records],
-            "graph": {
-                "nodes": len(list(imported.model.graph.all_nodes())),
-                "opsets": dict(imported.model.opset_imports),
-            },
+            "graph": {"nodes": len(list(model.graph.all_nodes())), "opsets": dict(model.opset_imports)},
+            "precision": lowered.report if lowered else {"mode": "fp32"},
             "inputs": [s.to_json() for s in imported.inputs],
             "outputs": [s.to_json() for s in imported.outputs],
             "verification": report,

@@ -83,6 +83,29 @@ def cli(debug: bool) -> None:
     help="Random verification cases besides the example inputs.",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the engine; auto searches the modes the target supports for the fastest within the budget.",
+)
+@click.option("--accuracy-budget", default=None, help="e.g. 'cos>=0.999', 'cos_min>=0.98,max_abs<=1e-2', 'top1>=0.99'.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration .npz (a feed) or a folder of them.")
+@click.option(
+    "--calib-text",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Calibration text, one sample per line, tokenized with the model's tokenizer.",
+)
+@click.option("--precision-plan", type=click.Path(path_type=Path), default=None, help="Apply a saved plan.json as is.")
+@click.option(
+    "--calib-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+    help="INT8 static calibration method.",
+)
+@click.option(
     "--trust-source", is_flag=True, help="Allow a .pt2 that unpickles objects. Only for files you made yourself."
 )
 @click.option("--no-cache", is_flag=True, help="Rebuild even if a cached engine matches.")
@@ -99,6 +122,12 @@ def convert(
     rtol,
     min_cosine,
     verify_samples,
+    precision,
+    accuracy_budget,
+    calib,
+    calib_text,
+    precision_plan,
+    calib_method,
     trust_source,
     no_cache,
     no_bench,
@@ -117,7 +146,9 @@ def convert(
       adapter convert adapter.zoo:minilm --target host
       adapter convert model.py:make_model -t intel-xeon-spr --dynamic x:0=batch -o out/
       adapter convert model.onnx --json
+      adapter convert adapter.zoo:minilm --precision auto --accuracy-budget 'cos>=0.995' --calib-text s.txt
     """
+    from adapter._precision import PrecisionOptions
     from adapter.api import ConvertOptions
     from adapter.api import convert as run_convert
     from adapter.report import render_manifest
@@ -130,6 +161,14 @@ def convert(
         passes=tuple(p.strip() for p in passes.split(",") if p.strip()) if passes is not None else None,
         tolerance=Tolerance(atol=atol, rtol=rtol, min_cosine=min_cosine),
         verify_samples=verify_samples,
+        precision=PrecisionOptions(
+            mode=precision,
+            budget=accuracy_budget,
+            calib=str(calib) if calib else None,
+            calib_text=str(calib_text) if calib_text else None,
+            plan=str(precision_plan) if precision_plan else None,
+            calibrate_method=calib_method,
+        ),
         trust_source=trust_source,
         benchmark=not no_bench,
         use_cache=not no_cache,

@@ -52,6 +52,8 @@ class ImportedModel:
     reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     reference_kind: str
     seconds: dict[str, float] = field(default_factory=dict)
+    tokenizer: Any = None
+    """The model's tokenizer when the source provides one (for text calibration)."""
 
 
 def source_kind(spec: str) -> str:
@@ -277,8 +279,12 @@ def _hf_model(folder: Path):
         )
 
     text_model, vision_model = _hf_wrappers()
-    wrapper = text_model if "input_ids" in inputs else vision_model
-    return wrapper(model).eval(), inputs, dynamic
+    wrapper = (text_model if "input_ids" in inputs else vision_model)(model).eval()
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        wrapper.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return wrapper, inputs, dynamic
 
 
 def _torch_reference(module, output_names: list[str]):
@@ -345,6 +351,7 @@ def _from_program(spec, kind, program, module, inputs, dynamic, digest, seconds)
         reference=_torch_reference(module, names),
         reference_kind="eager PyTorch",
         seconds=seconds,
+        tokenizer=getattr(module, "tokenizer", None),
     )
 
 

@@ -66,6 +66,7 @@ def render_manifest(
             )
     console.print(table)
 
+    render_precision(console, manifest.get("precision") or {})
     latency = manifest.get("latency")
     if latency:
         shapes = escape(", ".join(f"{k}{v}" for k, v in latency["inputs"].items()))
@@ -115,3 +116,55 @@ def render_outputs(console: Console, outputs: dict[str, np.ndarray]) -> None:
         stats = (f"{value.min():.6g}", f"{value.max():.6g}", f"{value.mean():.6g}") if numeric else ("", "", "")
         table.add_row(name, str(value.dtype), str(list(value.shape)), *stats)
     console.print(table)
+
+
+def _group_modules(modules: dict[str, str]) -> list[tuple[str, str, int]]:
+    """Collapse module paths by their layer-index-free pattern: (pattern, precision, count)."""
+    import re
+
+    groups: dict[tuple[str, str], int] = {}
+    for module, precision in modules.items():
+        pattern = re.sub(r"\.\d+(?=\.|$)", ".*", module) or "(graph)"
+        groups[(pattern, precision)] = groups.get((pattern, precision), 0) + 1
+    return [(pattern, precision, count) for (pattern, precision), count in sorted(groups.items())]
+
+
+def render_precision(console: Console, report: dict[str, Any]) -> None:
+    """Precision per module (grouped), layers kept high and why, accuracy vs budget, speed, size."""
+    if not report or report.get("mode", "fp32") == "fp32" and not report.get("candidates"):
+        return
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    budget = report.get("budget") or "none"
+    table = Table(title=f"Precision: {report['mode']} (asked: {report['requested']}; budget {escape(budget)})", title_justify="left")
+    for col in ("modules", "precision", "count"):
+        table.add_column(col)
+    for pattern, precision, count in _group_modules(report.get("modules", {})):
+        table.add_row(escape(pattern), precision, str(count))
+    console.print(table)
+    kept = report.get("kept_fp32", [])
+    if kept:
+        reasons: dict[str, list[str]] = {}
+        for item in kept:
+            reasons.setdefault(item.get("reason", ""), []).append(item.get("module") or item["node"])
+        for reason, where in reasons.items():
+            shown = ", ".join(sorted(set(where))[:8]) + (" …" if len(set(where)) > 8 else "")
+            console.print(f"kept FP32 ({len(where)} nodes) — {escape(reason)}: {escape(shown)}")
+    for name, fig in (report.get("accuracy") or {}).items():
+        console.print(
+            f"accuracy {escape(name)} on {report['calibration'].get('held_out', '?')} held-out samples: "
+            f"cos mean {fig['cos']:.5f}, min {fig['cos_min']:.5f}, max-abs {fig['max_abs']:.3g}, top1 {fig['top1']:.3f}"
+        )
+    lat, size = report.get("latency_ms", {}), report.get("size_bytes", {})
+    if lat.get("plan"):
+        console.print(
+            f"latency {lat['plan']:.2f} ms vs FP32 {lat['fp32']:.2f} ms on the same backend → "
+            f"[bold]{report['speedup_vs_fp32']:.2f}×[/]; size {size['fp32'] / 1e6:.1f} MB → {size['plan'] / 1e6:.1f} MB"
+        )
+    candidates = report.get("candidates", [])
+    if len(candidates) > 1:
+        rows = ", ".join(
+            f"{c['mode']}: " + (f"{c['latency_ms']:.2f} ms, {c['kept_fp32']} kept" if c["holds"] else "budget not met")
+            for c in candidates
+        )
+        console.print(f"candidates — {escape(rows)}")

@@ -168,7 +168,9 @@ def minilm() -> tuple[nn.Module, Inputs, Dynamic]:
     texts = ["The quick brown fox jumps over the lazy dog.", "Compilers turn graphs into fast engines."]
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=_MINILM_SEQ, return_tensors="pt")
     inputs = {name: encoded[name].to(torch.int64) for name in ("input_ids", "attention_mask")}
-    return _finish(_SentenceEmbedder(model)), inputs, _text_axes(model.config.max_position_embeddings)
+    embedder = _finish(_SentenceEmbedder(model))
+    embedder.tokenizer = tokenizer  # lets `--calib-text` tokenize calibration sentences
+    return embedder, inputs, _text_axes(model.config.max_position_embeddings)
 
 
 def gpt2() -> tuple[nn.Module, Inputs, Dynamic]:

@@ -17,6 +17,7 @@ __all__ = ["BACKENDS", "get_backend"]
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "adapter.backends.onnxruntime",
+    "openvino": "adapter.backends.openvino",
 }
 """Backend name to module path."""
 

@@ -63,6 +63,32 @@ class EngineBase(abc.ABC):
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on inputs already checked against the specs."""
 
-    @abc.abstractmethod
     def files(self) -> list[str]:
-        """The engine's files, relative to its folder."""
+        """The engine's files, relative to its folder (``config["files"]``)."""
+        return list(self.config["files"])
+
+    def save(self, folder: Path) -> None:
+        """Copy the engine's files into ``folder`` (a no-op when already there)."""
+        import shutil
+
+        folder = Path(folder)
+        if folder.resolve() == self.folder.resolve():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.files():
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if (self.folder / name).is_dir():
+                shutil.copytree(self.folder / name, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(self.folder / name, target)
+
+    @classmethod
+    def load(cls, folder: Path) -> EngineBase:
+        """Load from an artifact folder (its manifest carries specs and config)."""
+        from adapter.artifact import read_manifest
+
+        manifest = read_manifest(Path(folder))
+        inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+        outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+        return cls(Path(folder), inputs, outputs, manifest["backend"]["config"])

@@ -179,30 +179,6 @@ class Engine(EngineBase):
         )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def files(self) -> list[str]:
-        return list(self.config["files"])
-
-    def save(self, folder: Path) -> None:
-        """Copy the engine's files into ``folder`` (a no-op when already there)."""
-        import shutil
-
-        folder = Path(folder)
-        if folder.resolve() == self.folder.resolve():
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in self.files():
-            shutil.copy2(self.folder / name, folder / name)
-
-    @classmethod
-    def load(cls, folder: Path) -> Engine:
-        """Load from an artifact folder (its manifest carries specs and config)."""
-        from adapter.artifact import read_manifest
-
-        manifest = read_manifest(Path(folder))
-        inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
-        outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
-        return cls(Path(folder), inputs, outputs, manifest["backend"]["config"])
-
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             results = self.session.run(self.output_names, feed)

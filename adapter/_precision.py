@@ -1,0 +1,234 @@
+"""The convert step that lowers precision: calibration, plan, budget search, auto choice."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from adapter._timing import median_ms
+from adapter.errors import AdapterError, SourceError
+from adapter.passes.budget import Budget, parse_budget
+from adapter.passes.calibration import collect_ranges, load_calibration, synthetic_calibration
+from adapter.passes.precision import MODES, PrecisionPlan, apply_plan, default_plan, fp16_overflow_overrides
+from adapter.passes.sensitivity import HINTS, Evaluator, ort_runner, search_plan
+from adapter.verify import Tolerance
+
+__all__ = ["PrecisionOptions", "PrecisionResult", "PrecisionBudgetError", "lower_precision"]
+
+AUTO_ORDER = ("int8-dynamic", "int8", "int4-weight", "fp16", "bf16", "fp8")
+DEFAULT_AUTO_BUDGET = "cos>=0.999"
+_BACKEND_MODES = {
+    "onnxruntime": {"fp32", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight"},
+    "openvino": {"fp32", "bf16", "fp16", "int8"},
+}
+_MIN_COSINE = {"fp16": 0.999, "bf16": 0.999}
+"""Whole-output cosine the final verification asks of each mode without a budget."""
+
+
+class PrecisionBudgetError(AdapterError):
+    """No precision plan holds the accuracy budget."""
+
+    exit_code = 11
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """How to choose precisions (all part of the cache key)."""
+
+    mode: str = "fp32"
+    """fp32, fp16, bf16, fp8, int8, int8-dynamic, int4-weight or auto."""
+    budget: str | None = None
+    """Accuracy budget, e.g. cos>=0.999 (auto defaults to cos>=0.999)."""
+    calib: str | None = None
+    """An .npz file or a folder of them, one feed each."""
+    calib_text: str | None = None
+    """A text file, one calibration sample per line, tokenized with the model's tokenizer."""
+    plan: str | None = None
+    """A precision plan JSON to apply as is."""
+    calibrate_method: str = "minmax"
+    """INT8 static calibration: minmax, entropy or percentile."""
+    max_samples: int = 256
+    """At most this many calibration samples are used."""
+
+    def files_digest(self) -> str:
+        """Hash of the calibration data and plan files' contents (for the cache key)."""
+        digest = hashlib.sha256()
+        for name in (self.calib, self.calib_text, self.plan):
+            if not name:
+                continue
+            path = Path(name)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes() if file.is_file() else b"missing")
+        return digest.hexdigest()
+
+
+@dataclass
+class PrecisionResult:
+    """The lowered model and what the report and the backend need to know."""
+
+    model: ir.Model
+    plan: PrecisionPlan
+    report: dict[str, Any]
+    backend_precision: str = "fp32"
+    tolerance: Tolerance | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _allowed(mode: str, profile: Any, backend_name: str) -> str | None:
+    """Why ``mode`` cannot be used with this target and backend (None when it can)."""
+    if mode not in _BACKEND_MODES.get(backend_name, {"fp32"}):
+        runs = sorted(b for b, modes in _BACKEND_MODES.items() if mode in modes)
+        return f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
+    native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
+    if native not in getattr(profile, "precisions", ()) and mode != "fp16":
+        return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
+    return None
+
+
+def _calibration(options: PrecisionOptions, imported, warnings: list[str]):
+    if options.calib:
+        return load_calibration(Path(options.calib), imported.inputs, limit=options.max_samples)
+    if options.calib_text:
+        return load_calibration(Path(options.calib_text), imported.inputs, tokenizer=imported.tokenizer, limit=options.max_samples)
+    warnings.append("No calibration data given (--calib / --calib-text): synthetic inputs used, so accuracy figures are only indicative.")
+    return synthetic_calibration(imported.inputs, imported.example_inputs)
+
+
+def _mode_plan(mode: str, fp32: onnx.ModelProto, calibration, options: PrecisionOptions, cache_dir: Path) -> PrecisionPlan:
+    plan = default_plan(fp32, mode, {"calibrate_method": options.calibrate_method} if mode == "int8" else {})
+    if mode == "fp16":
+        ranges = collect_ranges(fp32.SerializeToString(), calibration.samples, cache_dir)
+        plan.overrides.update(fp16_overflow_overrides(fp32, ranges))
+    return plan
+
+
+class _Backend:
+    """Compiles candidate models with the chosen backend; runs and times them."""
+
+    def __init__(self, backend, backend_name: str, profile: Any, specs) -> None:
+        self.backend, self.name, self.profile, self.specs = backend, backend_name, profile, specs
+        self._dirs: list[tempfile.TemporaryDirectory] = []
+
+    def engine(self, model: onnx.ModelProto, hint: str):
+        folder = tempfile.TemporaryDirectory(prefix="adapter-candidate-")
+        self._dirs.append(folder)
+        fields = self.backend.Options.__dataclass_fields__
+        opts = self.backend.Options.from_profile(self.profile, {"precision": hint} if "precision" in fields else {})
+        return self.backend.compile(ir.serde.deserialize_model(model), self.profile, opts, self.specs, Path(folder.name))
+
+    def runner(self, model: onnx.ModelProto, hint: str):
+        if self.name == "onnxruntime":
+            return ort_runner(model, self.profile.threads)
+        return self.engine(model, hint).run
+
+    def latency(self, model: onnx.ModelProto, hint: str, feed) -> float:
+        engine = self.engine(model, hint)
+        return median_ms(lambda: engine.run(feed), warmup=3, repeats=20)
+
+    def close(self) -> None:
+        for folder in self._dirs:
+            folder.cleanup()
+        self._dirs.clear()
+
+
+def _summarise(plan: PrecisionPlan) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    modules: dict[str, str] = {}
+    for node in plan.nodes:
+        group = plan.modules.get(node) or node
+        precision = "fp32" if node in plan.overrides else plan.mode
+        modules[group] = precision if modules.get(group, precision) == precision else "mixed"
+    kept = [{"node": n, **info} for n, info in plan.overrides.items()]
+    return modules, kept
+
+
+def lower_precision(
+    imported, model: ir.Model, profile: Any, backend, backend_name: str, options: PrecisionOptions,
+    cache_dir: Path, progress: Callable[[str], None] | None = None,
+) -> PrecisionResult | None:  # fmt: skip
+    """Choose and apply precisions; None when the engine stays FP32 with no plan.
+
+    Raises:
+        SourceError: Bad mode, budget, calibration data or plan file.
+        PrecisionBudgetError: No plan holds the budget (the best one's figures are given).
+    """
+    say = progress or (lambda _m: None)
+    if options.mode not in MODES:
+        raise SourceError(f"Unknown precision '{options.mode}'.", f"Use one of {', '.join(MODES)}.")
+    if options.mode == "fp32" and not options.plan and not options.budget:
+        return None
+    warnings: list[str] = []
+    budget: Budget | None = parse_budget(options.budget) if options.budget else None
+    fp32 = ir.serde.serialize_model(model)
+    loaded = PrecisionPlan.load(Path(options.plan)) if options.plan else None
+    mode = loaded.mode if loaded else options.mode
+    if mode == "auto" and budget is None:
+        budget = parse_budget(DEFAULT_AUTO_BUDGET)
+        warnings.append(f"--precision auto without --accuracy-budget: using {DEFAULT_AUTO_BUDGET}.")
+    candidates = [m for m in AUTO_ORDER if _allowed(m, profile, backend_name) is None] if mode == "auto" else [mode]
+    if mode != "auto" and (why := _allowed(mode, profile, backend_name)):
+        raise SourceError(f"Cannot build a {mode} engine: {why}.", "Choose another --precision, --backend or --target.")
+    calibration = _calibration(options, imported, warnings)
+    calib_samples, held_out = calibration.split()
+    runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
+    try:
+        fp32_ms = runner.latency(fp32, "fp32", imported.example_inputs)
+        evaluator = Evaluator(fp32, calib_samples, held_out, budget or parse_budget("cos>=-1"), runner.runner)
+        trials = []
+        for candidate in candidates:
+            say(f"precision {candidate}")
+            plan = loaded or _mode_plan(candidate, fp32, calibration, options, cache_dir)
+            plan.calibration = {"source": calibration.source, "digest": calibration.digest(), "samples": len(calib_samples)}
+            if budget is not None and not loaded:
+                plan, holds = search_plan(plan, evaluator, say)
+            else:
+                figures = evaluator.measure(plan)
+                holds = budget.judge(figures)[0] if budget else True
+                plan.measured = {"accuracy": figures, "budget_holds": holds}
+            lowered = apply_plan(fp32, plan, calib_samples)
+            latency = runner.latency(lowered, HINTS.get(plan.mode, "fp32"), imported.example_inputs) if holds else None
+            plan.measured.update({"latency_ms": latency, "fp32_latency_ms": fp32_ms})
+            trials.append({"mode": candidate, "holds": holds, "kept_fp32": len(plan.overrides), "latency_ms": latency, "accuracy": plan.measured.get("accuracy"), "_plan": plan, "_model": lowered})
+    finally:
+        runner.close()
+    holding = [t for t in trials if t["holds"]]
+    if not holding:
+        tried = "; ".join(
+            f"{t['mode']} keeping {t['kept_fp32']} node(s) FP32: "
+            + ", ".join(f"{o} cos {v['cos']:.4f} (min {v['cos_min']:.4f}, max-abs {v['max_abs']:.3g})" for o, v in (t["accuracy"] or {}).items())
+            for t in trials
+        )
+        raise PrecisionBudgetError(
+            f"No precision plan holds the budget {budget}. Best plans found: {tried}.",
+            "Loosen --accuracy-budget, give real calibration data (--calib/--calib-text), or use --precision fp32.",
+        )
+    chosen = min(holding, key=lambda t: t["latency_ms"])
+    plan, lowered, latency = chosen["_plan"], chosen["_model"], chosen["latency_ms"]
+    trials = [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials]
+    modules, kept = _summarise(plan)
+    report = {
+        "requested": options.mode, "mode": plan.mode, "budget": str(budget) if budget else None,
+        "calibration": {**plan.calibration, "held_out": len(held_out), "synthetic": calibration.synthetic},
+        "accuracy": plan.measured.get("accuracy"), "budget_holds": plan.measured.get("budget_holds", True),
+        "modules": modules, "kept_fp32": kept,
+        "latency_ms": {"fp32": fp32_ms, "plan": latency}, "speedup_vs_fp32": fp32_ms / latency if latency else None,
+        "size_bytes": {"fp32": fp32.ByteSize(), "plan": lowered.ByteSize()},
+        "candidates": trials, "search": {"evaluations": evaluator.runs, "seconds": round(evaluator.seconds, 2)},
+        "warnings": warnings,
+    }  # fmt: skip
+    cos_terms = [t.threshold for t in (budget.terms if budget else ()) if t.metric == "cos"]
+    abs_terms = [t.threshold for t in (budget.terms if budget else ()) if t.metric == "max_abs"]
+    tolerance = Tolerance(
+        atol=min(abs_terms) if abs_terms else 1e30, rtol=0.0,
+        min_cosine=min(cos_terms) if cos_terms else _MIN_COSINE.get(plan.mode, 0.99),
+    )  # fmt: skip
+    result = ir.serde.deserialize_model(lowered)
+    return PrecisionResult(result, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings)

@@ -1,0 +1,193 @@
+"""OpenVINO backend (Intel and AMD x86 CPUs): the passes' ONNX compiled by OpenVINO.
+
+Precision is a compile hint (``INFERENCE_PRECISION_HINT``): ``f32`` unless the
+precision plan asks for ``bf16`` (AMX / AVX512-BF16) or ``f16``; it is always set
+explicitly, because OpenVINO would otherwise pick BF16 on its own on AMX machines.
+Threads and streams come from the target profile; the compiled-blob cache lives inside
+the artifact (``ov_cache/``), so loading an artifact skips recompilation.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NAME", "Options", "available", "version", "require", "supports", "compile", "Engine"]
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from adapter.backends.base import EngineBase, Support
+
+from adapter import _safety
+from adapter._onnx_io import save_model
+from adapter.errors import AdapterError, BackendUnavailableError
+from adapter.specs import TensorSpec
+
+NAME = "openvino"
+MODEL_FILE = "model.onnx"
+CACHE_DIR = "ov_cache"
+_PRECISIONS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Compile settings; defaults come from the target profile's ``[backends.openvino]``."""
+
+    device: str = "CPU"
+    """OpenVINO device name."""
+    precision: str = "f32"
+    """Inference precision hint: f32, bf16 or f16 (set from the precision plan)."""
+    threads: int = 0
+    """Inference threads; 0 means the profile's count, capped at the cores available."""
+    streams: int = 1
+    """Parallel inference streams (1 for latency)."""
+    performance_hint: str = "LATENCY"
+    """OpenVINO performance hint: LATENCY or THROUGHPUT."""
+
+    @classmethod
+    def from_profile(cls, profile: Any, overrides: dict[str, Any] | None = None) -> Options:
+        table = dict(getattr(profile, "backends", {}).get(NAME, {}))
+        table.pop("inference_precision_hint", None)  # the precision plan decides precision
+        table.update(overrides or {})
+        fields = {k: v for k, v in table.items() if k in cls.__dataclass_fields__}
+        return cls(**fields)
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require() -> None:
+    """Raise a clear error when OpenVINO is missing."""
+    if not available():
+        raise BackendUnavailableError(
+            "The openvino backend needs the openvino package.", "pip install 'adapter[openvino]' (openvino==2026.4.1)."
+        )
+
+
+def version() -> str:
+    return metadata.version("openvino")
+
+
+@functools.lru_cache(maxsize=8)
+def _framework_nodes(model_bytes_digest: str, path: str) -> frozenset[str]:
+    import openvino as ov
+
+    frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+    converted = frontend.convert_partially(frontend.load(path))
+    return frozenset(op.get_friendly_name() for op in converted.get_ops() if "FrameworkNode" in op.get_type_name())
+
+
+def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
+    """Whether OpenVINO's ONNX frontend converts the node (checked once per model)."""
+    import hashlib
+    import tempfile
+
+    key = id(model)
+    cached = _checked.get(key)
+    if cached is None:
+        with tempfile.TemporaryDirectory(prefix="adapter-ov-check-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_model(model, path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            cached = _framework_nodes(digest, str(path))
+        _checked.clear()
+        _checked[key] = cached
+    if node.name in cached:
+        return Support(False, f"OpenVINO {version()}'s ONNX frontend has no conversion for this op")
+    return Support(True)
+
+
+_checked: dict[int, frozenset[str]] = {}
+
+
+def _threads(options: Options, profile: Any) -> int:
+    available_cores = len(os.sched_getaffinity(0))
+    wanted = options.threads or int(getattr(profile, "threads", 0) or available_cores)
+    return max(1, min(wanted, available_cores))
+
+
+def _cache_dir(folder: Path) -> Path:
+    """Where OpenVINO keeps compiled blobs for this artifact.
+
+    While an artifact is built, its own ``ov_cache/``; afterwards a per-user folder
+    seeded from it, so loading never writes into (and so never invalidates) the artifact.
+    """
+    import shutil
+
+    from adapter.artifact import MANIFEST, cache_root
+
+    own = folder / CACHE_DIR
+    if not (folder / MANIFEST).is_file():
+        own.mkdir(exist_ok=True)
+        return own
+    import hashlib
+
+    target = cache_root() / "openvino" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    target.mkdir(parents=True, exist_ok=True)
+    if own.is_dir():
+        for blob in own.iterdir():
+            if blob.is_file() and not (target / blob.name).exists():
+                shutil.copy2(blob, target / blob.name)
+    return target
+
+
+def _compile(folder: Path, config: dict[str, Any]):
+    import openvino as ov
+
+    path = folder / MODEL_FILE
+    _safety.check_onnx_file(path)
+    core = ov.Core()
+    properties = {
+        "INFERENCE_PRECISION_HINT": config["precision"],
+        "PERFORMANCE_HINT": config["performance_hint"],
+        "INFERENCE_NUM_THREADS": int(config["threads"]),
+        "NUM_STREAMS": int(config["streams"]),
+        "CACHE_DIR": str(_cache_dir(folder)),
+    }
+    try:
+        return core.compile_model(str(path), config["device"], properties)
+    except Exception as exc:
+        raise AdapterError(f"OpenVINO could not compile '{path}': {str(exc).strip().splitlines()[0][:400]}") from exc
+
+
+def compile(model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path) -> Engine:
+    """Write the model into ``workdir`` and compile it for the profile's CPU."""
+    precision = _PRECISIONS.get(options.precision)
+    if precision is None:
+        raise AdapterError(f"OpenVINO cannot run precision '{options.precision}'.", "Use fp32, bf16 or fp16.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = save_model(model, workdir / MODEL_FILE)
+    config = {**asdict(options), "precision": precision, "threads": _threads(options, profile), "files": files + [CACHE_DIR]}
+    engine = Engine(workdir, specs[0], specs[1], config)
+    engine.config["executed_precision"] = str(engine.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return engine
+
+
+class Engine(EngineBase):
+    """An OpenVINO compiled model with one infer request."""
+
+    backend = NAME
+
+    def __init__(self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]) -> None:
+        require()
+        super().__init__(folder, inputs, outputs, config)
+        self.compiled = _compile(self.folder, config)
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.name for o in outputs]
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.request.infer(feed)
+        except Exception as exc:
+            raise AdapterError(f"OpenVINO failed while running the engine: {str(exc).strip().splitlines()[0][:400]}") from exc
+        values = list(results.values())
+        return {name: np.array(value, copy=True) for name, value in zip(self.output_names, values)}

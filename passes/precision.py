@@ -1,0 +1,263 @@
+"""Precision switching: FP16 / BF16 / FP8 / INT8 / INT4 per node, from a precision plan.
+
+A :class:`PrecisionPlan` says which nodes run in the plan's low precision and which stay
+FP32 (with the reason: keep-list op, FP16 overflow measured in calibration, or
+sensitivity under an accuracy budget). :func:`apply_plan` realises a plan with the
+maintained tools: ONNX Runtime's float16 converter (block lists for kept nodes), its
+quantization tool (INT8 static QDQ with per-channel weights, INT8 dynamic, FP8 E4M3 QDQ)
+and its ``MatMulNBits`` quantizer (INT4 weight-only). BF16 is a compile hint for
+backends that run it (OpenVINO); the graph stays FP32.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MODES",
+    "KEEP_FP32_OPS",
+    "PrecisionPlan",
+    "candidate_nodes",
+    "fp16_overflow_overrides",
+    "default_plan",
+    "apply_plan",
+    "model_size",
+]
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from adapter.errors import AdapterError, SourceError
+
+MODES = ("fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto")
+KEEP_FP32_OPS = (
+    "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+    "InstanceNormalization", "GroupNormalization", "Softmax", "LogSoftmax",
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSumExp", "ReduceSumSquare", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "CumSum", "Range",
+)  # fmt: skip
+"""Ops an FP16 conversion leaves in FP32 by default: norms, softmax, reductions, and the
+elementwise pieces of decomposed norms (RMSNorm's Pow/ReduceMean/Sqrt)."""
+
+_WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
+"""Ops quantized with a constant weight, and which input holds the weight."""
+LOW_PRECISION = {"fp16": "fp16", "bf16": "bf16", "fp8": "fp8", "int8": "int8", "int8-dynamic": "int8", "int4-weight": "int4", "fp32": "fp32"}
+
+
+@dataclass
+class PrecisionPlan:
+    """Which nodes run in low precision, which stay FP32, and why.
+
+    Attributes:
+        mode: The precision mode (``fp16``, ``int8-dynamic``, ...).
+        nodes: The nodes the mode applies to (its candidates), by name.
+        overrides: Candidates kept in FP32: node name to ``{"reason", "module", ...}``.
+        modules: Node name to its ``nn.Module`` path, for reports.
+        options: Mode options (calibration method, per-channel, INT4 block size).
+        sensitivity: Per group (module), the budget score when only it is lowered.
+        budget: The accuracy budget the plan was searched under, if any.
+        calibration: Source and digest of the calibration data used.
+        measured: Figures measured for this plan (accuracy per output, latency).
+    """
+
+    mode: str
+    nodes: list[str] = field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    budget: str | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lowered(self) -> list[str]:
+        """Candidate nodes that run in the low precision."""
+        return [n for n in self.nodes if n not in self.overrides]
+
+    def with_kept(self, groups: list[str], reason: str) -> PrecisionPlan:
+        """A copy with every candidate node of the given module groups kept in FP32."""
+        overrides = dict(self.overrides)
+        for node in self.nodes:
+            group = self.modules.get(node) or node
+            if group in groups and node not in overrides:
+                overrides[node] = {"reason": reason, "module": self.modules.get(node, "")}
+        return PrecisionPlan(**{**asdict(self), "overrides": overrides, "measured": {}})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": 1, **asdict(self)}
+
+    def save(self, path: Path) -> None:
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PrecisionPlan:
+        """Read a plan file (``--precision-plan``).
+
+        Raises:
+            SourceError: Missing file, bad JSON, or not a plan.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise SourceError(f"Precision plan '{path}' does not exist.") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SourceError(f"Precision plan '{path}' is not valid JSON ({exc}).") from exc
+        if not isinstance(data, dict) or data.get("format") != 1 or data.get("mode") not in MODES:
+            raise SourceError(f"'{path}' is not an adapter precision plan (format 1).", "Use the plan.json of an artifact.")
+        data.pop("format")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise SourceError(f"Precision plan '{path}' has unexpected fields ({exc}).") from exc
+
+
+def _initializer_names(model: onnx.ModelProto) -> set[str]:
+    return {i.name for i in model.graph.initializer}
+
+
+def _module(node: onnx.NodeProto) -> str:
+    return next((p.value for p in node.metadata_props if p.key == "adapter.module"), "")
+
+
+def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[str, str]]:
+    """The nodes a mode lowers, and each one's module path.
+
+    Weight-quantizing modes take MatMul/Gemm (and Conv for INT8/FP8) nodes whose weight is
+    a constant; FP16 takes every node outside the keep-list.
+    """
+    inits = _initializer_names(model)
+    names, modules = [], {}
+    for node in model.graph.node:
+        if mode == "fp16":
+            take = node.domain in ("", "ai.onnx") and node.op_type not in KEEP_FP32_OPS
+        elif mode in ("int8", "fp8", "int8-dynamic", "int4-weight"):
+            ops = {"MatMul"} if mode == "int4-weight" else ({"MatMul", "Gemm"} if mode == "int8-dynamic" else set(_WEIGHT_OPS))
+            take = node.op_type in ops and node.domain in ("", "ai.onnx") and len(node.input) > 1 and node.input[_WEIGHT_OPS[node.op_type]] in inits
+        else:
+            take = False
+        if take:
+            names.append(node.name)
+            modules[node.name] = _module(node)
+    return names, modules
+
+
+def fp16_overflow_overrides(model: onnx.ModelProto, ranges: dict, underflow_share: float = 0.01) -> dict[str, dict[str, Any]]:
+    """Nodes that must stay out of FP16: producers and consumers of a tensor whose
+    calibrated magnitude exceeds 65504, or with more than ``underflow_share`` of its
+    non-zero values below FP16's smallest subnormal."""
+    flagged: dict[str, str] = {}
+    for name, stats in ranges.items():
+        if stats.overflows_fp16:
+            flagged[name] = f"FP16 overflow: |{name}| reaches {stats.absmax:.3g} > 65504"
+        elif stats.underflow_share > underflow_share:
+            flagged[name] = f"FP16 underflow: {stats.underflow_share:.1%} of {name} would round to zero"
+    overrides: dict[str, dict[str, Any]] = {}
+    for node in model.graph.node:
+        for tensor in list(node.output) + list(node.input):
+            if tensor in flagged and node.name not in overrides:
+                overrides[node.name] = {"reason": flagged[tensor], "module": _module(node), "tensor": tensor}
+    return overrides
+
+
+def default_plan(model: onnx.ModelProto, mode: str, options: dict[str, Any] | None = None) -> PrecisionPlan:
+    """Every candidate node of ``mode`` lowered (no budget, no overflow check yet)."""
+    nodes, modules = candidate_nodes(model, mode)
+    return PrecisionPlan(mode=mode, nodes=nodes, modules=modules, options=dict(options or {}))
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, samples: list[dict[str, np.ndarray]]) -> None:
+        self._iter = iter(samples)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:  # pragma: no cover - the tool reads once
+        pass
+
+
+def _quantize_static(model: onnx.ModelProto, plan: PrecisionPlan, samples, fp8: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = plan.options.get("calibrate_method", "minmax").lower()
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
+    if method not in methods:
+        raise SourceError(f"Unknown calibration method '{method}'.", f"Use one of {', '.join(methods)}.")
+    if not samples:
+        raise AdapterError(f"Static {plan.mode} quantization needs calibration samples.")
+    qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+    with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, src)
+        quantize_static(
+            str(src), str(dst), _Reader(samples), quant_format=QuantFormat.QDQ,
+            per_channel=bool(plan.options.get("per_channel", not fp8)), activation_type=qtype, weight_type=qtype,
+            nodes_to_quantize=plan.lowered, calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **({"scale_type": 1} if fp8 else {})},
+        )  # fmt: skip
+        return onnx.load(str(dst))
+
+
+def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+    """Realise a plan on an FP32 model; returns a new model (the input is not changed).
+
+    Raises:
+        AdapterError: The plan's nodes are missing from the model, or a tool failed.
+    """
+    missing = [n for n in plan.nodes if n not in {node.name for node in model.graph.node}]
+    if missing:
+        raise SourceError(
+            f"The precision plan names {len(missing)} node(s) the model does not have (e.g. {', '.join(missing[:3])}).",
+            "A plan only fits the model (and adapter version) it was made for.",
+        )
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    lowered = plan.lowered
+    if plan.mode in ("fp32", "bf16") or not lowered:
+        return model
+    try:
+        if plan.mode == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            return convert_float_to_float16(
+                model, keep_io_types=True, op_block_list=list(KEEP_FP32_OPS), node_block_list=list(plan.overrides),
+                disable_shape_infer=False,
+            )  # fmt: skip
+        if plan.mode == "int8-dynamic":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
+                src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+                onnx.save(model, src)
+                quantize_dynamic(str(src), str(dst), per_channel=bool(plan.options.get("per_channel", True)), weight_type=QuantType.QInt8, nodes_to_quantize=lowered)
+                return onnx.load(str(dst))
+        if plan.mode in ("int8", "fp8"):
+            return _quantize_static(model, plan, samples or [], fp8=plan.mode == "fp8")
+        if plan.mode == "int4-weight":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(
+                model, bits=4, block_size=int(plan.options.get("block_size", 32)), is_symmetric=True,
+                accuracy_level=int(plan.options.get("accuracy_level", 4)), nodes_to_include=lowered,
+            )  # fmt: skip
+            quantizer.process()
+            return quantizer.model.model
+    except AdapterError:
+        raise
+    except Exception as exc:
+        raise AdapterError(f"ONNX Runtime's {plan.mode} tool failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    raise SourceError(f"Unknown precision mode '{plan.mode}'.", f"Use one of {', '.join(MODES)}.")
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Bytes of the serialised model (weights included)."""
+    return model.ByteSize()

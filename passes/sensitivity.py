@@ -1,0 +1,134 @@
+"""Per-layer sensitivity and the search for a plan that holds an accuracy budget.
+
+Sensitivity: lower one group (an ``nn.Module``'s candidate nodes) at a time and measure
+the budget's score on held-out samples against the FP32 outputs. Search: lower every
+group, then keep the most sensitive groups in FP32 — the smallest such set that holds
+the budget, found by bisection over the sensitivity order and confirmed by measurement.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Evaluator", "group_sensitivity", "search_plan"]
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from adapter.passes.budget import Budget, output_metrics
+from adapter.passes.precision import PrecisionPlan, apply_plan
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+HINTS = {"bf16": "bf16", "fp16": "fp16"}
+"""Modes realised by a backend's precision hint rather than in the graph."""
+
+
+def ort_runner(model: onnx.ModelProto, threads: int) -> Runner:
+    """An ONNX Runtime CPU session over an in-memory model (full graph optimisation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(names, feed)))
+
+
+@dataclass
+class Evaluator:
+    """Measures a candidate model against the FP32 model on held-out samples."""
+
+    fp32: onnx.ModelProto
+    calibration: list[dict[str, np.ndarray]]
+    held_out: list[dict[str, np.ndarray]]
+    budget: Budget
+    make_runner: Callable[[onnx.ModelProto, str], Runner]
+    """Builds a runner for a model and a backend precision hint (fp32, bf16, fp16)."""
+    runs: int = 0
+    seconds: float = 0.0
+    _reference: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def reference(self) -> list[dict[str, np.ndarray]]:
+        if not self._reference:
+            run = self.make_runner(self.fp32, "fp32")
+            self._reference = [run(feed) for feed in self.held_out]
+        return self._reference
+
+    def measure(self, plan: PrecisionPlan) -> dict[str, dict[str, Any]]:
+        """Apply ``plan``, run the held-out samples, return per-output metrics."""
+        start = time.perf_counter()
+        model = apply_plan(self.fp32, plan, self.calibration)
+        run = self.make_runner(model, HINTS.get(plan.mode, "fp32"))
+        figures = output_metrics(self.reference(), [run(feed) for feed in self.held_out])
+        self.runs += 1
+        self.seconds += time.perf_counter() - start
+        return figures
+
+
+def _groups(plan: PrecisionPlan) -> list[str]:
+    seen: dict[str, None] = {}
+    for node in plan.nodes:
+        if node not in plan.overrides:
+            seen.setdefault(plan.modules.get(node) or node, None)
+    return list(seen)
+
+
+def group_sensitivity(plan: PrecisionPlan, evaluator: Evaluator) -> dict[str, float]:
+    """Budget score with only one group lowered (lower score = more sensitive)."""
+    groups = _groups(plan)
+    scores = {}
+    for group in groups:
+        only = plan.with_kept([g for g in groups if g != group], "sensitivity probe")
+        scores[group] = evaluator.budget.score(evaluator.measure(only))
+    return scores
+
+
+def search_plan(plan: PrecisionPlan, evaluator: Evaluator, progress: Callable[[str], None] | None = None) -> tuple[PrecisionPlan, bool]:
+    """Keep the fewest most-sensitive groups in FP32 such that the budget holds.
+
+    Returns:
+        The plan (with sensitivity, budget and measured figures filled in) and whether
+        it holds the budget; when none does, the plan with every group kept except the
+        least sensitive one that still scored best.
+    """
+    say = progress or (lambda _msg: None)
+    say("measuring the plan with every group lowered")
+    figures = evaluator.measure(plan)
+    holds, _ = evaluator.budget.judge(figures)
+    result = PrecisionPlan(**{**plan.__dict__, "budget": str(evaluator.budget)})
+    if holds:
+        result.measured = {"accuracy": figures, "budget_holds": True}
+        return result, True
+    say(f"sensitivity of {len(_groups(plan))} groups")
+    scores = group_sensitivity(plan, evaluator)
+    order = sorted(scores, key=lambda g: scores[g])  # most sensitive first
+    reason = f"sensitivity: kept FP32 to hold {evaluator.budget}"
+    lo, hi = 1, len(order)
+    best: tuple[int, dict] | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        say(f"trying {mid} of {len(order)} groups kept in FP32")
+        candidate = plan.with_kept(order[:mid], reason)
+        figures = evaluator.measure(candidate)
+        if evaluator.budget.judge(figures)[0]:
+            best = (mid, figures)
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        kept, figures = len(order), evaluator.measure(plan.with_kept(order, reason))
+        holds = evaluator.budget.judge(figures)[0]
+    else:
+        (kept, figures), holds = best, True
+    final = plan.with_kept(order[:kept], reason)
+    for node, info in final.overrides.items():
+        group = final.modules.get(node) or node
+        if group in scores:
+            info["sensitivity"] = round(scores[group], 6)
+    final.sensitivity = {g: round(s, 6) for g, s in scores.items()}
+    final.budget = str(evaluator.budget)
+    final.measured = {"accuracy": figures, "budget_holds": holds}
+    return final, holds
