@@ -50,7 +50,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=["adapter"] + [f"adapter.{name}" for name in SUBPACKAGES],
     package_dir={"adapter": "adapter", **{f"adapter.{n}": n for n in SUBPACKAGES}},
-    package_data={"adapter.profiles": ["*.toml"]},
+    package_data={"adapter": ["data/*.txt"], "adapter.profiles": ["*.toml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["adapter=adapter.cli:main"]},

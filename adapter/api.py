@@ -21,7 +21,7 @@ from adapter.errors import ArtifactError, UnsupportedOpsError
 from adapter.importer import import_source, prepare_source
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.specs import parse_dynamic
-from adapter.verify import Tolerance, verify
+from adapter.verify import Tolerance, verify, verify_budget
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,8 @@ def convert(
         report = verify(
             engine.run, imported.reference, imported.inputs, imported.example_inputs, tolerance, options.verify_samples
         )
+        if lowered:
+            report["budget"] = verify_budget(engine.run, imported.reference, lowered.held_out, lowered.budget)
         latency = None
         if options.benchmark:
             stage("benchmark")

@@ -161,3 +161,33 @@ def verify(
         error.report = report
         raise error
     return report
+
+
+def verify_budget(
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    samples: list[dict[str, np.ndarray]],
+    budget: Any,
+) -> dict[str, Any]:
+    """Judge a reduced-precision engine against the eager model with an accuracy budget.
+
+    The metrics are pooled over ``samples`` (real held-out data when the user gave
+    calibration data), as the precision search measured them.
+
+    Raises:
+        VerificationError: The budget does not hold against eager PyTorch.
+    """
+    from adapter.passes.budget import output_metrics
+
+    figures = output_metrics([reference(s) for s in samples], [run(s) for s in samples])
+    holds, failures = budget.judge(figures)
+    report = {"budget": str(budget), "samples": len(samples), "figures": figures, "passed": holds}
+    if not holds:
+        error = VerificationError(
+            f"Against eager PyTorch on {len(samples)} held-out samples the engine misses the budget {budget}: "
+            + "; ".join(failures) + ".",
+            "Give calibration data like the real inputs, or loosen --accuracy-budget.",
+        )
+        error.report = report
+        raise error
+    return report

@@ -3,7 +3,7 @@
 A :class:`PrecisionPlan` says which nodes run in the plan's low precision and which stay
 FP32 (with the reason: keep-list op, FP16 overflow measured in calibration, or
 sensitivity under an accuracy budget). :func:`apply_plan` realises a plan with the
-maintained tools: ONNX Runtime's float16 converter (block lists for kept nodes), its
+maintained tools: adapter's FP16 conversion pass (:mod:`adapter.passes.float16`), ONNX Runtime's
 quantization tool (INT8 static QDQ with per-channel weights, INT8 dynamic, FP8 E4M3 QDQ)
 and its ``MatMulNBits`` quantizer (INT4 weight-only). BF16 is a compile hint for
 backends that run it (OpenVINO); the graph stays FP32.
@@ -22,7 +22,9 @@ __all__ = [
     "model_size",
 ]
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -139,7 +141,8 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
         if mode == "fp16":
             take = node.domain in ("", "ai.onnx") and node.op_type not in KEEP_FP32_OPS
         elif mode in ("int8", "fp8", "int8-dynamic", "int4-weight"):
-            ops = {"MatMul"} if mode == "int4-weight" else ({"MatMul", "Gemm"} if mode == "int8-dynamic" else set(_WEIGHT_OPS))
+            # ONNX Runtime's dynamic quantizer and MatMulNBits take MatMul only (not Gemm).
+            ops = {"MatMul"} if mode in ("int4-weight", "int8-dynamic") else set(_WEIGHT_OPS)
             take = node.op_type in ops and node.domain in ("", "ai.onnx") and len(node.input) > 1 and node.input[_WEIGHT_OPS[node.op_type]] in inits
         else:
             take = False
@@ -186,7 +189,22 @@ class _Reader:
         pass
 
 
-def _quantize_static(model: onnx.ModelProto, plan: PrecisionPlan, samples, fp8: bool) -> onnx.ModelProto:
+def _calibration_cache(model: onnx.ModelProto, samples, method: str, cache_dir: Path | None) -> str | None:
+    """A file for ONNX Runtime's calibration cache, keyed by model, samples and method."""
+    if cache_dir is None:
+        return None
+    import hashlib
+
+    key = hashlib.sha256(model.SerializeToString())
+    key.update(method.encode())
+    for feed in samples:
+        for name in sorted(feed):
+            key.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
+    Path(cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    return str(Path(cache_dir) / f"ort-calib-{key.hexdigest()[:24]}.json")
+
+
+def _quantize_static(model: onnx.ModelProto, plan: PrecisionPlan, samples, fp8: bool, cache_dir: Path | None) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = plan.options.get("calibrate_method", "minmax").lower()
@@ -203,13 +221,18 @@ def _quantize_static(model: onnx.ModelProto, plan: PrecisionPlan, samples, fp8: 
             str(src), str(dst), _Reader(samples), quant_format=QuantFormat.QDQ,
             per_channel=bool(plan.options.get("per_channel", not fp8)), activation_type=qtype, weight_type=qtype,
             nodes_to_quantize=plan.lowered, calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **({"scale_type": 1} if fp8 else {})},
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            calibration_cache_path=_calibration_cache(model, samples, "distribution" if fp8 else method, cache_dir),
         )  # fmt: skip
         return onnx.load(str(dst))
 
 
-def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+def apply_plan(
+    model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None, cache_dir: Path | None = None
+) -> onnx.ModelProto:
     """Realise a plan on an FP32 model; returns a new model (the input is not changed).
+
+    ``samples`` calibrate static quantization; its ranges are cached in ``cache_dir``.
 
     Raises:
         AdapterError: The plan's nodes are missing from the model, or a tool failed.
@@ -222,16 +245,36 @@ def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[s
         )
     model = onnx.ModelProto.FromString(model.SerializeToString())
     lowered = plan.lowered
+    with _quiet_root_logger():
+        return _apply(model, plan, lowered, samples, cache_dir)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantization tool warns on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samples, cache_dir) -> onnx.ModelProto:
     if plan.mode in ("fp32", "bf16") or not lowered:
         return model
     try:
         if plan.mode == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
+            import onnx_ir as ir
+            from adapter.passes.float16 import ConvertFloat
 
-            return convert_float_to_float16(
-                model, keep_io_types=True, op_block_list=list(KEEP_FP32_OPS), node_block_list=list(plan.overrides),
-                disable_shape_infer=False,
-            )  # fmt: skip
+            graph = ir.serde.deserialize_model(model)
+            conversion = ConvertFloat(ir.DataType.FLOAT16, KEEP_FP32_OPS, set(plan.overrides))
+            conversion(graph)
+            ir.passes.common.RemoveUnusedNodesPass()(graph)
+            plan.measured.setdefault("conversion", conversion.record.counters)
+            return ir.serde.serialize_model(graph)
         if plan.mode == "int8-dynamic":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -241,7 +284,7 @@ def apply_plan(model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[s
                 quantize_dynamic(str(src), str(dst), per_channel=bool(plan.options.get("per_channel", True)), weight_type=QuantType.QInt8, nodes_to_quantize=lowered)
                 return onnx.load(str(dst))
         if plan.mode in ("int8", "fp8"):
-            return _quantize_static(model, plan, samples or [], fp8=plan.mode == "fp8")
+            return _quantize_static(model, plan, samples or [], plan.mode == "fp8", cache_dir)
         if plan.mode == "int4-weight":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -13,6 +13,7 @@ __all__ = ["Evaluator", "group_sensitivity", "search_plan"]
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,8 @@ class Evaluator:
     budget: Budget
     make_runner: Callable[[onnx.ModelProto, str], Runner]
     """Builds a runner for a model and a backend precision hint (fp32, bf16, fp16)."""
+    cache_dir: Path | None = None
+    """Where static quantization's calibration ranges are cached."""
     runs: int = 0
     seconds: float = 0.0
     _reference: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -60,7 +63,7 @@ class Evaluator:
     def measure(self, plan: PrecisionPlan) -> dict[str, dict[str, Any]]:
         """Apply ``plan``, run the held-out samples, return per-output metrics."""
         start = time.perf_counter()
-        model = apply_plan(self.fp32, plan, self.calibration)
+        model = apply_plan(self.fp32, plan, self.calibration, self.cache_dir)
         run = self.make_runner(model, HINTS.get(plan.mode, "fp32"))
         figures = output_metrics(self.reference(), [run(feed) for feed in self.held_out])
         self.runs += 1
@@ -91,8 +94,7 @@ def search_plan(plan: PrecisionPlan, evaluator: Evaluator, progress: Callable[[s
 
     Returns:
         The plan (with sensitivity, budget and measured figures filled in) and whether
-        it holds the budget; when none does, the plan with every group kept except the
-        least sensitive one that still scored best.
+        it holds the budget; when none does, the tried plan that came closest.
     """
     say = progress or (lambda _msg: None)
     say("measuring the plan with every group lowered")
@@ -106,21 +108,24 @@ def search_plan(plan: PrecisionPlan, evaluator: Evaluator, progress: Callable[[s
     scores = group_sensitivity(plan, evaluator)
     order = sorted(scores, key=lambda g: scores[g])  # most sensitive first
     reason = f"sensitivity: kept FP32 to hold {evaluator.budget}"
-    lo, hi = 1, len(order)
+    # Bisection over how many of the most sensitive groups stay FP32; keeping all of them
+    # is no plan at all (it is the FP32 model), so at most len(order) - 1 are kept.
+    lo, hi = 1, len(order) - 1
     best: tuple[int, dict] | None = None
+    closest: tuple[float, int, dict] = (evaluator.budget.score(figures), 0, figures)
     while lo <= hi:
         mid = (lo + hi) // 2
         say(f"trying {mid} of {len(order)} groups kept in FP32")
-        candidate = plan.with_kept(order[:mid], reason)
-        figures = evaluator.measure(candidate)
-        if evaluator.budget.judge(figures)[0]:
-            best = (mid, figures)
+        trial = evaluator.measure(plan.with_kept(order[:mid], reason))
+        if evaluator.budget.judge(trial)[0]:
+            best = (mid, trial)
             hi = mid - 1
         else:
+            closest = max(closest, (evaluator.budget.score(trial), mid, trial), key=lambda c: c[0])
             lo = mid + 1
     if best is None:
-        kept, figures = len(order), evaluator.measure(plan.with_kept(order, reason))
-        holds = evaluator.budget.judge(figures)[0]
+        _, kept, figures = closest
+        holds = False
     else:
         (kept, figures), holds = best, True
     final = plan.with_kept(order[:kept], reason)

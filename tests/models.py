@@ -87,3 +87,42 @@ def raises():
 
 
 NOT_CALLABLE = 42
+
+
+class Overflow(nn.Module):
+    """An activation far beyond FP16's range (|x| > 1e5), normalised right after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        loud = self.fc1(x) * 1e6
+        return self.fc2(self.norm(loud))
+
+
+def overflow():
+    torch.manual_seed(0)
+    return Overflow().eval(), {"x": torch.randn(2, 8)}, {"x": {0: "batch"}}
+
+
+class Sensitive(nn.Module):
+    """Four linear layers; the third has one huge weight, so INT8 ruins it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+        with torch.no_grad():
+            self.layers[2].weight[0, 0] = 400.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def sensitive():
+    torch.manual_seed(0)
+    return Sensitive().eval(), {"x": torch.randn(2, 32)}, {"x": {0: "batch"}}

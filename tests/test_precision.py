@@ -1,0 +1,177 @@
+"""Precision switching: budgets, plans, FP16 overflow switching, INT8/FP8/INT4 artifacts,
+sensitivity search, and the errors around them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from adapter import ConvertOptions, convert, load
+from adapter._precision import PrecisionOptions
+from adapter.errors import AdapterError, SourceError
+from adapter.passes.budget import parse_budget
+
+
+def _opts(**precision) -> ConvertOptions:
+    return ConvertOptions(benchmark=False, precision=PrecisionOptions(**precision))
+
+
+@pytest.fixture
+def calib_dir(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        np.savez(folder / f"{i:02d}.npz", x=rng.standard_normal((1, 32)).astype(np.float32))
+    return folder
+
+
+def test_budget_parsing():
+    budget = parse_budget("cos>=0.999, cos_min>=0.98,max_abs[logits]<=1e-2")
+    assert [str(t) for t in budget.terms] == ["cos>=0.999", "cos_min>=0.98", "max_abs[logits]<=0.01"]
+    holds, failures = budget.judge({"logits": {"cos": 0.9995, "cos_min": 0.97, "max_abs": 0.5, "top1": 1.0}})
+    assert not holds and len(failures) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("cos>0.9", "Cannot read"), ("cosine>=0.9", "Unknown accuracy metric"), ("cos<=0.9", "wrong way"), ("max_abs<=x", "Cannot read")],
+)
+def test_malformed_budget(cli, tmp_path, text, needle):
+    code, _, err = cli("convert", "models:mlp", "--precision", "int8-dynamic", "--accuracy-budget", text, "-o", tmp_path / "o")
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_fp16_overflow_is_switched_to_fp32(tmp_path):
+    """A planted activation above 1e5: FP16 keeps it in FP32 and verifies; the same graph
+    lowered without switching gives inf under ONNX's reference semantics."""
+    from onnx.reference import ReferenceEvaluator
+
+    from adapter.passes.precision import PrecisionPlan, apply_plan
+    from models import overflow
+
+    result = convert("models:overflow", tmp_path / "e", _opts(mode="fp16"))
+    report = result.manifest["precision"]
+    kept = {k["node"]: k["reason"] for k in report["kept_fp32"]}
+    assert any("FP16 overflow" in reason and "mul" in reason for reason in kept.values())
+    assert result.manifest["verification"]["passed"]
+
+    fp32 = onnx.load(str(tmp_path / "e" / "model.onnx"))  # the switched FP16 engine
+    plan = PrecisionPlan.load(tmp_path / "e" / "plan.json")
+    _, inputs, _ = overflow()
+    feed = {"x": inputs["x"].numpy()}
+    assert np.isfinite(ReferenceEvaluator(fp32).run(None, feed)[0]).all()
+    # now the same FP32 source lowered with the overflow overrides removed
+    from adapter.importer import import_source
+    from adapter.passes import build_pipeline, run_pipeline
+    import onnx_ir as ir
+
+    imported = import_source("models:overflow")
+    run_pipeline(imported.model, build_pipeline("canonicalize"))
+    source = ir.serde.serialize_model(imported.model)
+    unswitched = apply_plan(source, PrecisionPlan(**{**plan.__dict__, "overrides": {}}))
+    assert not np.isfinite(ReferenceEvaluator(unswitched).run(None, feed)[0]).all()
+
+
+def test_sensitivity_keeps_the_sensitive_layer(tmp_path, calib_dir):
+    result = convert("models:sensitive", tmp_path / "e", _opts(mode="int8", budget="cos>=0.999", calib=str(calib_dir)))
+    report = result.manifest["precision"]
+    assert report["budget_holds"] and report["accuracy"]["output"]["cos"] >= 0.999
+    assert {k["module"] for k in report["kept_fp32"]} == {"layers.2"}
+    plan = json.loads((tmp_path / "e" / "plan.json").read_text())
+    assert min(plan["sensitivity"], key=plan["sensitivity"].get) == "layers.2"
+    assert report["calibration"]["synthetic"] is False
+
+
+def test_plan_round_trips_and_reproduces_the_engine(tmp_path, calib_dir):
+    from adapter.passes.precision import PrecisionPlan
+
+    first = convert("models:sensitive", tmp_path / "a", _opts(mode="int8", budget="cos>=0.999", calib=str(calib_dir)))
+    plan_file = tmp_path / "a" / "plan.json"
+    plan = PrecisionPlan.load(plan_file)
+    plan.save(tmp_path / "copy.json")
+    assert PrecisionPlan.load(tmp_path / "copy.json") == plan
+    again = convert("models:sensitive", tmp_path / "b", _opts(mode="fp32", plan=str(plan_file), calib=str(calib_dir)))
+    assert again.manifest["precision"]["mode"] == "int8"
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert first.manifest["files"]["model.onnx"] == again.manifest["files"]["model.onnx"]
+
+
+def test_budget_no_plan_can_meet(cli, tmp_path, calib_dir):
+    code, _, err = cli("convert", "models:sensitive", "--precision", "int8", "--accuracy-budget", "max_abs<=1e-12", "--calib", calib_dir, "-o", tmp_path / "o")
+    assert code == 11 and "No precision plan holds the budget max_abs<=1e-12" in err and "Best plans found: int8" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_that_does_not_match(cli, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((1, 7), np.float32))
+    code, _, err = cli("convert", "models:sensitive", "--precision", "int8", "--calib", bad, "-o", tmp_path / "o")
+    assert code == 2 and "Calibration file" in err and "axis 1 is 7, expected 32" in err
+
+
+def test_text_calibration_needs_a_tokenizer(cli, tmp_path):
+    text = tmp_path / "s.txt"
+    text.write_text("hello world\n")
+    code, _, err = cli("convert", "models:sensitive", "--precision", "int8", "--calib-text", text, "-o", tmp_path / "o")
+    assert code == 2 and "needs the model's tokenizer" in err
+
+
+def test_fp8_needs_a_target_with_fp8(cli, tmp_path):
+    code, _, err = cli("convert", "models:mlp", "--precision", "fp8", "-o", tmp_path / "o")
+    assert code == 2 and "lists no fp8 support" in err
+
+
+def test_fp8_artifact_is_valid_onnx_and_runs(tmp_path, calib_dir):
+    options = ConvertOptions(benchmark=False, target="nvidia-h100", backend="onnxruntime", precision=PrecisionOptions(mode="fp8", calib=str(calib_dir)))
+    result = convert("models:sensitive", tmp_path / "e", options)
+    model = onnx.load(str(tmp_path / "e" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert any(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in model.graph.initializer)
+    figures = result.manifest["precision"]["accuracy"]["output"]
+    assert figures["finite"] and figures["cos"] > 0.9
+    out = load(tmp_path / "e").run({"x": np.ones((3, 32), np.float32)})["output"]
+    assert np.isfinite(out).all()
+
+
+def test_int4_artifact_is_valid_onnx_and_runs(tmp_path):
+    result = convert("adapter.zoo:llama", tmp_path / "e", _opts(mode="int4-weight"))
+    model = onnx.load(str(tmp_path / "e" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) >= 8
+    report = result.manifest["precision"]
+    assert report["size_bytes"]["plan"] < report["size_bytes"]["fp32"]
+    assert report["accuracy"]["logits"]["cos"] > 0.99
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("fp16", "onnxruntime"), ("bf16", "openvino")])
+def test_half_precision_on_a_decoder_lm(tmp_path, mode, backend):
+    options = ConvertOptions(benchmark=False, backend=backend, precision=PrecisionOptions(mode=mode))
+    result = convert("adapter.zoo:gpt2", tmp_path / "e", options)
+    assert result.manifest["precision"]["accuracy"]["logits"]["cos"] >= 0.999
+    assert result.manifest["verification"]["budget"]["passed"]
+    if backend == "openvino":
+        assert result.manifest["backend"]["config"]["precision"] == "bf16"
+
+
+def test_bf16_on_onnxruntime_is_refused_with_the_alternative(cli, tmp_path):
+    code, _, err = cli("convert", "models:mlp", "--precision", "bf16", "-o", tmp_path / "o")
+    assert code == 2 and "openvino" in err
+
+
+def test_auto_picks_a_candidate_that_holds(tmp_path, calib_dir):
+    result = convert("models:sensitive", tmp_path / "e", _opts(mode="auto", budget="cos>=0.999", calib=str(calib_dir)))
+    report = result.manifest["precision"]
+    holding = [c for c in report["candidates"] if c["holds"]]
+    assert report["mode"] in {c["mode"] for c in holding}
+    assert report["latency_ms"]["plan"] == min(c["latency_ms"] for c in holding)
+
+
+def test_bad_plan_file(cli, tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"not": "a plan"}')
+    code, _, err = cli("convert", "models:mlp", "--precision-plan", bad, "-o", tmp_path / "o")
+    assert code == 2 and "not an adapter precision plan" in err
