@@ -92,7 +92,7 @@ def _allowed(mode: str, profile: Any, backend_name: str) -> str | None:
         runs = sorted(b for b, modes in _BACKEND_MODES.items() if mode in modes)
         return f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
     native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
-    if native not in getattr(profile, "precisions", ()) and mode != "fp16":
+    if native not in getattr(profile, "precisions", ()):
         return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
     return None
 
@@ -177,7 +177,8 @@ def lower_precision(
         budget = parse_budget(DEFAULT_AUTO_BUDGET)
         warnings.append(f"--precision auto without --accuracy-budget: using {DEFAULT_AUTO_BUDGET}.")
     candidates = [m for m in AUTO_ORDER if _allowed(m, profile, backend_name) is None] if mode == "auto" else [mode]
-    if mode != "auto" and (why := _allowed(mode, profile, backend_name)):
+    why = _allowed(mode, profile, backend_name) if mode != "auto" else None
+    if why and not (mode == "fp16" and backend_name == "onnxruntime"):  # ORT emulates FP16 with Casts
         raise SourceError(f"Cannot build a {mode} engine: {why}.", "Choose another --precision, --backend or --target.")
     calibration = _calibration(options, imported, warnings)
     calib_samples, held_out = calibration.split()
@@ -190,6 +191,12 @@ def lower_precision(
             say(f"precision {candidate}")
             plan = loaded or _mode_plan(candidate, fp32, calibration, options, cache_dir)
             plan.calibration = {"source": calibration.source, "digest": calibration.digest(), "samples": len(calib_samples)}
+            if mode == "auto":
+                # A mode that is not faster than FP32 even fully lowered is not worth a search.
+                ceiling = runner.latency(apply_plan(fp32, plan, calib_samples, cache_dir), HINTS.get(candidate, "fp32"), imported.example_inputs)
+                if ceiling >= 0.95 * fp32_ms:
+                    trials.append({"mode": candidate, "holds": False, "kept_fp32": 0, "latency_ms": None, "accuracy": None, "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({fp32_ms:.2f} ms)"})
+                    continue
             if budget is not None and not loaded:
                 plan, holds = search_plan(plan, evaluator, say)
             else:
@@ -203,12 +210,20 @@ def lower_precision(
     finally:
         runner.close()
     holding = [t for t in trials if t["holds"]]
+    if not holding and mode == "auto":
+        # FP32 always holds: the answer is then that no lower precision pays here.
+        fp32_plan = PrecisionPlan(mode="fp32", budget=str(budget), calibration=plan.calibration if trials else {})
+        fp32_plan.measured = {"accuracy": None, "budget_holds": True, "latency_ms": fp32_ms, "fp32_latency_ms": fp32_ms}
+        holding = [{"mode": "fp32", "holds": True, "kept_fp32": 0, "latency_ms": fp32_ms, "accuracy": None, "_plan": fp32_plan, "_model": fp32}]
+        trials += holding
+        warnings.append("No lower precision was both faster than FP32 and within the budget: the engine stays FP32.")
     if not holding:
         tried = "; ".join(
+            f"{t['mode']}: {t['skipped']}" if t.get("skipped") else
             f"{t['mode']} keeping {t['kept_fp32']} node(s) FP32: "
             + ", ".join(f"{o} cos {v['cos']:.4f} (min {v['cos_min']:.4f}, max-abs {v['max_abs']:.3g})" for o, v in (t["accuracy"] or {}).items())
             for t in trials
-        )
+        )  # fmt: skip
         raise PrecisionBudgetError(
             f"No precision plan holds the budget {budget}. Best plans found: {tried}.",
             "Loosen --accuracy-budget, give real calibration data (--calib/--calib-text), or use --precision fp32.",

@@ -164,7 +164,8 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
     candidates = report.get("candidates", [])
     if len(candidates) > 1:
         rows = ", ".join(
-            f"{c['mode']}: " + (f"{c['latency_ms']:.2f} ms, {c['kept_fp32']} kept" if c["holds"] else "budget not met")
+            f"{c['mode']}: "
+            + (f"{c['latency_ms']:.2f} ms, {c['kept_fp32']} kept" if c["holds"] else c.get("skipped") or "budget not met")
             for c in candidates
         )
         console.print(f"candidates — {escape(rows)}")

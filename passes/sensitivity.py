@@ -50,6 +50,8 @@ class Evaluator:
     """Builds a runner for a model and a backend precision hint (fp32, bf16, fp16)."""
     cache_dir: Path | None = None
     """Where static quantization's calibration ranges are cached."""
+    probe_samples: int = 24
+    """Held-out samples used per sensitivity probe (the plan itself is judged on all)."""
     runs: int = 0
     seconds: float = 0.0
     _reference: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -60,12 +62,13 @@ class Evaluator:
             self._reference = [run(feed) for feed in self.held_out]
         return self._reference
 
-    def measure(self, plan: PrecisionPlan) -> dict[str, dict[str, Any]]:
-        """Apply ``plan``, run the held-out samples, return per-output metrics."""
+    def measure(self, plan: PrecisionPlan, probe: bool = False) -> dict[str, dict[str, Any]]:
+        """Apply ``plan``, run the held-out samples (a subset for a probe), return metrics."""
         start = time.perf_counter()
         model = apply_plan(self.fp32, plan, self.calibration, self.cache_dir)
         run = self.make_runner(model, HINTS.get(plan.mode, "fp32"))
-        figures = output_metrics(self.reference(), [run(feed) for feed in self.held_out])
+        count = self.probe_samples if probe else len(self.held_out)
+        figures = output_metrics(self.reference()[:count], [run(feed) for feed in self.held_out[:count]])
         self.runs += 1
         self.seconds += time.perf_counter() - start
         return figures
@@ -85,7 +88,7 @@ def group_sensitivity(plan: PrecisionPlan, evaluator: Evaluator) -> dict[str, fl
     scores = {}
     for group in groups:
         only = plan.with_kept([g for g in groups if g != group], "sensitivity probe")
-        scores[group] = evaluator.budget.score(evaluator.measure(only))
+        scores[group] = evaluator.budget.score(evaluator.measure(only, probe=True))
     return scores
 
 
