@@ -175,3 +175,21 @@ def test_bad_plan_file(cli, tmp_path):
     bad.write_text('{"not": "a plan"}')
     code, _, err = cli("convert", "models:mlp", "--precision-plan", bad, "-o", tmp_path / "o")
     assert code == 2 and "not an adapter precision plan" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "backend"), [("fp16", "onnxruntime"), ("bf16", "openvino")])
+def test_half_precision_minilm(tmp_path, mode, backend):
+    from pathlib import Path
+
+    import adapter
+
+    sentences = Path(adapter.__file__).parent / "data" / "sentences.txt"
+    options = ConvertOptions(benchmark=False, backend=backend, precision=PrecisionOptions(mode=mode, calib_text=str(sentences), max_samples=64))
+    result = convert("adapter.zoo:minilm", tmp_path / "e", options)
+    report = result.manifest["precision"]
+    for figures in report["accuracy"].values():
+        assert figures["cos"] >= 0.999 and figures["cos_min"] >= 0.999
+    assert result.manifest["verification"]["budget"]["passed"]
+    if mode == "fp16":  # the attention mask's -3.4e38 stays out of FP16
+        assert any("FP16 overflow" in k["reason"] for k in report["kept_fp32"])

@@ -1,0 +1,102 @@
+"""MiniLM precision benchmark: FP32 engine vs the `--precision auto` engine, in one run.
+
+    python benchmarks/precision_minilm.py [--budget 'cos>=0.995'] [--json out.json]
+
+Converts the bundled all-MiniLM-L6-v2 twice on the host CPU: FP32, and `--precision auto`
+with the budget, calibrated on the project's sentences (adapter/data/sentences.txt;
+convert uses the first 256 lines, 192 to calibrate and 64 to judge the budget). Accuracy
+is then measured on the lines convert never saw (257 onwards): per-token cosine of the
+auto engine against eager PyTorch FP32, real tokens only. Latency: batch 1 and 8 at
+sequence 128, median after warm-up, both engines in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import adapter
+from adapter import ConvertOptions, convert, load
+from adapter._precision import PrecisionOptions
+from adapter.zoo import minilm
+
+SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
+
+
+def median_ms(fn, warmup: int = 5, repeats: int = 40) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="cos>=0.995")
+    parser.add_argument("--out", type=Path, default=Path("build/bench-precision"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    fp32 = convert("adapter.zoo:minilm", args.out / "fp32", ConvertOptions(benchmark=False))
+    auto_options = PrecisionOptions(mode="auto", budget=args.budget, calib_text=str(SENTENCES))
+    auto = convert("adapter.zoo:minilm", args.out / "auto", ConvertOptions(benchmark=False, precision=auto_options))
+    convert_s = time.perf_counter() - started
+    engines = {"fp32": load(args.out / "fp32"), "auto": load(args.out / "auto")}
+    module, _, _ = minilm()
+    tokenizer = module.tokenizer
+
+    held_out = [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()][256:]
+    cosines = []
+    for sentence in held_out:
+        enc = tokenizer(sentence, return_tensors="np")
+        feed = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+        with torch.inference_mode():
+            want = module(**{k: torch.from_numpy(v) for k, v in feed.items()})["token_embeddings"].numpy()[0]
+        got = engines["auto"].run(feed)["token_embeddings"][0]
+        cosines.extend(np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)))
+    cosines = np.asarray(cosines)
+
+    rng = np.random.default_rng(0)
+    latency = {}
+    for batch in (1, 8):
+        ids = rng.integers(1000, 29000, (batch, 128), dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        latency[batch] = {name: median_ms(lambda e=engine, f=feed: e.run(f)) for name, engine in engines.items()}
+    report = {
+        "budget": args.budget,
+        "chosen": auto.manifest["precision"]["mode"],
+        "kept_fp32": [k["module"] or k["node"] for k in auto.manifest["precision"]["kept_fp32"]],
+        "held_out_sentences": len(held_out),
+        "tokens": int(cosines.size),
+        "token_cosine_mean": float(cosines.mean()),
+        "token_cosine_min": float(cosines.min()),
+        "latency_ms": latency,
+        "ratio_auto_to_fp32": {b: v["auto"] / v["fp32"] for b, v in latency.items()},
+        "size_mb": {k: v / 1e6 for k, v in auto.manifest["precision"]["size_bytes"].items()},
+        "convert_seconds": convert_s,
+        "fp32_cache_hit": fp32.cache_hit,
+        "auto_cache_hit": auto.cache_hit,
+        "candidates": auto.manifest["precision"]["candidates"],
+    }
+    print(f"auto chose {report['chosen']} under {args.budget}; kept FP32: {', '.join(report['kept_fp32']) or 'none'}")
+    print(f"held-out: {len(held_out)} sentences, {cosines.size} tokens: per-token cosine mean {cosines.mean():.5f}, min {cosines.min():.5f}")
+    for batch, row in latency.items():
+        print(f"batch {batch} seq 128: fp32 {row['fp32']:.2f} ms, auto {row['auto']:.2f} ms → {row['auto'] / row['fp32']:.2f}× of FP32")
+    print(f"size {report['size_mb']['fp32']:.1f} MB → {report['size_mb']['plan']:.1f} MB; converts took {convert_s:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
