@@ -193,3 +193,20 @@ def test_half_precision_minilm(tmp_path, mode, backend):
     assert result.manifest["verification"]["budget"]["passed"]
     if mode == "fp16":  # the attention mask's -3.4e38 stays out of FP16
         assert any("FP16 overflow" in k["reason"] for k in report["kept_fp32"])
+
+
+def test_report_lists_precision_kept_layers_accuracy_speed_and_size(cli, tmp_path, calib_dir):
+    code, out, err = cli("convert", "models:sensitive", "--precision", "int8", "--accuracy-budget", "cos>=0.999", "--calib", calib_dir, "-o", tmp_path / "o")
+    assert code == 0, err
+    assert "Precision: int8 (asked: int8; budget cos>=0.999)" in out
+    assert "kept FP32 (1 nodes)" in out and "layers.2" in out
+    assert "held-out samples: cos mean" in out and "vs FP32" in out and "MB →" in out
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_int8_calibration_methods(tmp_path, calib_dir, method):
+    result = convert("models:sensitive", tmp_path / "e", _opts(mode="int8", budget="cos>=0.999", calib=str(calib_dir), calibrate_method=method))
+    plan = json.loads((tmp_path / "e" / "plan.json").read_text())
+    assert plan["options"]["calibrate_method"] == method
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.node)
+    assert result.manifest["precision"]["accuracy"]["output"]["finite"]
