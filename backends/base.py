@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Support", "EngineBase", "unsupported_nodes", "module_of"]
+__all__ = ["Support", "EngineBase", "unsupported_nodes", "module_of", "profile_options", "threads_for", "require_module"]
 
 import abc
 from collections.abc import Callable
@@ -24,6 +24,32 @@ class Support(NamedTuple):
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+def profile_options(cls: type, backend: str, profile: Any, overrides: dict[str, Any] | None, ignore: tuple[str, ...] = ()):
+    """Build a backend's frozen Options from the profile's ``[backends.<name>]`` table plus overrides."""
+    table = {k: v for k, v in dict(getattr(profile, "backends", {}).get(backend, {})).items() if k not in ignore}
+    table.update(overrides or {})
+    return cls(**{k: v for k, v in table.items() if k in cls.__dataclass_fields__})
+
+
+def threads_for(requested: int, profile: Any) -> int:
+    """Threads to use: the request, else the profile's count, capped at the cores available."""
+    import os
+
+    available_cores = len(os.sched_getaffinity(0))
+    wanted = requested or int(getattr(profile, "threads", 0) or available_cores)
+    return max(1, min(wanted, available_cores))
+
+
+def require_module(module: str, backend: str, install: str) -> None:
+    """Raise BackendUnavailableError naming the pip extra when ``module`` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        from adapter.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"The {backend} backend needs the {module} package.", f"Install it: {install}.")
 
 
 def module_of(node: ir.Node) -> str:

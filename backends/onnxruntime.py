@@ -8,21 +8,20 @@ on the machine are applied at load). Threads come from the target profile.
 
 from __future__ import annotations
 
-__all__ = ["NAME", "Options", "available", "version", "require", "supports", "compile", "Engine"]
+__all__ = ["NAME", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import functools
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from adapter.backends.base import EngineBase, Support
+from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 
 from adapter import _safety
 from adapter._onnx_io import save_model
-from adapter.errors import AdapterError, BackendUnavailableError
+from adapter.errors import AdapterError
 from adapter.specs import TensorSpec
 
 NAME = "onnxruntime"
@@ -54,26 +53,12 @@ class Options:
 
     @classmethod
     def from_profile(cls, profile: Any, overrides: dict[str, Any] | None = None) -> Options:
-        table = dict(getattr(profile, "backends", {}).get(NAME, {}))
-        table.update(overrides or {})
-        fields = {k: v for k, v in table.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
-
-
-def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return profile_options(cls, NAME, profile, overrides)
 
 
 def require() -> None:
     """Raise a clear error when onnxruntime is missing."""
-    if not available():
-        raise BackendUnavailableError(
-            "The onnxruntime backend needs the onnxruntime package.", "pip install onnxruntime==1.32.0"
-        )
+    require_module("onnxruntime", NAME, "pip install onnxruntime==1.32.0")
 
 
 def version() -> str:
@@ -110,12 +95,6 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     return Support(True)
 
 
-def _threads(options: Options, profile: Any) -> int:
-    available_cores = len(os.sched_getaffinity(0))
-    wanted = options.threads or int(getattr(profile, "threads", 0) or available_cores)
-    return max(1, min(wanted, available_cores))
-
-
 def _session(path: Path, level: str, threads: int, optimized_out: Path | None = None):
     import onnxruntime as ort
 
@@ -147,7 +126,7 @@ def compile(
         )
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_model(model, workdir / MODEL_FILE)
-    threads = _threads(options, profile)
+    threads = threads_for(options.threads, profile)
     config: dict[str, Any] = {
         **asdict(options),
         "threads": threads,
@@ -175,7 +154,7 @@ class Engine(EngineBase):
         use_optimized = optimized and config.get("ort_version") == version() and (self.folder / optimized).is_file()
         path = self.folder / (optimized if use_optimized else MODEL_FILE)
         self.session = _session(
-            path, config.get("optimization", "all"), _threads(Options(threads=config.get("threads", 0)), None)
+            path, config.get("optimization", "all"), threads_for(config.get("threads", 0), None)
         )
         self.output_names = [o.name for o in self.session.get_outputs()]
 

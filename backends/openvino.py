@@ -9,10 +9,9 @@ the artifact (``ov_cache/``), so loading an artifact skips recompilation.
 
 from __future__ import annotations
 
-__all__ = ["NAME", "Options", "available", "version", "require", "supports", "compile", "Engine"]
+__all__ = ["NAME", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import functools
-import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from adapter.backends.base import EngineBase, Support
+from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 
 from adapter import _safety
 from adapter._onnx_io import save_model
-from adapter.errors import AdapterError, BackendUnavailableError
+from adapter.errors import AdapterError
 from adapter.specs import TensorSpec
 
 NAME = "openvino"
@@ -50,27 +49,13 @@ class Options:
 
     @classmethod
     def from_profile(cls, profile: Any, overrides: dict[str, Any] | None = None) -> Options:
-        table = dict(getattr(profile, "backends", {}).get(NAME, {}))
-        table.pop("inference_precision_hint", None)  # the precision plan decides precision
-        table.update(overrides or {})
-        fields = {k: v for k, v in table.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
-
-
-def available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        # the precision plan, not the profile, decides the inference precision
+        return profile_options(cls, NAME, profile, overrides, ignore=("inference_precision_hint",))
 
 
 def require() -> None:
     """Raise a clear error when OpenVINO is missing."""
-    if not available():
-        raise BackendUnavailableError(
-            "The openvino backend needs the openvino package.", "pip install 'adapter[openvino]' (openvino==2026.4.1)."
-        )
+    require_module("openvino", NAME, "pip install 'adapter[openvino]' (openvino==2026.4.1)")
 
 
 def version() -> str:
@@ -107,12 +92,6 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
 
 
 _checked: dict[int, frozenset[str]] = {}
-
-
-def _threads(options: Options, profile: Any) -> int:
-    available_cores = len(os.sched_getaffinity(0))
-    wanted = options.threads or int(getattr(profile, "threads", 0) or available_cores)
-    return max(1, min(wanted, available_cores))
 
 
 def _cache_dir(folder: Path) -> Path:
@@ -166,7 +145,7 @@ def compile(model: ir.Model, profile: Any, options: Options, specs: tuple[list[T
         raise AdapterError(f"OpenVINO cannot run precision '{options.precision}'.", "Use fp32, bf16 or fp16.")
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_model(model, workdir / MODEL_FILE)
-    config = {**asdict(options), "precision": precision, "threads": _threads(options, profile), "files": files + [CACHE_DIR]}
+    config = {**asdict(options), "precision": precision, "threads": threads_for(options.threads, profile), "files": files + [CACHE_DIR]}
     engine = Engine(workdir, specs[0], specs[1], config)
     engine.config["executed_precision"] = str(engine.compiled.get_property("INFERENCE_PRECISION_HINT"))
     return engine

@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def median_ms(fn, warmup: int = 5, repeats: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+from adapter._timing import median_ms
 
 
 def main() -> None:
@@ -56,9 +46,9 @@ def main() -> None:
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
         with torch.inference_mode():
-            eager_ms = median_ms(lambda t=tensors: module(**t), repeats=args.repeats)
+            eager_ms = median_ms(lambda t=tensors: module(**t), warmup=5, repeats=args.repeats, budget_s=120)
             want = module(**tensors)["token_embeddings"].numpy()
-        engine_ms = median_ms(lambda f=feed: engine.run(f), repeats=args.repeats)
+        engine_ms = median_ms(lambda f=feed: engine.run(f), warmup=5, repeats=args.repeats, budget_s=120)
         got = engine.run(feed)["token_embeddings"]
         cos = np.sum(got * want, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
         rows.append(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -24,20 +23,10 @@ import torch
 import adapter
 from adapter import ConvertOptions, convert, load
 from adapter._precision import PrecisionOptions
+from adapter._timing import median_ms
 from adapter.zoo import minilm
 
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
-
-
-def median_ms(fn, warmup: int = 5, repeats: int = 40) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
     for batch in (1, 8):
         ids = rng.integers(1000, 29000, (batch, 128), dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        latency[batch] = {name: median_ms(lambda e=engine, f=feed: e.run(f)) for name, engine in engines.items()}
+        latency[batch] = {name: median_ms(lambda e=engine, f=feed: e.run(f), warmup=5, repeats=40, budget_s=120) for name, engine in engines.items()}
     report = {
         "budget": args.budget,
         "chosen": auto.manifest["precision"]["mode"],

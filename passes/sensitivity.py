@@ -50,7 +50,7 @@ class Evaluator:
     """Builds a runner for a model and a backend precision hint (fp32, bf16, fp16)."""
     cache_dir: Path | None = None
     """Where static quantization's calibration ranges are cached."""
-    probe_samples: int = 24
+    probe_samples: int = 64
     """Held-out samples used per sensitivity probe (the plan itself is judged on all)."""
     runs: int = 0
     seconds: float = 0.0

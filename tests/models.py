@@ -126,3 +126,12 @@ class Sensitive(nn.Module):
 def sensitive():
     torch.manual_seed(0)
     return Sensitive().eval(), {"x": torch.randn(2, 32)}, {"x": {0: "batch"}}
+
+
+def calm():
+    """The same four layers with no outlier weight."""
+    torch.manual_seed(0)
+    model = Sensitive().eval()
+    with torch.no_grad():
+        model.layers[2].weight[0, 0] = 0.01
+    return model, {"x": torch.randn(2, 32)}, {"x": {0: "batch"}}
