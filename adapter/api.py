@@ -167,6 +167,7 @@ def convert(
         "profile": profile.digest(),
         "backend": {"name": backend_name, "version": backend.version()},
         "libraries": artifact.library_versions(),
+        "adapter_code": artifact.code_digest(),
         "precision_files": options.precision.files_digest(),
     }
     index_key = artifact.cache_key({**context, "spec": _spec_identity(source)})

@@ -21,11 +21,13 @@ __all__ = [
     "publish",
     "copy_artifact",
     "library_versions",
+    "code_digest",
     "lookup_index",
     "write_index",
 ]
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +66,24 @@ def cache_root() -> Path:
     with contextlib.suppress(OSError):
         os.chmod(root, 0o700)
     return root
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of adapter's own source files, so a changed adapter never reuses old engines."""
+    import adapter
+
+    digest = hashlib.sha256()
+    roots = {Path(adapter.__file__).parent}
+    for name in ("passes", "backends", "profiles", "op_library", "kernels"):
+        module = __import__(f"adapter.{name}", fromlist=["__file__"])
+        roots.add(Path(module.__file__).parent)
+    for root in sorted(roots):
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".toml") and "__pycache__" not in path.parts:
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_key(parts: dict[str, Any]) -> str:
