@@ -4,7 +4,7 @@
 
 Converts the bundled all-MiniLM-L6-v2 twice on the host CPU: FP32, and `--precision auto`
 with the budget, calibrated on the project's sentences (adapter/data/sentences.txt;
-convert uses the first 256 lines, 192 to calibrate and 64 to judge the budget). Accuracy
+convert uses the first 256 lines, 128 to calibrate and 128 to judge the budget). Accuracy
 is then measured on the lines convert never saw (257 onwards): per-token cosine of the
 auto engine against eager PyTorch FP32, real tokens only. Latency: batch 1 and 8 at
 sequence 128, median after warm-up, both engines in the same run.

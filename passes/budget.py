@@ -132,13 +132,18 @@ def output_metrics(reference: list[dict[str, np.ndarray]], candidate: list[dict[
     """Every metric per output, pooled over the samples."""
     figures: dict[str, dict[str, Any]] = {}
     for name in reference[0]:
-        ref_rows = np.concatenate([_rows(r[name]) for r in reference])
-        cand_rows = np.concatenate([_rows(c[name]) for c in candidate])
+        per_sample = [(_rows(r[name]), _rows(c[name])) for r, c in zip(reference, candidate)]
+        ref_rows = np.concatenate([r for r, _ in per_sample])
+        cand_rows = np.concatenate([c for _, c in per_sample])
         norms = np.linalg.norm(ref_rows, axis=1) * np.linalg.norm(cand_rows, axis=1)
         dots = np.sum(ref_rows * cand_rows, axis=1)
         cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), (np.abs(ref_rows - cand_rows).max(axis=1) == 0).astype(float))
         finite = np.isfinite(cand_rows).all()
-        spread = 2 * float(cos.std()) / np.sqrt(max(len(cos), 1))
+        # Rows of one sample (tokens of one sentence) are not independent: the confidence
+        # bound of the mean uses the spread of per-sample means.
+        bounds = np.cumsum([0] + [len(r) for r, _ in per_sample])
+        sample_means = np.array([cos[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+        spread = 2 * float(sample_means.std(ddof=1)) / np.sqrt(len(sample_means)) if len(sample_means) > 1 else 0.0
         figures[name] = {
             "cos": float(cos.mean()) if finite else -1.0,
             "cos_lcb": float(cos.mean() - spread) if finite else -1.0,

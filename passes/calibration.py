@@ -48,7 +48,7 @@ class CalibrationSet:
                 h.update(value.tobytes())
         return h.hexdigest()
 
-    def split(self, held_out: float = 0.25) -> tuple[list[dict], list[dict]]:
+    def split(self, held_out: float = 0.5) -> tuple[list[dict], list[dict]]:
         """Calibration and held-out evaluation samples (the tail is held out)."""
         n = len(self.samples)
         cut = max(1, min(n - 1, round(n * (1 - held_out)))) if n > 1 else n
