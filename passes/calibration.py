@@ -48,11 +48,12 @@ class CalibrationSet:
                 h.update(value.tobytes())
         return h.hexdigest()
 
-    def split(self, held_out: float = 0.5) -> tuple[list[dict], list[dict]]:
-        """Calibration and held-out evaluation samples (the tail is held out)."""
-        n = len(self.samples)
-        cut = max(1, min(n - 1, round(n * (1 - held_out)))) if n > 1 else n
-        return self.samples[:cut], self.samples[cut:] or self.samples[:1]
+    def split(self) -> tuple[list[dict], list[dict]]:
+        """Calibration and held-out samples: alternate samples, so an ordered file (by
+        length or topic) gives both halves the same mix."""
+        if len(self.samples) < 2:
+            return self.samples, self.samples
+        return self.samples[0::2], self.samples[1::2]
 
 
 def _read_npz(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
