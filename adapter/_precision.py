@@ -234,7 +234,7 @@ def lower_precision(
     modules, kept = _summarise(plan)
     report = {
         "requested": options.mode, "mode": plan.mode, "budget": str(budget) if budget else None,
-        "calibration": {**plan.calibration, "held_out": len(held_out), "synthetic": calibration.synthetic},
+        "calibration": {**plan.calibration, "held_out": len(held_out), "evaluated_on": len(evaluator.samples(plan.mode)), "synthetic": calibration.synthetic},
         "accuracy": plan.measured.get("accuracy"), "budget_holds": plan.measured.get("budget_holds", True),
         "modules": modules, "kept_fp32": kept,
         "latency_ms": {"fp32": fp32_ms, "plan": latency}, "speedup_vs_fp32": fp32_ms / latency if latency else None,

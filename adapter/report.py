@@ -152,7 +152,7 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
             console.print(f"kept FP32 ({len(where)} nodes) — {escape(reason)}: {escape(shown)}")
     for name, fig in (report.get("accuracy") or {}).items():
         console.print(
-            f"accuracy {escape(name)} on {report['calibration'].get('held_out', '?')} held-out samples: "
+            f"accuracy {escape(name)} on {report['calibration'].get('evaluated_on', '?')} samples: "
             f"cos mean {fig['cos']:.5f}, min {fig['cos_min']:.5f}, max-abs {fig['max_abs']:.3g}, top1 {fig['top1']:.3f}"
         )
     lat, size = report.get("latency_ms", {}), report.get("size_bytes", {})

@@ -23,6 +23,8 @@ from adapter.passes.precision import PrecisionPlan, apply_plan
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 HINTS = {"bf16": "bf16", "fp16": "fp16"}
+FITTED_MODES = {"int8", "fp8"}
+"""Modes whose result depends on the calibration samples (so those cannot judge them)."""
 """Modes realised by a backend's precision hint rather than in the graph."""
 
 
@@ -56,19 +58,26 @@ class Evaluator:
     seconds: float = 0.0
     _reference: list[dict[str, np.ndarray]] = field(default_factory=list)
 
-    def reference(self) -> list[dict[str, np.ndarray]]:
-        if not self._reference:
+    def samples(self, mode: str) -> list[dict[str, np.ndarray]]:
+        """Samples a mode is judged on: held-out only when the mode fits to calibration
+        data (static INT8 / FP8 ranges); every sample otherwise (more data, a truer minimum)."""
+        return self.held_out if mode in FITTED_MODES else self.held_out + self.calibration
+
+    def reference(self, count: int) -> list[dict[str, np.ndarray]]:
+        everything = self.held_out + self.calibration
+        if len(self._reference) < count:
             run = self.make_runner(self.fp32, "fp32")
-            self._reference = [run(feed) for feed in self.held_out]
-        return self._reference
+            self._reference += [run(feed) for feed in everything[len(self._reference) : count]]
+        return self._reference[:count]
 
     def measure(self, plan: PrecisionPlan, probe: bool = False) -> dict[str, dict[str, Any]]:
-        """Apply ``plan``, run the held-out samples (a subset for a probe), return metrics."""
+        """Apply ``plan``, run its evaluation samples (a subset for a probe), return metrics."""
         start = time.perf_counter()
         model = apply_plan(self.fp32, plan, self.calibration, self.cache_dir)
         run = self.make_runner(model, HINTS.get(plan.mode, "fp32"))
-        count = self.probe_samples if probe else len(self.held_out)
-        figures = output_metrics(self.reference()[:count], [run(feed) for feed in self.held_out[:count]])
+        samples = self.samples(plan.mode)
+        count = min(self.probe_samples, len(samples)) if probe else len(samples)
+        figures = output_metrics(self.reference(count), [run(feed) for feed in samples[:count]])
         self.runs += 1
         self.seconds += time.perf_counter() - start
         return figures
