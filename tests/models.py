@@ -109,17 +109,23 @@ def overflow():
 
 
 class Sensitive(nn.Module):
-    """Four linear layers; the third has one huge weight, so INT8 ruins it alone."""
+    """Four linear layers; the third reads an input with one channel scaled by 1000 (and
+    weighted down by 1000, so FP32 barely notices it). Per-tensor INT8 of that input must
+    cover +-1000, which rounds every other channel to zero: INT8 ruins this layer alone,
+    and no layer amplifies another's rounding."""
 
-    def __init__(self) -> None:
+    def __init__(self, outlier: float = 1000.0) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+        gain = torch.ones(32)
+        gain[0] = outlier
+        self.register_buffer("gain", gain)
         with torch.no_grad():
-            self.layers[2].weight[0, 0] = 400.0
+            self.layers[2].weight[:, 0] /= outlier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
+        for i, layer in enumerate(self.layers):
+            x = torch.tanh(layer(x * self.gain if i == 2 else x))
         return x
 
 
@@ -129,9 +135,6 @@ def sensitive():
 
 
 def calm():
-    """The same four layers with no outlier weight."""
+    """The same four layers with no outlier channel."""
     torch.manual_seed(0)
-    model = Sensitive().eval()
-    with torch.no_grad():
-        model.layers[2].weight[0, 0] = 0.01
-    return model, {"x": torch.randn(2, 32)}, {"x": {0: "batch"}}
+    return Sensitive(outlier=1.0).eval(), {"x": torch.randn(2, 32)}, {"x": {0: "batch"}}

@@ -14,6 +14,22 @@ from adapter import ConvertOptions, convert, load
 from adapter._precision import PrecisionOptions
 
 
+def _host_computes(dtype: str) -> bool:
+    from adapter.profiles.probe import probe_host
+
+    return dtype in probe_host().precisions
+
+
+def _refuses_bf16(tmp_path, source: str) -> None:
+    """On a host without BF16 arithmetic, a BF16 engine is refused with the reason."""
+    from adapter.errors import SourceError
+
+    options = ConvertOptions(benchmark=False, backend="openvino", precision=PrecisionOptions(mode="bf16"))
+    with pytest.raises(SourceError, match="lists no bf16 support"):
+        convert(source, tmp_path / "refused", options)
+    assert not (tmp_path / "refused").exists()
+
+
 def _opts(**precision) -> ConvertOptions:
     return ConvertOptions(benchmark=False, precision=PrecisionOptions(**precision))
 
@@ -154,6 +170,8 @@ def test_int4_artifact_is_valid_onnx_and_runs(tmp_path):
 
 @pytest.mark.parametrize(("mode", "backend"), [("fp16", "onnxruntime"), ("bf16", "openvino")])
 def test_half_precision_on_a_decoder_lm(tmp_path, mode, backend):
+    if mode == "bf16" and not _host_computes("bf16"):
+        return _refuses_bf16(tmp_path, "adapter.zoo:gpt2")
     options = ConvertOptions(benchmark=False, backend=backend, precision=PrecisionOptions(mode=mode))
     result = convert("adapter.zoo:gpt2", tmp_path / "e", options)
     assert result.manifest["precision"]["accuracy"]["logits"]["cos"] >= 0.999
@@ -186,6 +204,9 @@ def test_bad_plan_file(cli, tmp_path):
 @pytest.mark.parametrize(("mode", "backend"), [("fp16", "onnxruntime"), ("bf16", "openvino")])
 def test_half_precision_minilm(tmp_path, mode, backend):
     from pathlib import Path
+
+    if mode == "bf16" and not _host_computes("bf16"):
+        return _refuses_bf16(tmp_path, "adapter.zoo:minilm")
 
     import adapter
 
