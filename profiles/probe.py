@@ -85,7 +85,7 @@ def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
         cached = _read_cache(path)
         if cached is not None:
             return cached
-    profile = _build_profile(info, _measure(info["cpus"]))
+    profile = _build_profile(info, _measure(info["cpus"], bf16="bf16" in _precisions(set(info["flags"]))))
     try:
         _write_cache(path, profile)
     except OSError as exc:
@@ -93,16 +93,16 @@ def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
     return profile
 
 
-def _measure(threads: int) -> dict[str, Any]:
-    """Time FP32/BF16 matmuls and memory copies; return peaks (FLOP/s) and bandwidth (B/s)."""
+def _measure(threads: int, bf16: bool = True) -> dict[str, Any]:
+    """Time FP32 (and, where the CPU computes BF16 natively, BF16) matmuls and memory
+    copies; return peaks (FLOP/s) and bandwidth (B/s). Emulated BF16 is not a peak."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if bf16 else (("fp32", torch.float32),)
     try:
-        peaks = {
-            name: _matmul_flops(torch, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-        }
+        peaks = {name: _matmul_flops(torch, dtype) for name, dtype in dtypes}
     finally:
         torch.set_num_threads(previous)
     return {"peak_flops": peaks, "memory_bandwidth": _copy_bandwidth(threads)}
@@ -247,7 +247,7 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
         },
         "sources": [
             f"measured by adapter.profiles.probe on {today}: torch {_torch_version()} matmul "
-            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32, bf16)",
+            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32; bf16 where native)",
             f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of up to {_REPEATS}, "
             "bytes read + written per second",
             "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, cgroup memory limit",
