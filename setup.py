@@ -8,7 +8,7 @@ name lands in site-packages.
 
 from setuptools import setup
 
-SUBPACKAGES = ("passes", "backends", "kernels", "op_library", "profiles")
+SUBPACKAGES = ("passes", "passes.fusion", "backends", "kernels", "op_library", "profiles")
 
 # Pinned: these are the versions the test-suite and the figures in the notes were
 # measured with.  torch 2.13.0 resolves to the CPU build on the project machines.
@@ -51,7 +51,7 @@ setup(
     description="Hardware-adaptation compiler: PyTorch models to verified, optimized engines",
     python_requires=">=3.11,<3.12",
     packages=["adapter"] + [f"adapter.{name}" for name in SUBPACKAGES],
-    package_dir={"adapter": "adapter", **{f"adapter.{n}": n for n in SUBPACKAGES}},
+    package_dir={"adapter": "adapter", **{f"adapter.{n}": n.replace(".", "/") for n in SUBPACKAGES}},
     package_data={"adapter": ["data/*.txt"], "adapter.profiles": ["*.toml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -12,16 +12,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
 from adapter import artifact
-from adapter._precision import PrecisionOptions, lower_precision
+from adapter._build import AUTO, Candidate, auto_candidates, build_candidate, choose, drop_workdirs
+from adapter._onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
+from adapter._precision import PrecisionOptions
 from adapter._timing import median_ms
 from adapter.backends import get_backend
-from adapter.backends.base import unsupported_nodes
-from adapter.errors import ArtifactError, UnsupportedOpsError
+from adapter.errors import AdapterError, ArtifactError
 from adapter.importer import import_source, prepare_source
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.specs import parse_dynamic
-from adapter.verify import Tolerance, verify, verify_budget
+from adapter.verify import Tolerance
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,17 @@ def _cached(output: Path, key: str) -> tuple[Path | None, str]:
     return None, ""
 
 
+def _versions(names: list[str]) -> dict[str, str]:
+    """Versions of the backends ``auto`` may use; one whose SDK is missing is left out."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = get_backend(name).version()
+        except AdapterError:
+            continue
+    return found
+
+
 def _spec_identity(source: str) -> str:
     """The source string made independent of the working folder where it names files."""
     head, sep, attr = source.rpartition(":")
@@ -153,7 +167,8 @@ def convert(
     stage("load profile")
     profile = load_profile(options.target)
     backend_name = options.backend or getattr(profile, "default_backend", None) or "onnxruntime"
-    backend = get_backend(backend_name)
+    names = auto_candidates(profile) if backend_name == AUTO else [backend_name]
+    versions = {name: get_backend(name).version() for name in names} if backend_name != AUTO else _versions(names)
     dynamic = parse_dynamic(options.dynamic)
     passes = (
         list(options.passes)
@@ -165,7 +180,7 @@ def convert(
         "options": options.key_fields(),
         "passes": passes,
         "profile": profile.digest(),
-        "backend": {"name": backend_name, "version": backend.version()},
+        "backend": {"name": backend_name, "versions": versions},
         "libraries": artifact.library_versions(),
         "adapter_code": artifact.code_digest(),
         "precision_files": options.precision.files_digest(),
@@ -191,37 +206,48 @@ def convert(
     imported = import_source(prepared)
     stage("passes")
     records = run_pipeline(imported.model, build_pipeline(passes))
-    stage("check support")
-    missing = unsupported_nodes(imported.model, lambda n, m: backend.supports(n, m, profile))
-    if missing:
-        raise UnsupportedOpsError(backend_name, missing)
-    stage("precision")
-    lowered = lower_precision(
-        imported, imported.model, profile, backend, backend_name, options.precision, artifact.cache_root() / "calibration", say
-    )
-    model = lowered.model if lowered else imported.model
-    tolerance = lowered.tolerance if lowered else options.tolerance
-    overrides = dict(options.backend_options)
-    if lowered and "precision" in backend.Options.__dataclass_fields__:
-        overrides.setdefault("precision", lowered.backend_precision)
+    if initializer_bytes(imported.model) <= PROTOBUF_SAFE_BYTES:
+        ir.external_data.load_to_model(imported.model)  # in memory: candidates and plans copy it
+    canonical = imported.model
     with artifact.staging_dir(output) as staged:
-        stage("compile")
-        backend_options = backend.Options.from_profile(profile, overrides)
-        engine = backend.compile(model, profile, backend_options, (imported.inputs, imported.outputs), staged)
+        stage("build")
+        candidates = []
+        for name in names:
+            workdir = staged if len(names) == 1 else staged / ".candidates" / name
+            try:
+                candidates.append(
+                    build_candidate(
+                        name,
+                        canonical,
+                        imported,
+                        profile,
+                        options,
+                        workdir,
+                        artifact.cache_root() / "calibration",
+                        say,
+                        measure=options.benchmark or len(names) > 1,
+                    )
+                )
+            except AdapterError as exc:
+                if len(names) == 1:
+                    raise
+                candidates.append(Candidate(name, versions.get(name, ""), problem=str(exc), error=exc))
+        best = choose(candidates, staged)
+        drop_workdirs(staged / ".candidates")
+        engine, lowered, model = best.engine, best.lowered, best.model
         if lowered:
             lowered.plan.save(staged / "plan.json")
-        stage("verify")
-        report = verify(
-            engine.run, imported.reference, imported.inputs, imported.example_inputs, tolerance, options.verify_samples
-        )
-        if lowered:
-            report["budget"] = verify_budget(engine.run, imported.reference, lowered.held_out, lowered.budget)
         latency = None
         if options.benchmark:
             stage("benchmark")
+            engine_ms = (
+                best.latency_ms
+                if best.latency_ms is not None
+                else median_ms(lambda: engine.run(imported.example_inputs))
+            )
             latency = {
                 "inputs": {k: list(v.shape) for k, v in imported.example_inputs.items()},
-                "engine_ms": median_ms(lambda: engine.run(imported.example_inputs)),
+                "engine_ms": engine_ms,
                 "reference_ms": median_ms(lambda: imported.reference(imported.example_inputs)),
                 "reference": imported.reference_kind,
             }
@@ -241,13 +267,19 @@ def convert(
             },
             "options": {**options.key_fields(), "target": options.target, "passes": passes},
             "target": {"name": profile.name, "digest": profile.digest(), "profile": profile.to_dict()},
-            "backend": {"name": backend_name, "version": backend.version(), "config": engine.config},
-            "passes": [r.to_json() for r in records],
+            "backend": {
+                "name": best.name,
+                "version": best.version,
+                "requested": backend_name,
+                "config": engine.config,
+                "candidates": [c.summary(c is best) for c in candidates],
+            },
+            "passes": [r.to_json() for r in records + best.records],
             "graph": {"nodes": len(list(model.graph.all_nodes())), "opsets": dict(model.opset_imports)},
             "precision": lowered.report if lowered else {"mode": "fp32"},
             "inputs": [s.to_json() for s in imported.inputs],
             "outputs": [s.to_json() for s in imported.outputs],
-            "verification": report,
+            "verification": best.verification,
             "latency": latency,
             "timings_s": {**imported.seconds, **timings},
             "libraries": artifact.library_versions(),

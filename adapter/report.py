@@ -66,6 +66,7 @@ def render_manifest(
             )
     console.print(table)
 
+    render_candidates(console, backend)
     render_precision(console, manifest.get("precision") or {})
     latency = manifest.get("latency")
     if latency:
@@ -79,6 +80,33 @@ def render_manifest(
         console.print("Stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     if seconds is not None:
         console.print(f"Total {seconds:.2f} s.")
+
+
+def render_candidates(console: Console, backend: dict[str, Any]) -> None:
+    """The backends ``--backend auto`` built, with their figures and the one kept."""
+    candidates = backend.get("candidates") or []
+    if len(candidates) < 2:
+        return
+    table = Table(title="Backends tried (the fastest that verifies is kept)", title_justify="left")
+    for col in ("backend", "precision", "latency ms", "max-abs", "cosine", "fusions", "result"):
+        table.add_column(col, justify="right" if col in ("latency ms", "max-abs", "cosine") else "left")
+    for c in candidates:
+        fusions = ", ".join(f"{k} {v}" for k, v in (c.get("fusions") or {}).items())
+        result = (
+            "[bold green]kept[/]"
+            if c["chosen"]
+            else ("verified" if c["verified"] else f"[red]dropped[/] {escape(c.get('problem') or '')}")
+        )
+        table.add_row(
+            f"{c['backend']} {c['version']}",
+            c.get("precision") or "",
+            f"{c['latency_ms']:.2f}" if c.get("latency_ms") is not None else "-",
+            f"{c['max_abs']:.2e}" if c.get("max_abs") is not None else "-",
+            f"{c['cosine']:.7f}" if c.get("cosine") is not None else "-",
+            escape(fusions) or "-",
+            result,
+        )
+    console.print(table)
 
 
 def render_targets(console: Console, rows: list[dict[str, Any]]) -> None:
@@ -136,7 +164,10 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
     for warning in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     budget = report.get("budget") or "none"
-    table = Table(title=f"Precision: {report['mode']} (asked: {report['requested']}; budget {escape(budget)})", title_justify="left")
+    table = Table(
+        title=f"Precision: {report['mode']} (asked: {report['requested']}; budget {escape(budget)})",
+        title_justify="left",
+    )
     for col in ("modules", "precision", "count"):
         table.add_column(col)
     for pattern, precision, count in _group_modules(report.get("modules", {})):
@@ -165,7 +196,11 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
     if len(candidates) > 1:
         rows = ", ".join(
             f"{c['mode']}: "
-            + (f"{c['latency_ms']:.2f} ms, {c['kept_fp32']} kept" if c["holds"] else c.get("skipped") or "budget not met")
+            + (
+                f"{c['latency_ms']:.2f} ms, {c['kept_fp32']} kept"
+                if c["holds"]
+                else c.get("skipped") or "budget not met"
+            )
             for c in candidates
         )
         console.print(f"candidates — {escape(rows)}")

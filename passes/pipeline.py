@@ -7,7 +7,7 @@ __all__ = ["PIPELINES", "PASSES", "build_pipeline", "run_pipeline"]
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
-from adapter.passes import canonicalize
+from adapter.passes import canonicalize, fusion
 from adapter.passes.base import CountedPass, PassRecord
 
 from adapter.errors import PassFailedError
@@ -20,6 +20,15 @@ PASSES: dict[str, Callable[[], CountedPass]] = {
     "dead-code-elimination": canonicalize.DeadCodeElimination,
     "shape-inference": canonicalize.ShapeInference,
     "topological-sort": canonicalize.TopologicalSort,
+    "fuse-conv-batchnorm": fusion.ConvBatchNormFusion,
+    "fuse-matmul-add-gemm": fusion.MatMulAddGemmFusion,
+    "fuse-layer-norm": fusion.LayerNormFusion,
+    "fuse-gelu": fusion.GeluFusion,
+    "unfold-flat-gemm": fusion.GemmUnfold,
+    "fuse-ort-normalization": fusion.OrtNormalizationFusion,
+    "fuse-ort-rotary": fusion.OrtRotaryFusion,
+    "fuse-ort-attention": fusion.OrtAttentionFusion,
+    "fuse-ort-gelu": fusion.OrtGeluFusion,
 }
 """Every pass by the name pipelines and profiles use."""
 
@@ -33,9 +42,29 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "shape-inference",
         "topological-sort",
     ),
+    "fusion-ort": (
+        "fuse-conv-batchnorm",
+        "unfold-flat-gemm",
+        "fuse-ort-normalization",
+        "fuse-ort-rotary",
+        "fuse-ort-attention",
+        "fuse-ort-gelu",
+        "topological-sort",
+    ),
+    "fusion-standard": (
+        "fuse-conv-batchnorm",
+        "fuse-layer-norm",
+        "fuse-gelu",
+        "fuse-matmul-add-gemm",
+        "topological-sort",
+    ),
     "none": (),
 }
-"""Named pipelines; a profile or ``--passes`` picks one, or lists pass names."""
+"""Named pipelines; a profile or ``--passes`` picks one, or lists pass names.
+
+``fusion-ort`` and ``fusion-standard`` expect a canonicalized graph (list them after
+``canonicalize``): ``fusion-ort`` writes ONNX Runtime's ``com.microsoft`` fused ops,
+``fusion-standard`` stays in the standard domain (OpenVINO and other runtimes)."""
 
 
 def build_pipeline(names: Sequence[str] | str) -> list[CountedPass]:

@@ -99,7 +99,8 @@ class Profile:
         memory_size: Memory size in bytes.
         interconnect: Link to peer devices.
         precisions: Dtypes the hardware computes in natively.
-        default_backend: Backend used when none is chosen; a key of ``backends``.
+        default_backend: Backend used when none is chosen; a key of ``backends``, or
+            ``auto`` (build every listed backend adapter implements, keep the fastest).
         backends: Options per backend name (TVM target dict, ORT providers, TensorRT flags).
         sources: Where the figures come from.
         cores: CPU cores (CPUs only).
@@ -149,7 +150,7 @@ class Profile:
         inter = check.table("interconnect")
         backends = check.table("backends")
         default = check.string("default_backend")
-        if default not in backends:
+        if default != "auto" and default not in backends:
             raise _error(
                 f"{origin}: key 'default_backend' names '{default}', which has no [backends.{default}] table.",
                 "Add the table, even if empty.",

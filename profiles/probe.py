@@ -26,7 +26,7 @@ from . import HOST, Profile
 
 __all__ = ["default_cache_dir", "probe_host"]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: default_backend auto, openvino listed, bf16 peak only where native
 _MATMUL_N = 2048
 _COPY_BYTES = 256 * 2**20
 _REPEATS = 5
@@ -240,9 +240,10 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
             "name": "shared memory (processes on this host)",
             "bandwidth": figures["memory_bandwidth"],
         },
-        "default_backend": "onnxruntime",
+        "default_backend": "auto",
         "backends": {
             "onnxruntime": {"providers": ["CPUExecutionProvider"]},
+            "openvino": {"device": "CPU"},
             "tvm": {"target": target},
         },
         "sources": [

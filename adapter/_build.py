@@ -1,0 +1,162 @@
+"""Build one backend's engine from the canonical graph, and ``--backend auto``'s choice.
+
+A candidate is one backend: its own fusion passes (the backend module's ``PASSES``),
+support check, precision lowering, compile, verification against eager PyTorch and a
+latency measurement on the example inputs. ``--backend auto`` builds every candidate the
+target profile lists, keeps the fastest that verifies, and records all of them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AUTO", "Candidate", "auto_candidates", "build_candidate", "choose"]
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from adapter._precision import PrecisionResult, lower_precision
+from adapter._timing import median_ms
+from adapter.backends import BACKENDS, get_backend
+from adapter.backends.base import EngineBase, unsupported_nodes
+from adapter.errors import AdapterError, UnsupportedOpsError
+from adapter.passes import build_pipeline, run_pipeline
+from adapter.passes.base import PassRecord
+from adapter.verify import verify, verify_budget
+
+AUTO = "auto"
+
+
+@dataclass
+class Candidate:
+    """One backend's engine (or why it could not be built)."""
+
+    name: str
+    version: str = ""
+    records: list[PassRecord] = field(default_factory=list)
+    model: ir.Model | None = None
+    lowered: PrecisionResult | None = None
+    engine: EngineBase | None = None
+    verification: dict[str, Any] | None = None
+    latency_ms: float | None = None
+    problem: str | None = None
+    error: AdapterError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def summary(self, chosen: bool) -> dict[str, Any]:
+        """JSON-ready figures for the manifest's candidate table."""
+        worst = (self.verification or {}).get("worst", {})
+        fused = {k: v for r in self.records for k, v in r.counters.items() if isinstance(v, int) and v}
+        return {
+            "backend": self.name,
+            "version": self.version,
+            "chosen": chosen,
+            "latency_ms": self.latency_ms,
+            "precision": self.lowered.report["mode"] if self.lowered else "fp32",
+            "verified": bool(self.verification and self.verification.get("passed")),
+            "max_abs": max((w["max_abs"] for w in worst.values()), default=None),
+            "cosine": min((w["cosine"] for w in worst.values()), default=None),
+            "fusions": fused,
+            "problem": self.problem,
+        }
+
+
+def auto_candidates(profile: Any) -> list[str]:
+    """The backends ``auto`` tries for a profile: those it lists that adapter implements."""
+    names = [name for name in getattr(profile, "backends", {}) if name in BACKENDS]
+    if not names:
+        raise AdapterError(
+            f"Target '{profile.name}' lists no backend adapter can build here (it lists {', '.join(profile.backends) or 'none'}).",
+            f"Choose one with --backend ({', '.join(sorted(BACKENDS))}).",
+        )
+    return names
+
+
+def build_candidate(
+    name: str,
+    canonical: ir.Model,
+    imported: Any,
+    profile: Any,
+    options: Any,
+    workdir: Path,
+    calibration_cache: Path,
+    say: Callable[[str], None],
+    measure: bool = True,
+) -> Candidate:
+    """Build, verify and time one backend's engine in ``workdir``.
+
+    Raises:
+        AdapterError: The backend is missing, refuses nodes, no plan holds the budget, or
+            the engine fails verification.
+    """
+    backend = get_backend(name)
+    found = Candidate(name, backend.version())
+    model = canonical.clone()  # each backend fuses and lowers its own copy
+    if options.passes is None and getattr(backend, "PASSES", ()):
+        say(f"{name}: fusion passes")
+        found.records = run_pipeline(model, build_pipeline(list(backend.PASSES)))
+    missing = unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
+    if missing:
+        raise UnsupportedOpsError(name, missing)
+    say(f"{name}: precision")
+    found.lowered = lower_precision(imported, model, profile, backend, name, options.precision, calibration_cache, say)
+    found.model = found.lowered.model if found.lowered else model
+    overrides = dict(options.backend_options)
+    if found.lowered and "precision" in backend.Options.__dataclass_fields__:
+        overrides.setdefault("precision", found.lowered.backend_precision)
+    say(f"{name}: compile")
+    backend_options = backend.Options.from_profile(profile, overrides)
+    found.engine = backend.compile(found.model, profile, backend_options, (imported.inputs, imported.outputs), workdir)
+    say(f"{name}: verify")
+    tolerance = found.lowered.tolerance if found.lowered else options.tolerance
+    found.verification = verify(
+        found.engine.run,
+        imported.reference,
+        imported.inputs,
+        imported.example_inputs,
+        tolerance,
+        options.verify_samples,
+    )
+    if found.lowered:
+        found.verification["budget"] = verify_budget(
+            found.engine.run, imported.reference, found.lowered.held_out, found.lowered.budget
+        )
+    if measure:
+        say(f"{name}: measure")
+        found.latency_ms = median_ms(lambda: found.engine.run(imported.example_inputs))
+    return found
+
+
+def choose(candidates: list[Candidate], staged: Path) -> Candidate:
+    """Keep the fastest candidate that verified; move its files into ``staged``.
+
+    Raises:
+        AdapterError: No candidate could be built (the first one's error, with the
+            others' problems appended).
+    """
+    good = [c for c in candidates if c.ok and c.engine is not None]
+    if not good:
+        first = next(c.error for c in candidates if c.error is not None)
+        if len(candidates) > 1:  # keep the first error's type (exit code); name every backend's problem
+            others = "; ".join(f"{c.name}: {c.problem}" for c in candidates[1:])
+            first.message = f"No backend could build this model. {candidates[0].name}: {first.message} Also {others}"
+        raise first
+    best = min(good, key=lambda c: c.latency_ms if c.latency_ms is not None else float("inf"))
+    engine = best.engine
+    engine.save(staged)
+    best.engine = type(engine)(staged, engine.inputs, engine.outputs, engine.config)
+    for c in candidates:
+        if c.engine is not None and c is not best:
+            c.engine = None  # release sessions before their folders go
+    return best
+
+
+def drop_workdirs(root: Path) -> None:
+    """Remove the candidates' build folders."""
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,150 @@
+"""Operator fusion: rewrite-rule sets that turn op patterns into fused ops.
+
+Two families of passes, picked by pipeline (:mod:`adapter.passes.pipeline`):
+
+* ``fusion-standard`` keeps to the standard ONNX domain (for OpenVINO and any other
+  runtime): LayerNormalization, Gelu (opset 20), 2-D MatMul + Add to Gemm, Conv +
+  BatchNormalization folding. Attention and Conv + activation are left to the backend.
+* ``fusion-ort`` targets ONNX Runtime's CPU provider with its ``com.microsoft`` fused
+  ops: Attention / MultiHeadAttention, SkipLayerNormalization,
+  SimplifiedLayerNormalization, Gelu / FastGelu / BiasGelu, RotaryEmbedding.
+
+Each pass counts hits per rule (its record's counters). With
+``FusionOptions(explain_misses=True)`` it also keeps, in ``pass.misses``, why the best
+partial match of every rule that never fired was refused (onnxscript's matching tracer).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FusionOptions",
+    "FusionPass",
+    "ConvBatchNormFusion",
+    "MatMulAddGemmFusion",
+    "LayerNormFusion",
+    "GeluFusion",
+    "GemmUnfold",
+    "OrtNormalizationFusion",
+    "OrtGeluFusion",
+    "OrtRotaryFusion",
+    "OrtAttentionFusion",
+]
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+
+from adapter.passes.base import CountedPass
+from adapter.passes.fusion import attention, conv, gelu, gemm, normalization, rotary
+from adapter.passes.fusion._engine import Stage, apply_stages, explain_misses, onnx_opset
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """How a fusion pass reports what it did."""
+
+    explain_misses: bool = False
+    """Keep, per rule that never fired, why its best partial match failed (slower)."""
+
+
+class FusionPass(CountedPass):
+    """Applies the stages of one rule family; counters are the hits per rule."""
+
+    def __init__(self, options: FusionOptions | None = None) -> None:
+        super().__init__()
+        self.options = options or FusionOptions()
+        self.misses: dict[str, str] = {}
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        """The stages for ``model`` (subclasses may depend on its opset)."""
+        raise NotImplementedError
+
+    def apply(self, model: ir.Model) -> dict[str, Any]:
+        stages = self.stages(model)
+        counts = apply_stages(model, stages)
+        self.misses = explain_misses(model, stages, counts) if self.options.explain_misses else {}
+        return counts
+
+
+class ConvBatchNormFusion(FusionPass):
+    """Fold inference BatchNormalization into the Conv / ConvTranspose / Gemm before it."""
+
+    name = "fuse-conv-batchnorm"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return conv.STAGES
+
+
+class MatMulAddGemmFusion(FusionPass):
+    """2-D ``MatMul`` + a Gemm-broadcastable bias ``Add`` to ``Gemm``."""
+
+    name = "fuse-matmul-add-gemm"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return (Stage(gemm.MATMUL_ADD_TO_GEMM),)
+
+
+class LayerNormFusion(FusionPass):
+    """Decomposed layer norm to LayerNormalization (and RMSNorm to RMSNormalization at opset 23+)."""
+
+    name = "fuse-layer-norm"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        extra = normalization.RMS_STANDARD_STAGES if onnx_opset(model) >= 23 else ()
+        return (*normalization.STANDARD_STAGES, *extra)
+
+
+class GeluFusion(FusionPass):
+    """Decomposed GELU (erf or tanh form) to ONNX ``Gelu`` (opset 20+)."""
+
+    name = "fuse-gelu"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return gelu.STANDARD_STAGES
+
+
+class GemmUnfold(FusionPass):
+    """Flattened ``Reshape``-``Gemm``-``Reshape`` back to ``MatMul`` + ``Add`` (before ORT fusions)."""
+
+    name = "unfold-flat-gemm"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return (Stage(gemm.GEMM_TO_MATMUL_ADD),)
+
+
+class OrtNormalizationFusion(FusionPass):
+    """Layer norm, RMSNorm and residual-add forms to ONNX Runtime's normalization ops."""
+
+    name = "fuse-ort-normalization"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return normalization.ORT_STAGES
+
+
+class OrtGeluFusion(FusionPass):
+    """GELU (and its bias ``Add``) to ONNX Runtime's Gelu / FastGelu / BiasGelu."""
+
+    name = "fuse-ort-gelu"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return gelu.ORT_STAGES
+
+
+class OrtRotaryFusion(FusionPass):
+    """Rotary position embedding to ONNX Runtime's ``RotaryEmbedding``."""
+
+    name = "fuse-ort-rotary"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return rotary.ORT_STAGES
+
+
+class OrtAttentionFusion(FusionPass):
+    """Eager attention to ONNX Runtime's MultiHeadAttention / Attention."""
+
+    name = "fuse-ort-attention"
+
+    def stages(self, model: ir.Model) -> Sequence[Stage]:
+        return attention.ORT_STAGES

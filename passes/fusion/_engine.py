@@ -1,0 +1,121 @@
+"""What every fusion pass shares: stages of rewrite rules, counted per rule, then cleanup.
+
+A fusion pass is a list of :class:`Stage` s. Each stage applies its rules one name at a
+time over the whole graph (so an earlier rule has priority everywhere, and each rule's
+hits are counted under its own name; the variants of one rule, such as its commuted
+operand orders, share the name). A stage runs once: repeating it would also rewrite
+inside the functions that ``as_function`` rules extracted in the round before. Rules that build
+intermediate ops in onnxscript's ``ai.onnxruntime._fusion`` domain extract the matched
+nodes into a function (``as_function=True``); whatever a later stage did not consume is
+inlined back at the end, so a pass never leaves an op no runtime knows.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FUSION_DOMAIN", "Stage", "apply_stages", "explain_misses", "named", "onnx_opset", "rule_name"]
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter import MatchingTracer, RewriteRule, RewriteRuleSet
+
+FUSION_DOMAIN = "ai.onnxruntime._fusion"
+"""onnxscript's domain for intermediate fused ops (SDPA, RotaryEmbedding) between stages."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Rules applied together to a fixed point; each rule counts under its name."""
+
+    rules: tuple[RewriteRule, ...]
+    """The rules, tried name by name in order of first appearance."""
+    shape_inference: bool = False
+    """Re-run shape inference after the stage fired (later checks read the new shapes)."""
+
+
+def rule_name(rule: RewriteRule) -> str:
+    """The counter name of a rule: its own name, else its pattern function's name."""
+    return rule.name or getattr(rule._target_pattern, "name", None) or "rule"
+
+
+def named(name: str, rules: Iterable[RewriteRule]) -> tuple[RewriteRule, ...]:
+    """Copies of ``rules`` counted under one name (onnxscript's variants of one fusion)."""
+    renamed = []
+    for rule in rules:
+        rule = copy.copy(rule)
+        rule.name = name
+        renamed.append(rule)
+    return tuple(renamed)
+
+
+def onnx_opset(model: ir.Model) -> int:
+    """The model's standard-domain opset version (0 when it imports none)."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def apply_stages(model: ir.Model, stages: Sequence[Stage]) -> dict[str, int]:
+    """Apply ``stages`` in order to ``model`` in place; return hits per rule name.
+
+    Afterwards, leftover intermediate ops are inlined back and the nodes, functions and
+    opset imports the rewrites orphaned are removed.
+    """
+    counts: dict[str, int] = {}
+    for stage in stages:
+        for rule in stage.rules:
+            counts.setdefault(rule_name(rule), 0)
+        groups: dict[str, list[RewriteRule]] = {}
+        for rule in stage.rules:
+            groups.setdefault(rule_name(rule), []).append(rule)
+        fired = 0
+        for name, group in groups.items():
+            hits = RewriteRuleSet(group).apply_to_model(model)
+            counts[name] += hits
+            fired += hits
+        if fired and stage.shape_inference:
+            common.ShapeInferencePass(strict_mode=False)(model)
+    _inline_leftovers(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    common.RemoveUnusedOpsetsPass()(model)
+    return counts
+
+
+def _inline_leftovers(model: ir.Model) -> None:
+    """Inline calls to intermediate fused ops that no later rule turned into a real op."""
+    leftovers = [n for n in model.graph.all_nodes() if n.domain == FUSION_DOMAIN]
+    if not leftovers:
+        return
+    missing = [n for n in leftovers if (n.domain, n.op_type, n.overload) not in model.functions]
+    if missing:  # a rule without as_function=True built it; that is a bug in the rule table
+        raise RuntimeError(f"intermediate op {missing[0].op_type} ({missing[0].name}) has no function to inline")
+    common.InlinePass()(model)
+
+
+def explain_misses(model: ir.Model, stages: Sequence[Stage], counts: dict[str, int]) -> dict[str, str]:
+    """For each rule that never fired, why its best partial match failed (no rewrite).
+
+    Uses onnxscript's matching tracer; run it on the graph *after* the pass, where the
+    rules that did fire no longer interfere.
+    """
+    reasons: dict[str, str] = {}
+    for stage in stages:
+        groups: dict[str, list[RewriteRule]] = {}
+        for rule in stage.rules:
+            groups.setdefault(rule_name(rule), []).append(rule)
+        for name, group in groups.items():
+            if counts.get(name) or name in reasons:
+                continue
+            tracer = MatchingTracer()
+            RewriteRuleSet(group).apply_to_model(model, tracer=tracer)
+            best = max(
+                (m for ms in tracer.best_matches_map.values() for m in ms), key=lambda m: m.score(), default=None
+            )
+            if best is None:
+                reasons[name] = "no node of the pattern's root op type"
+            else:
+                where = best.root_node.name or best.root_node.op_type
+                reasons[name] = f"{best.status.name} at {where}: {best.match_result.reason or 'no reason given'}"
+    return reasons

@@ -1,0 +1,105 @@
+"""Normalization: LayerNormalization, RMSNorm, and their residual-add (skip) forms.
+
+Standard domain (any backend): a decomposed layer norm (``ReduceMean``, ``Sub``, ``Pow``,
+``ReduceMean``, ``Add`` epsilon, ``Sqrt``, ``Div``, ``Mul``, ``Add``) becomes
+``LayerNormalization``; at opset 23 and later a decomposed RMSNorm becomes
+``RMSNormalization`` (onnxscript's rules, matched in either operand order).
+
+ONNX Runtime adds, from onnxscript's ``ort_fusions``: RMSNorm to
+``SimplifiedLayerNormalization``, and the residual ``Add`` (+ bias) before a norm into
+``com.microsoft`` ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``. This
+file adds ``skip_layer_norm_broadcast``: the stock rule wants both addends ``[B, S, D]``,
+but the embedding sum before the first norm (token ``[B, S, D]`` + position ``[1, S, D]``
+in BERT and GPT-2) broadcasts; ONNX Runtime's SkipLayerNormalization takes a ``[1, S, D]``
+or ``[S, D]`` skip, so that one fuses too.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ORT_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
+
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.ort_fusions import rms_normalization as ort_rms
+from onnxscript.rewriter.ort_fusions import skip_normalization as ort_skip
+from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
+
+from adapter.passes.fusion._engine import Stage, named
+
+
+def _dims(value: ir.Value | None) -> list | None:
+    return None if value is None or value.shape is None else list(value.shape)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a == b
+
+
+class SkipLayerNormBroadcast(RewriteRuleClassBase):
+    """``LayerNormalization(x + skip)`` with ``skip`` ``[1, S, D]`` or ``[S, D]`` to SkipLayerNormalization."""
+
+    def __init__(self) -> None:
+        super().__init__("skip_layer_norm_broadcast")
+
+    def pattern(self, op, a, b, gamma, beta):
+        total = op.Add(a, b, _outputs=["skip_sum"])
+        normalized = op.LayerNormalization(total, gamma, beta, _outputs=["layer_norm"])
+        return normalized, total
+
+    def check(self, context, a, b, gamma, beta, layer_norm, **_) -> MatchResult:
+        result = MatchResult()
+        node = layer_norm.producer()
+        da, db = _dims(a), _dims(b)
+        if da is None or db is None:
+            return result.fail("Addend shapes are unknown.", [a, b])
+        swap = len(db) > len(da) or (len(da) == len(db) == 3 and da[0] == 1 and db[0] != 1)
+        full, skip = (b, a) if swap else (a, b)
+        fs, ss = _dims(full), _dims(skip)
+        if len(fs) != 3 or not isinstance(fs[2], int):
+            return result.fail("Input is not [B, S, D] with a static D.", full)
+        if node.attributes.get_int("axis", -1) not in (-1, 2):
+            return result.fail("LayerNormalization does not normalize the last axis.", layer_norm)
+        if node.attributes.get_int("stash_type", 1) != 1:
+            return result.fail("LayerNormalization computes in a type other than float.", layer_norm)
+        if len(ss) == 3 and ss[0] == 1 and _same(ss[1], fs[1]) and ss[2] == fs[2]:
+            pass
+        elif len(ss) == 2 and _same(ss[0], fs[1]) and ss[1] == fs[2]:
+            pass
+        else:
+            return result.fail(f"Skip shape {ss} is not [1, S, D] or [S, D] against {fs}.", skip)
+        if _dims(gamma) != [fs[2]] or _dims(beta) != [fs[2]]:
+            return result.fail("Scale or bias is not a [D] vector.", [gamma, beta])
+        self._operands = (full, skip)
+        return result
+
+    def rewrite(self, op, gamma, beta, layer_norm, **_):
+        full, skip = self._operands
+        epsilon = layer_norm.producer().attributes.get_float("epsilon", 1e-5)
+        normalized, _mean, _inv_std, total = op.SkipLayerNormalization(
+            full, skip, gamma, beta, epsilon=epsilon, _outputs=4, _domain="com.microsoft"
+        )
+        return normalized, total
+
+
+_broadcast = SkipLayerNormBroadcast.rule()
+
+STANDARD_STAGES = (
+    Stage(named("layer_norm", RewriteRuleSet([_layer_norm._layer_norm_rule], commute=True).rules)),
+    Stage(named("layer_norm_bias", RewriteRuleSet([_layer_norm._layer_norm_with_bias_rule], commute=True).rules)),
+)
+"""Decomposed layer norm to ``LayerNormalization`` (then its trailing bias ``Add`` into it)."""
+
+RMS_STANDARD_STAGES = (Stage(named("rms_norm", _rms_normalization.rms_normalization_ruleset.rules)),)
+"""Decomposed RMSNorm to ``RMSNormalization`` (opset 23 and later only)."""
+
+ORT_STAGES = (
+    *STANDARD_STAGES,
+    Stage(named("rms_norm", ort_rms.rms_normalization_ruleset.rules)),
+    Stage((*named("skip_layer_norm", ort_skip.skip_layer_normalization_ruleset.rules), _broadcast)),
+    Stage(named("skip_rms_norm", ort_skip.skip_rms_normalization_ruleset.rules)),
+)
+"""ONNX Runtime: layer norm, RMSNorm to SimplifiedLayerNormalization, then the skip forms."""
+
+rules = RewriteRuleSet([_broadcast])
