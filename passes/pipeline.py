@@ -49,6 +49,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "fuse-ort-rotary",
         "fuse-ort-attention",
         "fuse-ort-gelu",
+        "constant-folding",
+        "lift-constants",
         "topological-sort",
     ),
     "fusion-standard": (
@@ -63,7 +65,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 """Named pipelines; a profile or ``--passes`` picks one, or lists pass names.
 
 ``fusion-ort`` and ``fusion-standard`` expect a canonicalized graph (list them after
-``canonicalize``): ``fusion-ort`` writes ONNX Runtime's ``com.microsoft`` fused ops,
+``canonicalize``): ``fusion-ort`` writes ONNX Runtime's ``com.microsoft`` fused ops (and
+folds what the fusions left constant, such as Attention's concatenated Q/K/V weights),
 ``fusion-standard`` stays in the standard domain (OpenVINO and other runtimes)."""
 
 

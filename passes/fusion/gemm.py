@@ -94,8 +94,10 @@ class ReshapeGemmReshapeToMatMulAdd(RewriteRuleClassBase):
             return result.fail("Bias is not a scalar or a vector over the output features.", bias)
         return result
 
-    def rewrite(self, op, x, w, bias=None, **_):
+    def rewrite(self, op, x, w, out, bias=None, **_):
         product = op.MatMul(x, w)
+        # The Add's output inherits ``out``'s type and shape; the product has the same.
+        product.type, product.shape = out.type, ir.Shape(out.shape)
         return product if bias is None else op.Add(product, bias)
 
 

@@ -37,7 +37,14 @@ class CosSinCacheBroadcast(RewriteRuleClassBase):
     """Cos/sin from ``Cast(Unsqueeze(pos)) * inv_freq`` (+ scaling) to a runtime cos/sin cache."""
 
     def __init__(self) -> None:
-        super().__init__("cos_sin_cache_broadcast")
+        # The cos/sin computation is shared by every layer's query and key rotation, so
+        # matched nodes stay (unused ones are removed after the pass) and the caches are
+        # built once per (inv_freq, position ids, scale).
+        super().__init__("cos_sin_cache_broadcast", remove_nodes=False)
+        self._caches: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+
+    def cleanup(self) -> None:
+        self._caches.clear()
 
     def pattern(self, op, x, position_ids, inv_freq, cos_scale, sin_scale, interleaved, num_heads):
         positions = op.Cast(op.Unsqueeze(position_ids, [2]), to=ir.DataType.FLOAT)
@@ -67,6 +74,23 @@ class CosSinCacheBroadcast(RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, position_ids, inv_freq, interleaved, num_heads, **_):
+        key = (id(inv_freq), id(position_ids), self._scale)
+        if key not in self._caches:
+            self._caches[key] = self._cos_sin(op, position_ids, inv_freq)
+        cos_cache, sin_cache = self._caches[key]
+        batch = op.Shape(x, start=0, end=1)
+        seq = op.Shape(position_ids, start=1, end=2)
+        positions = op.Expand(position_ids, op.Concat(batch, seq, axis=0))
+        if position_ids.dtype != ir.DataType.INT64:
+            positions = op.Cast(positions, to=ir.DataType.INT64)
+        return op.RotaryEmbedding(
+            x, positions, cos_cache, sin_cache,
+            interleaved=interleaved.value, num_heads=num_heads.value, _domain="com.microsoft",
+        )  # fmt: skip
+
+
+    def _cos_sin(self, op, position_ids, inv_freq) -> tuple[ir.Value, ir.Value]:
+        """``cos``/``sin`` of ``range(max(position_ids) + 1) x inv_freq`` (times the scale)."""
         freqs = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1)
         count = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value=ir.tensor(np.array(1, np.int64))))
         steps = op.Range(
@@ -80,15 +104,7 @@ class CosSinCacheBroadcast(RewriteRuleClassBase):
         if self._scale != 1.0:
             scale = op.Constant(value=ir.tensor(np.array(self._scale, np.float32)))
             cos_cache, sin_cache = op.Mul(cos_cache, scale), op.Mul(sin_cache, scale)
-        batch = op.Shape(x, start=0, end=1)
-        seq = op.Shape(position_ids, start=1, end=2)
-        positions = op.Expand(position_ids, op.Concat(batch, seq, axis=0))
-        if position_ids.dtype != ir.DataType.INT64:
-            positions = op.Cast(positions, to=ir.DataType.INT64)
-        return op.RotaryEmbedding(
-            x, positions, cos_cache, sin_cache,
-            interleaved=interleaved.value, num_heads=num_heads.value, _domain="com.microsoft",
-        )  # fmt: skip
+        return cos_cache, sin_cache
 
 
 _broadcast = tuple(RewriteRuleSet([CosSinCacheBroadcast.rule()], commute=True).rules)
