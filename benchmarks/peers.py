@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -34,6 +35,8 @@ import adapter
 from adapter import ConvertOptions, convert, load
 from adapter._precision import PrecisionOptions
 from adapter._timing import median_ms
+
+torch.set_num_threads(len(os.sched_getaffinity(0)))  # every peer gets every CPU
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
@@ -123,23 +126,27 @@ def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic, f
     return plain, fused
 
 
-def _ort(path: Path) -> Callable[[], Run]:
+def _ort(path: Path, threads: int) -> Callable[[], Run]:
     def make() -> Run:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # ORT's default counts physical cores: give it every CPU
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         return lambda feed: _first(session.run(names[:1], feed))
 
     return make
 
 
-def _openvino(path: Path, precision: str) -> Callable[[], Run]:
+def _openvino(path: Path, precision: str, threads: int) -> Callable[[], Run]:
     def make() -> Run:
         import openvino as ov
 
         compiled = ov.Core().compile_model(
-            str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+            str(path),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
         )
         request = compiled.create_infer_request()
         return lambda feed: _first(list(request.infer(feed).values()))
@@ -190,11 +197,11 @@ def bench_model(name: str, args, host, out: Path) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix=f"peers-{name}-") as tmp:
         plain, fused = _export(module, inputs, dynamic, Path(tmp))
         makers: dict[str, Callable[[], Run]] = dict(_torch_runs(module, args.compile))
-        makers["ONNX Runtime FP32"] = _ort(plain)
-        makers["ONNX Runtime FP32 + onnxscript fusions"] = _ort(fused)
-        makers["OpenVINO FP32"] = _openvino(plain, "f32")
+        makers["ONNX Runtime FP32"] = _ort(plain, host.cores)
+        makers["ONNX Runtime FP32 + onnxscript fusions"] = _ort(fused, host.cores)
+        makers["OpenVINO FP32"] = _openvino(plain, "f32", host.cores)
         if host_bf16:
-            makers["OpenVINO BF16"] = _openvino(plain, "bf16")
+            makers["OpenVINO BF16"] = _openvino(plain, "bf16", host.cores)
         peers = set(makers)
         makers.update(_adapter_engines(name, source, out, host_bf16, args.int8))
         runs = {label: make() for label, make in makers.items()}

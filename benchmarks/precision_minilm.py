@@ -33,6 +33,7 @@ SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="cos>=0.995")
+    parser.add_argument("--backend", default="onnxruntime", help="both engines on this backend (auto: each picks)")
     parser.add_argument("--out", type=Path, default=Path("build/bench-precision"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -44,9 +45,13 @@ def main() -> None:
     calib_file.write_text("\n".join(line for i, line in enumerate(lines) if i % 6 != 5) + "\n")
 
     started = time.perf_counter()
-    fp32 = convert("adapter.zoo:minilm", args.out / "fp32", ConvertOptions(benchmark=False))
+    fp32 = convert("adapter.zoo:minilm", args.out / "fp32", ConvertOptions(benchmark=False, backend=args.backend))
     auto_options = PrecisionOptions(mode="auto", budget=args.budget, calib_text=str(calib_file))
-    auto = convert("adapter.zoo:minilm", args.out / "auto", ConvertOptions(benchmark=False, precision=auto_options))
+    auto = convert(
+        "adapter.zoo:minilm",
+        args.out / "auto",
+        ConvertOptions(benchmark=False, backend=args.backend, precision=auto_options),
+    )
     convert_s = time.perf_counter() - started
     engines = {"fp32": load(args.out / "fp32"), "auto": load(args.out / "auto")}
     module, _, _ = minilm()
@@ -55,7 +60,10 @@ def main() -> None:
     cosines = []
     for sentence in held_out:
         enc = tokenizer(sentence, return_tensors="np")
-        feed = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+        feed = {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
         with torch.inference_mode():
             want = module(**{k: torch.from_numpy(v) for k, v in feed.items()})["token_embeddings"].numpy()[0]
         got = engines["auto"].run(feed)["token_embeddings"][0]
@@ -67,10 +75,14 @@ def main() -> None:
     for batch in (1, 8):
         ids = rng.integers(1000, 29000, (batch, 128), dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        latency[batch] = {name: median_ms(lambda e=engine, f=feed: e.run(f), warmup=5, repeats=40, budget_s=120) for name, engine in engines.items()}
+        latency[batch] = {
+            name: median_ms(lambda e=engine, f=feed: e.run(f), warmup=5, repeats=40, budget_s=120)
+            for name, engine in engines.items()
+        }
     report = {
         "budget": args.budget,
         "chosen": auto.manifest["precision"]["mode"],
+        "backend": {"fp32": fp32.manifest["backend"]["name"], "auto": auto.manifest["backend"]["name"]},
         "kept_fp32": [k["module"] or k["node"] for k in auto.manifest["precision"]["kept_fp32"]],
         "held_out_sentences": len(held_out),
         "tokens": int(cosines.size),
@@ -84,11 +96,18 @@ def main() -> None:
         "auto_cache_hit": auto.cache_hit,
         "candidates": auto.manifest["precision"]["candidates"],
     }
+    print(f"backends: FP32 engine {report['backend']['fp32']}, auto engine {report['backend']['auto']}")
     print(f"auto chose {report['chosen']} under {args.budget}; kept FP32: {', '.join(report['kept_fp32']) or 'none'}")
-    print(f"held-out: {len(held_out)} sentences, {cosines.size} tokens: per-token cosine mean {cosines.mean():.5f}, min {cosines.min():.5f}")
+    print(
+        f"held-out: {len(held_out)} sentences, {cosines.size} tokens: per-token cosine mean {cosines.mean():.5f}, min {cosines.min():.5f}"
+    )
     for batch, row in latency.items():
-        print(f"batch {batch} seq 128: fp32 {row['fp32']:.2f} ms, auto {row['auto']:.2f} ms → {row['auto'] / row['fp32']:.2f}× of FP32")
-    print(f"size {report['size_mb']['fp32']:.1f} MB → {report['size_mb']['plan']:.1f} MB; converts took {convert_s:.0f} s")
+        print(
+            f"batch {batch} seq 128: fp32 {row['fp32']:.2f} ms, auto {row['auto']:.2f} ms → {row['auto'] / row['fp32']:.2f}× of FP32"
+        )
+    print(
+        f"size {report['size_mb']['fp32']:.1f} MB → {report['size_mb']['plan']:.1f} MB; converts took {convert_s:.0f} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
