@@ -138,3 +138,20 @@ def calm():
     """The same four layers with no outlier channel."""
     torch.manual_seed(0)
     return Sensitive(outlier=1.0).eval(), {"x": torch.randn(2, 32)}, {"x": {0: "batch"}}
+
+
+class Determinant(nn.Module):
+    """A linear layer, then a 3x3 determinant per row: ONNX ``Det``, which ONNX Runtime
+    runs and OpenVINO 2026.4's ONNX frontend does not convert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(9, 9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.det(self.fc(x).reshape(-1, 3, 3)).unsqueeze(-1) + x.sum(-1, keepdim=True)
+
+
+def determinant():
+    torch.manual_seed(0)
+    return Determinant().eval(), {"x": torch.randn(2, 9)}, {"x": {0: "batch"}}
