@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from adapter._timing import median_ms
+from adapter._timing import median_ms, paired_median_ms
 from adapter.errors import AdapterError, SourceError
 from adapter.passes.budget import Budget, parse_budget
 from adapter.passes.calibration import collect_ranges, load_calibration, synthetic_calibration
@@ -90,7 +90,9 @@ def _allowed(mode: str, profile: Any, backend_name: str) -> str | None:
     """Why ``mode`` cannot be used with this target and backend (None when it can)."""
     if mode not in _BACKEND_MODES.get(backend_name, {"fp32"}):
         runs = sorted(b for b, modes in _BACKEND_MODES.items() if mode in modes)
-        return f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
+        return (
+            f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
+        )
     native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
     if native not in getattr(profile, "precisions", ()):
         return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
@@ -101,12 +103,18 @@ def _calibration(options: PrecisionOptions, imported, warnings: list[str]):
     if options.calib:
         return load_calibration(Path(options.calib), imported.inputs, limit=options.max_samples)
     if options.calib_text:
-        return load_calibration(Path(options.calib_text), imported.inputs, tokenizer=imported.tokenizer, limit=options.max_samples)
-    warnings.append("No calibration data given (--calib / --calib-text): synthetic inputs used, so accuracy figures are only indicative.")
+        return load_calibration(
+            Path(options.calib_text), imported.inputs, tokenizer=imported.tokenizer, limit=options.max_samples
+        )
+    warnings.append(
+        "No calibration data given (--calib / --calib-text): synthetic inputs used, so accuracy figures are only indicative."
+    )
     return synthetic_calibration(imported.inputs, imported.example_inputs)
 
 
-def _mode_plan(mode: str, fp32: onnx.ModelProto, calibration, options: PrecisionOptions, cache_dir: Path) -> PrecisionPlan:
+def _mode_plan(
+    mode: str, fp32: onnx.ModelProto, calibration, options: PrecisionOptions, cache_dir: Path
+) -> PrecisionPlan:
     plan = default_plan(fp32, mode, {"calibrate_method": options.calibrate_method} if mode == "int8" else {})
     if mode == "fp16":
         ranges = collect_ranges(fp32.SerializeToString(), calibration.samples, cache_dir)
@@ -126,16 +134,22 @@ class _Backend:
         self._dirs.append(folder)
         fields = self.backend.Options.__dataclass_fields__
         opts = self.backend.Options.from_profile(self.profile, {"precision": hint} if "precision" in fields else {})
-        return self.backend.compile(ir.serde.deserialize_model(model), self.profile, opts, self.specs, Path(folder.name))
+        return self.backend.compile(
+            ir.serde.deserialize_model(model), self.profile, opts, self.specs, Path(folder.name)
+        )
 
     def runner(self, model: onnx.ModelProto, hint: str):
         if self.name == "onnxruntime":
             return ort_runner(model, self.profile.threads)
         return self.engine(model, hint).run
 
-    def latency(self, model: onnx.ModelProto, hint: str, feed) -> float:
+    def against(self, model: onnx.ModelProto, hint: str, reference, feed) -> tuple[float, float]:
+        """(model's ms, reference engine's ms), timed in alternation on ``feed``."""
         engine = self.engine(model, hint)
-        return median_ms(lambda: engine.run(feed), warmup=3, repeats=20)
+        times = paired_median_ms(
+            {"model": lambda: engine.run(feed), "reference": lambda: reference.run(feed)}, repeats=20
+        )
+        return times["model"], times["reference"]
 
     def close(self) -> None:
         for folder in self._dirs:
@@ -184,18 +198,37 @@ def lower_precision(
     calib_samples, held_out = calibration.split()
     runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
     try:
-        fp32_ms = runner.latency(fp32, "fp32", imported.example_inputs)
-        evaluator = Evaluator(fp32, calib_samples, held_out, budget or parse_budget("cos>=-1"), runner.runner, cache_dir)
+        feed = imported.example_inputs
+        fp32_engine = runner.engine(fp32, "fp32")
+        fp32_ms = median_ms(lambda: fp32_engine.run(feed), warmup=3, repeats=20)
+        evaluator = Evaluator(
+            fp32, calib_samples, held_out, budget or parse_budget("cos>=-1"), runner.runner, cache_dir
+        )
         trials = []
         for candidate in candidates:
             say(f"precision {candidate}")
             plan = loaded or _mode_plan(candidate, fp32, calibration, options, cache_dir)
-            plan.calibration = {"source": calibration.source, "digest": calibration.digest(), "samples": len(calib_samples)}
+            plan.calibration = {
+                "source": calibration.source,
+                "digest": calibration.digest(),
+                "samples": len(calib_samples),
+            }
+            hint = HINTS.get(candidate, "fp32")
             if mode == "auto":
                 # A mode that is not faster than FP32 even fully lowered is not worth a search.
-                ceiling = runner.latency(apply_plan(fp32, plan, calib_samples, cache_dir), HINTS.get(candidate, "fp32"), imported.example_inputs)
-                if ceiling >= 0.95 * fp32_ms:
-                    trials.append({"mode": candidate, "holds": False, "kept_fp32": 0, "latency_ms": None, "accuracy": None, "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({fp32_ms:.2f} ms)"})
+                full = apply_plan(fp32, plan, calib_samples, cache_dir)
+                ceiling, reference_ms = runner.against(full, hint, fp32_engine, feed)
+                if ceiling >= 0.95 * reference_ms:
+                    trials.append(
+                        {
+                            "mode": candidate,
+                            "holds": False,
+                            "kept_fp32": 0,
+                            "latency_ms": None,
+                            "accuracy": None,
+                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({reference_ms:.2f} ms, timed in alternation)",
+                        }
+                    )
                     continue
             if budget is not None and not loaded:
                 plan, holds = search_plan(plan, evaluator, say)
@@ -204,17 +237,50 @@ def lower_precision(
                 holds = budget.judge(figures)[0] if budget else True
                 plan.measured = {"accuracy": figures, "budget_holds": holds}
             lowered = apply_plan(fp32, plan, calib_samples, cache_dir)
-            latency = runner.latency(lowered, HINTS.get(plan.mode, "fp32"), imported.example_inputs) if holds else None
-            plan.measured.update({"latency_ms": latency, "fp32_latency_ms": fp32_ms})
-            trials.append({"mode": candidate, "holds": holds, "kept_fp32": len(plan.overrides), "latency_ms": latency, "accuracy": plan.measured.get("accuracy"), "_plan": plan, "_model": lowered})
+            latency, reference_ms = (
+                runner.against(lowered, HINTS.get(plan.mode, "fp32"), fp32_engine, feed) if holds else (None, None)
+            )
+            ratio = latency / reference_ms if latency else None
+            plan.measured.update(
+                {"latency_ms": latency, "fp32_latency_ms": reference_ms or fp32_ms, "ratio_to_fp32": ratio}
+            )
+            trials.append(
+                {
+                    "mode": candidate,
+                    "holds": holds,
+                    "kept_fp32": len(plan.overrides),
+                    "latency_ms": latency,
+                    "ratio_to_fp32": ratio,
+                    "accuracy": plan.measured.get("accuracy"),
+                    "_plan": plan,
+                    "_model": lowered,
+                }
+            )
     finally:
         runner.close()
     holding = [t for t in trials if t["holds"]]
-    if not holding and mode == "auto":
+    if mode == "auto" and not any(t["ratio_to_fp32"] < 1.0 for t in holding):
         # FP32 always holds: the answer is then that no lower precision pays here.
         fp32_plan = PrecisionPlan(mode="fp32", budget=str(budget), calibration=plan.calibration if trials else {})
-        fp32_plan.measured = {"accuracy": None, "budget_holds": True, "latency_ms": fp32_ms, "fp32_latency_ms": fp32_ms}
-        holding = [{"mode": "fp32", "holds": True, "kept_fp32": 0, "latency_ms": fp32_ms, "accuracy": None, "_plan": fp32_plan, "_model": fp32}]
+        fp32_plan.measured = {
+            "accuracy": None,
+            "budget_holds": True,
+            "latency_ms": fp32_ms,
+            "fp32_latency_ms": fp32_ms,
+            "ratio_to_fp32": 1.0,
+        }
+        holding = [
+            {
+                "mode": "fp32",
+                "holds": True,
+                "kept_fp32": 0,
+                "latency_ms": fp32_ms,
+                "ratio_to_fp32": 1.0,
+                "accuracy": None,
+                "_plan": fp32_plan,
+                "_model": fp32,
+            }
+        ]
         trials += holding
         warnings.append("No lower precision was both faster than FP32 and within the budget: the engine stays FP32.")
     if not holding:
@@ -228,8 +294,9 @@ def lower_precision(
             f"No precision plan holds the budget {budget}. Best plans found: {tried}.",
             "Loosen --accuracy-budget, give real calibration data (--calib/--calib-text), or use --precision fp32.",
         )
-    chosen = min(holding, key=lambda t: t["latency_ms"])
+    chosen = min(holding, key=lambda t: t["ratio_to_fp32"])
     plan, lowered, latency = chosen["_plan"], chosen["_model"], chosen["latency_ms"]
+    fp32_ms = plan.measured.get("fp32_latency_ms") or fp32_ms
     trials = [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials]
     modules, kept = _summarise(plan)
     report = {
@@ -248,4 +315,6 @@ def lower_precision(
     tolerance = Tolerance(atol=1e30, rtol=0.0, min_cosine=_MIN_COSINE.get(plan.mode, 0.9))
     result = ir.serde.deserialize_model(lowered)
     final_budget = budget or parse_budget(f"cos>={_MIN_COSINE.get(plan.mode, 0.99)}")
-    return PrecisionResult(result, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings, final_budget, held_out)
+    return PrecisionResult(
+        result, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings, final_budget, held_out
+    )

@@ -23,3 +23,26 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15, budg
         if len(samples) >= 3 and time.perf_counter() - spent > budget_s:
             break
     return statistics.median(samples)
+
+
+def paired_median_ms(
+    fns: dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 15, budget_s: float = 10.0
+) -> dict[str, float]:
+    """Median latency of each function, measured in alternation.
+
+    Interleaving the calls exposes every function to the same background load, so their
+    ratio holds on a busy machine where back-to-back medians would not.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    spent = time.perf_counter()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+        if len(samples[next(iter(fns))]) >= 3 and time.perf_counter() - spent > budget_s:
+            break
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -4,10 +4,11 @@ A fusion pass is a list of :class:`Stage` s. Each stage applies its rules one na
 time over the whole graph (so an earlier rule has priority everywhere, and each rule's
 hits are counted under its own name; the variants of one rule, such as its commuted
 operand orders, share the name). A stage runs once: repeating it would also rewrite
-inside the functions that ``as_function`` rules extracted in the round before. Rules that build
-intermediate ops in onnxscript's ``ai.onnxruntime._fusion`` domain extract the matched
-nodes into a function (``as_function=True``); whatever a later stage did not consume is
-inlined back at the end, so a pass never leaves an op no runtime knows.
+inside the functions that ``as_function`` rules extracted the round before.
+
+Rules that build intermediate ops in onnxscript's ``ai.onnxruntime._fusion`` domain
+extract the matched nodes into a function (``as_function=True``); whatever a later stage
+did not consume is inlined back at the end, so a pass never leaves an op no runtime knows.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ FUSION_DOMAIN = "ai.onnxruntime._fusion"
 
 @dataclass(frozen=True)
 class Stage:
-    """Rules applied together to a fixed point; each rule counts under its name."""
+    """Rules applied once over the graph, name by name; each name counts its hits."""
 
     rules: tuple[RewriteRule, ...]
     """The rules, tried name by name in order of first appearance."""
@@ -37,8 +38,8 @@ class Stage:
 
 
 def rule_name(rule: RewriteRule) -> str:
-    """The counter name of a rule: its own name, else its pattern function's name."""
-    return rule.name or getattr(rule._target_pattern, "name", None) or "rule"
+    """The counter name of a rule (onnxscript leaves some rules unnamed)."""
+    return rule.name or "unnamed_rule"
 
 
 def named(name: str, rules: Iterable[RewriteRule]) -> tuple[RewriteRule, ...]:
@@ -64,15 +65,10 @@ def apply_stages(model: ir.Model, stages: Sequence[Stage]) -> dict[str, int]:
     """
     counts: dict[str, int] = {}
     for stage in stages:
-        for rule in stage.rules:
-            counts.setdefault(rule_name(rule), 0)
-        groups: dict[str, list[RewriteRule]] = {}
-        for rule in stage.rules:
-            groups.setdefault(rule_name(rule), []).append(rule)
         fired = 0
-        for name, group in groups.items():
+        for name, group in _by_name(stage).items():
             hits = RewriteRuleSet(group).apply_to_model(model)
-            counts[name] += hits
+            counts[name] = counts.get(name, 0) + hits
             fired += hits
         if fired and stage.shape_inference:
             common.ShapeInferencePass(strict_mode=False)(model)
@@ -83,8 +79,19 @@ def apply_stages(model: ir.Model, stages: Sequence[Stage]) -> dict[str, int]:
     return counts
 
 
+def _by_name(stage: Stage) -> dict[str, list[RewriteRule]]:
+    groups: dict[str, list[RewriteRule]] = {}
+    for rule in stage.rules:
+        groups.setdefault(rule_name(rule), []).append(rule)
+    return groups
+
+
 def _inline_leftovers(model: ir.Model) -> None:
-    """Inline calls to intermediate fused ops that no later rule turned into a real op."""
+    """Inline calls to intermediate fused ops that no later rule turned into a real op.
+
+    onnx-ir's inliner inlines every model-local function; the exporter leaves none, so in
+    practice these are the extracted intermediate ops only.
+    """
     leftovers = [n for n in model.graph.all_nodes() if n.domain == FUSION_DOMAIN]
     if not leftovers:
         return
@@ -102,10 +109,7 @@ def explain_misses(model: ir.Model, stages: Sequence[Stage], counts: dict[str, i
     """
     reasons: dict[str, str] = {}
     for stage in stages:
-        groups: dict[str, list[RewriteRule]] = {}
-        for rule in stage.rules:
-            groups.setdefault(rule_name(rule), []).append(rule)
-        for name, group in groups.items():
+        for name, group in _by_name(stage).items():
             if counts.get(name) or name in reasons:
                 continue
             tracer = MatchingTracer()

@@ -24,6 +24,7 @@ __all__ = ["ORT_STAGES", "rules"]
 
 import numpy as np
 import onnx_ir as ir
+from adapter.passes.fusion._engine import Stage, named
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import attention as ort_attention
 from onnxscript.rewriter.ort_fusions import mha as ort_mha
@@ -31,8 +32,6 @@ from onnxscript.rewriter.ort_fusions import mha_bias as ort_mha_bias
 from onnxscript.rewriter.ort_fusions import mha_scale as ort_mha_scale
 from onnxscript.rewriter.ort_fusions import sdpa as ort_sdpa
 from onnxscript.rewriter.ort_fusions import sdpa_via_mha as ort_sdpa_via_mha
-
-from adapter.passes.fusion._engine import Stage, named
 
 
 def _dims(value: ir.Value | None) -> list | None:
@@ -91,12 +90,16 @@ class CheckedMultiHeadAttention(ort_mha.MultiHeadAttention):
             return result
         q, q4, out = _dims(query_BSD), _dims(bindings.get("query_BSHDh")), _dims(bindings.get("attention_reshaped"))
         if q is None or q4 is None or out is None or len(out) != 3:
-            return result.fail("Attention output is not reshaped back to 3-D [B, S, D].", bindings.get("attention_reshaped"))
+            return result.fail(
+                "Attention output is not reshaped back to 3-D [B, S, D].", bindings.get("attention_reshaped")
+            )
         heads, head_size = q4[2], q4[3]
         if not (isinstance(heads, int) and isinstance(head_size, int)):
             return result.fail("Head count or head size is not static.", bindings.get("query_BSHDh"))
         if not (_same(out[0], q[0]) and _same(out[1], q[1]) and out[2] == heads * head_size):
-            return result.fail(f"Output reshape {out} is not [B, S, {heads * head_size}].", bindings.get("attention_reshaped"))
+            return result.fail(
+                f"Output reshape {out} is not [B, S, {heads * head_size}].", bindings.get("attention_reshaped")
+            )
         if not (isinstance(q[2], int) and q[2] == heads * head_size):
             return result.fail("Query hidden size is not heads x head size.", query_BSD)
         for name in ("key_BSHDh", "value_BSHDh"):

@@ -15,10 +15,9 @@ from __future__ import annotations
 __all__ = ["STAGES", "rules"]
 
 import onnx_ir as ir
+from adapter.passes.fusion._engine import Stage
 from onnxscript.rewriter import MatchResult, RewriteRuleSet
 from onnxscript.rewriter.rules.common import _fuse_batchnorm
-
-from adapter.passes.fusion._engine import Stage
 
 
 def _inference_only(batchnorm_out: ir.Value) -> str | None:

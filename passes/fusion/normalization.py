@@ -2,8 +2,10 @@
 
 Standard domain (any backend): a decomposed layer norm (``ReduceMean``, ``Sub``, ``Pow``,
 ``ReduceMean``, ``Add`` epsilon, ``Sqrt``, ``Div``, ``Mul``, ``Add``) becomes
-``LayerNormalization``; at opset 23 and later a decomposed RMSNorm becomes
-``RMSNormalization`` (onnxscript's rules, matched in either operand order).
+``LayerNormalization`` (onnxscript's rule, here with the reductions' ``keepdims``/axes
+checked rather than spelled in the pattern, so a default-``keepdims`` graph matches too);
+at opset 23 and later a decomposed RMSNorm becomes ``RMSNormalization``. Both are matched
+in either operand order.
 
 ONNX Runtime adds, from onnxscript's ``ort_fusions``: RMSNorm to
 ``SimplifiedLayerNormalization``, and the residual ``Add`` (+ bias) before a norm into
@@ -19,12 +21,11 @@ from __future__ import annotations
 __all__ = ["ORT_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
 
 import onnx_ir as ir
-from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from adapter.passes.fusion._engine import Stage, named
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import rms_normalization as ort_rms
 from onnxscript.rewriter.ort_fusions import skip_normalization as ort_skip
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
-
-from adapter.passes.fusion._engine import Stage, named
 
 
 def _dims(value: ir.Value | None) -> list | None:
@@ -35,6 +36,42 @@ def _same(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a == b
+
+
+def _last_axis(axes: ir.Value | None, rank: int | None) -> bool:
+    values = None if axes is None or axes.const_value is None else axes.const_value.numpy().reshape(-1).tolist()
+    return values == [-1] or (rank is not None and values == [rank - 1])
+
+
+class DecomposedLayerNorm(_layer_norm.LayerNormFusion):
+    """onnxscript's layer-norm rule with the reductions' attributes checked, not spelled.
+
+    The stock pattern spells ``keepdims=1`` and ``axes=[-1]``, so it misses graphs that
+    leave ``keepdims`` at its default (1) or name the last axis by its index.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("layer_norm")
+
+    def pattern(self, op, x, scale, epsilon, mean_axes, var_axes):
+        mean = op.ReduceMean(x, mean_axes, _outputs=["mean"])
+        deviation = op.Sub(x, mean)
+        squared = pattern.OrValue([op.Mul(deviation, deviation), op.Pow(deviation, 2)])
+        variance = op.ReduceMean(squared, var_axes, _outputs=["variance"])
+        std_dev = op.Sqrt(op.Add(variance, epsilon))
+        normalized = pattern.OrValue([op.Mul(deviation, op.Reciprocal(std_dev)), op.Div(deviation, std_dev)])
+        return op.Mul(normalized, scale)
+
+    def check(self, context, x, epsilon, mean, variance, mean_axes, var_axes, **_) -> MatchResult:
+        result = MatchResult()
+        rank = None if x.shape is None else x.shape.rank()
+        for reduced, axes in ((mean, mean_axes), (variance, var_axes)):
+            attributes = reduced.producer().attributes
+            if attributes.get_int("keepdims", 1) != 1:
+                return result.fail("A reduction drops the reduced axis (keepdims=0).", reduced)
+            if not _last_axis(axes, rank):
+                return result.fail("A reduction is not over the last axis only.", axes)
+        return super().check(context, x, epsilon)
 
 
 class SkipLayerNormBroadcast(RewriteRuleClassBase):
@@ -86,7 +123,7 @@ class SkipLayerNormBroadcast(RewriteRuleClassBase):
 _broadcast = SkipLayerNormBroadcast.rule()
 
 STANDARD_STAGES = (
-    Stage(named("layer_norm", RewriteRuleSet([_layer_norm._layer_norm_rule], commute=True).rules)),
+    Stage(tuple(RewriteRuleSet([DecomposedLayerNorm.rule()], commute=True).rules)),
     Stage(named("layer_norm_bias", RewriteRuleSet([_layer_norm._layer_norm_with_bias_rule], commute=True).rules)),
 )
 """Decomposed layer norm to ``LayerNormalization`` (then its trailing bias ``Add`` into it)."""
@@ -102,4 +139,4 @@ ORT_STAGES = (
 )
 """ONNX Runtime: layer norm, RMSNorm to SimplifiedLayerNormalization, then the skip forms."""
 
-rules = RewriteRuleSet([_broadcast])
+rules = RewriteRuleSet([DecomposedLayerNorm.rule(), _broadcast])

@@ -20,11 +20,10 @@ __all__ = ["ORT_STAGES", "rules"]
 
 import numpy as np
 import onnx_ir as ir
+from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, named
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import cos_sin_cache as ort_cos_sin_cache
 from onnxscript.rewriter.ort_fusions import rotary_embedding as ort_rotary
-
-from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, named
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -88,13 +87,14 @@ class CosSinCacheBroadcast(RewriteRuleClassBase):
             interleaved=interleaved.value, num_heads=num_heads.value, _domain="com.microsoft",
         )  # fmt: skip
 
-
     def _cos_sin(self, op, position_ids, inv_freq) -> tuple[ir.Value, ir.Value]:
         """``cos``/``sin`` of ``range(max(position_ids) + 1) x inv_freq`` (times the scale)."""
         freqs = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1)
         count = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value=ir.tensor(np.array(1, np.int64))))
         steps = op.Range(
-            op.Constant(value=ir.tensor(np.array(0, np.int64))), count, op.Constant(value=ir.tensor(np.array(1, np.int64)))
+            op.Constant(value=ir.tensor(np.array(0, np.int64))),
+            count,
+            op.Constant(value=ir.tensor(np.array(1, np.int64))),
         )
         angles = op.MatMul(
             op.Cast(op.Unsqueeze(steps, op.Constant(value_ints=[1])), to=ir.DataType.FLOAT),
