@@ -19,7 +19,7 @@ from typing import Any
 import onnx_ir as ir
 
 from adapter._precision import PrecisionResult, lower_precision
-from adapter._timing import median_ms
+from adapter._timing import median_ms, paired_median_ms
 from adapter.backends import BACKENDS, get_backend
 from adapter.backends.base import EngineBase, unsupported_nodes
 from adapter.errors import AdapterError, UnsupportedOpsError
@@ -53,6 +53,10 @@ class Candidate:
         """JSON-ready figures for the manifest's candidate table."""
         worst = (self.verification or {}).get("worst", {})
         fused = {k: v for r in self.records for k, v in r.counters.items() if isinstance(v, int) and v}
+        created: dict[str, int] = {}  # net new ops from the fusion passes, e.g. com.microsoft::Attention 6
+        for record in self.records:
+            for op, delta in record.op_delta.items():
+                created[op] = created.get(op, 0) + delta
         return {
             "backend": self.name,
             "version": self.version,
@@ -63,6 +67,7 @@ class Candidate:
             "max_abs": max((w["max_abs"] for w in worst.values()), default=None),
             "cosine": min((w["cosine"] for w in worst.values()), default=None),
             "fusions": fused,
+            "fused_ops": {op: n for op, n in sorted(created.items()) if n > 0},
             "problem": self.problem,
         }
 
@@ -133,8 +138,11 @@ def build_candidate(
     return found
 
 
-def choose(candidates: list[Candidate], staged: Path) -> Candidate:
+def choose(candidates: list[Candidate], staged: Path, feed: dict[str, Any] | None = None) -> Candidate:
     """Keep the fastest candidate that verified; move its files into ``staged``.
+
+    With several candidates and a ``feed``, they are timed again in alternation (every
+    engine sees the same background load), and those medians decide.
 
     Raises:
         AdapterError: No candidate could be built (the first one's error, with the
@@ -147,6 +155,10 @@ def choose(candidates: list[Candidate], staged: Path) -> Candidate:
             others = "; ".join(f"{c.name}: {c.problem}" for c in candidates[1:])
             first.message = f"No backend could build this model. {candidates[0].name}: {first.message} Also {others}"
         raise first
+    if len(good) > 1 and feed is not None:
+        times = paired_median_ms({c.name: (lambda e=c.engine: e.run(feed)) for c in good}, repeats=30, budget_s=20.0)
+        for c in good:
+            c.latency_ms = times[c.name]
     best = min(good, key=lambda c: c.latency_ms if c.latency_ms is not None else float("inf"))
     engine = best.engine
     engine.save(staged)

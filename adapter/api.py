@@ -225,14 +225,14 @@ def convert(
                         workdir,
                         artifact.cache_root() / "calibration",
                         say,
-                        measure=options.benchmark or len(names) > 1,
+                        measure=options.benchmark and len(names) == 1,
                     )
                 )
             except AdapterError as exc:
                 if len(names) == 1:
                     raise
                 candidates.append(Candidate(name, versions.get(name, ""), problem=str(exc), error=exc))
-        best = choose(candidates, staged)
+        best = choose(candidates, staged, imported.example_inputs)
         drop_workdirs(staged / ".candidates")
         engine, lowered, model = best.engine, best.lowered, best.model
         if lowered:

@@ -91,7 +91,7 @@ def render_candidates(console: Console, backend: dict[str, Any]) -> None:
     for col in ("backend", "precision", "latency ms", "max-abs", "cosine", "fusions", "result"):
         table.add_column(col, justify="right" if col in ("latency ms", "max-abs", "cosine") else "left")
     for c in candidates:
-        fusions = ", ".join(f"{k} {v}" for k, v in (c.get("fusions") or {}).items())
+        fusions = ", ".join(f"{op.rpartition(':')[2]} {n}" for op, n in (c.get("fused_ops") or {}).items())
         result = (
             "[bold green]kept[/]"
             if c["chosen"]

@@ -1,6 +1,6 @@
 """Backends (installed as ``adapter.backends``): one module each, same surface.
 
-Each backend module defines ``NAME``, ``available()``, ``version()``,
+Each backend module defines ``NAME``, ``PASSES`` (its fusion pipeline), ``version()``,
 ``supports(node, model, profile)``, ``compile(model, profile, options, specs, workdir)``
 and an ``Engine`` class with ``save``, ``load`` and ``run``. Vendor SDKs are imported
 inside the module that needs them.

@@ -8,7 +8,7 @@ on the machine are applied at load). Threads come from the target profile.
 
 from __future__ import annotations
 
-__all__ = ["NAME", "Options", "version", "require", "supports", "compile", "Engine"]
+__all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import functools
 from dataclasses import asdict, dataclass
@@ -27,6 +27,8 @@ from adapter.specs import TensorSpec
 NAME = "onnxruntime"
 PROVIDER = "CPUExecutionProvider"
 MODEL_FILE = "model.onnx"
+PASSES = ("fusion-ort",)
+"""Fusion pipeline run on this backend's copy of the canonical graph: ONNX Runtime's com.microsoft fused ops (Attention, SkipLayerNormalization, BiasGelu, ...)."""
 OPTIMIZED_FILE = "model.ort-optimized.onnx"
 
 _GRAPH_LEVEL_OPS = frozenset({"Constant"})

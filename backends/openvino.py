@@ -9,7 +9,7 @@ the artifact (``ov_cache/``), so loading an artifact skips recompilation.
 
 from __future__ import annotations
 
-__all__ = ["NAME", "Options", "version", "require", "supports", "compile", "Engine"]
+__all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import functools
 from dataclasses import asdict, dataclass
@@ -28,6 +28,8 @@ from adapter.specs import TensorSpec
 
 NAME = "openvino"
 MODEL_FILE = "model.onnx"
+PASSES = ("fusion-standard",)
+"""Fusion pipeline run on this backend's copy of the canonical graph: standard-domain fusions only: OpenVINO fuses attention itself."""
 CACHE_DIR = "ov_cache"
 _PRECISIONS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
 
