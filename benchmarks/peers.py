@@ -10,7 +10,7 @@ adapter's engines: the default (``--backend auto``), FP32 on ONNX Runtime, BF16 
 host computes it, and with ``--int8`` the precision issue's INT8 plan (MiniLM,
 ``--precision auto --accuracy-budget cos>=0.995``, calibrated on the project's sentences).
 
-Every row: median latency after warm-up, throughput, speedup vs eager, ratio to the
+Every row: median latency after warm-up (all engines timed in alternation), throughput, speedup vs eager, ratio to the
 fastest peer (peers are everything that is not adapter), per-token cosine to eager FP32
 (mean and min over the first output's last axis), and achieved FLOP/s (FLOPs counted by
 torch's FlopCounterMode on the eager model) as a fraction of the host profile's measured
@@ -34,7 +34,7 @@ import torch
 import adapter
 from adapter import ConvertOptions, convert, load
 from adapter._precision import PrecisionOptions
-from adapter._timing import median_ms
+from adapter._timing import paired_median_ms
 
 torch.set_num_threads(len(os.sched_getaffinity(0)))  # every peer gets every CPU
 
@@ -186,7 +186,8 @@ def _adapter_engines(name: str, source: str, out: Path, host_bf16: bool, int8: b
     return built
 
 
-def bench_model(name: str, args, host, out: Path) -> list[dict]:
+def build_runs(name: str, args, host, out: Path, folder: Path):
+    """Every engine for one zoo model: (runs by label, peer labels, module, inputs, seq)."""
     from adapter import zoo
 
     source = f"adapter.zoo:{name}"
@@ -194,26 +195,35 @@ def bench_model(name: str, args, host, out: Path) -> list[dict]:
     host_bf16 = "bf16" in host.precisions
     seq = args.seq if "input_ids" in inputs else None
     print(f"{name}: exporting the peers' ONNX and building adapter's engines")
+    plain, fused = _export(module, inputs, dynamic, folder)
+    makers: dict[str, Callable[[], Run]] = dict(_torch_runs(module, args.compile))
+    makers["ONNX Runtime FP32"] = _ort(plain, host.cores)
+    makers["ONNX Runtime FP32 + onnxscript fusions"] = _ort(fused, host.cores)
+    makers["OpenVINO FP32"] = _openvino(plain, "f32", host.cores)
+    if host_bf16:
+        makers["OpenVINO BF16"] = _openvino(plain, "bf16", host.cores)
+    peers = set(makers)
+    makers.update(_adapter_engines(name, source, out, host_bf16, args.int8))
+    return {label: make() for label, make in makers.items()}, peers, module, inputs, seq
+
+
+def bench_model(name: str, args, host, out: Path) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix=f"peers-{name}-") as tmp:
-        plain, fused = _export(module, inputs, dynamic, Path(tmp))
-        makers: dict[str, Callable[[], Run]] = dict(_torch_runs(module, args.compile))
-        makers["ONNX Runtime FP32"] = _ort(plain, host.cores)
-        makers["ONNX Runtime FP32 + onnxscript fusions"] = _ort(fused, host.cores)
-        makers["OpenVINO FP32"] = _openvino(plain, "f32", host.cores)
-        if host_bf16:
-            makers["OpenVINO BF16"] = _openvino(plain, "bf16", host.cores)
-        peers = set(makers)
-        makers.update(_adapter_engines(name, source, out, host_bf16, args.int8))
-        runs = {label: make() for label, make in makers.items()}
+        runs, peers, module, inputs, seq = build_runs(name, args, host, out, Path(tmp))
         rows = []
         for batch in args.batches:
             feed = _feeds(inputs, batch, seq)
             want = runs["PyTorch eager FP32"](feed)
             flops = _flops(module, feed)
+            # every engine timed in alternation, so background load hits all of them alike
+            times = paired_median_ms(
+                {label: (lambda r=run, f=feed: r(f)) for label, run in runs.items()},
+                warmup=5, repeats=args.repeats, budget_s=args.budget * len(runs),
+            )  # fmt: skip
             case = []
             for label, run in runs.items():
                 mean_cos, min_cos = _cosines(run(feed), want)
-                ms = median_ms(lambda r=run, f=feed: r(f), warmup=5, repeats=args.repeats, budget_s=args.budget)
+                ms = times[label]
                 case.append({"model": name, "batch": batch, "seq": seq, "engine": label, "peer": label in peers,
                              "latency_ms": ms, "throughput": batch * 1e3 / ms, "cos_mean": mean_cos, "cos_min": min_cos,
                              "flops": flops, "achieved_flops": flops / (ms * 1e-3)})  # fmt: skip

@@ -1,0 +1,31 @@
+"""The peer benchmark's short run (few repeats, a small zoo model), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("peers", None)
+    import peers
+
+    out = tmp_path / "peers.json"
+    args = ["--models", "vit", "--batches", "1,2", "--repeats", "3", "--budget", "1", "--no-compile"]
+    assert peers.main([*args, "--out", str(tmp_path / "engines"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "vit batch 1" in printed and "vs fastest peer" in printed
+    rows = json.loads(out.read_text())["rows"]
+    engines = {r["engine"] for r in rows}
+    assert {"PyTorch eager FP32", "ONNX Runtime FP32", "OpenVINO FP32", "adapter FP32 onnxruntime"} <= engines
+    assert any(e.startswith("adapter default (auto) -> ") for e in engines)
+    for r in rows:
+        assert r["latency_ms"] > 0 and r["flops"] > 0 and 0 < r["peak_fraction"]
+        if "BF16" not in r["engine"]:  # FP32 engines agree with eager
+            assert r["cos_min"] > 0.9999, r
+    fastest = [r for r in rows if r["peer"] and r["ratio_to_fastest_peer"] == 1.0]
+    assert len(fastest) == 2  # one per batch size
