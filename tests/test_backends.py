@@ -9,6 +9,12 @@ import torch
 from adapter import ConvertOptions, convert, load
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(fresh_cache):
+    """Engines built here never serve (or come from) other tests' conversions."""
+    return fresh_cache
+
+
 def _eager(factory, feed: dict[str, np.ndarray]) -> np.ndarray:
     module, _, _ = factory()
     with torch.inference_mode():

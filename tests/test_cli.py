@@ -51,7 +51,7 @@ def test_unknown_backend_is_a_clear_error(cli, tmp_path):
     assert code == 5 and "Unknown backend 'warp-drive'" in err and "onnxruntime" in err
 
 
-def test_convert_info_run_round_trip(cli, tmp_path):
+def test_convert_info_run_round_trip(cli, tmp_path, fresh_cache):
     out = tmp_path / "mlp"
     code, stdout, err = cli("convert", "models:mlp", "-o", out)
     assert code == 0, err

@@ -120,6 +120,37 @@ class SkipLayerNormBroadcast(RewriteRuleClassBase):
         return normalized, total
 
 
+class UnfuseLoneRmsNorm(RewriteRuleClassBase):
+    """A ``SimplifiedLayerNormalization`` no skip rule consumed, back to standard ops.
+
+    ONNX Runtime registers that op in the standard domain, where ONNX's checker has no
+    schema for it before opset 23's ``RMSNormalization``: an artifact keeping it is not
+    valid ONNX. Only the skip forms (``com.microsoft``) stay fused.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("rms_norm_unfused")
+
+    def pattern(self, op, x, scale):
+        return op.SimplifiedLayerNormalization(x, scale, _outputs=["normalized"])
+
+    def check(self, context, x, scale, normalized, **_) -> MatchResult:
+        result = MatchResult()
+        node = normalized.producer()
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+            return result.fail("Not the standard-domain op, or its extra outputs are used.", normalized)
+        if node.attributes.get_int("axis", -1) != -1 or node.attributes.get_int("stash_type", 1) != 1:
+            return result.fail("Normalizes an axis other than the last, or not in float.", normalized)
+        return result
+
+    def rewrite(self, op, x, scale, normalized, **_):
+        epsilon = normalized.producer().attributes.get_float("epsilon", 1e-5)
+        axes = op.Constant(value=ir.tensor([-1], dtype=ir.DataType.INT64))
+        mean_square = op.ReduceMean(op.Mul(x, x), axes, keepdims=1)
+        eps = op.Constant(value=ir.tensor(epsilon, dtype=x.dtype or ir.DataType.FLOAT))
+        return op.Mul(op.Div(x, op.Sqrt(op.Add(mean_square, eps))), scale)
+
+
 _broadcast = SkipLayerNormBroadcast.rule()
 
 STANDARD_STAGES = (
@@ -136,7 +167,9 @@ ORT_STAGES = (
     Stage(named("rms_norm", ort_rms.rms_normalization_ruleset.rules)),
     Stage((*named("skip_layer_norm", ort_skip.skip_layer_normalization_ruleset.rules), _broadcast)),
     Stage(named("skip_rms_norm", ort_skip.skip_rms_normalization_ruleset.rules)),
+    Stage((UnfuseLoneRmsNorm.rule(),)),
 )
-"""ONNX Runtime: layer norm, RMSNorm to SimplifiedLayerNormalization, then the skip forms."""
+"""ONNX Runtime: layer norm, RMSNorm to SimplifiedLayerNormalization, then the skip forms;
+an RMSNorm left without a skip is written back in standard ops (see UnfuseLoneRmsNorm)."""
 
 rules = RewriteRuleSet([DecomposedLayerNorm.rule(), _broadcast])
