@@ -141,7 +141,7 @@ def build_candidate(
 def choose(candidates: list[Candidate], staged: Path, feed: dict[str, Any] | None = None) -> Candidate:
     """Keep the fastest candidate that verified; move its files into ``staged``.
 
-    With several candidates and a ``feed``, they are timed again in alternation (every
+    With several candidates and a ``feed``, they are timed again in rotating blocks (every
     engine sees the same background load), and those medians decide.
 
     Raises:

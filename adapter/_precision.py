@@ -144,7 +144,7 @@ class _Backend:
         return self.engine(model, hint).run
 
     def against(self, model: onnx.ModelProto, hint: str, reference, feed) -> tuple[float, float]:
-        """(model's ms, reference engine's ms), timed in alternation on ``feed``."""
+        """(model's ms, reference engine's ms), timed in rotating blocks on ``feed``."""
         engine = self.engine(model, hint)
         times = paired_median_ms(
             {"model": lambda: engine.run(feed), "reference": lambda: reference.run(feed)}, repeats=20
@@ -226,7 +226,7 @@ def lower_precision(
                             "kept_fp32": 0,
                             "latency_ms": None,
                             "accuracy": None,
-                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({reference_ms:.2f} ms, timed in alternation)",
+                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({reference_ms:.2f} ms, timed in rotating blocks)",
                         }
                     )
                     continue

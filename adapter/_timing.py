@@ -26,23 +26,30 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15, budg
 
 
 def paired_median_ms(
-    fns: dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 15, budget_s: float = 10.0
+    fns: dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 15, budget_s: float = 10.0, rounds: int = 3
 ) -> dict[str, float]:
-    """Median latency of each function, measured in alternation.
+    """Median latency of each function, measured in rotating blocks.
 
-    Interleaving the calls exposes every function to the same background load, so their
-    ratio holds on a busy machine where back-to-back medians would not.
+    Each round runs every function as one block (warm-up, then its share of the repeats),
+    the order rotating between rounds, so slow drift in background load reaches all of
+    them alike. Blocks rather than single alternating calls: runtimes keep their worker
+    threads spinning for a while after a call, and on a small machine those spinning
+    threads would slow whichever runtime runs next.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    spent = time.perf_counter()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-        if len(samples[next(iter(fns))]) >= 3 and time.perf_counter() - spent > budget_s:
-            break
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    per_block = max(1, -(-repeats // rounds))
+    deadline = time.perf_counter() + budget_s
+    for round_index in range(rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            fn = fns[name]
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_block):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+                if len(samples[name]) >= round_index + 1 and time.perf_counter() > deadline:
+                    break
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -10,7 +10,7 @@ adapter's engines: the default (``--backend auto``), FP32 on ONNX Runtime, BF16 
 host computes it, and with ``--int8`` the precision issue's INT8 plan (MiniLM,
 ``--precision auto --accuracy-budget cos>=0.995``, calibrated on the project's sentences).
 
-Every row: median latency after warm-up (all engines timed in alternation), throughput, speedup vs eager, ratio to the
+Every row: median latency after warm-up (all engines timed in rotating blocks), throughput, speedup vs eager, ratio to the
 fastest peer (peers are everything that is not adapter), per-token cosine to eager FP32
 (mean and min over the first output's last axis), and achieved FLOP/s (FLOPs counted by
 torch's FlopCounterMode on the eager model) as a fraction of the host profile's measured
@@ -215,7 +215,7 @@ def bench_model(name: str, args, host, out: Path) -> list[dict]:
             feed = _feeds(inputs, batch, seq)
             want = runs["PyTorch eager FP32"](feed)
             flops = _flops(module, feed)
-            # every engine timed in alternation, so background load hits all of them alike
+            # every engine timed in rotating blocks, so background load hits all of them alike
             times = paired_median_ms(
                 {label: (lambda r=run, f=feed: r(f)) for label, run in runs.items()},
                 warmup=5, repeats=args.repeats, budget_s=args.budget * len(runs),

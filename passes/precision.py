@@ -141,9 +141,13 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
         if mode == "fp16":
             take = node.domain in ("", "ai.onnx") and node.op_type not in KEEP_FP32_OPS
         elif mode in ("int8", "fp8", "int8-dynamic", "int4-weight"):
-            # ONNX Runtime's dynamic quantizer and MatMulNBits take MatMul only (not Gemm).
+            # ONNX Runtime's dynamic quantizer and MatMulNBits take MatMul only (not Gemm);
+            # the dynamic quantizer also takes the fused com.microsoft Attention (QAttention),
+            # whose packed QKV weight is input 1.
             ops = {"MatMul"} if mode in ("int4-weight", "int8-dynamic") else set(_WEIGHT_OPS)
-            take = node.op_type in ops and node.domain in ("", "ai.onnx") and len(node.input) > 1 and node.input[_WEIGHT_OPS[node.op_type]] in inits
+            standard = node.domain in ("", "ai.onnx") and node.op_type in ops
+            fused = mode == "int8-dynamic" and node.domain == "com.microsoft" and node.op_type == "Attention"
+            take = (standard or fused) and len(node.input) > 1 and node.input[1] in inits
         else:
             take = False
         if take:
