@@ -58,10 +58,17 @@ def test_budget_parsing():
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("cos>0.9", "Cannot read"), ("cosine>=0.9", "Unknown accuracy metric"), ("cos<=0.9", "wrong way"), ("max_abs<=x", "Cannot read")],
+    [
+        ("cos>0.9", "Cannot read"),
+        ("cosine>=0.9", "Unknown accuracy metric"),
+        ("cos<=0.9", "wrong way"),
+        ("max_abs<=x", "Cannot read"),
+    ],
 )
 def test_malformed_budget(cli, tmp_path, text, needle):
-    code, _, err = cli("convert", "models:mlp", "--precision", "int8-dynamic", "--accuracy-budget", text, "-o", tmp_path / "o")
+    code, _, err = cli(
+        "convert", "models:mlp", "--precision", "int8-dynamic", "--accuracy-budget", text, "-o", tmp_path / "o"
+    )
     assert code == 2 and needle in err and "Traceback" not in err
 
 
@@ -122,7 +129,18 @@ def test_plan_round_trips_and_reproduces_the_engine(tmp_path, calib_dir):
 
 
 def test_budget_no_plan_can_meet(cli, tmp_path, calib_dir):
-    code, _, err = cli("convert", "models:sensitive", "--precision", "int8", "--accuracy-budget", "max_abs<=1e-12", "--calib", calib_dir, "-o", tmp_path / "o")
+    code, _, err = cli(
+        "convert",
+        "models:sensitive",
+        "--precision",
+        "int8",
+        "--accuracy-budget",
+        "max_abs<=1e-12",
+        "--calib",
+        calib_dir,
+        "-o",
+        tmp_path / "o",
+    )
     assert code == 11 and "No precision plan holds the budget max_abs<=1e-12" in err and "Best plans found: int8" in err
     assert not (tmp_path / "o").exists()
 
@@ -147,7 +165,12 @@ def test_fp8_needs_a_target_with_fp8(cli, tmp_path):
 
 
 def test_fp8_artifact_is_valid_onnx_and_runs(tmp_path, calib_dir):
-    options = ConvertOptions(benchmark=False, target="nvidia-h100", backend="onnxruntime", precision=PrecisionOptions(mode="fp8", calib=str(calib_dir)))
+    options = ConvertOptions(
+        benchmark=False,
+        target="nvidia-h100",
+        backend="onnxruntime",
+        precision=PrecisionOptions(mode="fp8", calib=str(calib_dir)),
+    )
     result = convert("models:calm", tmp_path / "e", options)
     model = onnx.load(str(tmp_path / "e" / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -213,7 +236,11 @@ def test_half_precision_minilm(tmp_path, mode, backend):
     import adapter
 
     sentences = Path(adapter.__file__).parent / "data" / "sentences.txt"
-    options = ConvertOptions(benchmark=False, backend=backend, precision=PrecisionOptions(mode=mode, calib_text=str(sentences), max_samples=64))
+    options = ConvertOptions(
+        benchmark=False,
+        backend=backend,
+        precision=PrecisionOptions(mode=mode, calib_text=str(sentences), max_samples=64),
+    )
     result = convert("adapter.zoo:minilm", tmp_path / "e", options)
     report = result.manifest["precision"]
     for figures in report["accuracy"].values():
@@ -224,7 +251,18 @@ def test_half_precision_minilm(tmp_path, mode, backend):
 
 
 def test_report_lists_precision_kept_layers_accuracy_speed_and_size(cli, tmp_path, calib_dir):
-    code, out, err = cli("convert", "models:sensitive", "--precision", "int8", "--accuracy-budget", "cos>=0.99", "--calib", calib_dir, "-o", tmp_path / "o")
+    code, out, err = cli(
+        "convert",
+        "models:sensitive",
+        "--precision",
+        "int8",
+        "--accuracy-budget",
+        "cos>=0.99",
+        "--calib",
+        calib_dir,
+        "-o",
+        tmp_path / "o",
+    )
     assert code == 0, err
     assert "Precision: int8 (asked: int8; budget cos>=0.99,cos_min>=0.96)" in out
     assert "kept FP32 (" in out and "layers.2" in out
@@ -233,8 +271,24 @@ def test_report_lists_precision_kept_layers_accuracy_speed_and_size(cli, tmp_pat
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_int8_calibration_methods(tmp_path, calib_dir, method):
-    result = convert("models:sensitive", tmp_path / "e", _opts(mode="int8", budget="cos>=0.99", calib=str(calib_dir), calibrate_method=method))
+    result = convert(
+        "models:sensitive",
+        tmp_path / "e",
+        _opts(mode="int8", budget="cos>=0.99", calib=str(calib_dir), calibrate_method=method),
+    )
     plan = json.loads((tmp_path / "e" / "plan.json").read_text())
     assert plan["options"]["calibrate_method"] == method
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.node)
     assert result.manifest["precision"]["accuracy"]["output"]["finite"]
+
+
+def test_int8_dynamic_quantizes_fused_attention(tmp_path):
+    """After fusion-ort, the QKV projection lives inside com.microsoft Attention: INT8
+    dynamic turns it into QAttention instead of leaving a quarter of the FLOPs in FP32."""
+    options = ConvertOptions(benchmark=False, backend="onnxruntime", precision=PrecisionOptions(mode="int8-dynamic"))
+    result = convert("adapter.zoo:vit", tmp_path / "e", options)
+    model = onnx.load(str(tmp_path / "e" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QAttention") == 2 and "Attention" not in ops  # the zoo ViT has two layers
+    assert result.manifest["precision"]["accuracy"]["logits"]["cos"] > 0.99
+    assert result.manifest["verification"]["passed"]

@@ -147,3 +147,8 @@ class OrtAttentionFusion(FusionPass):
 
     def stages(self, model: ir.Model) -> Sequence[Stage]:
         return attention.ORT_STAGES
+
+    def apply(self, model: ir.Model) -> dict[str, Any]:
+        counts = super().apply(model)
+        counts["equal_qkv_sizes_implied"] = attention.drop_equal_qkv_sizes(model)
+        return counts

@@ -20,7 +20,7 @@ into ``Attention``. What this file adds, because the stock rules miss the zoo's 
 
 from __future__ import annotations
 
-__all__ = ["ORT_STAGES", "rules"]
+__all__ = ["ORT_STAGES", "drop_equal_qkv_sizes", "rules"]
 
 import numpy as np
 import onnx_ir as ir
@@ -185,3 +185,20 @@ ORT_STAGES = (
 """The ONNX Runtime attention chain, in order (``sdpa_via_mha`` takes SDPA left unclaimed)."""
 
 rules = RewriteRuleSet([_reassociate, _packed, *_mha_rules()])
+
+
+def drop_equal_qkv_sizes(model: ir.Model) -> int:
+    """Remove ``qkv_hidden_sizes`` from ``Attention`` nodes where Q, K and V are equal.
+
+    Equal sizes are the op's default, so the graph means the same; ONNX Runtime's dynamic
+    quantizer refuses to turn an Attention carrying the attribute into ``QAttention``.
+    Returns how many nodes changed.
+    """
+    changed = 0
+    for node in model.graph.all_nodes():
+        if node.domain == "com.microsoft" and node.op_type == "Attention" and "qkv_hidden_sizes" in node.attributes:
+            sizes = node.attributes["qkv_hidden_sizes"].as_ints()
+            if len(set(sizes)) == 1:
+                del node.attributes["qkv_hidden_sizes"]
+                changed += 1
+    return changed
