@@ -143,10 +143,15 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
         elif mode in ("int8", "fp8", "int8-dynamic", "int4-weight"):
             # ONNX Runtime's dynamic quantizer and MatMulNBits take MatMul only (not Gemm);
             # the dynamic quantizer also takes the fused com.microsoft Attention (QAttention),
-            # whose packed QKV weight is input 1.
+            # whose packed QKV weight is input 1 -- but only without inputs past index 4:
+            # QAttention has no attention_bias, and ORT 1.32's quantizer silently drops it,
+            # which loses the padding mask (seen: MiniLM cosine 0.57 on padded inputs).
             ops = {"MatMul"} if mode in ("int4-weight", "int8-dynamic") else set(_WEIGHT_OPS)
             standard = node.domain in ("", "ai.onnx") and node.op_type in ops
-            fused = mode == "int8-dynamic" and node.domain == "com.microsoft" and node.op_type == "Attention"
+            fused = (
+                mode == "int8-dynamic" and node.domain == "com.microsoft" and node.op_type == "Attention"
+                and not any(node.input[5:])
+            )  # fmt: skip
             take = (standard or fused) and len(node.input) > 1 and node.input[1] in inits
         else:
             take = False
