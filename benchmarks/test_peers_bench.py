@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytest
-
 import peers
+import pytest
 
 ARGS = argparse.Namespace(seq=128, compile=True, int8=False)
 

@@ -285,9 +285,8 @@ def test_int8_calibration_methods(tmp_path, calib_dir, method):
 def test_int8_dynamic_leaves_attention_with_a_mask_bias_alone():
     """QAttention has no attention_bias input: an Attention whose padding mask arrives
     there must stay FP32 (ORT's quantizer would drop the mask without a word)."""
-    from onnx import TensorProto, helper
-
     from adapter.passes.precision import candidate_nodes
+    from onnx import TensorProto, helper
 
     def attention(name, extra):
         return helper.make_node(
