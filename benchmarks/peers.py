@@ -40,6 +40,8 @@ torch.set_num_threads(len(os.sched_getaffinity(0)))  # every peer gets every CPU
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
+FAILED: dict[str, dict[str, str]] = {}
+"""Engines that could not load a model, per model: reported in the JSON."""
 
 
 def _feeds(inputs: dict[str, torch.Tensor], batch: int, seq: int | None) -> dict[str, np.ndarray]:
@@ -193,7 +195,10 @@ def build_runs(name: str, args, host, out: Path, folder: Path):
     source = f"adapter.zoo:{name}"
     module, inputs, dynamic = getattr(zoo, name)()
     host_bf16 = "bf16" in host.precisions
-    seq = args.seq if "input_ids" in inputs else None
+    seq = None
+    if "input_ids" in inputs:  # at most the sequence range the model declares (gpt2's zoo config: 64)
+        limit = getattr(dynamic["input_ids"].get(1), "max", None)
+        seq = min(args.seq, limit) if limit else args.seq
     print(f"{name}: exporting the peers' ONNX and building adapter's engines")
     plain, fused = _export(module, inputs, dynamic, folder)
     makers: dict[str, Callable[[], Run]] = dict(_torch_runs(module, args.compile))
@@ -204,7 +209,14 @@ def build_runs(name: str, args, host, out: Path, folder: Path):
         makers["OpenVINO BF16"] = _openvino(plain, "bf16", host.cores)
     peers = set(makers)
     makers.update(_adapter_engines(name, source, out, host_bf16, args.int8))
-    return {label: make() for label, make in makers.items()}, peers, module, inputs, seq
+    runs = {}
+    for label, make in makers.items():
+        try:
+            runs[label] = make()
+        except Exception as exc:  # a peer that cannot even load the model is reported, not fatal
+            print(f"  {label}: FAILED to build: {str(exc).strip().splitlines()[-1][:300]}")
+            FAILED.setdefault(name, {})[label] = str(exc).strip().splitlines()[-1][:300]
+    return runs, peers & set(runs), module, inputs, seq
 
 
 def bench_model(name: str, args, host, out: Path) -> list[dict]:
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
+        "failed": FAILED,
     }  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
