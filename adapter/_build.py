@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = ["AUTO", "Candidate", "auto_candidates", "build_candidate", "choose"]
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,20 @@ class Candidate:
         }
 
 
+QUANTIZE_BEFORE_FUSION = frozenset({"int8", "int8-dynamic", "int4-weight", "fp8", "auto"})
+"""Precision modes lowered before the backend's fusion passes (see build_candidate)."""
+
+
+def _requested_mode(precision: Any) -> str:
+    """The mode asked for: the plan file's when one is given."""
+    if precision.plan:
+        try:
+            return json.loads(Path(precision.plan).read_text()).get("mode", precision.mode)
+        except (OSError, ValueError, AttributeError):
+            return precision.mode  # lower_precision reports the bad file
+    return precision.mode
+
+
 def auto_candidates(profile: Any) -> list[str]:
     """The backends ``auto`` tries for a profile: those it lists that adapter implements."""
     names = [name for name in getattr(profile, "backends", {}) if name in BACKENDS]
@@ -103,7 +118,11 @@ def build_candidate(
     backend = get_backend(name)
     found = Candidate(name, backend.version())
     model = canonical.clone()  # each backend fuses and lowers its own copy
-    if options.passes is None and getattr(backend, "PASSES", ()):
+    fuse = options.passes is None and bool(getattr(backend, "PASSES", ()))
+    # Weight quantization goes first: fused ops (Attention packs the Q/K/V projections)
+    # would hide MatMuls from the quantizer. FP16/BF16 lower the fused graph.
+    quantize_first = _requested_mode(options.precision) in QUANTIZE_BEFORE_FUSION
+    if fuse and not quantize_first:
         say(f"{name}: fusion passes")
         found.records = run_pipeline(model, build_pipeline(list(backend.PASSES)))
     missing = unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
@@ -112,6 +131,12 @@ def build_candidate(
     say(f"{name}: precision")
     found.lowered = lower_precision(imported, model, profile, backend, name, options.precision, calibration_cache, say)
     found.model = found.lowered.model if found.lowered else model
+    if fuse and quantize_first:
+        say(f"{name}: fusion passes")
+        found.records = run_pipeline(found.model, build_pipeline(list(backend.PASSES)))
+        missing = unsupported_nodes(found.model, lambda n, m: backend.supports(n, m, profile))
+        if missing:
+            raise UnsupportedOpsError(name, missing)
     overrides = dict(options.backend_options)
     if found.lowered and "precision" in backend.Options.__dataclass_fields__:
         overrides.setdefault("precision", found.lowered.backend_precision)
