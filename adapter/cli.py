@@ -194,6 +194,39 @@ def convert(
     )
 
 
+@cli.command()
+@click.argument("source")
+@click.option("-t", "--target", default="host", show_default=True, help="Target profile name or .toml file.")
+@click.option("-b", "--backend", default=None, help="Backend to check; default: the profile's (auto: every listed one).")
+@click.option("--dynamic", multiple=True, metavar="INPUT:AXIS=NAME[MIN..MAX],...", help="Dynamic axes, as for convert.")
+@click.option("--trust-source", is_flag=True, help="Allow a .pt2 that unpickles objects (only files you made).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def check(ctx, source, target, backend, dynamic, trust_source, as_json):
+    """Pre-flight: list every node each candidate backend cannot run, with fixes.
+
+    Nothing is compiled. Exits 4 when the chosen backend (with auto: every
+    candidate) cannot run the model.
+
+    \b
+    Examples:
+      adapter check adapter.zoo:minilm
+      adapter check model.onnx --target intel-xeon-spr --backend openvino --json
+    """
+    from adapter.check import check as run_check
+    from adapter.report import render_check
+
+    with err.status("checking…") as status:
+        report = run_check(source, target, backend, tuple(dynamic), trust_source, progress=lambda s: status.update(f"{s}…"))
+    data = report.to_json()
+    if as_json:
+        _print_json(data)
+    else:
+        render_check(out, data)
+    if not report.ok:
+        ctx.exit(4)
+
+
 def _load_npz(path: Path) -> dict:
     import numpy as np
 
@@ -328,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into one-paragraph messages."""
     _state["debug"] = os.environ.get("ADAPTER_DEBUG") == "1"  # per invocation: never carried over
     try:
-        cli.main(args=argv, prog_name="adapter", standalone_mode=False)
+        # without standalone mode, click returns ctx.exit()'s code instead of raising it
+        code = cli.main(args=argv, prog_name="adapter", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

@@ -204,3 +204,26 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
             for c in candidates
         )
         console.print(f"candidates — {escape(rows)}")
+
+
+def render_check(console: Console, report: dict[str, Any]) -> None:
+    """Print ``adapter check``: per backend, whether it runs the model, else every node it refuses."""
+    for b in report["backends"]:
+        head = f"{b['backend']} {b['version']}".strip()
+        if b["problem"]:
+            console.print(f"[yellow]{escape(head)}[/]: not checked: {escape(b['problem'])}")
+            continue
+        if b["runs"]:
+            console.print(f"[green]{escape(head)}[/]: runs all {b['nodes']} nodes")
+            continue
+        table = Table(title=f"{head}: cannot run {len(b['refused'])} of {b['nodes']} nodes", title_justify="left")
+        for col in ("node", "op", "module", "why", "suggested fix"):
+            table.add_column(col)
+        for op in b["refused"]:
+            name = f"{op['domain']}::{op['op_type']}" if op["domain"] else op["op_type"]
+            table.add_row(escape(op["node"]), name, escape(op["module"] or "-"), escape(op["reason"]), escape(op["suggestion"]))
+        console.print(table)
+    verdict = "[bold green]ok[/]" if report["ok"] else "[bold red]no backend can run this model[/]"
+    if report["requested"] != "auto" and not report["ok"]:
+        verdict = f"[bold red]backend '{report['requested']}' cannot run this model[/]"
+    console.print(f"{verdict} (target {report['target']}, backend {report['requested']})")

@@ -70,7 +70,15 @@ def _framework_nodes(model_bytes_digest: str, path: str) -> frozenset[str]:
 
     frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
     converted = frontend.convert_partially(frontend.load(path))
-    return frozenset(op.get_friendly_name() for op in converted.get_ops() if "FrameworkNode" in op.get_type_name())
+    names: set[str] = set()
+    for op in converted.get_ops():
+        if "FrameworkNode" in op.get_type_name():
+            # a node feeding a graph output takes the output's name as its friendly name,
+            # so its output tensor names identify it too
+            names.add(op.get_friendly_name())
+            for output in op.outputs():
+                names.update(output.get_names())
+    return frozenset(names)
 
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
@@ -88,7 +96,7 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
             cached = _framework_nodes(digest, str(path))
         _checked.clear()
         _checked[key] = cached
-    if node.name in cached:
+    if node.name in cached or any(value.name in cached for value in node.outputs if value is not None):
         return Support(False, f"OpenVINO {version()}'s ONNX frontend has no conversion for this op")
     return Support(True)
 
