@@ -29,6 +29,8 @@ _BACKEND_MODES = {
     "onnxruntime": {"fp32", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight"},
     "openvino": {"fp32", "bf16", "fp16", "int8"},
 }
+SMOOTH_ALPHA = 0.5
+"""Migration strength of activation smoothing before INT8 dynamic (SmoothQuant's default)."""
 _MIN_COSINE = {"fp16": 0.999, "bf16": 0.999}
 """Cosine a mode must keep without a budget (others: 0.99 on held-out, 0.9 on random inputs)."""
 
@@ -115,7 +117,10 @@ def _calibration(options: PrecisionOptions, imported, warnings: list[str]):
 def _mode_plan(
     mode: str, fp32: onnx.ModelProto, calibration, options: PrecisionOptions, cache_dir: Path
 ) -> PrecisionPlan:
-    plan = default_plan(fp32, mode, {"calibrate_method": options.calibrate_method} if mode == "int8" else {})
+    extra = {"calibrate_method": options.calibrate_method} if mode == "int8" else {}
+    if mode == "int8-dynamic":
+        extra["smooth_alpha"] = SMOOTH_ALPHA
+    plan = default_plan(fp32, mode, extra)
     if mode == "fp16":
         ranges = collect_ranges(fp32.SerializeToString(), calibration.samples, cache_dir)
         plan.overrides.update(fp16_overflow_overrides(fp32, ranges))
@@ -301,7 +306,7 @@ def lower_precision(
     modules, kept = _summarise(plan)
     report = {
         "requested": options.mode, "mode": plan.mode, "budget": str(budget) if budget else None,
-        "calibration": {**plan.calibration, "held_out": len(held_out), "evaluated_on": len(evaluator.samples(plan.mode)), "synthetic": calibration.synthetic},
+        "calibration": {**plan.calibration, "held_out": len(held_out), "evaluated_on": len(evaluator.samples(plan)), "synthetic": calibration.synthetic},
         "accuracy": plan.measured.get("accuracy"), "budget_holds": plan.measured.get("budget_holds", True),
         "modules": modules, "kept_fp32": kept,
         "latency_ms": {"fp32": fp32_ms, "plan": latency}, "speedup_vs_fp32": fp32_ms / latency if latency else None,

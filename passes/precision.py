@@ -287,6 +287,12 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
         if plan.mode == "int8-dynamic":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            alpha = plan.options.get("smooth_alpha")
+            if alpha and samples:  # SmoothQuant-style channel balancing (passes/smoothing.py)
+                from adapter.passes.smoothing import smooth
+
+                model, smoothed = smooth(model, lowered, samples, float(alpha))
+                plan.measured.setdefault("smoothed_tensors", smoothed)
             with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
                 src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
                 onnx.save(model, src)

@@ -58,10 +58,11 @@ class Evaluator:
     seconds: float = 0.0
     _reference: list[dict[str, np.ndarray]] = field(default_factory=list)
 
-    def samples(self, mode: str) -> list[dict[str, np.ndarray]]:
+    def samples(self, plan: PrecisionPlan) -> list[dict[str, np.ndarray]]:
         """Samples a mode is judged on: held-out only when the mode fits to calibration
         data (static INT8 / FP8 ranges); every sample otherwise (more data, a truer minimum)."""
-        return self.held_out if mode in FITTED_MODES else self.held_out + self.calibration
+        fitted = plan.mode in FITTED_MODES or bool(plan.options.get("smooth_alpha"))  # smoothing fits too
+        return self.held_out if fitted else self.held_out + self.calibration
 
     def reference(self, count: int) -> list[dict[str, np.ndarray]]:
         everything = self.held_out + self.calibration
@@ -75,7 +76,7 @@ class Evaluator:
         start = time.perf_counter()
         model = apply_plan(self.fp32, plan, self.calibration, self.cache_dir)
         run = self.make_runner(model, HINTS.get(plan.mode, "fp32"))
-        samples = self.samples(plan.mode)
+        samples = self.samples(plan)
         count = min(self.probe_samples, len(samples)) if probe else len(samples)
         figures = output_metrics(self.reference(count), [run(feed) for feed in samples[:count]])
         self.runs += 1
