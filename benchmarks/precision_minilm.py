@@ -8,7 +8,7 @@ sixth line is held back for this benchmark, the rest go to convert (which itself
 to calibrate and half to judge the budget). Accuracy is measured on the held-back lines,
 which convert never saw: per-token cosine of the auto engine against eager PyTorch FP32,
 real tokens only. Latency: batch 1 and 8 at
-sequence 128, median after warm-up, both engines in the same run.
+sequence 128, median after warm-up, both engines in the same run, timed in rotating blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import adapter
 from adapter import ConvertOptions, convert, load
 from adapter._precision import PrecisionOptions
-from adapter._timing import median_ms
+from adapter._timing import paired_median_ms
 from adapter.zoo import minilm
 
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
