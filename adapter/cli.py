@@ -338,6 +338,37 @@ def probe(force, as_json):
 
 
 @cli.command()
+@click.option(
+    "-b",
+    "--backend",
+    type=click.Choice(["onnxruntime", "openvino", "tvm", "tensorrt", "migraphx"]),
+    default=None,
+    help="Show one backend's column only (default: all five).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the matrix and coverage shares as JSON.")
+def ops(backend, as_json):
+    """Op library: the op × backend support matrix and coverage over the test zoo.
+
+    ONNX Runtime and OpenVINO are asked live (their supports()); TVM, TensorRT and
+    MIGraphX come from their documented op lists. Exports the zoo models first.
+
+    \b
+    Examples:
+      adapter ops
+      adapter ops --backend tensorrt --json
+    """
+    from adapter.op_library.coverage import coverage, render
+
+    names = (backend,) if backend else None
+    with err.status("exporting the zoo and asking the backends…"):
+        data = coverage(backends=names) if names else coverage()
+    if as_json:
+        _print_json(data)
+    else:
+        render(out, data, backend)
+
+
+@cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info(artifact, as_json):
