@@ -8,9 +8,8 @@ target profile lists, keeps the fastest that verifies, and records all of them.
 
 from __future__ import annotations
 
-__all__ = ["AUTO", "Candidate", "auto_candidates", "build_candidate", "choose"]
+__all__ = ["AUTO", "Candidate", "auto_candidates", "base_passes", "build_candidate", "choose", "run_backend_passes"]
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +22,10 @@ from adapter._precision import PrecisionResult, lower_precision
 from adapter._timing import median_ms, paired_median_ms
 from adapter.backends import BACKENDS, get_backend
 from adapter.backends.base import EngineBase, unsupported_nodes
-from adapter.errors import AdapterError, UnsupportedOpsError
+from adapter.errors import AdapterError, SourceError, UnsupportedOpsError
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.base import PassRecord
+from adapter.passes.precision import PrecisionPlan
 from adapter.verify import verify, verify_budget
 
 AUTO = "auto"
@@ -43,12 +43,16 @@ class Candidate:
     engine: EngineBase | None = None
     verification: dict[str, Any] | None = None
     latency_ms: float | None = None
-    problem: str | None = None
     error: AdapterError | None = None
+    """Why the backend could not build a verified engine (None when it did)."""
+
+    @property
+    def problem(self) -> str | None:
+        return None if self.error is None else str(self.error)
 
     @property
     def ok(self) -> bool:
-        return self.problem is None
+        return self.error is None
 
     def summary(self, chosen: bool) -> dict[str, Any]:
         """JSON-ready figures for the manifest's candidate table."""
@@ -81,10 +85,23 @@ def _requested_mode(precision: Any) -> str:
     """The mode asked for: the plan file's when one is given."""
     if precision.plan:
         try:
-            return json.loads(Path(precision.plan).read_text()).get("mode", precision.mode)
-        except (OSError, ValueError, AttributeError):
+            return PrecisionPlan.load(Path(precision.plan)).mode
+        except SourceError:
             return precision.mode  # lower_precision reports the bad file
     return precision.mode
+
+
+def base_passes(profile: Any, requested: tuple[str, ...] | None = None) -> list[str]:
+    """The passes every backend's copy starts from: ``--passes``, else the profile's, else canonicalize."""
+    if requested is not None:
+        return list(requested)
+    return list(getattr(profile, "passes", None) or ["canonicalize"])
+
+
+def run_backend_passes(backend: Any, model: ir.Model) -> list[PassRecord]:
+    """Run a backend's own fusion pipeline (its module's ``PASSES``) on ``model``."""
+    names = list(getattr(backend, "PASSES", ()))
+    return run_pipeline(model, build_pipeline(names)) if names else []
 
 
 def auto_candidates(profile: Any) -> list[str]:
@@ -124,7 +141,7 @@ def build_candidate(
     quantize_first = _requested_mode(options.precision) in QUANTIZE_BEFORE_FUSION
     if fuse and not quantize_first:
         say(f"{name}: fusion passes")
-        found.records = run_pipeline(model, build_pipeline(list(backend.PASSES)))
+        found.records = run_backend_passes(backend, model)
     missing = unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
     if missing:
         raise UnsupportedOpsError(name, missing)
@@ -133,7 +150,7 @@ def build_candidate(
     found.model = found.lowered.model if found.lowered else model
     if fuse and quantize_first:
         say(f"{name}: fusion passes")
-        found.records = run_pipeline(found.model, build_pipeline(list(backend.PASSES)))
+        found.records = run_backend_passes(backend, found.model)
         missing = unsupported_nodes(found.model, lambda n, m: backend.supports(n, m, profile))
         if missing:
             raise UnsupportedOpsError(name, missing)
@@ -186,8 +203,9 @@ def choose(candidates: list[Candidate], staged: Path, feed: dict[str, Any] | Non
             c.latency_ms = times[c.name]
     best = min(good, key=lambda c: c.latency_ms if c.latency_ms is not None else float("inf"))
     engine = best.engine
-    engine.save(staged)
-    best.engine = type(engine)(staged, engine.inputs, engine.outputs, engine.config)
+    if engine.folder.resolve() != staged.resolve():  # auto: built in its own folder; reopen from the artifact's
+        engine.save(staged)
+        best.engine = type(engine)(staged, engine.inputs, engine.outputs, engine.config)
     for c in candidates:
         if c.engine is not None and c is not best:
             c.engine = None  # release sessions before their folders go

@@ -15,7 +15,7 @@ from typing import Any
 import onnx_ir as ir
 
 from adapter import artifact
-from adapter._build import AUTO, Candidate, auto_candidates, build_candidate, choose, drop_workdirs
+from adapter._build import AUTO, Candidate, auto_candidates, base_passes, build_candidate, choose, drop_workdirs
 from adapter._onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
 from adapter._precision import PrecisionOptions
 from adapter._timing import median_ms
@@ -170,11 +170,7 @@ def convert(
     names = auto_candidates(profile) if backend_name == AUTO else [backend_name]
     versions = {name: get_backend(name).version() for name in names} if backend_name != AUTO else _versions(names)
     dynamic = parse_dynamic(options.dynamic)
-    passes = (
-        list(options.passes)
-        if options.passes is not None
-        else list(getattr(profile, "passes", None) or ["canonicalize"])
-    )
+    passes = base_passes(profile, options.passes)
     context = {
         "format": artifact.FORMAT_VERSION,
         "options": options.key_fields(),
@@ -231,7 +227,7 @@ def convert(
             except AdapterError as exc:
                 if len(names) == 1:
                     raise
-                candidates.append(Candidate(name, versions.get(name, ""), problem=str(exc), error=exc))
+                candidates.append(Candidate(name, versions.get(name, ""), error=exc))
         best = choose(candidates, staged, imported.example_inputs)
         drop_workdirs(staged / ".candidates")
         engine, lowered, model = best.engine, best.lowered, best.model

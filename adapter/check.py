@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter._build import AUTO, auto_candidates
+from adapter._build import AUTO, auto_candidates, base_passes, run_backend_passes
 from adapter.backends import get_backend
 from adapter.backends.base import unsupported_nodes
 from adapter.errors import AdapterError, UnsupportedOp
@@ -117,7 +117,7 @@ def check(
     prepared = prepare_source(source, parse_dynamic(dynamic), trust_source=trust_source)
     say("export")
     imported = import_source(prepared)
-    run_pipeline(imported.model, build_pipeline(list(getattr(profile, "passes", None) or ["canonicalize"])))
+    run_pipeline(imported.model, build_pipeline(base_passes(profile)))
     results: list[BackendCheck] = []
     for name in names:
         found = BackendCheck(name)
@@ -130,8 +130,7 @@ def check(
         found.version = module.version()
         say(f"{name}: fusion passes and support")
         model = imported.model.clone()
-        if getattr(module, "PASSES", ()):
-            run_pipeline(model, build_pipeline(list(module.PASSES)))
+        run_backend_passes(module, model)
         found.nodes = sum(1 for _ in model.graph.all_nodes())
         found.refused = unsupported_nodes(model, lambda n, m, b=module: b.supports(n, m, profile))
         results.append(found)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 __all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
 
-import functools
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -64,8 +63,7 @@ def version() -> str:
     return metadata.version("openvino")
 
 
-@functools.lru_cache(maxsize=8)
-def _framework_nodes(model_bytes_digest: str, path: str) -> frozenset[str]:
+def _framework_nodes(path: str) -> frozenset[str]:
     import openvino as ov
 
     frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
@@ -83,25 +81,23 @@ def _framework_nodes(model_bytes_digest: str, path: str) -> frozenset[str]:
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     """Whether OpenVINO's ONNX frontend converts the node (checked once per model)."""
-    import hashlib
     import tempfile
 
-    key = id(model)
-    cached = _checked.get(key)
-    if cached is None:
+    global _checked
+    # keyed by the model object itself (held here), not id(): a freed model's id is reused
+    if _checked is None or _checked[0] is not model:
         with tempfile.TemporaryDirectory(prefix="adapter-ov-check-") as tmp:
             path = Path(tmp) / "model.onnx"
             save_model(model, path)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            cached = _framework_nodes(digest, str(path))
-        _checked.clear()
-        _checked[key] = cached
+            _checked = (model, _framework_nodes(str(path)))
+    cached = _checked[1]
     if node.name in cached or any(value.name in cached for value in node.outputs if value is not None):
         return Support(False, f"OpenVINO {version()}'s ONNX frontend has no conversion for this op")
     return Support(True)
 
 
-_checked: dict[int, frozenset[str]] = {}
+_checked: tuple[ir.Model, frozenset[str]] | None = None
+"""The last model asked about and the nodes OpenVINO's frontend left unconverted in it."""
 
 
 def _cache_dir(folder: Path) -> Path:

@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import onnx_ir as ir
+from adapter.backends import get_backend
 from adapter.op_library import BACKENDS, OPS, OpEntry, _key
 from adapter.op_library.documented import DOCUMENTED
 
@@ -49,16 +50,10 @@ def zoo_graphs(models: tuple[str, ...] = ZOO_MODELS) -> dict[str, dict[str, ir.M
     return {name: _zoo_graph_cached(name) for name in models}
 
 
-def _backend(name: str):
-    from adapter.backends import get_backend
-
-    return get_backend(name)
-
-
 def _pipeline_of(backend: str) -> str:
     if backend in DOCUMENTED:
         return DOCUMENTED_PIPELINE
-    passes = tuple(getattr(_backend(backend), "PASSES", ()) or ())
+    passes = tuple(getattr(get_backend(backend), "PASSES", ()) or ())
     return passes[0] if len(passes) == 1 and passes[0] in PIPELINES else "canonicalize"
 
 
@@ -133,13 +128,13 @@ def live_support(backend: str, entry: OpEntry) -> tuple[bool, str]:
     """Ask a live backend about ``entry`` on its probe graph: (supported, reason)."""
     model = probe_model(entry)
     node = next(iter(model.graph))
-    answer = _backend(backend).supports(node, model, None)
+    answer = get_backend(backend).supports(node, model, None)
     return bool(answer), answer.reason
 
 
 def _ask_graphs(backend: str, graphs: dict[str, dict[str, ir.Model]]) -> dict[tuple[str, str], list[tuple[str, bool]]]:
     """Every node of every zoo graph through the backend's supports(): (op key, answer) per graph."""
-    module = _backend(backend)
+    module = get_backend(backend)
     answers: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for name, per_model in graphs.items():
         for pipeline, model in per_model.items():
@@ -245,8 +240,8 @@ def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] = B
         doc = DOCUMENTED.get(b)
         summary[b] = {
             "basis": "documented list" if doc else "live supports()",
-            "source": doc.source if doc else f"adapter.backends.{b}.supports ({_backend(b).version()})",
-            "version": doc.version if doc else _backend(b).version(),
+            "source": doc.source if doc else f"adapter.backends.{b}.supports ({get_backend(b).version()})",
+            "version": doc.version if doc else get_backend(b).version(),
             "pipeline": pipeline,
             "distinct_ops": _share(len(ok_ops), len(counts)),
             "node_instances": _share(ok_nodes, sum(counts.values())),

@@ -30,14 +30,11 @@ def channel_absmax(model: onnx.ModelProto, names: list[str], samples: list[dict[
     """Largest magnitude per last-axis channel of each named tensor over ``samples``."""
     import onnxruntime as ort
 
-    key = (
-        hashlib.sha256(model.SerializeToString()).hexdigest(),
-        len(samples),
-        hashlib.sha256("|".join(sorted(names)).encode()).hexdigest(),
-    )
+    data = model.SerializeToString()  # once: for the cache key and the probe copy
+    key = (hashlib.sha256(data).hexdigest(), len(samples), hashlib.sha256("|".join(sorted(names)).encode()).hexdigest())
     if key in _MAXIMA:
         return _MAXIMA[key]
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe = onnx.ModelProto.FromString(data)
     present = {o.name for o in probe.graph.output}
     for name in names:
         if name not in present:

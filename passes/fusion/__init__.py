@@ -56,9 +56,12 @@ class FusionPass(CountedPass):
         self.options = options or FusionOptions()
         self.misses: dict[str, str] = {}
 
+    STAGES: Sequence[Stage] = ()
+    """The rule stages of this family (data; ``stages`` may pick by the model instead)."""
+
     def stages(self, model: ir.Model) -> Sequence[Stage]:
-        """The stages for ``model`` (subclasses may depend on its opset)."""
-        raise NotImplementedError
+        """The stages for ``model``: ``STAGES`` unless a family depends on the opset."""
+        return self.STAGES
 
     def apply(self, model: ir.Model) -> dict[str, Any]:
         stages = self.stages(model)
@@ -71,18 +74,14 @@ class ConvBatchNormFusion(FusionPass):
     """Fold inference BatchNormalization into the Conv / ConvTranspose / Gemm before it."""
 
     name = "fuse-conv-batchnorm"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return conv.STAGES
+    STAGES = conv.STAGES
 
 
 class MatMulAddGemmFusion(FusionPass):
     """2-D ``MatMul`` + a Gemm-broadcastable bias ``Add`` to ``Gemm``."""
 
     name = "fuse-matmul-add-gemm"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return (Stage(gemm.MATMUL_ADD_TO_GEMM),)
+    STAGES = (Stage(gemm.MATMUL_ADD_TO_GEMM),)
 
 
 class LayerNormFusion(FusionPass):
@@ -99,54 +98,42 @@ class GeluFusion(FusionPass):
     """Decomposed GELU (erf or tanh form) to ONNX ``Gelu`` (opset 20+)."""
 
     name = "fuse-gelu"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return gelu.STANDARD_STAGES
+    STAGES = gelu.STANDARD_STAGES
 
 
 class GemmUnfold(FusionPass):
     """Flattened ``Reshape``-``Gemm``-``Reshape`` back to ``MatMul`` + ``Add`` (before ORT fusions)."""
 
     name = "unfold-flat-gemm"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return (Stage(gemm.GEMM_TO_MATMUL_ADD),)
+    STAGES = (Stage(gemm.GEMM_TO_MATMUL_ADD),)
 
 
 class OrtNormalizationFusion(FusionPass):
     """Layer norm, RMSNorm and residual-add forms to ONNX Runtime's normalization ops."""
 
     name = "fuse-ort-normalization"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return normalization.ORT_STAGES
+    STAGES = normalization.ORT_STAGES
 
 
 class OrtGeluFusion(FusionPass):
     """GELU (and its bias ``Add``) to ONNX Runtime's Gelu / FastGelu / BiasGelu."""
 
     name = "fuse-ort-gelu"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return gelu.ORT_STAGES
+    STAGES = gelu.ORT_STAGES
 
 
 class OrtRotaryFusion(FusionPass):
     """Rotary position embedding to ONNX Runtime's ``RotaryEmbedding``."""
 
     name = "fuse-ort-rotary"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return rotary.ORT_STAGES
+    STAGES = rotary.ORT_STAGES
 
 
 class OrtAttentionFusion(FusionPass):
     """Eager attention to ONNX Runtime's MultiHeadAttention / Attention."""
 
     name = "fuse-ort-attention"
-
-    def stages(self, model: ir.Model) -> Sequence[Stage]:
-        return attention.ORT_STAGES
+    STAGES = attention.ORT_STAGES
 
     def apply(self, model: ir.Model) -> dict[str, Any]:
         counts = super().apply(model)

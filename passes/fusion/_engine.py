@@ -13,7 +13,7 @@ did not consume is inlined back at the end, so a pass never leaves an op no runt
 
 from __future__ import annotations
 
-__all__ = ["FUSION_DOMAIN", "Stage", "apply_stages", "explain_misses", "named", "onnx_opset", "rule_name"]
+__all__ = ["FUSION_DOMAIN", "Stage", "apply_stages", "dims", "explain_misses", "named", "onnx_opset", "rule_name", "same_dim"]
 
 import copy
 from collections.abc import Iterable, Sequence
@@ -50,6 +50,18 @@ def named(name: str, rules: Iterable[RewriteRule]) -> tuple[RewriteRule, ...]:
         rule.name = name
         renamed.append(rule)
     return tuple(renamed)
+
+
+def dims(value: ir.Value | None) -> list | None:
+    """A value's dims as a list (ints and symbols), None when its shape is unknown."""
+    return None if value is None or value.shape is None else list(value.shape)
+
+
+def same_dim(a, b) -> bool:
+    """Dims known to be equal: equal ints, or the same named symbol."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a == b
 
 
 def onnx_opset(model: ir.Model) -> int:

@@ -24,7 +24,7 @@ __all__ = ["ORT_STAGES", "drop_equal_qkv_sizes", "rules"]
 
 import numpy as np
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, named
+from adapter.passes.fusion._engine import Stage, dims, named, same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import attention as ort_attention
 from onnxscript.rewriter.ort_fusions import mha as ort_mha
@@ -32,16 +32,6 @@ from onnxscript.rewriter.ort_fusions import mha_bias as ort_mha_bias
 from onnxscript.rewriter.ort_fusions import mha_scale as ort_mha_scale
 from onnxscript.rewriter.ort_fusions import sdpa as ort_sdpa
 from onnxscript.rewriter.ort_fusions import sdpa_via_mha as ort_sdpa_via_mha
-
-
-def _dims(value: ir.Value | None) -> list | None:
-    return None if value is None or value.shape is None else list(value.shape)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a == b
 
 
 class MaskAddReassociation(RewriteRuleClassBase):
@@ -66,7 +56,7 @@ class MaskAddReassociation(RewriteRuleClassBase):
         if len(uses) != 1 or uses[0][0].op_type != "Softmax":
             return result.fail("The masked scores do not feed one Softmax.", masked)
         for term in (bias, mask):
-            if _dims(term) is None or len(_dims(term)) != 4 or term.producer() is producer:
+            if dims(term) is None or len(dims(term)) != 4 or term.producer() is producer:
                 return result.fail("Bias and mask must be separate rank-4 terms.", term)
         return result
 
@@ -88,7 +78,7 @@ class CheckedMultiHeadAttention(ort_mha.MultiHeadAttention):
         result = super().check(op, query_BSD, key, value, sdpa_output, **bindings)
         if not result:
             return result
-        q, q4, out = _dims(query_BSD), _dims(bindings.get("query_BSHDh")), _dims(bindings.get("attention_reshaped"))
+        q, q4, out = dims(query_BSD), dims(bindings.get("query_BSHDh")), dims(bindings.get("attention_reshaped"))
         if q is None or q4 is None or out is None or len(out) != 3:
             return result.fail(
                 "Attention output is not reshaped back to 3-D [B, S, D].", bindings.get("attention_reshaped")
@@ -96,14 +86,14 @@ class CheckedMultiHeadAttention(ort_mha.MultiHeadAttention):
         heads, head_size = q4[2], q4[3]
         if not (isinstance(heads, int) and isinstance(head_size, int)):
             return result.fail("Head count or head size is not static.", bindings.get("query_BSHDh"))
-        if not (_same(out[0], q[0]) and _same(out[1], q[1]) and out[2] == heads * head_size):
+        if not (same_dim(out[0], q[0]) and same_dim(out[1], q[1]) and out[2] == heads * head_size):
             return result.fail(
                 f"Output reshape {out} is not [B, S, {heads * head_size}].", bindings.get("attention_reshaped")
             )
         if not (isinstance(q[2], int) and q[2] == heads * head_size):
             return result.fail("Query hidden size is not heads x head size.", query_BSD)
         for name in ("key_BSHDh", "value_BSHDh"):
-            split = _dims(bindings.get(name))
+            split = dims(bindings.get(name))
             if split is not None and (len(split) != 4 or split[2] != heads):
                 return result.fail(f"{name} does not split into {heads} heads.", bindings.get(name))
         return result
@@ -130,7 +120,7 @@ class PackedQkvAttention(RewriteRuleClassBase):
 
     def check(self, context, x, w, q, k, v, product, has_bias, b=None, **_) -> MatchResult:
         result = MatchResult()
-        xs, ws, ps = _dims(x), _dims(w), _dims(product)
+        xs, ws, ps = dims(x), dims(w), dims(product)
         if xs is None or len(xs) != 3 or ws is None or len(ws) != 2 or ps is None or len(ps) != 3:
             return result.fail("Not a [B, S, D] input projected by a 2-D weight.", x)
         if w.const_value is None:
@@ -139,10 +129,10 @@ class PackedQkvAttention(RewriteRuleClassBase):
         axis = split.attributes.get_int("axis", 0)
         if axis not in (2, -1):
             return result.fail("Split is not along the hidden dim.", q)
-        sizes = [_dims(t)[-1] if _dims(t) else None for t in (q, k, v)]
+        sizes = [dims(t)[-1] if dims(t) else None for t in (q, k, v)]
         if not all(isinstance(s, int) for s in sizes) or sum(sizes) != ws[1] or sizes[0] != sizes[1]:
             return result.fail(f"Split sizes {sizes} do not cover the {ws[1]} projected features.", q)
-        if has_bias and (b is None or b.const_value is None or _dims(b) != [ws[1]]):
+        if has_bias and (b is None or b.const_value is None or dims(b) != [ws[1]]):
             return result.fail("The packed bias is not a constant vector over the projected features.", b)
         self._sizes = sizes
         return result

@@ -16,21 +16,13 @@ from __future__ import annotations
 __all__ = ["GEMM_TO_MATMUL_ADD", "MATMUL_ADD_TO_GEMM", "rules"]
 
 import onnx_ir as ir
+from adapter.passes.fusion._engine import same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 
 _GEMM_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
      ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT32, ir.DataType.UINT64}
 )  # fmt: skip
-
-
-def _known(dim) -> bool:
-    return isinstance(dim, int) or (isinstance(dim, ir.SymbolicDim) and dim.value is not None)
-
-
-def _same(a, b) -> bool:
-    """Dims known to be equal: equal ints, or the same named symbol."""
-    return _known(a) and _known(b) and type(a) is type(b) and a == b
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -56,7 +48,7 @@ class MatMulAddToGemm(RewriteRuleClassBase):
             return result.fail("Bias rank is unknown or above 2.", c)
         out = list(product.shape) if product.shape is not None else [None, None]
         for dim, target in zip(reversed(list(c.shape)), reversed(out)):
-            if dim != 1 and not _same(dim, target):
+            if dim != 1 and not same_dim(dim, target):
                 return result.fail(f"Bias dim {dim} does not broadcast to the product's {target}.", c)
         return result
 
@@ -86,9 +78,9 @@ class ReshapeGemmReshapeToMatMulAdd(RewriteRuleClassBase):
         if rank is None or rank < 3 or _rank(flat) != 2 or _rank(w) != 2 or _rank(out) != rank:
             return result.fail("Not a rank>=3 input flattened to 2-D and restored to the same rank.", x)
         k, n = w.shape[0], w.shape[1]
-        if not (_same(x.shape[-1], k) and _same(flat.shape[1], k)):
+        if not (same_dim(x.shape[-1], k) and same_dim(flat.shape[1], k)):
             return result.fail("Flattening does not keep the contraction dim last.", flat)
-        if not (_same(out.shape[-1], n) and all(_same(a, b) for a, b in zip(x.shape[:-1], out.shape[:-1]))):
+        if not (same_dim(out.shape[-1], n) and all(same_dim(a, b) for a, b in zip(x.shape[:-1], out.shape[:-1]))):
             return result.fail("The output reshape does not restore the input's leading dims.", out)
         if bias is not None and (_rank(bias) not in (0, 1) or (_rank(bias) == 1 and bias.shape[0] not in (1, n))):
             return result.fail("Bias is not a scalar or a vector over the output features.", bias)

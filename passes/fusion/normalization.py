@@ -21,21 +21,11 @@ from __future__ import annotations
 __all__ = ["ORT_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, named
+from adapter.passes.fusion._engine import Stage, dims, named, same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import rms_normalization as ort_rms
 from onnxscript.rewriter.ort_fusions import skip_normalization as ort_skip
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
-
-
-def _dims(value: ir.Value | None) -> list | None:
-    return None if value is None or value.shape is None else list(value.shape)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a == b
 
 
 def _last_axis(axes: ir.Value | None, rank: int | None) -> bool:
@@ -88,25 +78,25 @@ class SkipLayerNormBroadcast(RewriteRuleClassBase):
     def check(self, context, a, b, gamma, beta, layer_norm, **_) -> MatchResult:
         result = MatchResult()
         node = layer_norm.producer()
-        da, db = _dims(a), _dims(b)
+        da, db = dims(a), dims(b)
         if da is None or db is None:
             return result.fail("Addend shapes are unknown.", [a, b])
         swap = len(db) > len(da) or (len(da) == len(db) == 3 and da[0] == 1 and db[0] != 1)
         full, skip = (b, a) if swap else (a, b)
-        fs, ss = _dims(full), _dims(skip)
+        fs, ss = dims(full), dims(skip)
         if len(fs) != 3 or not isinstance(fs[2], int):
             return result.fail("Input is not [B, S, D] with a static D.", full)
         if node.attributes.get_int("axis", -1) not in (-1, 2):
             return result.fail("LayerNormalization does not normalize the last axis.", layer_norm)
         if node.attributes.get_int("stash_type", 1) != 1:
             return result.fail("LayerNormalization computes in a type other than float.", layer_norm)
-        if len(ss) == 3 and ss[0] == 1 and _same(ss[1], fs[1]) and ss[2] == fs[2]:
+        if len(ss) == 3 and ss[0] == 1 and same_dim(ss[1], fs[1]) and ss[2] == fs[2]:
             pass
-        elif len(ss) == 2 and _same(ss[0], fs[1]) and ss[1] == fs[2]:
+        elif len(ss) == 2 and same_dim(ss[0], fs[1]) and ss[1] == fs[2]:
             pass
         else:
             return result.fail(f"Skip shape {ss} is not [1, S, D] or [S, D] against {fs}.", skip)
-        if _dims(gamma) != [fs[2]] or _dims(beta) != [fs[2]]:
+        if dims(gamma) != [fs[2]] or dims(beta) != [fs[2]]:
             return result.fail("Scale or bias is not a [D] vector.", [gamma, beta])
         self._operands = (full, skip)
         return result
