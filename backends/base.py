@@ -72,6 +72,10 @@ class EngineBase(abc.ABC):
 
     backend: str = ""
 
+    runs_here: bool = True
+    """False when the engine was built for another machine (a GPU, an ARM board) and
+    cannot run on this one; ``stand_in()`` then gives what verification runs instead."""
+
     def __init__(
         self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]
     ) -> None:
@@ -88,6 +92,11 @@ class EngineBase(abc.ABC):
     @abc.abstractmethod
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on inputs already checked against the specs."""
+
+    def stand_in(self) -> tuple[EngineBase, str] | None:
+        """For an engine that does not run here: a runnable engine over the same graph, and
+        a one-line description of it for the report (None when there is nothing to run)."""
+        return None
 
     def files(self) -> list[str]:
         """The engine's files, relative to its folder (``config["files"]``)."""
