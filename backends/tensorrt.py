@@ -191,7 +191,14 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 def _quantized_type(node: ir.Node) -> str:
     """The quantized data type of a Q (its output) or DQ (its input), as an ONNX type name."""
     if node.op_type == "DequantizeLinear":
-        dtype = node.inputs[0].dtype if node.inputs and node.inputs[0] is not None else None
+        source = node.inputs[0]
+        dtype = source.dtype if source is not None else None
+        if dtype is None and len(node.inputs) > 2 and node.inputs[2] is not None:
+            dtype = node.inputs[2].dtype  # the zero-point has the quantized type
+        if dtype is None and source is not None and source.producer() is not None:
+            producer = source.producer()
+            if producer.op_type == "QuantizeLinear":
+                return _quantized_type(producer)
     else:
         zero = node.inputs[2] if len(node.inputs) > 2 else None
         dtype = zero.dtype if zero is not None else None
