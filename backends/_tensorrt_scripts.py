@@ -121,7 +121,8 @@ def set_precision(config, flag):
     if hasattr(trt.BuilderFlag, flag):
         config.set_flag(getattr(trt.BuilderFlag, flag))
     else:
-        print(f"TensorRT {{trt.__version__}} has no BuilderFlag.{{flag}}: precision comes from the graph", file=sys.stderr)
+        message = f"TensorRT {{trt.__version__}} has no BuilderFlag.{{flag}}: precision comes from the graph"
+        print(message, file=sys.stderr)
 
 
 def main():

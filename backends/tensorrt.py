@@ -276,7 +276,10 @@ def qdq_problem(node: ir.Node, model: ir.Model) -> str | None:
         return f"{qtype} {op}: TensorRT quantizes to INT8 or FP8 E4M3 (INT4 for weights only)"
     block = node.attributes.get("block_size")
     if block is not None and block.value and qtype != "INT4":
-        return f"block-wise {qtype} {op} (block_size {block.value}): TensorRT takes block quantization for INT4 weights only"
+        return (
+            f"block-wise {qtype} {op} (block_size {block.value}): "
+            "TensorRT takes block quantization for INT4 weights only"
+        )
     scale = _constant(node.inputs[1])
     if scale is None:
         return f"{op}'s scale '{node.inputs[1].name}' is computed at run time: TensorRT needs a constant scale"
@@ -292,7 +295,10 @@ def qdq_problem(node: ir.Node, model: ir.Model) -> str | None:
     if scale.size == 1:
         return None
     if not weight:
-        return f"per-channel {op} on activation '{node.inputs[0].name}' ({scale.size} scales): TensorRT quantizes activations per tensor"
+        return (
+            f"per-channel {op} on activation '{node.inputs[0].name}' ({scale.size} scales): "
+            "TensorRT quantizes activations per tensor"
+        )
     if qtype == "INT4":
         return None  # block-quantized INT4 weights carry a scale tensor, not a per-channel vector
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
@@ -550,7 +556,8 @@ class Engine(EngineBase):
         if not self.runs_here:
             raise AdapterError(
                 self.why_not_here() or "This TensorRT engine does not run here.",
-                "Run it on the target GPU, or verify with the engine's stand-in (ONNX Runtime over the same model.onnx).",
+                "Run it on the target GPU, or verify with the engine's stand-in "
+                "(ONNX Runtime over the same model.onnx).",
             )
         if self._runner is None:
             self._runner = _PlanRunner(self.folder / PLAN_FILE, int(self.config.get("device", 0)))
