@@ -18,8 +18,9 @@ AMDGPU ELF object with the LLVM it is built against, then hands the bytes to the
 
 2. The linker.  lld's ``AMDGPU::calcEFlags`` (``lld/ELF/Arch/AMDGPU.cpp``) switches on that byte and
    errors on values it does not know.  Debian's lld 14 knows v2..v4 only (ABI bytes 0..2): it rejects v6
-   and, tested here, v5 too.  It prints the byte as a *character*, which is why the message looks empty:
-   ``od -c`` shows ``unknown abi version: \\004`` (v6) or ``\\003`` (v5).
+   and, tested here, v5 too.  It streams the ``uint8_t`` as a *character*, which is why the message looks
+   empty: ``od -c`` shows ``unknown abi version: \\004`` (v6) or ``\\003`` (v5); llvm-project PR #135082
+   proposed printing it as a number.
 
 3. Why a newer lld "did not help".  ``tvm.support.rocm.find_lld`` only tries ``ld.lld-22.0``,
    ``ld.lld-22``, ``ld.lld`` and ``/opt/rocm/llvm/bin``; with Debian's ``lld-19`` installed, ``ld.lld`` is
