@@ -24,7 +24,7 @@ at once.
 
 from __future__ import annotations
 
-__all__ = ["available", "ensure_rootfs", "default_rootfs", "run_artifact", "SUITE", "WHEELS", "RUNNER"]
+__all__ = ["available", "ensure_rootfs", "default_rootfs", "run_artifact", "qemu_cpu", "SUITE", "WHEELS", "RUNNER", "CPU"]
 
 import contextlib
 import hashlib
@@ -62,6 +62,12 @@ SITE = "usr/lib/python3/dist-packages"
 PYTHON = "usr/bin/python3.11"
 RUNNER = Path(__file__).with_name("_arm64_runner.py")
 """The standalone script run inside the emulated machine."""
+CPU = "cortex-a76"
+"""The core QEMU emulates by default: the Raspberry Pi 5's. QEMU's own default ("max") has
+SVE, and ONNX Runtime 1.32's INT8 dynamic MatMul computes wrong results on it under
+QEMU 7.2 (cosine 0.54 against numpy; right with sve=off) -- a Pi 5 has no SVE anyway."""
+QEMU_CPUS = ("cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1", "a64fx", "max")
+"""CPU models QEMU 7.2's qemu-aarch64 knows (``qemu-aarch64 -cpu help``)."""
 
 _KINDS = ("ort", "tvm")
 _TAIL_LINES = 15
@@ -246,9 +252,14 @@ def _python_env(home: Path) -> dict[str, str]:
             "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
 
 
-def _emulated(root: Path, *args: str) -> list[str]:
+def qemu_cpu(core: str | None) -> str:
+    """QEMU's CPU model for a profile's core name (its ``arch``); :data:`CPU` when unknown or None."""
+    return core if core in QEMU_CPUS else CPU
+
+
+def _emulated(root: Path, *args: str, cpu: str = CPU) -> list[str]:
     """The command line running arm64 Python inside ``root`` (isolated mode, no .pyc writes)."""
-    return [_qemu() or "qemu-aarch64", "-L", str(root), str(root / PYTHON), "-I", "-B", *args]
+    return [_qemu() or "qemu-aarch64", "-cpu", cpu, "-L", str(root), str(root / PYTHON), "-I", "-B", *args]
 
 
 def _build(build: Path, say: Callable[[str], Any]) -> dict[str, Any]:
@@ -379,6 +390,7 @@ def run_artifact(
     inputs: dict[str, np.ndarray],
     timeout: float = 600,
     *,
+    cpu: str = CPU,
     info: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run an engine folder inside the emulated ARM64 machine and return its outputs.
@@ -390,6 +402,7 @@ def run_artifact(
             call order, "outputs": names}``.
         inputs: Arrays by input name.
         timeout: Seconds before the emulator is killed.
+        cpu: QEMU CPU model to emulate (one of :data:`QEMU_CPUS`); the Pi 5's core by default.
         info: When given, filled with what the runner reported about the machine it ran on
             (``machine``, ``uname``, ``python``, library versions, ``seconds``).
 
@@ -403,6 +416,8 @@ def run_artifact(
         raise AdapterError(f"'{rootfs}' is not an arm64 root filesystem with {PYTHON}.",
                            "Build one with adapter.backends._arm64.ensure_rootfs().")
     _check_spec(folder, spec, inputs)
+    if cpu not in QEMU_CPUS:
+        raise AdapterError(f"QEMU has no CPU model '{cpu}'.", f"Use one of {', '.join(QEMU_CPUS)}.")
     _write_cpuinfo(rootfs)
     names = list(spec["inputs"])
     work = Path(tempfile.mkdtemp(prefix="adapter-run-", dir=rootfs / "tmp"))
@@ -413,7 +428,7 @@ def run_artifact(
                "outputs": list(spec.get("outputs", []))}
         (work / "job.json").write_text(json.dumps(job))
         shutil.copy2(RUNNER, work / "runner.py")
-        cmd = _emulated(rootfs, str(work / "runner.py"), str(work))
+        cmd = _emulated(rootfs, str(work / "runner.py"), str(work), cpu=cpu)
         proc = subprocess.Popen(cmd, cwd=work, env=_python_env(work), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -426,7 +441,7 @@ def run_artifact(
                                "Raise the timeout or try a smaller input.") from exc
         machine_file = work / "machine.json"
         if info is not None and machine_file.is_file():
-            info.update(json.loads(machine_file.read_text()))
+            info.update(json.loads(machine_file.read_text()), qemu_cpu=cpu)
         if proc.returncode != 0 or not (work / "out.npz").is_file():
             raise AdapterError(f"The arm64 run of '{folder.name}' failed (exit {proc.returncode}) under qemu-aarch64."
                                f" Last output: {_tail(log or '')}",

@@ -62,7 +62,7 @@ def test_onnx_model_runs_as_aarch64_and_matches_numpy(rootfs, tmp_path):
     out = _arm64.run_artifact(rootfs, engine, spec, {"x": x}, info=info)
 
     assert info["machine"] == "aarch64" and info["uname"] == "aarch64"
-    assert info["onnxruntime"] == "1.32.0"
+    assert info["onnxruntime"] == "1.32.0" and info["qemu_cpu"] == _arm64.CPU == "cortex-a76"
     expected = np.maximum(x @ w + b, 0)
     assert set(out) == {"y"} and out["y"].shape == (4, 8) and out["y"].dtype == np.float32
     np.testing.assert_allclose(out["y"], expected, rtol=1e-5, atol=1e-5)
