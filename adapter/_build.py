@@ -106,13 +106,20 @@ def run_backend_passes(backend: Any, model: ir.Model) -> list[PassRecord]:
 
 def auto_candidates(profile: Any) -> list[str]:
     """The backends ``auto`` tries for a profile: those it lists that adapter implements."""
-    names = [name for name in getattr(profile, "backends", {}) if name in BACKENDS]
+    names = [name for name in getattr(profile, "backends", {}) if name in BACKENDS and _in_auto(name)]
     if not names:
         raise AdapterError(
             f"Target '{profile.name}' lists no backend adapter can build here (it lists {', '.join(profile.backends) or 'none'}).",
             f"Choose one with --backend ({', '.join(sorted(BACKENDS))}).",
         )
     return names
+
+
+def _in_auto(name: str) -> bool:
+    """Whether a backend offers itself to ``--backend auto`` (its module's ``IN_AUTO``, default yes)."""
+    import importlib
+
+    return bool(getattr(importlib.import_module(BACKENDS[name]), "IN_AUTO", True))
 
 
 def build_candidate(
@@ -154,30 +161,63 @@ def build_candidate(
         missing = unsupported_nodes(found.model, lambda n, m: backend.supports(n, m, profile))
         if missing:
             raise UnsupportedOpsError(name, missing)
-    overrides = dict(options.backend_options)
+    overrides = _shape_overrides(backend, imported, dict(options.backend_options))
     if found.lowered and "precision" in backend.Options.__dataclass_fields__:
         overrides.setdefault("precision", found.lowered.backend_precision)
     say(f"{name}: compile")
     backend_options = backend.Options.from_profile(profile, overrides)
     found.engine = backend.compile(found.model, profile, backend_options, (imported.inputs, imported.outputs), workdir)
-    say(f"{name}: verify")
+    runner = found.engine
+    if not found.engine.runs_here:  # built for another machine: verify what runs the same graph here
+        stand_in = found.engine.stand_in()
+        if stand_in is None:
+            raise AdapterError(f"The {name} engine cannot run here and has no stand-in to verify it with.")
+        runner, described = stand_in
+        say(f"{name}: verify through the stand-in ({described})")
+    else:
+        say(f"{name}: verify")
     tolerance = found.lowered.tolerance if found.lowered else options.tolerance
     found.verification = verify(
-        found.engine.run,
+        runner.run,
         imported.reference,
-        imported.inputs,
+        found.engine.inputs,  # the engine's own specs: a fixed-shape build is verified at its shapes
         imported.example_inputs,
         tolerance,
         options.verify_samples,
     )
+    if runner is not found.engine:
+        found.verification["verified_with"] = described
+        found.verification["engine_ran"] = False
     if found.lowered:
         found.verification["budget"] = verify_budget(
-            found.engine.run, imported.reference, found.lowered.held_out, found.lowered.budget
+            runner.run, imported.reference, found.lowered.held_out, found.lowered.budget
         )
-    if measure:
+    if measure and found.engine.runs_here:
         say(f"{name}: measure")
         found.latency_ms = median_ms(lambda: found.engine.run(imported.example_inputs))
     return found
+
+
+def _shape_overrides(backend: Any, imported: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Shape options a backend takes from the example inputs unless the user gave them.
+
+    ``shapes`` (fixed-shape builds such as TVM's): each input's example shape. ``opt_dims``
+    (TensorRT's optimisation profiles): each dynamic dim's size in the examples.
+    """
+    from adapter.specs import Dim
+
+    fields = backend.Options.__dataclass_fields__
+    examples = imported.example_inputs
+    if "shapes" in fields:
+        overrides.setdefault("shapes", {name: list(value.shape) for name, value in examples.items()})
+    if "opt_dims" in fields:
+        sizes = {}
+        for spec in imported.inputs:
+            for axis, dim in enumerate(spec.shape):
+                if isinstance(dim, Dim) and spec.name in examples:
+                    sizes[dim.name] = int(examples[spec.name].shape[axis])
+        overrides.setdefault("opt_dims", sizes)
+    return overrides
 
 
 def choose(candidates: list[Candidate], staged: Path, feed: dict[str, Any] | None = None) -> Candidate:
@@ -197,9 +237,12 @@ def choose(candidates: list[Candidate], staged: Path, feed: dict[str, Any] | Non
             others = "; ".join(f"{c.name}: {c.problem}" for c in candidates[1:])
             first.message = f"No backend could build this model. {candidates[0].name}: {first.message} Also {others}"
         raise first
-    if len(good) > 1 and feed is not None:
-        times = paired_median_ms({c.name: (lambda e=c.engine: e.run(feed)) for c in good}, repeats=30, budget_s=20.0)
-        for c in good:
+    runnable = [c for c in good if c.engine.runs_here]
+    if len(runnable) > 1 and feed is not None:
+        times = paired_median_ms(
+            {c.name: (lambda e=c.engine: e.run(feed)) for c in runnable}, repeats=30, budget_s=20.0
+        )
+        for c in runnable:
             c.latency_ms = times[c.name]
     best = min(good, key=lambda c: c.latency_ms if c.latency_ms is not None else float("inf"))
     engine = best.engine

@@ -28,6 +28,10 @@ DEFAULT_AUTO_BUDGET = "cos>=0.999"
 _BACKEND_MODES = {
     "onnxruntime": {"fp32", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight"},
     "openvino": {"fp32", "bf16", "fp16", "int8"},
+    "tensorrt": {"fp32", "fp16", "bf16", "int8", "fp8"},  # explicit QDQ / cast graphs; TensorRT builds them
+    "migraphx": {"fp32", "fp16", "int8"},
+    "edge": {"fp32", "fp16", "int8", "int8-dynamic"},
+    "tvm": {"fp32"},
 }
 SMOOTH_ALPHA = 0.5
 """Migration strength of activation smoothing before INT8 dynamic (SmoothQuant's default)."""

@@ -234,7 +234,7 @@ def convert(
         if lowered:
             lowered.plan.save(staged / "plan.json")
         latency = None
-        if options.benchmark:
+        if options.benchmark and engine.runs_here:
             stage("benchmark")
             engine_ms = (
                 best.latency_ms
@@ -273,7 +273,7 @@ def convert(
             "passes": [r.to_json() for r in records + best.records],
             "graph": {"nodes": len(list(model.graph.all_nodes())), "opsets": dict(model.opset_imports)},
             "precision": lowered.report if lowered else {"mode": "fp32"},
-            "inputs": [s.to_json() for s in imported.inputs],
+            "inputs": [s.to_json() for s in engine.inputs],  # a fixed-shape build declares its shapes
             "outputs": [s.to_json() for s in imported.outputs],
             "verification": best.verification,
             "latency": latency,

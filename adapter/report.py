@@ -68,6 +68,7 @@ def render_manifest(
 
     render_candidates(console, backend)
     render_precision(console, manifest.get("precision") or {})
+    render_target_files(console, backend["config"], ver)
     latency = manifest.get("latency")
     if latency:
         shapes = escape(", ".join(f"{k}{v}" for k, v in latency["inputs"].items()))
@@ -80,6 +81,27 @@ def render_manifest(
         console.print("Stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     if seconds is not None:
         console.print(f"Total {seconds:.2f} s.")
+
+
+def render_target_files(console: Console, config: dict[str, Any], verification: dict[str, Any]) -> None:
+    """For engines built for another machine: what verified them here, the kernels and how to build/run."""
+    if verification.get("engine_ran") is False:
+        console.print(
+            "[bold yellow]The engine was not run on this machine[/] (it is built for another one); "
+            f"the figures above come from {escape(verification.get('verified_with', 'a stand-in'))}."
+        )
+    kernels = config.get("kernels") or {}
+    if kernels:
+        table = Table(title="Kernels checked with the target's tools", title_justify="left")
+        table.add_column("file")
+        table.add_column("built for")
+        for name, found in kernels.items():
+            if isinstance(found, dict):
+                found = ", ".join(f"{kind} {' '.join(archs)}" for kind, archs in found.items() if archs)
+            table.add_row(escape(name), escape(str(found)))
+        console.print(table)
+    if config.get("note"):
+        console.print(escape(str(config["note"])))
 
 
 def render_candidates(console: Console, backend: dict[str, Any]) -> None:

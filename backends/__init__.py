@@ -18,6 +18,10 @@ __all__ = ["BACKENDS", "get_backend"]
 BACKENDS: dict[str, str] = {
     "onnxruntime": "adapter.backends.onnxruntime",
     "openvino": "adapter.backends.openvino",
+    "tvm": "adapter.backends.tvm",
+    "tensorrt": "adapter.backends.tensorrt",
+    "migraphx": "adapter.backends.migraphx",
+    "edge": "adapter.backends.edge",
 }
 """Backend name to module path."""
 
