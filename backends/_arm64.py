@@ -128,19 +128,30 @@ def _tail(text: str, lines: int = _TAIL_LINES) -> str:
     return " | ".join(kept)
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: be killed when the process that started us dies (Linux prctl),
+    so a killed build or run leaves no debootstrap, pip or emulator running on."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _run(cmd: list[str], what: str, hint: str, timeout: float = 3600, **kwargs: Any) -> str:
     """Run ``cmd``; raise AdapterError with its last output lines when it fails."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=_die_with_parent,
+                              **kwargs)
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        raise AdapterError(f"{what} did not finish within {timeout:.0f} s. Last output: {_tail(out)}", hint) from exc
+        raise AdapterError(f"{what} did not finish within {timeout:.0f} s. Last output: {_tail(out)}.", hint) from exc
     except OSError as exc:
         raise AdapterError(f"{what} could not start ({cmd[0]}): {exc}.", hint) from exc
     if done.returncode != 0:
         raise AdapterError(
             f"{what} failed (exit {done.returncode}: {' '.join(cmd[:4])} ...). Last output: "
-            f"{_tail(done.stdout + chr(10) + done.stderr)}",
+            f"{_tail(done.stdout + chr(10) + done.stderr)}.",
             hint,
         )
     return done.stdout
@@ -430,21 +441,22 @@ def run_artifact(
         shutil.copy2(RUNNER, work / "runner.py")
         cmd = _emulated(rootfs, str(work / "runner.py"), str(work), cpu=cpu)
         proc = subprocess.Popen(cmd, cwd=work, env=_python_env(work), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         try:
             log, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             os.killpg(proc.pid, 9)
             log, _ = proc.communicate()
             raise AdapterError(f"The arm64 run of '{folder.name}' did not finish within {timeout:.0f} s "
-                               f"(emulation is slow). Last output: {_tail(log or '')}",
+                               f"(emulation is slow). Last output: {_tail(log or '')}.",
                                "Raise the timeout or try a smaller input.") from exc
         machine_file = work / "machine.json"
         if info is not None and machine_file.is_file():
             info.update(json.loads(machine_file.read_text()), qemu_cpu=cpu)
         if proc.returncode != 0 or not (work / "out.npz").is_file():
             raise AdapterError(f"The arm64 run of '{folder.name}' failed (exit {proc.returncode}) under qemu-aarch64."
-                               f" Last output: {_tail(log or '')}",
+                               f" Last output: {_tail(log or '')}.",
                                "Check that the engine was built for aarch64 and the runtime version matches.")
         with np.load(work / "out.npz", allow_pickle=False) as data:
             arrays = [data[f"o{k}"] for k in range(len(data.files))]

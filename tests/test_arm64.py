@@ -7,6 +7,9 @@ Skipped with the reason when qemu-aarch64 or debootstrap is missing.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+
 import numpy as np
 import pytest
 from adapter.backends import _arm64
@@ -102,3 +105,44 @@ def test_bad_spec_is_refused_before_running(rootfs, tmp_path, spec, problem):
     (tmp_path / "model.onnx").write_bytes(b"")
     with pytest.raises(AdapterError, match=problem):
         _arm64.run_artifact(rootfs, tmp_path, spec, {"x": np.zeros(1, np.float32)})
+
+
+def _tvm_library(path) -> None:
+    """Cross-compile a tiny Relax function (relu(x @ w) and that plus one) for aarch64."""
+    import tvm
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((4, 16), "float32"), w: R.Tensor((16, 8), "float32")):
+            with R.dataflow():
+                y = R.nn.relu(R.matmul(x, w))
+                z = R.add(y, R.const(1.0, "float32"))
+                R.output(y, z)
+            return (y, z)
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"})
+    tvm.compile(Module, target=target).export_library(str(path), cc="aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tvm") is None or shutil.which("aarch64-linux-gnu-g++") is None,
+    reason="needs apache-tvm and aarch64-linux-gnu-g++ (Debian package g++-aarch64-linux-gnu)",
+)
+def test_tvm_library_runs_as_aarch64_and_matches_numpy(rootfs, tmp_path):
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    _tvm_library(engine / "lib.so")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    info: dict = {}
+    spec = {"kind": "tvm", "model": "lib.so", "inputs": ["x", "w"], "outputs": ["y", "z"]}
+    out = _arm64.run_artifact(rootfs, engine, spec, {"x": x, "w": w}, info=info)
+    assert info["machine"] == "aarch64" and info["apache-tvm"] == "0.27.0.post1"
+    y = np.maximum(x @ w, 0)
+    np.testing.assert_allclose(out["y"], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["z"], y + 1, rtol=1e-5, atol=1e-5)
+    assert np.abs(out["y"] - x @ w).max() > 0.1  # Relu did something: a plain MatMul would fail
