@@ -97,6 +97,12 @@ class DocumentedBackend:
     extra_sources: tuple[str, ...] = ()
     notes: Mapping[str, str] = field(default_factory=dict)
     """Per op: the documented restriction."""
+    refused: frozenset[str] = frozenset()
+    """Ops the document names and marks unsupported (an op it never names is unsupported too, silently)."""
+    constant_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Per op: input indices the document requires to be build-time constants (initializer or Constant)."""
+    basis: str = "documented list"
+    """Where the list comes from: ``documented list``, or ``live converter map`` (read from the installed frontend)."""
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         if self.ignores_domain:

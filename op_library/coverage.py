@@ -1,11 +1,13 @@
 """Backend × op coverage over the test zoo (``adapter ops``).
 
 Each zoo model is imported as ``convert`` does (export, ``canonicalize``), then copied
-through each fusion pipeline. ONNX Runtime and OpenVINO are asked live: every node of the
-graphs their own ``PASSES`` produce goes through their ``supports()``. TVM, TensorRT and
-MIGraphX are judged by their documented op lists over the standard-domain graphs
-(``fusion-standard``). Per op, the matrix shows the live answer over every zoo node of
-that op, or for ops the zoo does not contain, the answer on a one-node probe graph.
+through each fusion pipeline. Every backend is measured on the graph its own module's
+``PASSES`` produce (none: the canonical graph). ONNX Runtime and OpenVINO are asked live:
+every node of that graph goes through their ``supports()``. TVM, TensorRT and MIGraphX are
+judged by their op lists (:mod:`.documented`; TVM's is its installed converter map where
+TVM imports): a node counts when its op is listed and every input the list requires to be
+a build-time constant is one. Per op, the matrix shows the live answer over every zoo node
+of that op, or for ops the zoo does not contain, the answer on a one-node probe graph.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 __all__ = ["ZOO_MODELS", "zoo_graphs", "probe_model", "live_support", "coverage", "render"]
 
 import functools
+import importlib
 from collections import Counter
 from typing import Any
 
@@ -23,14 +26,12 @@ from adapter.op_library.documented import DOCUMENTED
 
 ZOO_MODELS = ("minilm", "gpt2", "llama", "vit", "resnet", "t5_encoder", "whisper_encoder")
 PIPELINES = ("canonicalize", "fusion-ort", "fusion-standard")
-DOCUMENTED_PIPELINE = "fusion-standard"
-"""The graph TVM / TensorRT / MIGraphX are measured on: standard-domain fusions only."""
 OPSET = 20
 """The exporter's opset (probe graphs use it too)."""
 
 
 @functools.cache
-def _zoo_graph_cached(name: str) -> dict[str, ir.Model]:
+def _zoo_graph_cached(name: str, extra: tuple[str, ...] = ()) -> dict[str, ir.Model]:
     from adapter.passes import build_pipeline, run_pipeline
 
     from adapter.importer import import_source
@@ -38,23 +39,50 @@ def _zoo_graph_cached(name: str) -> dict[str, ir.Model]:
     imported = import_source(f"adapter.zoo:{name}")
     run_pipeline(imported.model, build_pipeline("canonicalize"))
     graphs = {"canonicalize": imported.model}
-    for pipeline in PIPELINES[1:]:
+    for pipeline in (*PIPELINES[1:], *extra):
         model = imported.model.clone()
-        run_pipeline(model, build_pipeline(pipeline))
+        run_pipeline(model, build_pipeline(pipeline.split("+")))
         graphs[pipeline] = model
     return graphs
 
 
-def zoo_graphs(models: tuple[str, ...] = ZOO_MODELS) -> dict[str, dict[str, ir.Model]]:
-    """Per zoo model, the canonical graph and its copy through each fusion pipeline (cached per process)."""
-    return {name: _zoo_graph_cached(name) for name in models}
+def zoo_graphs(models: tuple[str, ...] = ZOO_MODELS, extra: tuple[str, ...] = ()) -> dict[str, dict[str, ir.Model]]:
+    """Per zoo model, the canonical graph and its copy through each fusion pipeline (cached per process).
+
+    ``extra`` names further graphs to build: a pass list joined by ``+`` (a backend's ``PASSES``).
+    """
+    extra = tuple(sorted(set(extra) - set(PIPELINES)))
+    return {name: _zoo_graph_cached(name, extra) for name in models}
+
+
+def backend_passes(backend: str) -> tuple[str, ...]:
+    """The backend module's ``PASSES`` (documented backends are imported directly: no SDK needed)."""
+    module = importlib.import_module(f"adapter.backends.{backend}") if backend in DOCUMENTED else get_backend(backend)
+    return tuple(getattr(module, "PASSES", ()) or ())
 
 
 def _pipeline_of(backend: str) -> str:
-    if backend in DOCUMENTED:
-        return DOCUMENTED_PIPELINE
-    passes = tuple(getattr(get_backend(backend), "PASSES", ()) or ())
-    return passes[0] if len(passes) == 1 and passes[0] in PIPELINES else "canonicalize"
+    """The graph a backend is measured on: ``canonicalize`` for no passes, else its passes joined by ``+``."""
+    passes = backend_passes(backend)
+    return "+".join(passes) if passes else "canonicalize"
+
+
+def _constant(value: ir.Value | None) -> bool:
+    if value is None or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
+
+
+def documented_answer(backend: str, node: ir.Node) -> tuple[bool, str]:
+    """A documented backend's answer for one node: (supported, why not)."""
+    doc = DOCUMENTED[backend]
+    if not doc.supports(node.op_type, node.domain):
+        return False, "not listed" + (" (listed unsupported)" if node.op_type in doc.refused else "")
+    for index in doc.constant_inputs.get(node.op_type, ()):
+        if index < len(node.inputs) and not _constant(node.inputs[index]):
+            return False, f"input {index} is computed at run time: {doc.notes.get(node.op_type, 'must be constant')}"
+    return True, ""
 
 
 # one-node probe graphs for ops the zoo does not contain: inputs (shape, dtype) and attributes
@@ -170,7 +198,8 @@ def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] = B
     Returns:
         ``{"models", "backends": {name: {...shares, missing}}, "ops": [row, ...], "missing_entries": [...]}``.
     """
-    graphs = zoo_graphs(models)
+    pipelines = {b: _pipeline_of(b) for b in backends}
+    graphs = zoo_graphs(models, tuple(pipelines.values()))
     instances: Counter = Counter()
     seen_in: dict[str, set[str]] = {}
     for name, per_model in graphs.items():
@@ -218,35 +247,38 @@ def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] = B
 
     summary: dict[str, Any] = {}
     for b in backends:
-        pipeline = _pipeline_of(b)
+        pipeline = pipelines[b]
         counts: Counter = Counter()
-        ok_nodes = 0
+        per_op: dict[str, list[bool]] = {}
+        conditional: Counter = Counter()
         for name in graphs:
             if b in DOCUMENTED:
-                pairs = [
-                    (_key(n.op_type, n.domain), DOCUMENTED[b].supports(n.op_type, n.domain))
-                    for n in graphs[name][pipeline].graph.all_nodes()
-                ]
+                pairs = []
+                for n in graphs[name][pipeline].graph.all_nodes():
+                    ok, why = documented_answer(b, n)
+                    pairs.append((_key(n.op_type, n.domain), ok))
+                    if not ok and why.startswith("input"):
+                        conditional[_key(n.op_type, n.domain)] += 1
             else:
                 pairs = asked[b][(name, pipeline)]
             for key, ok in pairs:
                 counts[key] += 1
-                ok_nodes += ok
-        if b in DOCUMENTED:
-            ok_ops = [k for k in counts if DOCUMENTED[b].supports(*_split(k))]
-        else:  # an op counts as covered when the backend took every one of its nodes in this graph
-            per_op = _by_op(asked[b], (pipeline,))
-            ok_ops = [k for k in counts if all(per_op[k])]
+                per_op.setdefault(key, []).append(ok)
+        # an op counts as covered when the backend takes every one of its nodes in this graph
+        ok_ops = [k for k in counts if all(per_op[k])]
         doc = DOCUMENTED.get(b)
         summary[b] = {
-            "basis": "documented list" if doc else "live supports()",
+            "basis": doc.basis if doc else "live supports()",
             "source": doc.source if doc else f"adapter.backends.{b}.supports ({get_backend(b).version()})",
             "version": doc.version if doc else get_backend(b).version(),
             "pipeline": pipeline,
             "distinct_ops": _share(len(ok_ops), len(counts)),
-            "node_instances": _share(ok_nodes, sum(counts.values())),
+            "node_instances": _share(sum(ok for oks in per_op.values() for ok in oks), sum(counts.values())),
             "missing": sorted(k for k in counts if k not in ok_ops),
+            "missing_nodes": {k: per_op[k].count(False) for k in sorted(counts) if k not in ok_ops},
         }
+        if doc:
+            summary[b]["refused_by_condition"] = dict(sorted(conditional.items()))
     missing_entries = sorted(k for k in seen_in if k not in OPS)
     return {
         "models": list(models),
@@ -301,7 +333,7 @@ def render(console: Any, data: dict[str, Any], backend: str | None = None) -> No
     console.print(shares)
     for b in backends:
         s = data["backends"][b]
-        if s["basis"] == "documented list":
+        if s["basis"] != "live supports()":
             console.print(f"[dim]{b}: {escape(s['version'])} — {escape(s['source'])}[/]")
     if data["missing_entries"]:
         console.print(
