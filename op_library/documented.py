@@ -172,6 +172,7 @@ TENSORRT = DocumentedBackend(
         "Dropout": "`training_mode` must be an initializer evaluating to False",
         "ScatterND": "`reduction` must be `none`",
         "RotaryEmbedding": "`position_ids` must be INT64",
+        "STFT": "`frame_step` and `window` must be initializers; real-valued input only",
         "Resize": "no `cubic` mode, no antialiasing, aspect-ratio policy `stretch` only",
         "Cast": "types FP32, FP16, BF16, INT32, INT64, UINT8, BOOL (UINT8 only as network input/output)",
         **{op: "`axes` must be an initializer" for op in _REDUCE_OPS},
@@ -196,6 +197,8 @@ _MIGRAPHX_OPS = frozenset(
     QuantizeLinear Range Reciprocal ReduceL2 ReduceMax ReduceMean ReduceSum Relu Reshape Shape
     Sigmoid Sin Slice Softmax Split Sqrt Squeeze Sub Tanh Tile TopK Transpose Trilu Unsqueeze Where
     """.split()
+    # the other reductions (✅ in the matrix, same `axes` note)
+    + "ReduceL1 ReduceLogSum ReduceLogSumExp ReduceMin ReduceProd ReduceSumSquare".split()
     # contrib ops with their own parser in src/onnx/ (extra_sources)
     + """
     Attention MultiHeadAttention SkipLayerNormalization SkipSimplifiedLayerNormalization
@@ -206,7 +209,9 @@ _MIGRAPHX_OPS = frozenset(
 MIGRAPHX = DocumentedBackend(
     name="migraphx",
     version="AMD MIGraphX ONNX operator matrix (opset ≤ 19) + contrib parsers",
-    source="https://github.com/ROCm/AMDMIGraphX/blob/fbf2296bcfbdc74bc564cd67e0a24e7b8e30902b/docs/dev/onnx_operators.rst",
+    source=(
+        "https://github.com/ROCm/AMDMIGraphX/blob/fbf2296bcfbdc74bc564cd67e0a24e7b8e30902b/docs/dev/onnx_operators.rst"
+    ),
     extra_sources=(
         # contrib ops the matrix does not list, each with its own ONNX parser in src/onnx/
         "https://github.com/ROCm/AMDMIGraphX/blob/develop/src/onnx/parse_attention.cpp",
