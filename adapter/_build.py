@@ -146,22 +146,18 @@ def build_candidate(
     # Weight quantization goes first: fused ops (Attention packs the Q/K/V projections)
     # would hide MatMuls from the quantizer. FP16/BF16 lower the fused graph.
     quantize_first = _requested_mode(options.precision) in QUANTIZE_BEFORE_FUSION
+    overrides = _shape_overrides(backend, imported, dict(options.backend_options))
     if fuse and not quantize_first:
         say(f"{name}: fusion passes")
         found.records = run_backend_passes(backend, model)
-    missing = unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
-    if missing:
-        raise UnsupportedOpsError(name, missing)
+    _check_support(name, backend, model, profile, overrides)
     say(f"{name}: precision")
     found.lowered = lower_precision(imported, model, profile, backend, name, options.precision, calibration_cache, say)
     found.model = found.lowered.model if found.lowered else model
     if fuse and quantize_first:
         say(f"{name}: fusion passes")
         found.records = run_backend_passes(backend, found.model)
-        missing = unsupported_nodes(found.model, lambda n, m: backend.supports(n, m, profile))
-        if missing:
-            raise UnsupportedOpsError(name, missing)
-    overrides = _shape_overrides(backend, imported, dict(options.backend_options))
+        _check_support(name, backend, found.model, profile, overrides)
     if found.lowered and "precision" in backend.Options.__dataclass_fields__:
         overrides.setdefault("precision", found.lowered.backend_precision)
     say(f"{name}: compile")
@@ -196,6 +192,17 @@ def build_candidate(
         say(f"{name}: measure")
         found.latency_ms = median_ms(lambda: found.engine.run(imported.example_inputs))
     return found
+
+
+def _check_support(name: str, backend: Any, model: ir.Model, profile: Any, overrides: dict[str, Any]) -> None:
+    """Raise with every node the backend refuses; fixed-shape backends are asked about the graph they build."""
+    if getattr(backend, "FIXED_SHAPES", False):
+        from adapter.backends.base import fix_shapes
+
+        model = fix_shapes(model, overrides["shapes"])
+    missing = unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
+    if missing:
+        raise UnsupportedOpsError(name, missing)
 
 
 def _shape_overrides(backend: Any, imported: Any, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Support", "EngineBase", "unsupported_nodes", "module_of", "profile_options", "threads_for", "require_module"]
+__all__ = ["Support", "EngineBase", "fix_shapes", "unsupported_nodes", "module_of", "profile_options", "threads_for", "require_module"]
 
 import abc
 from collections.abc import Callable
@@ -50,6 +50,40 @@ def require_module(module: str, backend: str, install: str) -> None:
         from adapter.errors import BackendUnavailableError
 
         raise BackendUnavailableError(f"The {backend} backend needs the {module} package.", f"Install it: {install}.")
+
+
+def fix_shapes(model: ir.Model, shapes: dict[str, list[int]]) -> ir.Model:
+    """A copy of ``model`` with fixed input shapes and the shape arithmetic folded away.
+
+    For backends that compile for static shapes (TVM, MIGraphX): their importers cannot
+    follow the exporter's symbolic shape arithmetic (a ``Range`` over a dynamic length).
+
+    Raises:
+        InputMismatchError: An input has no shape in ``shapes``, or its rank differs.
+    """
+    import onnxscript.optimizer
+
+    from adapter.errors import InputMismatchError
+
+    fixed = model.clone()
+    problems = []
+    for value in fixed.graph.inputs:
+        if value.is_initializer():
+            continue
+        shape = shapes.get(value.name)
+        if shape is None:
+            problems.append(f"'{value.name}' has no fixed shape")
+        elif value.shape is not None and len(value.shape) != len(shape):
+            problems.append(f"'{value.name}' has rank {len(value.shape)}, the shape given is {list(shape)}")
+        else:
+            value.shape = ir.Shape([int(d) for d in shape])
+    if problems:
+        raise InputMismatchError(
+            "This backend builds for fixed input shapes: " + "; ".join(problems) + ".",
+            "Give them with --backend-option shapes=... or convert with example inputs of the shapes you need.",
+        )
+    onnxscript.optimizer.optimize(fixed)
+    return fixed
 
 
 def module_of(node: ir.Node) -> str:

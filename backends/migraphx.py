@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from adapter.backends._recipe import check_onnx, cpu_stand_in, prepare_graph, standard_domain_problems, write_atomic
-from adapter.backends.base import EngineBase, Support, profile_options, require_module, unsupported_nodes
+from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, unsupported_nodes
 from adapter.op_library.documented import MIGRAPHX
 
 from adapter import _safety
@@ -38,6 +38,10 @@ from adapter.errors import AdapterError, UnsupportedOpsError
 from adapter.specs import TensorSpec
 
 NAME = "migraphx"
+FIXED_SHAPES = True
+"""MIGraphX compiles a program per input shape: the graph is specialised to ``Options.shapes``
+(the example inputs' by default), which also folds the exporter's dynamic ``Range`` lengths
+that its parser refuses."""
 PROVIDER = "MIGraphXExecutionProvider"
 PASSES = ()
 """No fusion pipeline: MIGraphX fuses on its own, and the graph stays in the standard domain."""
@@ -69,6 +73,8 @@ class Options:
     """Keep MIGraphX's compiled programs in the artifact's migraphx-cache folder."""
     mem_limit: int = 0
     """Device memory limit of the provider's arena in bytes (0: no limit)."""
+    shapes: dict[str, list[int]] | None = None
+    """Fixed input shapes the program is compiled for (default: the example inputs')."""
 
     @classmethod
     def from_profile(cls, profile: Any, overrides: dict[str, Any] | None = None) -> Options:
@@ -198,7 +204,7 @@ def compile(
     """
     if options.precision not in ("fp32", "fp16", "bf16"):
         raise AdapterError(f"Unknown MIGraphX precision hint '{options.precision}'.", "Use fp32, fp16 or bf16.")
-    graph = prepare_graph(model)
+    graph = prepare_graph(fix_shapes(model, options.shapes) if options.shapes else model)
     refused = standard_domain_problems(graph, f"the {NAME} backend writes standard-domain ONNX only")
     refused += [
         p for p in unsupported_nodes(graph, lambda n, m: supports(n, m, profile)) if p.domain in ("", "ai.onnx")
@@ -236,7 +242,11 @@ def compile(
             f"Run it on the ROCm machine with: python {RUN_FILE}."
         ),
     }
-    return Engine(workdir, specs[0], specs[1], config)
+    inputs = [
+        TensorSpec(s.name, s.dtype, tuple(options.shapes[s.name])) if options.shapes and s.name in options.shapes else s
+        for s in specs[0]
+    ]
+    return Engine(workdir, inputs, specs[1], config)
 
 
 class Engine(EngineBase):

@@ -70,8 +70,6 @@ TIMING_CACHE_FILE = scripts.TIMING_CACHE_FILE
 _FLAGS = ("TF32", "FP16", "BF16", "INT8", "FP8")
 _PRECISION_FLAG = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8", "fp8": "FP8"}
 _QUANTIZED_FLAG = {"INT8": "INT8", "FLOAT8E4M3FN": "FP8", "INT4": "INT8"}
-_CONSTANT_INPUTS = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "CumSum": 1, "TopK": 1}
-"""Inputs the cited matrix requires to be initializers (its per-op notes), by op and index."""
 
 
 @dataclass(frozen=True)
@@ -160,10 +158,10 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     if not TENSORRT.supports(node.op_type):
         note = TENSORRT.notes.get(node.op_type)
         return Support(False, f"{node.op_type} is not in the {_doc()}" + (f" ({note})" if note else ""))
-    index = _CONSTANT_INPUTS.get(node.op_type)
-    if index is not None and index < len(node.inputs) and node.inputs[index] is not None:
-        if _constant(node.inputs[index]) is None:
-            return Support(False, f"{TENSORRT.notes[node.op_type]} ({_doc()})")
+    for index in TENSORRT.constant_inputs.get(node.op_type, ()):  # inputs the matrix requires to be constant
+        if index < len(node.inputs) and node.inputs[index] is not None and _constant(node.inputs[index]) is None:
+            note = TENSORRT.notes.get(node.op_type, f"input {index} must be a constant")
+            return Support(False, f"{note} ({_doc()})")
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
         problem = qdq_problem(node, model)
         if problem:

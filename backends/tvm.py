@@ -26,7 +26,7 @@ exercised; the import, legalisation and numerics of every operator are).
 
 from __future__ import annotations
 
-__all__ = ["NAME", "PASSES", "IN_AUTO", "Options", "version", "require", "supports", "compile", "Engine"]
+__all__ = ["NAME", "PASSES", "IN_AUTO", "FIXED_SHAPES", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import contextlib
 import functools
@@ -42,14 +42,16 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
+from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, threads_for
 
-from adapter.errors import AdapterError, BackendUnavailableError, InputMismatchError
+from adapter.errors import AdapterError, BackendUnavailableError
 from adapter.specs import TensorSpec
 
 NAME = "tvm"
 PASSES: tuple[str, ...] = ()
 """TVM fuses on its own (``FuseOps``/``FuseTIR``) from the canonical graph."""
+FIXED_SHAPES = True
+"""Builds for fixed input shapes (``Options.shapes``; ``adapter.backends.base.fix_shapes``)."""
 IN_AUTO = False
 """Not a ``--backend auto`` candidate on CPUs: untuned TVM is for code generation (DESIGN.md
 measured 1.6 s for MiniLM); ask for it with ``--backend tvm`` (and ``tuning_trials``)."""
@@ -113,7 +115,7 @@ def version() -> str:
 def _converters() -> frozenset[str]:
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    return frozenset(onnx_frontend._get_convert_map())
+    return frozenset(onnx_frontend._get_convert_map()) | {"If"}  # the importer converts If itself
 
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
@@ -132,35 +134,6 @@ def _input_order(model: ir.Model) -> list[str]:
     return [v.name for v in model.graph.inputs if not v.is_initializer()]
 
 
-def specialize(model: ir.Model, shapes: dict[str, list[int]]) -> ir.Model:
-    """A copy of ``model`` with fixed input shapes and the shape arithmetic folded away.
-
-    Raises:
-        InputMismatchError: An input has no shape in ``shapes``, or its rank differs.
-    """
-    import onnxscript.optimizer
-
-    fixed = model.clone()
-    problems = []
-    for value in fixed.graph.inputs:
-        if value.is_initializer():
-            continue
-        shape = shapes.get(value.name)
-        if shape is None:
-            problems.append(f"'{value.name}' has no fixed shape")
-        elif value.shape is not None and len(value.shape) != len(shape):
-            problems.append(f"'{value.name}' has rank {len(value.shape)}, the shape given is {shape}")
-        else:
-            value.shape = ir.Shape([int(d) for d in shape])
-    if problems:
-        raise InputMismatchError(
-            "The TVM backend builds for fixed input shapes: " + "; ".join(problems) + ".",
-            "Give them with --backend-option shapes=... or convert with example inputs of the shapes you need.",
-        )
-    onnxscript.optimizer.optimize(fixed)
-    return fixed
-
-
 # ----------------------------------------------------------------------------- targets
 
 
@@ -174,10 +147,28 @@ def _machine_of(target: dict[str, Any]) -> str:
     return triple.split("-")[0]
 
 
+def _host_machine(target: dict[str, Any]) -> str:
+    """The CPU the library's host code runs on (a GPU target's ``host`` table, else this one)."""
+    if _kind(target) == "llvm":
+        return _machine_of(target)
+    return _machine_of(dict(target.get("host") or {}))
+
+
+def _missing_features(target: dict[str, Any]) -> list[str]:
+    """LLVM CPU features the target's code may use that this machine's target lacks."""
+    from tvm.target import codegen
+
+    wanted = set(codegen.llvm_get_cpu_features(_tvm_target(target)))
+    have = set(codegen.llvm_get_cpu_features(_tvm_target(_host_target())))
+    return sorted(wanted - have)
+
+
 def _runs_here(target: dict[str, Any]) -> bool:
     kind = _kind(target)
-    if kind == "llvm":
-        return _machine_of(target) == platform.machine()
+    if _host_machine(target) != platform.machine():
+        return False
+    if kind == "llvm":  # same architecture: the code may still use instructions this CPU lacks (AVX-512, AMX)
+        return not _missing_features(target)
     import tvm
 
     device = {"cuda": tvm.cuda, "rocm": tvm.rocm}.get(kind)
@@ -197,10 +188,10 @@ def _host_target() -> dict[str, Any]:
 def _tvm_target(target: dict[str, Any]):
     import tvm
 
-    spec = {k: v for k, v in target.items() if k != "num-cores" or _kind(target) == "llvm"}
+    spec = {k: v for k, v in target.items() if k != "host"}
     try:
-        if _kind(target) in ("cuda", "rocm"):
-            return tvm.target.Target(spec, host=_host_target())
+        if _kind(target) in ("cuda", "rocm"):  # device code plus host code: the profile's host, else this CPU
+            return tvm.target.Target(spec, host=dict(target.get("host") or _host_target()))
         return tvm.target.Target(spec)
     except Exception as exc:
         raise AdapterError(f"TVM does not accept the target {target}: {str(exc).splitlines()[0][:300]}") from exc
@@ -222,17 +213,35 @@ def _relax_module(model: ir.Model):
         ) from exc
 
 
+def _tune(model_path: Path, target: dict[str, Any], trials: int, tuning_dir: Path) -> None:
+    """MetaSchedule over ``trials`` candidates in a child process; its database lands in ``tuning_dir``."""
+    import json
+    import sys
+
+    tuning_dir.mkdir(parents=True, exist_ok=True)
+    spec = {k: v for k, v in target.items() if k != "host"}
+    command = [sys.executable, "-m", "adapter.backends._tvm_tune", str(model_path), json.dumps(spec), str(trials)]
+    result = subprocess.run([*command, str(tuning_dir)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        died = f"died with signal {-result.returncode}" if result.returncode < 0 else f"exited {result.returncode}"
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        last = next((ln for ln in reversed(lines) if "Error" in ln or "Segfault" in ln), lines[-1]).strip()[:300]
+        raise AdapterError(
+            f"MetaSchedule tuning ({trials} trials) {died}: {last}. The tuning logs are in {tuning_dir}.",
+            "Build with the default schedules (tuning_trials=0), or use another apache-tvm release.",
+        )
+
+
 def _compile_relax(mod, target: dict[str, Any], trials: int, tuning_dir: Path | None):
     import tvm
     from tvm import relax
 
     tvm_target = _tvm_target(target)
     try:
-        if trials > 0 and tuning_dir is not None:
-            tuning_dir.mkdir(parents=True, exist_ok=True)
+        if trials > 0 and tuning_dir is not None:  # apply the records _tune wrote
             with tvm_target:
                 mod = relax.get_pipeline(
-                    "static_shape_tuning", target=tvm_target, total_trials=trials, work_dir=str(tuning_dir)
+                    "static_shape_tuning", target=tvm_target, total_trials=0, work_dir=str(tuning_dir)
                 )(mod)
         with contextlib.ExitStack() as stack:
             if _kind(target) == "rocm":
@@ -261,7 +270,7 @@ def _cross_compiler(machine: str) -> str:
 
 def _export(executable, path: Path, target: dict[str, Any]) -> None:
     """Write the library; ``llvm`` code for another CPU goes through its cross compiler."""
-    machine = _machine_of(target) if _kind(target) == "llvm" else platform.machine()
+    machine = _host_machine(target)
     tmp = path.with_name(path.name + ".tmp.so")
     if machine != platform.machine():
         from tvm.support import cc
@@ -391,12 +400,11 @@ def _check_kernels(folder: Path, files: list[str], target: dict[str, Any]) -> di
                 if found_arch != arch:
                     raise AdapterError(f"{name} is a code object for {found_arch}, not {arch}.")
                 checked[name] = found_arch
-    else:
-        expected = _MACHINES.get(_machine_of(target), ("", ""))[1]
-        machine = elf_machine(folder / LIBRARY)
-        if expected and machine != expected:
-            raise AdapterError(f"{LIBRARY} is built for {machine}, not {expected}.")
-        checked[LIBRARY] = machine
+    expected = _MACHINES.get(_host_machine(target), ("", ""))[1]
+    machine = elf_machine(folder / LIBRARY)
+    if expected and machine != expected:
+        raise AdapterError(f"{LIBRARY} is built for {machine}, not {expected}.")
+    checked[LIBRARY] = machine
     return checked
 
 
@@ -406,12 +414,14 @@ def compile(
     """Specialise, import, build for the target and write the library and kernels into ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     target = dict(options.target)
-    fixed = specialize(model, options.shapes)
+    fixed = fix_shapes(model, options.shapes)
     from adapter._onnx_io import save_model
 
     files = save_model(fixed, workdir / MODEL_FILE)
     mod = _relax_module(fixed)
     tuning = workdir / TUNING if options.tuning_trials > 0 else None
+    if tuning is not None:
+        _tune(workdir / MODEL_FILE, target, options.tuning_trials, tuning)
     executable = _compile_relax(mod, target, options.tuning_trials, tuning)
     _export(executable, workdir / LIBRARY, target)
     files.append(LIBRARY)

@@ -16,8 +16,6 @@ from adapter.backends import _arm64
 
 from adapter.errors import AdapterError
 
-# Until pyproject registers the marker, tell pytest (--strict-markers) about it here.
-pytest.mark._markers.add("arm64")
 pytestmark = [pytest.mark.arm64, pytest.mark.skipif(_arm64.available() is not None, reason=str(_arm64.available()))]
 
 ROOTFS = _arm64.default_rootfs()
