@@ -18,7 +18,6 @@ from adapter.profiles import load_profile
 from adapter.errors import AdapterError
 from adapter.specs import Dim, TensorSpec
 
-
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((64, 32)).astype(np.float32) * 0.2
 B = RNG.standard_normal(32).astype(np.float32) * 0.1
