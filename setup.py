@@ -33,7 +33,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "openvino": [],  # kept for old install lines: OpenVINO is now a core dependency
-    "tvm": ["apache-tvm==0.27.0.post1"],
+    # psutil: MetaSchedule's tuner; nvidia-cuda-cuobjdump: checks the CUDA kernels' architecture.
+    "tvm": ["apache-tvm==0.27.0.post1", "psutil==7.2.2", "nvidia-cuda-cuobjdump==13.2.86"],
     # TensorRT's wheels fetch their runtime from NVIDIA's own index at install time;
     # the backend writes a TensorRT-ready ONNX plus the build recipe where it is absent.
     "tensorrt": ["tensorrt==10.16.1.11"],
@@ -42,6 +43,10 @@ EXTRAS = {
         "pytest-benchmark==5.2.3",
         "pytest-timeout==2.4.0",
         "ruff==0.14.5",
+        # the TVM backend's tests (x86 engines, aarch64/CUDA/ROCm builds)
+        "apache-tvm==0.27.0.post1",
+        "psutil==7.2.2",
+        "nvidia-cuda-cuobjdump==13.2.86",
     ],
 }
 

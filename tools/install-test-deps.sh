@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs everything the test-suite uses on a fresh Debian bookworm machine, then the
+# project itself with its test extras. Idempotent: packages already present are skipped.
+#   - Debian: qemu-user + debootstrap (the emulated ARM64 machine for edge/TVM aarch64
+#     artifacts), g++-aarch64-linux-gnu (TVM's aarch64 cross-compile), rocm-device-libs +
+#     lld-19 + llvm (TVM's ROCm code objects and their checks), binutils (readelf).
+#   - PyPI: the project with the [dev] extra (pytest, apache-tvm, cuobjdump, ...).
+# nvcc is not installed here (no Debian package of the CUDA 13 toolkit): the CUDA tests
+# use it when it is on PATH and say so when it is not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(qemu-user debootstrap g++-aarch64-linux-gnu rocm-device-libs lld-19 llvm binutils)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: not root, cannot apt-get install ${missing[*]}; the tests that need them will say so." >&2
+  else
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+fi
+pip install -q -e '.[dev]'
