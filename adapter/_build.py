@@ -8,7 +8,16 @@ target profile lists, keeps the fastest that verifies, and records all of them.
 
 from __future__ import annotations
 
-__all__ = ["AUTO", "Candidate", "auto_candidates", "base_passes", "build_candidate", "choose", "run_backend_passes"]
+__all__ = [
+    "AUTO",
+    "Candidate",
+    "auto_candidates",
+    "base_passes",
+    "build_candidate",
+    "choose",
+    "refused_nodes",
+    "run_backend_passes",
+]
 
 import shutil
 from collections.abc import Callable
@@ -194,13 +203,17 @@ def build_candidate(
     return found
 
 
-def _check_support(name: str, backend: Any, model: ir.Model, profile: Any, overrides: dict[str, Any]) -> None:
-    """Raise with every node the backend refuses; fixed-shape backends are asked about the graph they build."""
+def refused_nodes(backend: Any, model: ir.Model, profile: Any, shapes: dict[str, list[int]]) -> list[Any]:
+    """Every node the backend refuses; fixed-shape backends are asked about the graph they build."""
     if getattr(backend, "FIXED_SHAPES", False):
         from adapter.backends.base import fix_shapes
 
-        model = fix_shapes(model, overrides["shapes"])
-    missing = unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
+        model = fix_shapes(model, shapes)
+    return unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
+
+
+def _check_support(name: str, backend: Any, model: ir.Model, profile: Any, overrides: dict[str, Any]) -> None:
+    missing = refused_nodes(backend, model, profile, overrides.get("shapes") or {})
     if missing:
         raise UnsupportedOpsError(name, missing)
 

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter._build import AUTO, auto_candidates, base_passes, run_backend_passes
-from adapter.backends import get_backend
-from adapter.backends.base import unsupported_nodes
+from adapter._build import AUTO, auto_candidates, base_passes, refused_nodes, run_backend_passes
+from adapter.backends import BACKENDS, get_backend
 from adapter.errors import AdapterError, UnsupportedOp
 from adapter.importer import import_source, prepare_source
 from adapter.passes import build_pipeline, run_pipeline
@@ -81,7 +80,7 @@ def _suggest(op: UnsupportedOp, runs_it: list[str], opset: int | None) -> str:
         return f"use --backend {runs_it[0]}, which runs this op" + (
             f" (also: {', '.join(runs_it[1:])})" if runs_it[1:] else ""
         )
-    if "opset" in op.reason:
+    if " at opset " in op.reason:  # a kernel exists, for other opsets
         return f"re-export at an opset the kernels cover (the model imports opset {opset})"
     if op.domain and op.domain not in ("com.microsoft", "ai.onnx.ml"):
         if not op.module:  # an ONNX source: no module to rewrite
@@ -119,7 +118,9 @@ def check(
     imported = import_source(prepared)
     run_pipeline(imported.model, build_pipeline(base_passes(profile)))
     results: list[BackendCheck] = []
-    for name in names:
+    # The target's other backends are asked too, only to suggest one that runs a refused node.
+    spare = [n for n in getattr(profile, "backends", {}) if n in BACKENDS and n not in names]
+    for name in names + spare:
         found = BackendCheck(name)
         try:
             module = get_backend(name)
@@ -132,11 +133,13 @@ def check(
         model = imported.model.clone()
         run_backend_passes(module, model)
         found.nodes = sum(1 for _ in model.graph.all_nodes())
-        found.refused = unsupported_nodes(model, lambda n, m, b=module: b.supports(n, m, profile))
+        shapes = {name: list(value.shape) for name, value in imported.example_inputs.items()}
+        found.refused = refused_nodes(module, model, profile, shapes)
         results.append(found)
     opset = imported.model.opset_imports.get("", None)
+    asked, results = results, results[: len(names)]
     for found in results:
-        others = [r for r in results if r is not found and r.problem is None]
+        others = [r for r in asked if r is not found and r.problem is None]
         for op in found.refused:
             runs_it = [r.backend for r in others if op.node not in {o.node for o in r.refused}]
             found.suggestions[op.node] = _suggest(op, runs_it, opset)
