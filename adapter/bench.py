@@ -1,0 +1,619 @@
+"""Regression benchmarks for CI: run a suite of engines, keep a history, compare runs.
+
+A suite (YAML) lists models × targets × precisions × batch sizes::
+
+    name: minilm-cpu
+    repeats: 7          # independent samples per case, each the median of `iterations` runs
+    iterations: 15
+    warmup: 3           # calls before each block of iterations
+    cases:
+      - model: adapter.zoo:minilm
+        targets: [host]
+        precisions: [fp32]
+        batch_sizes: [1, 8]
+        seq: 128
+        backend: onnxruntime   # optional, default: the target profile's
+        threads: 0             # optional, 0: the profile's thread count
+
+:func:`run_suite` converts each case (through the engine cache), times all of them in
+rotating blocks (one block per case and repeat, the order rotating between repeats, so
+drifting background load reaches every case alike) and returns the results: raw samples,
+median, MAD and throughput per case, a fingerprint of the machine and a timestamp.
+:func:`compare` judges every case of two runs with noise in mind (see
+:func:`adapter._bench_stats.judge`). Runs are results JSON files, pytest-benchmark JSON
+files, or selectors into the SQLite history (``history:latest``, ``history:latest~1``,
+``history:<run id>``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapter._bench_history import History, default_history_path
+from adapter._bench_stats import Verdict, judge, mad, robust_rsd
+from adapter.errors import AdapterError, SourceError
+
+__all__ = [
+    "FORMAT",
+    "Case",
+    "History",
+    "Suite",
+    "Verdict",
+    "compare",
+    "default_history_path",
+    "fingerprint",
+    "load_results",
+    "load_suite",
+    "machine_differences",
+    "run_suite",
+]
+
+FORMAT = "adapter-bench/1"
+_SUITE_KEYS = {"name", "repeats", "iterations", "warmup", "backend", "threads", "seq", "cases"}
+_CASE_KEYS = {
+    "model",
+    "name",
+    "targets",
+    "precisions",
+    "batch_sizes",
+    "seq",
+    "backend",
+    "threads",
+    "dynamic",
+    "inputs",
+}
+_KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "sve", "i8mm")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed engine: a model on a target at a precision, batch size and sequence length."""
+
+    name: str
+    model: str
+    target: str = "host"
+    precision: str = "fp32"
+    batch: int = 1
+    seq: int | None = None
+    backend: str | None = None
+    threads: int = 0
+    dynamic: tuple[str, ...] = ()
+    inputs: str | None = None
+    """An .npz feed to resize to batch/seq instead of the source's example inputs."""
+
+
+@dataclass
+class Suite:
+    """A parsed suite file."""
+
+    name: str
+    path: Path
+    cases: list[Case]
+    repeats: int = 5
+    iterations: int = 20
+    warmup: int = 3
+    digest: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive(value: Any, what: str, where: str, zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
+        raise SourceError(f"{where}: {what} must be a {'non-negative' if zero else 'positive'} integer, not {value!r}.")
+    return value
+
+
+def _str_list(value: Any, what: str, where: str) -> list[str]:
+    items = [value] if isinstance(value, (str, int)) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, (str, int)) for v in items):
+        raise SourceError(f"{where}: {what} must be a name or a non-empty list of them, not {value!r}.")
+    return [str(v) for v in items]
+
+
+def _model_label(model: str) -> str:
+    return model.rstrip("/").rpartition(":")[2] if ":" in model else Path(model.rstrip("/")).stem
+
+
+def load_suite(path: Path | str, threads: int | None = None) -> Suite:
+    """Read and check a suite file; ``threads`` overrides every case's thread count.
+
+    Raises:
+        SourceError: The file is missing, not YAML, or does not follow the schema.
+    """
+    path = Path(path)
+    try:
+        import yaml
+    except ImportError as exc:
+        raise AdapterError("Reading a bench suite needs PyYAML.", "Install it: pip install pyyaml.") from exc
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SourceError(f"Cannot read the bench suite '{path}': {exc.strerror or exc}.") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SourceError(f"The bench suite '{path}' is not valid YAML: {exc}".rstrip(".") + ".") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
+        raise SourceError(f"The bench suite '{path}' needs a mapping with a non-empty 'cases' list.")
+    unknown = sorted(set(data) - _SUITE_KEYS)
+    if unknown:
+        raise SourceError(
+            f"The bench suite '{path}' has unknown keys: {', '.join(unknown)}.", f"Known: {sorted(_SUITE_KEYS)}."
+        )
+    where = str(path)
+    suite = Suite(
+        name=str(data.get("name") or path.stem),
+        path=path,
+        cases=[],
+        repeats=_positive(data.get("repeats", 5), "repeats", where),
+        iterations=_positive(data.get("iterations", 20), "iterations", where),
+        warmup=_positive(data.get("warmup", 3), "warmup", where, zero=True),
+        digest=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+    names: set[str] = set()
+    for index, entry in enumerate(data["cases"]):
+        at = f"{path}, case {index + 1}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise SourceError(f"{at}: each case needs a 'model' (a factory, Hugging Face folder, .pt2 or .onnx).")
+        unknown = sorted(set(entry) - _CASE_KEYS)
+        if unknown:
+            raise SourceError(f"{at}: unknown keys {', '.join(unknown)}.", f"Known: {sorted(_CASE_KEYS)}.")
+        merged = {k: data[k] for k in ("backend", "threads", "seq") if k in data} | entry
+        seq = merged.get("seq")
+        seq = None if seq is None else _positive(seq, "seq", at)
+        case_threads = _positive(merged.get("threads", 0), "threads", at, zero=True) if threads is None else threads
+        batches = merged.get("batch_sizes", [1])
+        batches = [batches] if isinstance(batches, int) else batches
+        if not isinstance(batches, list) or not batches:
+            raise SourceError(f"{at}: batch_sizes must be a positive integer or a list of them.")
+        dynamic = _str_list(merged["dynamic"], "dynamic", at) if merged.get("dynamic") else []
+        label = str(merged.get("name") or _model_label(merged["model"]))
+        for target in _str_list(merged.get("targets", ["host"]), "targets", at):
+            for precision in _str_list(merged.get("precisions", ["fp32"]), "precisions", at):
+                for batch in batches:
+                    batch = _positive(batch, "each batch size", at)
+                    name = f"{label} {target} {precision} b{batch}" + (f" s{seq}" if seq else "")
+                    if name in names:
+                        raise SourceError(f"{at}: case '{name}' is listed twice.", "Give one of them a 'name'.")
+                    names.add(name)
+                    suite.cases.append(
+                        Case(
+                            name,
+                            merged["model"],
+                            target,
+                            precision,
+                            batch,
+                            seq,
+                            merged.get("backend"),
+                            case_threads,
+                            tuple(dynamic),
+                            merged.get("inputs"),
+                        )
+                    )
+    return suite
+
+
+def _git_commit() -> dict[str, Any] | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = os.environ.get("GITHUB_SHA")
+        return {"id": sha, "dirty": None} if sha else None
+    return {"id": commit, "dirty": bool(dirty)}
+
+
+def fingerprint() -> dict[str, Any]:
+    """What the timings depend on: CPU model, flags (hash and key ones), cores, memory, OS,
+    Python, library versions and the git commit. ``machine_id`` hashes the hardware part."""
+    from adapter.artifact import library_versions
+    from adapter.profiles.probe import _cpu_info
+
+    info = _cpu_info()
+    flags = sorted(info["flags"])
+    hardware = {
+        "cpu": info["model"],
+        "machine": info["machine"],
+        "cores": info["cpus"],
+        "memory_bytes": info["memory"],
+        "flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+    }
+    return {
+        **hardware,
+        "machine_id": hashlib.sha256(json.dumps(hardware, sort_keys=True).encode()).hexdigest()[:16],
+        "key_flags": [f for f in _KEY_FLAGS if f in flags],
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "libraries": library_versions(("openvino",)),
+        "git": _git_commit(),
+        "hostname": platform.node(),
+    }
+
+
+def _example_inputs(case: Case, dynamic: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The feed the sizes are taken from: the case's .npz, else the factory's example inputs
+    (HF folders and factories), else nothing (ONNX and .pt2: synthetic values)."""
+    if case.inputs:
+        try:
+            with np.load(case.inputs, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"Case '{case.name}': cannot read inputs '{case.inputs}' ({exc}).") from exc
+    from adapter.importer import prepare_source, source_kind
+    from adapter.specs import parse_dynamic
+
+    if source_kind(case.model) in ("onnx", "pt2"):
+        return {}
+    prepared = prepare_source(case.model, parse_dynamic(dynamic))
+    return {k: (v.detach().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in prepared.inputs.items()}
+
+
+def _synthetic(name: str, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    lowered = name.lower()
+    if dtype.kind == "b":
+        return np.ones(shape, dtype)
+    if dtype.kind in "iu":
+        if "mask" in lowered:
+            return np.ones(shape, dtype)
+        if "type" in lowered:
+            return np.zeros(shape, dtype)
+        if "position" in lowered:
+            return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy() if shape else np.zeros(shape, dtype)
+        return rng.integers(0, 100, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def make_feed(case: Case, specs: list, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs of the case's batch and sequence length for an engine with ``specs``.
+
+    Dynamic axis 0 takes the batch size, other dynamic axes the case's ``seq`` (else the
+    example's size). Example values are cycled along each resized axis; integer inputs
+    named like a mask are all ones.
+
+    Raises:
+        SourceError: A fixed axis or a dynamic range does not allow the size asked for.
+    """
+    from adapter.specs import Dim
+
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in specs:
+        base = example.get(spec.name)
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            own = base.shape[axis] if base is not None and axis < base.ndim else None
+            want = case.batch if axis == 0 else (case.seq or own or (dim.min if isinstance(dim, Dim) else dim))
+            if not isinstance(dim, Dim):
+                if want != dim and (axis == 0 or case.seq):
+                    raise SourceError(
+                        f"Case '{case.name}': input '{spec.name}' has a fixed size {dim} on axis {axis}, "
+                        f"so it cannot run at {'batch' if axis == 0 else 'seq'} {want}.",
+                        "Make the axis dynamic in the case: dynamic: ['NAME:0=batch,1=seq'].",
+                    )
+                shape.append(dim)
+                continue
+            if not dim.min <= want <= dim.max:
+                raise SourceError(
+                    f"Case '{case.name}': input '{spec.name}' axis {axis} ('{dim.name}') allows "
+                    f"{dim.min}..{dim.max}, not {want}."
+                )
+            shape.append(want)
+        dtype = np.dtype(spec.dtype)
+        if base is None or (dtype.kind in "iu" and "mask" in spec.name.lower()):
+            feed[spec.name] = _synthetic(spec.name, dtype, tuple(shape), rng)
+            continue
+        array = np.asarray(base).astype(dtype, copy=False)
+        for axis, size in enumerate(shape):
+            if array.shape[axis] != size:
+                array = np.take(array, np.arange(size) % array.shape[axis], axis=axis)
+        feed[spec.name] = np.ascontiguousarray(array)
+    return feed
+
+
+def _prepare(case: Case, progress: Callable[[str], None], examples: dict) -> tuple[Callable[[], object], dict]:
+    """Convert (cached) and load the case's engine; return a timed call and its description."""
+    from adapter._precision import PrecisionOptions
+    from adapter.api import ConvertOptions, convert, load
+    from adapter.artifact import cache_root
+
+    options = ConvertOptions(
+        target=case.target,
+        backend=case.backend,
+        dynamic=case.dynamic,
+        precision=PrecisionOptions(mode=case.precision),
+        backend_options=(("threads", case.threads),) if case.threads else (),
+        benchmark=False,
+    )
+    progress(f"converting {case.name}")
+    key = hashlib.sha256(
+        repr((case.model, case.target, case.precision, case.backend, case.threads, case.dynamic)).encode()
+    )
+    output = cache_root() / "bench" / "engines" / key.hexdigest()[:16]
+    result = convert(case.model, output, options)
+    engine = load(result.path)
+    if not engine.runs_here:
+        raise AdapterError(
+            f"Case '{case.name}': the engine for target '{case.target}' does not run on this machine.",
+            "Bench targets that run here (e.g. host), or run the suite on the target machine.",
+        )
+    example_key = (case.model, case.dynamic, case.inputs)
+    if example_key not in examples:
+        examples[example_key] = _example_inputs(case, case.dynamic)
+    feed = make_feed(case, engine.inputs, examples[example_key])
+    backend = result.manifest["backend"]
+    info = {
+        "backend": backend["name"],
+        "engine_threads": backend.get("config", {}).get("threads"),
+        "cache_key": result.manifest.get("cache_key"),
+        "inputs": {k: list(v.shape) for k, v in feed.items()},
+    }
+    engine.run(feed)  # fail here, with the case named, rather than inside the timing loop
+    return (lambda: engine.run(feed)), info
+
+
+def time_cases(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    iterations: int,
+    warmup: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Samples per case: ``repeats`` medians of ``iterations`` calls, in rotating blocks."""
+    from adapter._timing import paired_median_ms
+
+    names = list(runs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        if progress:
+            progress(f"timing: repeat {repeat + 1}/{repeats}")
+        shift = repeat % len(names)
+        order = names[shift:] + names[:shift]
+        medians = paired_median_ms(
+            {name: runs[name] for name in order}, warmup=warmup, repeats=iterations, budget_s=float("inf"), rounds=1
+        )
+        for name in names:
+            samples[name].append(medians[name])
+    return samples
+
+
+def summarise(case: dict[str, Any], samples: list[float], batch: int) -> dict[str, Any]:
+    """Add samples, median, MAD, robust relative SD and throughput to a case record."""
+    median = float(np.median(samples))
+    return {
+        **case,
+        "samples_ms": [round(s, 6) for s in samples],
+        "median_ms": median,
+        "mad_ms": mad(samples),
+        "rsd": robust_rsd(samples),
+        "throughput": batch * 1e3 / median if median > 0 else None,
+        "throughput_unit": "samples/s",
+    }
+
+
+def run_suite(
+    path: Path | str,
+    history: Path | str | None = None,
+    progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run a bench suite and return its results (see the module docstring).
+
+    Args:
+        path: The suite YAML file.
+        history: SQLite file to append the results to (one row per case); None: none.
+        progress: Called with a short description of each step.
+        threads: Override every case's engine thread count.
+
+    Raises:
+        AdapterError: A bad suite, a failed conversion, an engine that does not run here.
+    """
+    say = progress or (lambda _text: None)
+    suite = load_suite(path, threads)
+    runs, infos, examples = {}, {}, {}
+    for case in suite.cases:
+        runs[case.name], infos[case.name] = _prepare(case, say, examples)
+    samples = time_cases(runs, suite.repeats, suite.iterations, suite.warmup, say)
+    created = _dt.datetime.now(_dt.UTC)
+    results = {
+        "format": FORMAT,
+        "suite": suite.name,
+        "suite_file": str(suite.path),
+        "suite_sha256": suite.digest,
+        "run_id": f"{created:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+        "created": created.isoformat(timespec="seconds"),
+        "settings": {"repeats": suite.repeats, "iterations": suite.iterations, "warmup": suite.warmup},
+        "fingerprint": fingerprint(),
+        "argv": sys.argv[1:],
+        "cases": [],
+    }
+    for case in suite.cases:
+        record = {
+            "name": case.name,
+            "model": case.model,
+            "target": case.target,
+            "precision": case.precision,
+            "batch": case.batch,
+            "seq": case.seq,
+            "threads": case.threads,
+            **infos[case.name],
+        }
+        results["cases"].append(summarise(record, samples[case.name], case.batch))
+    if history is not None:
+        say("saving history")
+        History(history).add_run(results)
+        results["history"] = str(history)
+    return results
+
+
+def _from_pytest_benchmark(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """pytest-benchmark JSON as results: one case per benchmark, samples from ``stats.data``."""
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    flags = sorted(cpu.get("flags", []))
+    hardware = {
+        "cpu": cpu.get("brand_raw", machine.get("processor", "")),
+        "machine": machine.get("machine", ""),
+        "cores": cpu.get("count"),
+        "flags_sha256": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16] if flags else None,
+    }
+    cases = []
+    for bench in data.get("benchmarks", []):
+        stats = bench.get("stats", {})
+        raw = [float(v) * 1e3 for v in stats.get("data", [])]
+        record = {"name": bench.get("fullname") or bench.get("name"), "source": "pytest-benchmark"}
+        if raw:
+            cases.append(summarise(record, raw, 1))
+        elif "median" in stats:
+            cases.append({**record, "samples_ms": [], "median_ms": float(stats["median"]) * 1e3, "no_raw_data": True})
+    return {
+        "format": "pytest-benchmark",
+        "suite": "pytest-benchmark",
+        "created": data.get("datetime"),
+        "fingerprint": {
+            **hardware,
+            "machine_id": hashlib.sha256(json.dumps(hardware, sort_keys=True).encode()).hexdigest()[:16],
+            "python": machine.get("python_version"),
+            "os": f"{machine.get('system', '')} {machine.get('release', '')}".strip(),
+            "git": {"id": data.get("commit_info", {}).get("id"), "dirty": data.get("commit_info", {}).get("dirty")},
+        },
+        "cases": cases,
+        "source": source,
+    }
+
+
+def load_results(ref: str | Path | dict, history: Path | str | None = None, suite: str | None = None) -> dict:
+    """Resolve a run: a results dict, a results or pytest-benchmark JSON file, or
+    ``history:latest`` / ``history:latest~N`` / ``history:<run id>`` in ``history``
+    (default: the default history file), optionally restricted to one suite.
+
+    Raises:
+        SourceError: A missing or unreadable file, or a format it does not know.
+        AdapterError: A selector that matches no stored run.
+    """
+    if isinstance(ref, dict):
+        return ref
+    text = str(ref)
+    if text.startswith("history:"):
+        db = Path(history) if history else default_history_path()
+        if not db.is_file():
+            raise SourceError(
+                f"There is no bench history at '{db}'.", "Run `adapter bench run` first, or pass --history."
+            )
+        return History(db).load_run(text.partition(":")[2] or "latest", suite)
+    path = Path(text)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise SourceError(f"Bench results '{path}' do not exist.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"Bench results '{path}' are not readable JSON ({exc}).") from exc
+    if isinstance(data, dict) and str(data.get("format", "")).startswith("adapter-bench/") and "cases" in data:
+        return {**data, "source": str(path)}
+    if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+        return _from_pytest_benchmark(data, str(path))
+    raise SourceError(
+        f"'{path}' is neither adapter bench results nor pytest-benchmark JSON.",
+        "Give a file written by `adapter bench run -o` or `pytest --benchmark-json`, or a history: selector.",
+    )
+
+
+def machine_differences(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between the two runs' machines and software (empty: same machine)."""
+    a, b = baseline.get("fingerprint") or {}, new.get("fingerprint") or {}
+    notes = []
+    for key, label in (
+        ("cpu", "CPU"),
+        ("cores", "cores"),
+        ("memory_bytes", "memory"),
+        ("flags_sha256", "CPU flags"),
+        ("machine", "architecture"),
+        ("os", "OS"),
+        ("python", "Python"),
+    ):
+        if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key):
+            notes.append(f"{label}: {a[key]} → {b[key]}")
+    libs_a, libs_b = a.get("libraries") or {}, b.get("libraries") or {}
+    for name in sorted(set(libs_a) & set(libs_b)):
+        if libs_a[name] != libs_b[name] and name != "adapter":
+            notes.append(f"{name}: {libs_a[name]} → {libs_b[name]}")
+    return notes
+
+
+def _config_note(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changes = [
+        f"{key} {old.get(key)} → {new.get(key)}"
+        for key in ("backend", "engine_threads", "inputs")
+        if key in old and key in new and old.get(key) != new.get(key)
+    ]
+    return ", ".join(changes)
+
+
+def compare(
+    baseline: str | Path | dict,
+    new: str | Path | dict,
+    threshold: float = 0.10,
+    alpha: float = 0.01,
+    history: Path | str | None = None,
+    band_runs: int = 0,
+) -> list[Verdict]:
+    """Judge every case of ``new`` against ``baseline`` (see :func:`load_results` for what
+    they may be). With ``band_runs`` > 0, the noise band also covers the run-to-run spread of
+    the latest ``band_runs`` medians of each case on the baseline's machine in ``history``.
+
+    Returns:
+        One verdict per case in either run: regression, improvement, unchanged, noisy or
+        missing, in the order of the new run (then cases only the baseline has).
+    """
+    if not 0 < threshold < 10 or not 0 < alpha < 1:
+        raise AdapterError(f"threshold must be in (0, 10) and alpha in (0, 1); got {threshold} and {alpha}.")
+    old_run = load_results(baseline, history)
+    new_run = load_results(new, history)
+    old_cases = {c["name"]: c for c in old_run.get("cases", [])}
+    new_cases = {c["name"]: c for c in new_run.get("cases", [])}
+    store = None
+    if band_runs > 0:
+        db = Path(history) if history else default_history_path()
+        store = History(db) if db.is_file() else None
+    machine = (old_run.get("fingerprint") or {}).get("machine_id", "")
+    verdicts = []
+    for name in list(new_cases) + [n for n in old_cases if n not in new_cases]:
+        old, cur = old_cases.get(name), new_cases.get(name)
+        if old is None or cur is None:
+            side = "baseline" if old is None else "new run"
+            verdicts.append(Verdict(name, "missing", note=f"not in the {side}"))
+            continue
+        history_rsd = None
+        if store is not None:
+            medians = store.medians(name, machine, band_runs, exclude_run=new_run.get("run_id"))
+            history_rsd = robust_rsd(medians) if len(medians) >= 3 else None
+        old_samples, new_samples = old.get("samples_ms") or [], cur.get("samples_ms") or []
+        if not old_samples or not new_samples:
+            verdict = judge(name, [old["median_ms"]], [cur["median_ms"]], threshold, alpha, history_rsd)
+            verdict.note = "no raw samples: medians only; " + verdict.note
+        else:
+            verdict = judge(name, old_samples, new_samples, threshold, alpha, history_rsd)
+        config = _config_note(old, cur)
+        if config:
+            verdict.note = f"{verdict.note}; {config}" if verdict.note else config
+        verdicts.append(verdict)
+    return verdicts
