@@ -1,0 +1,774 @@
+"""Per-layer profiler: each backend's own per-node timings, costed by the op library and
+placed on the target profile's roofline.
+
+How each backend is measured:
+
+- **ONNX Runtime**: a second session over the artifact's model with ``enable_profiling``
+  (same optimisation level and threads as the engine). Its JSON holds one ``Node`` event
+  per kernel per run (``dur`` in µs); runs are told apart by the ``model_run`` events. The
+  session also saves the graph it ran (``optimized_model_filepath``), so nodes ONNX Runtime
+  fused or renamed are mapped back to the artifact's ONNX nodes through tensor names.
+- **OpenVINO**: the model compiled again with ``PERF_COUNT``; ``get_profiling_info()`` after
+  each inference gives per executed node its real time, and the runtime model's
+  ``originalLayersNames`` says which ONNX nodes each executed node fused.
+- **TVM**: the Relax VM's instrumentation hook (``set_instrument``) timestamps every kernel
+  call (TVM 0.27 has no ``profile=True`` VM any more). TVM's fused kernels keep no link to
+  the ONNX nodes, so their FLOPs come from the argument shapes of matmul kernels only and
+  they carry no module.
+
+Every backend node gets the FLOPs and bytes of the ONNX nodes it covers (``node_cost`` with
+the dims of the actual inputs; FLOPs summed; bytes are what crosses the covered set's
+boundary, so a fused kernel is not charged for intermediates it never writes out), the
+achieved FLOP/s and bytes/s, the arithmetic intensity and its roofline ceiling
+``min(peak, bandwidth × intensity)`` from the artifact's target profile.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ProfileReport", "PerformanceAnalyzer", "profile_artifact", "group_module", "DEFAULT_BATCH_SIZES"]
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapter.errors import AdapterError
+
+DEFAULT_BATCH_SIZES = (1, 4, 16)
+ROOT_MODULE = "(root)"
+"""Module label of nodes that belong to the top-level module itself (pooling, masks)."""
+UNMAPPED = "(unmapped)"
+"""Module label of backend nodes that could not be traced to any ONNX node."""
+_PRECISION_PEAK = {"int8-dynamic": "int8", "int4-weight": "int8", "auto": "fp32"}
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+@dataclass
+class _Kernel:
+    """One backend node: its timings in each profiled run and the ONNX nodes it covers."""
+
+    name: str
+    op_type: str
+    durations_us: list[float] = field(default_factory=list)
+    starts_us: list[float] = field(default_factory=list)
+    claims: list[str] = field(default_factory=list)
+    arg_shapes: list[tuple[tuple[int, ...], str]] = field(default_factory=list)
+
+
+@dataclass
+class _Capture:
+    kernels: list[_Kernel]
+    totals_ms: list[float]
+    mapped: bool = True
+    note: str = ""
+    structure: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+    """ONNX Runtime: the graph it ran, node name to (input, output) tensor names."""
+    boundary: set[str] = field(default_factory=set)
+    """ONNX Runtime: every tensor name that still exists in the graph it ran."""
+    idle: list[str] = field(default_factory=list)
+    """OpenVINO: ONNX nodes folded into runtime nodes that did not execute (reshapes, constants)."""
+
+
+def _run_windows(events: list[dict]) -> list[tuple[float, float]]:
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    return runs
+
+
+def _blocks(repeats: int, between: Callable[[], None], rounds: int = 5) -> Iterator[int]:
+    """Split ``repeats`` into up to ``rounds`` blocks, calling ``between`` before each (the
+    end-to-end timing runs there, so both see the same background load)."""
+    rounds = max(1, min(rounds, repeats))
+    sizes = [repeats // rounds + (1 if i < repeats % rounds else 0) for i in range(rounds)]
+    for size in sizes:
+        between()
+        yield size
+
+
+def _ort_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> _Capture:
+    import onnx
+    import onnxruntime as ort
+
+    from adapter.backends.base import threads_for
+
+    config = engine.config
+    levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
+    opts = ort.SessionOptions()
+    level = levels.get(config.get("optimization", "all"), "ORT_ENABLE_ALL")
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    opts.intra_op_num_threads = threads_for(config.get("threads", 0), None)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp / "ort-profile")
+    runtime_graph = tmp / "runtime-graph.onnx"
+    opts.optimized_model_filepath = str(runtime_graph)
+    model_path = getattr(engine.session, "_model_path", None) or str(engine.folder / "model.onnx")
+    try:
+        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(warmup):
+            session.run(None, feed)
+        for block in _blocks(repeats, between):
+            for _ in range(block):
+                session.run(None, feed)
+        trace = Path(session.end_profiling())
+    except Exception as exc:
+        raise AdapterError(
+            f"ONNX Runtime's profiler failed on '{model_path}': {str(exc).splitlines()[0][:300]}",
+            "Check that the artifact runs with `adapter run`.",
+        ) from exc
+    events = json.loads(trace.read_text())
+    windows = _run_windows(events)[warmup:]
+    nodes = sorted(
+        (e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+        key=lambda e: e["ts"],
+    )
+    kernels: dict[str, _Kernel] = {}
+    totals = []
+    for start, end in windows:
+        totals.append((end - start) / 1e3)
+        for event in nodes:
+            if start <= event["ts"] <= end:
+                name = event["name"].removesuffix("_kernel_time")
+                kernel = kernels.setdefault(name, _Kernel(name, event.get("args", {}).get("op_name", "?")))
+                kernel.durations_us.append(float(event["dur"]))
+                kernel.starts_us.append(float(event["ts"] - start))
+    graph = onnx.load(str(runtime_graph), load_external_data=False).graph
+    structure = {n.name: (list(n.input), list(n.output)) for n in graph.node}
+    boundary = {t for ins, outs in structure.values() for t in (*ins, *outs)}
+    boundary |= {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    ordered = sorted(kernels.values(), key=lambda k: statistics.median(k.starts_us))
+    for kernel in ordered:
+        kernel.claims = [kernel.name]  # resolved against the ONNX graph in _map_tensors
+    return _Capture(ordered, totals, structure=structure, boundary=boundary)
+
+
+def _ov_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> _Capture:
+    import openvino as ov
+
+    config = engine.config
+    properties = {
+        "INFERENCE_PRECISION_HINT": config["precision"],
+        "PERFORMANCE_HINT": config["performance_hint"],
+        "INFERENCE_NUM_THREADS": int(config["threads"]),
+        "NUM_STREAMS": int(config["streams"]),
+        "PERF_COUNT": True,
+    }
+    try:
+        compiled = ov.Core().compile_model(str(engine.folder / "model.onnx"), config["device"], properties)
+        request = compiled.create_infer_request()
+        for _ in range(warmup):
+            request.infer(feed)
+        kernels: dict[str, _Kernel] = {}
+        totals = []
+        for _ in (step for block in _blocks(repeats, between) for step in range(block)):
+            started = time.perf_counter()
+            request.infer(feed)
+            totals.append((time.perf_counter() - started) * 1e3)
+            offset = 0.0
+            for info in request.get_profiling_info():
+                if info.status != info.Status.EXECUTED:
+                    continue
+                micros = info.real_time.total_seconds() * 1e6
+                kernel = kernels.setdefault(info.node_name, _Kernel(info.node_name, info.node_type))
+                kernel.durations_us.append(micros)
+                kernel.starts_us.append(offset)  # OpenVINO gives no start times: laid out in order
+                offset += micros
+        runtime = compiled.get_runtime_model()
+    except Exception as exc:
+        raise AdapterError(
+            f"OpenVINO's performance counters failed: {str(exc).strip().splitlines()[0][:300]}",
+            "Check that the artifact runs with `adapter run`.",
+        ) from exc
+    fused: dict[str, list[str]] = {}
+    order: list[str] = []
+    for op in runtime.get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        fused[op.get_friendly_name()] = [n for n in names.split(",") if n]
+        order.append(op.get_friendly_name())
+    for kernel in kernels.values():
+        kernel.claims = fused.get(kernel.name, [kernel.name])
+    position = {name: i for i, name in enumerate(order)}
+    ordered = sorted(kernels.values(), key=lambda k: position.get(k.name, len(position)))
+    executed = {k.name for k in ordered}
+    idle = [n for name, names in fused.items() if name not in executed for n in names]
+    note = "OpenVINO reports no start times; the trace lays nodes out in order"
+    return _Capture(ordered, totals, note=note, idle=idle)
+
+
+def _tvm_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> _Capture:
+    import tvm
+
+    if not engine.runs_here:
+        raise AdapterError(
+            f"This TVM engine is built for {engine.config['target']}, which is not this machine, so it cannot be profiled here.",
+            "Profile it on such a machine, or profile an llvm build for this CPU.",
+        )
+    if engine._vm is None:
+        engine._load()
+    vm, device = engine._vm, engine._device
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), device) for n in engine.config["input_order"]]
+    calls: list[tuple[str, float, float, list]] = []
+    stack: list[float] = []
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        now = time.perf_counter()
+        if before_run:
+            stack.append(now)
+        else:
+            shapes = [(tuple(int(d) for d in a.shape), str(a.dtype)) for a in call_args if hasattr(a, "shape")]
+            calls.append((str(symbol), stack.pop(), now, shapes))
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    try:
+        for _ in range(warmup):
+            vm["main"](*args)
+        runs = []
+        for _ in (step for block in _blocks(repeats, between) for step in range(block)):
+            vm.set_instrument(instrument)
+            calls.clear()
+            started = time.perf_counter()
+            vm["main"](*args)
+            runs.append(((time.perf_counter() - started) * 1e3, started, list(calls)))
+            vm.set_instrument(_no_instrument)
+    except Exception as exc:
+        raise AdapterError(f"TVM failed while profiling the engine: {str(exc).strip().splitlines()[-1][:300]}") from exc
+    finally:
+        vm.set_instrument(_no_instrument)
+    kernels: list[_Kernel] = []
+    for _total, started, run_calls in runs:
+        for index, (symbol, t0, t1, shapes) in enumerate(run_calls):
+            if index >= len(kernels):
+                kernels.append(_Kernel(f"{symbol}#{index}", symbol, arg_shapes=shapes))
+            kernels[index].durations_us.append((t1 - t0) * 1e6)
+            kernels[index].starts_us.append((t0 - started) * 1e6)
+    note = "TVM kernels keep no link to ONNX nodes: FLOPs only for matmul kernels (from their arguments), no modules"
+    return _Capture(kernels, [r[0] for r in runs], mapped=False, note=note)
+
+
+def _no_instrument(*args) -> int:
+    return 0
+
+
+_CAPTURE: dict[str, Callable[..., _Capture]] = {"onnxruntime": _ort_capture, "openvino": _ov_capture, "tvm": _tvm_capture}
+
+
+# ----------------------------------------------------------------------------- mapping and costs
+
+
+class _Graph:
+    """The artifact's ONNX graph: nodes by name, producers, topological positions, costs."""
+
+    def __init__(self, model, sizes: dict[str, int]) -> None:
+        self.model = model
+        self.sizes = sizes
+        self.nodes = list(model.graph.all_nodes())
+        self.by_name = {n.name: n for n in self.nodes if n.name}
+        self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self.producer = {v.name: n for n in self.nodes for v in n.outputs if v is not None}
+
+    def cost(self, names: list[str]) -> tuple[int | None, int | None]:
+        """Summed FLOPs and boundary bytes of a set of ONNX nodes (None when unknown)."""
+        from adapter.op_library import node_cost
+        from adapter.op_library._schema import tensor_of
+
+        nodes = [self.by_name[n] for n in names if n in self.by_name]
+        if not nodes:
+            return None, None
+        flops, known, summed_bytes = 0, False, 0
+        for node in nodes:
+            try:
+                cost = node_cost(node, self.sizes)
+            except KeyError:
+                continue
+            known = True
+            flops += cost.flops or 0
+            summed_bytes += cost.bytes or 0
+        inside = {id(n) for n in nodes}
+        crossing: dict[str, Any] = {}
+        for node in nodes:
+            for value in node.inputs:
+                if value is not None and (value.producer() is None or id(value.producer()) not in inside):
+                    crossing[value.name] = value
+            for value in node.outputs:
+                if value is None:
+                    continue
+                outside = any(id(use[0]) not in inside for use in value.uses()) or value.is_graph_output()
+                if outside:
+                    crossing[value.name] = value
+        tensors = [tensor_of(v, self.sizes) for v in crossing.values()]
+        boundary = sum(t.nbytes for t in tensors if t is not None) if all(t is not None for t in tensors) else None
+        if len(nodes) == 1 or boundary is None:
+            boundary = summed_bytes if known else boundary
+        return (flops if known else None), boundary
+
+    def module(self, names: list[str]) -> str | None:
+        """The module most of the covered work belongs to (by FLOPs, then bytes, then count)."""
+        from adapter.backends.base import module_of
+
+        weight: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+        for name in names:
+            node = self.by_name.get(name)
+            if node is None:
+                continue
+            flops, nbytes = self.cost([name])
+            entry = weight[module_of(node) or ROOT_MODULE]
+            entry[0] += flops or 0
+            entry[1] += nbytes or 0
+            entry[2] += 1
+        if not weight:
+            return None
+        return max(weight.items(), key=lambda kv: kv[1])[0]
+
+
+def _map_tensors(capture: _Capture, graph: _Graph) -> None:
+    """ONNX Runtime: a node kept by name is itself; a fused one covers the ONNX nodes between
+    its output tensors and the tensors that still exist in the graph ONNX Runtime ran."""
+    structure, boundary = capture.structure, capture.boundary
+    taken: set[str] = set()
+    for kernel in capture.kernels:
+        if kernel.name in graph.by_name:
+            kernel.claims = [kernel.name]
+            taken.add(kernel.name)
+    for kernel in capture.kernels:
+        if kernel.name in graph.by_name:
+            continue
+        _, outputs = structure.get(kernel.name, ([], []))
+        todo = [graph.producer[t] for t in outputs if t in graph.producer]
+        claims: list[str] = []
+        while todo:
+            node = todo.pop()
+            if node.name in taken:
+                continue
+            taken.add(node.name)
+            claims.append(node.name)
+            for value in node.inputs:
+                if value is None or value.name in boundary:
+                    continue
+                producer = graph.producer.get(value.name)
+                if producer is not None:
+                    todo.append(producer)
+        kernel.claims = claims
+
+
+def _fill_gaps(capture: _Capture, graph: _Graph, idle: Iterable[str] = ()) -> None:
+    """Give ONNX nodes no backend node claims to the unmapped backend nodes that ran between
+    the neighbours' ONNX nodes (OpenVINO's MVN for a LayerNormalization, and the like)."""
+    claimed = {n for k in capture.kernels for n in k.claims if n in graph.position} | set(idle)
+    kernels = capture.kernels
+    for kernel in kernels:
+        kernel.claims = [n for n in kernel.claims if n in graph.position]
+    index = 0
+    while index < len(kernels):
+        if kernels[index].claims:
+            index += 1
+            continue
+        end = index
+        while end < len(kernels) and not kernels[end].claims:
+            end += 1
+        low = max((graph.position[n] for n in kernels[index - 1].claims), default=-1) if index else -1
+        high = min((graph.position[n] for n in kernels[end].claims), default=len(graph.nodes)) if end < len(kernels) else len(graph.nodes)
+        free = [n.name for n in graph.nodes[low + 1 : high] if n.name and n.name not in claimed]
+        gap = kernels[index:end]
+        for i, kernel in enumerate(gap):  # split the free nodes in order over the gap's kernels
+            share = free[i * len(free) // len(gap) : (i + 1) * len(free) // len(gap)]
+            kernel.claims = share
+            claimed.update(share)
+        index = end
+
+
+def _tvm_cost(kernel: _Kernel) -> tuple[int | None, int | None]:
+    shapes = kernel.arg_shapes
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+    nbytes = sum(math.prod(s) * itemsize.get(d, 4) for s, d in shapes)
+    flops = None
+    if ("matmul" in kernel.op_type or "dense" in kernel.op_type) and len(shapes) >= 2 and shapes[0][0]:
+        k = shapes[0][0][-1]
+        flops = 2 * math.prod(shapes[-1][0]) * k
+    return flops, nbytes
+
+
+# ----------------------------------------------------------------------------- report rows
+
+
+@dataclass(frozen=True)
+class _Roof:
+    peak: float
+    bandwidth: float
+
+    @property
+    def ridge(self) -> float:
+        return self.peak / self.bandwidth
+
+    def figures(self, ms: float, flops: int | None, nbytes: int | None) -> dict[str, Any]:
+        seconds = ms / 1e3
+        row: dict[str, Any] = {"flops": flops, "bytes": nbytes}
+        intensity = flops / nbytes if flops is not None and nbytes else None
+        row["intensity"] = intensity
+        row["achieved_flops"] = flops / seconds if flops is not None and seconds > 0 else None
+        row["achieved_bytes_per_s"] = nbytes / seconds if nbytes is not None and seconds > 0 else None
+        if intensity is None:
+            row.update(ceiling_flops=None, efficiency=None, bound=None)
+            return row
+        ceiling = min(self.peak, self.bandwidth * intensity)
+        row["ceiling_flops"] = ceiling
+        if ceiling > 0 and row["achieved_flops"] is not None:
+            row["efficiency"] = row["achieved_flops"] / ceiling
+        elif row["achieved_bytes_per_s"] is not None:  # no arithmetic: judged by bandwidth
+            row["efficiency"] = row["achieved_bytes_per_s"] / self.bandwidth
+        else:
+            row["efficiency"] = None
+        row["bound"] = "compute" if intensity >= self.ridge else "memory"
+        return row
+
+
+def group_module(module: str, depth: int | None) -> str:
+    """The module path cut to ``depth`` dotted parts; ``None`` cuts one level below the first
+    numbered block (``model.encoder.layer.0.attention.self`` → ``model.encoder.layer.0.attention``)."""
+    if not module or module.startswith("("):
+        return module or ROOT_MODULE
+    parts = module.split(".")
+    if depth is None:
+        numbered = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        depth = numbered + 2 if numbered is not None else 2
+    return ".".join(parts[: max(1, depth)])
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+# ----------------------------------------------------------------------------- inputs, memory
+
+
+def _make_inputs(specs, batch: int, seq: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Inputs from the engine's specs: dims named like a batch take ``batch``, other named dims
+    ``seq`` (clamped to their range); token ids are small ints, masks ones, floats normal."""
+    from adapter.specs import Dim
+
+    rng = np.random.default_rng(seed)
+    sizes: dict[str, int] = {}
+    feed = {}
+    for spec in specs:
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, Dim):
+                wanted = batch if ("batch" in dim.name.lower() or (axis == 0 and "seq" not in dim.name.lower())) else seq
+                size = sizes.setdefault(dim.name, min(max(wanted, dim.min), dim.max))
+                shape.append(size)
+            else:
+                shape.append(int(dim))
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            value = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            value = np.ones(shape, dtype)
+        elif "mask" in spec.name.lower():
+            value = np.ones(shape, dtype)
+        else:
+            value = rng.integers(0, 2, size=shape).astype(dtype)
+        feed[spec.name] = value
+    return feed, sizes
+
+
+def _rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _memory(graph: _Graph) -> dict[str, Any]:
+    """Weights (initializer bytes) and the peak of live activations walking the graph in order."""
+    from adapter.op_library._schema import tensor_of
+
+    model = graph.model
+    weights = 0
+    for value in model.graph.initializers.values():
+        tensor = tensor_of(value, graph.sizes)
+        weights += tensor.nbytes if tensor is not None else 0
+    initializers = set(model.graph.initializers)
+    remaining: dict[str, int] = {}
+    for node in graph.nodes:
+        for value in node.inputs:
+            if value is not None and value.name not in initializers:
+                remaining[value.name] = remaining.get(value.name, 0) + 1
+    live: dict[str, int] = {}
+    for value in model.graph.inputs:
+        tensor = tensor_of(value, graph.sizes)
+        live[value.name] = tensor.nbytes if tensor is not None else 0
+    peak = sum(live.values())
+    outputs = {v.name for v in model.graph.outputs}
+    for node in graph.nodes:
+        for value in node.outputs:
+            if value is not None and value.name not in initializers:
+                tensor = tensor_of(value, graph.sizes)
+                live[value.name] = tensor.nbytes if tensor is not None else 0
+        peak = max(peak, sum(live.values()))
+        for value in node.inputs:
+            if value is not None and value.name in remaining:
+                remaining[value.name] -= 1
+                if remaining[value.name] == 0 and value.name not in outputs:
+                    live.pop(value.name, None)
+    return {"weights_bytes": weights, "activation_peak_bytes_estimate": peak}
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class ProfileReport:
+    """What :func:`profile_artifact` measured: ``to_json()`` is the stable data; ``trace()`` the timeline."""
+
+    data: dict[str, Any]
+    trace_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+    def trace(self) -> dict[str, Any]:
+        """Chrome-trace / Perfetto JSON: one process per (batch, seq), one X event per node."""
+        return {"traceEvents": self.trace_events, "displayTimeUnit": "ms"}
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.data["runs"]
+
+    def coverage(self, run: int = 0) -> float:
+        """Per-module sum over end-to-end latency for one run (1.0 = every millisecond attributed)."""
+        entry = self.runs[run]
+        return entry["sum_of_modules_ms"] / entry["end_to_end_ms"]
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps(self.data, indent=2))
+
+
+def _precision(manifest: dict[str, Any], profile) -> str:
+    mode = (manifest.get("precision") or {}).get("mode", "fp32")
+    executed = manifest["backend"]["config"].get("executed_precision") or manifest["backend"]["config"].get("precision")
+    if manifest["backend"]["name"] == "openvino" and executed in ("bf16", "f16"):
+        mode = {"bf16": "bf16", "f16": "fp16"}[executed]
+    key = _PRECISION_PEAK.get(mode, mode)
+    return key if key in profile.peak_flops else "fp32"
+
+
+def profile_artifact(
+    path: Path | str,
+    batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+    seq: int = 128,
+    group_depth: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    metrics: Iterable[str] = ("latency",),
+) -> ProfileReport:
+    """Profile an engine artifact per node and per module at each batch size.
+
+    Args:
+        path: The artifact folder.
+        batch_sizes: Batch sizes to run (a fixed-shape engine runs its own shape only).
+        seq: Length given to named non-batch dims (sequence inputs).
+        group_depth: Module path parts to group by; None groups one level below the first
+            numbered block (the layer level).
+        warmup: Unprofiled runs before the profiled ones.
+        repeats: Profiled runs; each node's latency is its median over them.
+        metrics: ``latency`` always; ``throughput`` adds samples/s per run, ``memory`` weights,
+            an activation peak estimate and the RSS delta of loading and a first run.
+
+    Raises:
+        AdapterError: The artifact is damaged, its backend has no profiler here, or running fails.
+    """
+    import onnx_ir as ir
+
+    from adapter import artifact
+    from adapter.api import load
+    from adapter.profiles import Profile
+
+    path = Path(path)
+    metrics = set(metrics)
+    manifest = artifact.validate(path)
+    backend = manifest["backend"]["name"]
+    if backend not in _CAPTURE:
+        raise AdapterError(
+            f"Profiling '{backend}' engines is not supported (artifact '{path}').",
+            f"Profile an engine built with one of: {', '.join(_CAPTURE)}.",
+        )
+    profile = Profile.from_dict(manifest["target"]["profile"], origin=f"{path}/manifest.json")
+    precision = _precision(manifest, profile)
+    roof = _Roof(profile.peak(precision), profile.memory_bandwidth)
+    rss_before = _rss_bytes()
+    engine = load(path, check=False)
+    model = ir.load(path / "model.onnx")
+    fixed = all(not hasattr(d, "name") for s in engine.inputs for d in s.shape)
+    shapes = [(None, None)] if fixed else [(b, seq) for b in batch_sizes]
+    runs, events, memory = [], [], None
+    with tempfile.TemporaryDirectory(prefix="adapter-profile-") as tmp:
+        for pid, (batch, length) in enumerate(shapes):
+            feed, sizes = _make_inputs(engine.inputs, batch or 1, length or seq)
+            if fixed:
+                first = next(iter(feed.values()))
+                batch, length = int(first.shape[0]) if first.ndim else 1, (int(first.shape[1]) if first.ndim > 1 else None)
+            samples: list[float] = []
+
+            def between(feed=feed, samples=samples) -> None:
+                engine.run(feed)  # one unmeasured call: the other runtime's threads settle
+                for _ in range(max(2, repeats // 5)):
+                    started = time.perf_counter()
+                    engine.run(feed)
+                    samples.append((time.perf_counter() - started) * 1e3)
+
+            for _ in range(warmup):
+                engine.run(feed)
+            if memory is None and "memory" in metrics:
+                rss_after = _rss_bytes()
+                memory = {"rss_delta_bytes": (rss_after - rss_before) if rss_before and rss_after else None}
+            folder = Path(tmp) / f"run{pid}"
+            folder.mkdir()
+            capture = _CAPTURE[backend](engine, feed, warmup, repeats, folder, between)
+            end_to_end = statistics.median(samples)
+            graph = _Graph(model, sizes)
+            if backend == "onnxruntime":
+                _map_tensors(capture, graph)
+                _fill_gaps(capture, graph)
+            elif backend == "openvino":
+                _fill_gaps(capture, graph, capture.idle)
+            if memory is not None and "weights_bytes" not in memory:
+                memory.update(_memory(graph))
+                memory["activation_basis"] = f"op-library shapes at batch {batch}, seq {length}, liveness in graph order"
+            entry, run_events = _summarise(capture, graph, roof, group_depth, pid)
+            entry = {
+                "batch": batch,
+                "seq": length,
+                "inputs": {k: list(v.shape) for k, v in feed.items()},
+                "end_to_end_ms": end_to_end,
+                **entry,
+            }
+            if "throughput" in metrics:
+                entry["throughput_per_s"] = (batch or 1) / (end_to_end / 1e3)
+            runs.append(entry)
+            events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"batch {batch} seq {length}"}})
+            events.extend(run_events)
+    data: dict[str, Any] = {
+        "artifact": str(path),
+        "backend": backend,
+        "target": manifest["target"]["name"],
+        "precision": precision,
+        "ceilings": {"peak_flops": roof.peak, "memory_bandwidth": roof.bandwidth, "ridge_intensity": roof.ridge},
+        "runs": runs,
+    }
+    if memory is not None:
+        data["memory"] = memory
+    return ProfileReport(data, events)
+
+
+def _summarise(capture: _Capture, graph: _Graph, roof: _Roof, depth: int | None, pid: int):
+    rows = []
+    previous_module = ROOT_MODULE
+    for kernel in capture.kernels:
+        ms = _median(kernel.durations_us) / 1e3
+        if capture.mapped:
+            flops, nbytes = graph.cost(kernel.claims)
+            module = graph.module(kernel.claims) or previous_module
+        else:
+            (flops, nbytes), module = _tvm_cost(kernel), UNMAPPED
+        previous_module = module
+        rows.append({"name": kernel.name, "op_type": kernel.op_type, "module": module, "ms": ms, "kernel": kernel,
+                     **roof.figures(ms, flops, nbytes)})
+    total = sum(r["ms"] for r in rows) or 1.0
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        row["share"] = row["ms"] / total
+        groups[group_module(row["module"], depth)].append(row)
+    modules = []
+    for name, members in groups.items():
+        ms = sum(r["ms"] for r in members)
+        flops = sum(r["flops"] for r in members if r["flops"] is not None)
+        known_flops = any(r["flops"] is not None for r in members)
+        nbytes = sum(r["bytes"] for r in members if r["bytes"] is not None)
+        modules.append({"module": name, "ms": ms, "share": ms / total,
+                        **roof.figures(ms, flops if known_flops else None, nbytes or None),
+                        "nodes": [r["name"] for r in members]})
+    modules.sort(key=lambda m: -m["ms"])
+    events = []
+    durations = [sum(k.durations_us[i] for k in capture.kernels if i < len(k.durations_us)) for i in range(len(capture.totals_ms))]
+    pick = sorted(range(len(durations)), key=lambda i: durations[i])[len(durations) // 2] if durations else 0
+    for row in rows:
+        kernel = row.pop("kernel")
+        if pick < len(kernel.starts_us):
+            events.append({"name": row["name"], "cat": row["op_type"], "ph": "X", "pid": pid, "tid": 0,
+                           "ts": kernel.starts_us[pick], "dur": kernel.durations_us[pick],
+                           "args": {"op": row["op_type"], "module": row["module"], "flops": row["flops"]}})
+    ordered = ["name", "op_type", "module", "ms", "share", "flops", "bytes", "intensity", "achieved_flops",
+               "achieved_bytes_per_s", "ceiling_flops", "efficiency", "bound"]
+    nodes = [{k: r[k] for k in ordered} for r in sorted(rows, key=lambda r: -r["ms"])]
+    entry = {"profiled_total_ms": _median(capture.totals_ms), "sum_of_modules_ms": sum(m["ms"] for m in modules),
+             "nodes": nodes, "modules": modules}
+    if capture.note:
+        entry["note"] = capture.note
+    return entry, events
+
+
+# ----------------------------------------------------------------------------- notebook API
+
+
+class PerformanceAnalyzer:
+    """Profile a model for a target from a notebook or script.
+
+    Args:
+        model_path: An artifact folder, or a model source (``adapter.zoo:minilm``, a factory,
+            an HF folder, ``.pt2``, ``.onnx``) that is converted first.
+        target_device: Target profile name or file (used when converting).
+        precision: Precision mode (used when converting).
+        backend: Backend name (used when converting); None takes the profile's default.
+
+    Example:
+        >>> report = PerformanceAnalyzer("adapter.zoo:minilm").analyze(batch_sizes=[1, 4])
+        >>> report.to_json()["runs"][0]["modules"][0]["module"]
+    """
+
+    def __init__(self, model_path: str | Path, target_device: str = "host", precision: str = "fp32", backend: str | None = None) -> None:
+        self.source = str(model_path)
+        self.target_device = target_device
+        self.precision = precision
+        self.backend = backend
+        self._artifact: Path | None = Path(model_path) if (Path(model_path) / "manifest.json").is_file() else None
+
+    @property
+    def artifact(self) -> Path:
+        """The artifact folder, converting the source on first use (cached by adapter's engine cache)."""
+        if self._artifact is None:
+            from adapter._precision import PrecisionOptions
+            from adapter.api import ConvertOptions, convert, default_output
+            from adapter.artifact import cache_root
+
+            options = ConvertOptions(target=self.target_device, backend=self.backend, precision=PrecisionOptions(mode=self.precision))
+            output = cache_root() / "analyzer" / default_output(self.source, self.target_device).name
+            self._artifact = convert(self.source, output, options).path
+        return self._artifact
+
+    def analyze(
+        self,
+        metrics: Iterable[str] = ("latency", "throughput", "memory"),
+        batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+        seq: int = 128,
+        group_depth: int | None = None,
+        repeats: int = 10,
+    ) -> ProfileReport:
+        """Profile at each batch size; see :func:`profile_artifact` for the figures."""
+        unknown = set(metrics) - {"latency", "throughput", "memory"}
+        if unknown:
+            raise AdapterError(f"Unknown metric(s): {', '.join(sorted(unknown))}.", "Use latency, throughput, memory.")
+        return profile_artifact(self.artifact, batch_sizes, seq, group_depth, repeats=repeats, metrics=metrics)
