@@ -9,7 +9,7 @@
 # use it when it is on PATH and say so when it is not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(qemu-user debootstrap g++-aarch64-linux-gnu rocm-device-libs lld-19 llvm binutils)
+packages=(qemu-user debootstrap g++-aarch64-linux-gnu rocm-device-libs lld-19 llvm binutils chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
