@@ -80,7 +80,9 @@ class _Capture:
 
 
 def _run_windows(events: list[dict]) -> list[tuple[float, float]]:
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    runs = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )
     return runs
 
 
@@ -261,7 +263,11 @@ def _no_instrument(*args) -> int:
     return 0
 
 
-_CAPTURE: dict[str, Callable[..., _Capture]] = {"onnxruntime": _ort_capture, "openvino": _ov_capture, "tvm": _tvm_capture}
+_CAPTURE: dict[str, Callable[..., _Capture]] = {
+    "onnxruntime": _ort_capture,
+    "openvino": _ov_capture,
+    "tvm": _tvm_capture,
+}
 
 
 # ----------------------------------------------------------------------------- mapping and costs
@@ -378,7 +384,11 @@ def _fill_gaps(capture: _Capture, graph: _Graph, idle: Iterable[str] = ()) -> No
         while end < len(kernels) and not kernels[end].claims:
             end += 1
         low = max((graph.position[n] for n in kernels[index - 1].claims), default=-1) if index else -1
-        high = min((graph.position[n] for n in kernels[end].claims), default=len(graph.nodes)) if end < len(kernels) else len(graph.nodes)
+        high = (
+            min((graph.position[n] for n in kernels[end].claims), default=len(graph.nodes))
+            if end < len(kernels)
+            else len(graph.nodes)
+        )
         free = [n.name for n in graph.nodes[low + 1 : high] if n.name and n.name not in claimed]
         gap = kernels[index:end]
         for i, kernel in enumerate(gap):  # split the free nodes in order over the gap's kernels
@@ -464,7 +474,9 @@ def _make_inputs(specs, batch: int, seq: int, seed: int = 0) -> tuple[dict[str, 
         shape = []
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, Dim):
-                wanted = batch if ("batch" in dim.name.lower() or (axis == 0 and "seq" not in dim.name.lower())) else seq
+                wanted = (
+                    batch if ("batch" in dim.name.lower() or (axis == 0 and "seq" not in dim.name.lower())) else seq
+                )
                 size = sizes.setdefault(dim.name, min(max(wanted, dim.min), dim.max))
                 shape.append(size)
             else:
@@ -620,7 +632,10 @@ def profile_artifact(
             feed, sizes = _make_inputs(engine.inputs, batch or 1, length or seq)
             if fixed:
                 first = next(iter(feed.values()))
-                batch, length = int(first.shape[0]) if first.ndim else 1, (int(first.shape[1]) if first.ndim > 1 else None)
+                batch, length = (
+                    int(first.shape[0]) if first.ndim else 1,
+                    (int(first.shape[1]) if first.ndim > 1 else None),
+                )
             samples: list[float] = []
 
             def between(feed=feed, samples=samples) -> None:
@@ -647,7 +662,9 @@ def profile_artifact(
                 _fill_gaps(capture, graph, capture.idle)
             if memory is not None and "weights_bytes" not in memory:
                 memory.update(_memory(graph))
-                memory["activation_basis"] = f"op-library shapes at batch {batch}, seq {length}, liveness in graph order"
+                memory["activation_basis"] = (
+                    f"op-library shapes at batch {batch}, seq {length}, liveness in graph order"
+                )
             entry, run_events = _summarise(capture, graph, roof, group_depth, pid)
             entry = {
                 "batch": batch,
@@ -659,7 +676,9 @@ def profile_artifact(
             if "throughput" in metrics:
                 entry["throughput_per_s"] = (batch or 1) / (end_to_end / 1e3)
             runs.append(entry)
-            events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"batch {batch} seq {length}"}})
+            events.append(
+                {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"batch {batch} seq {length}"}}
+            )
             events.extend(run_events)
     data: dict[str, Any] = {
         "artifact": str(path),
@@ -685,8 +704,16 @@ def _summarise(capture: _Capture, graph: _Graph, roof: _Roof, depth: int | None,
         else:
             (flops, nbytes), module = _tvm_cost(kernel), UNMAPPED
         previous_module = module
-        rows.append({"name": kernel.name, "op_type": kernel.op_type, "module": module, "ms": ms, "kernel": kernel,
-                     **roof.figures(ms, flops, nbytes)})
+        rows.append(
+            {
+                "name": kernel.name,
+                "op_type": kernel.op_type,
+                "module": module,
+                "ms": ms,
+                "kernel": kernel,
+                **roof.figures(ms, flops, nbytes),
+            }
+        )
     total = sum(r["ms"] for r in rows) or 1.0
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -698,24 +725,59 @@ def _summarise(capture: _Capture, graph: _Graph, roof: _Roof, depth: int | None,
         flops = sum(r["flops"] for r in members if r["flops"] is not None)
         known_flops = any(r["flops"] is not None for r in members)
         nbytes = sum(r["bytes"] for r in members if r["bytes"] is not None)
-        modules.append({"module": name, "ms": ms, "share": ms / total,
-                        **roof.figures(ms, flops if known_flops else None, nbytes or None),
-                        "nodes": [r["name"] for r in members]})
+        modules.append(
+            {
+                "module": name,
+                "ms": ms,
+                "share": ms / total,
+                **roof.figures(ms, flops if known_flops else None, nbytes or None),
+                "nodes": [r["name"] for r in members],
+            }
+        )
     modules.sort(key=lambda m: -m["ms"])
     events = []
-    durations = [sum(k.durations_us[i] for k in capture.kernels if i < len(k.durations_us)) for i in range(len(capture.totals_ms))]
+    durations = [
+        sum(k.durations_us[i] for k in capture.kernels if i < len(k.durations_us))
+        for i in range(len(capture.totals_ms))
+    ]
     pick = sorted(range(len(durations)), key=lambda i: durations[i])[len(durations) // 2] if durations else 0
     for row in rows:
         kernel = row.pop("kernel")
         if pick < len(kernel.starts_us):
-            events.append({"name": row["name"], "cat": row["op_type"], "ph": "X", "pid": pid, "tid": 0,
-                           "ts": kernel.starts_us[pick], "dur": kernel.durations_us[pick],
-                           "args": {"op": row["op_type"], "module": row["module"], "flops": row["flops"]}})
-    ordered = ["name", "op_type", "module", "ms", "share", "flops", "bytes", "intensity", "achieved_flops",
-               "achieved_bytes_per_s", "ceiling_flops", "efficiency", "bound"]
+            events.append(
+                {
+                    "name": row["name"],
+                    "cat": row["op_type"],
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 0,
+                    "ts": kernel.starts_us[pick],
+                    "dur": kernel.durations_us[pick],
+                    "args": {"op": row["op_type"], "module": row["module"], "flops": row["flops"]},
+                }
+            )
+    ordered = [
+        "name",
+        "op_type",
+        "module",
+        "ms",
+        "share",
+        "flops",
+        "bytes",
+        "intensity",
+        "achieved_flops",
+        "achieved_bytes_per_s",
+        "ceiling_flops",
+        "efficiency",
+        "bound",
+    ]
     nodes = [{k: r[k] for k in ordered} for r in sorted(rows, key=lambda r: -r["ms"])]
-    entry = {"profiled_total_ms": _median(capture.totals_ms), "sum_of_modules_ms": sum(m["ms"] for m in modules),
-             "nodes": nodes, "modules": modules}
+    entry = {
+        "profiled_total_ms": _median(capture.totals_ms),
+        "sum_of_modules_ms": sum(m["ms"] for m in modules),
+        "nodes": nodes,
+        "modules": modules,
+    }
     if capture.note:
         entry["note"] = capture.note
     return entry, events
@@ -739,7 +801,9 @@ class PerformanceAnalyzer:
         >>> report.to_json()["runs"][0]["modules"][0]["module"]
     """
 
-    def __init__(self, model_path: str | Path, target_device: str = "host", precision: str = "fp32", backend: str | None = None) -> None:
+    def __init__(
+        self, model_path: str | Path, target_device: str = "host", precision: str = "fp32", backend: str | None = None
+    ) -> None:
         self.source = str(model_path)
         self.target_device = target_device
         self.precision = precision
@@ -754,7 +818,9 @@ class PerformanceAnalyzer:
             from adapter.api import ConvertOptions, convert, default_output
             from adapter.artifact import cache_root
 
-            options = ConvertOptions(target=self.target_device, backend=self.backend, precision=PrecisionOptions(mode=self.precision))
+            options = ConvertOptions(
+                target=self.target_device, backend=self.backend, precision=PrecisionOptions(mode=self.precision)
+            )
             output = cache_root() / "analyzer" / default_output(self.source, self.target_device).name
             self._artifact = convert(self.source, output, options).path
         return self._artifact
