@@ -18,7 +18,9 @@ __all__ = ["Verdict", "judge", "mad", "mann_whitney", "mann_whitney_own", "robus
 MAD_TO_SD = 1.4826
 """MAD × this estimates the standard deviation of normally distributed samples."""
 BAND_SDS = 3.0
-"""The noise band is this many robust standard deviations of the baseline samples."""
+"""The noise band is this many standard errors of the difference of the two medians."""
+MEDIAN_SE = 1.2533
+"""Standard error of a median of n normal samples: this × SD / sqrt(n)."""
 EXACT_LIMIT = 40
 """Samples up to this combined size without ties get the exact U distribution."""
 
@@ -140,7 +142,8 @@ def smallest_p(n1: int, n2: int) -> float:
     """The smallest two-sided p-value the U test can give for these sample sizes."""
     if n1 == 0 or n2 == 0:
         return 1.0
-    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+    orderings = math.comb(n1 + n2, n1)
+    return min(1.0, 2.0 / orderings) if orderings < 1e300 else 0.0
 
 
 def judge(
@@ -154,9 +157,11 @@ def judge(
     """Judge one case from its raw samples (latencies: lower is better).
 
     A change counts only when all three hold: the medians differ by more than
-    ``threshold`` (relative), by more than the noise band (``BAND_SDS`` robust standard
-    deviations of the baseline's samples, or of earlier runs' medians when
-    ``history_rsd`` is given), and the U test rejects equal distributions at ``alpha``
+    ``threshold`` (relative), by more than the noise band, and the U test rejects equal
+    distributions at ``alpha``. The band is ``BAND_SDS`` standard errors of the difference
+    of the two medians, the standard deviation taken from the baseline's samples (robust:
+    1.4826 × MAD) or, when ``history_rsd`` is given and larger, from the run-to-run spread of
+    earlier runs' medians (which also sees drift between runs, not just within one)
     (skipped, with a note, when the sample sizes cannot reach ``alpha``). A change past the
     threshold that fails the other two is ``noisy``; so is a small change measured with
     samples spread wider than the threshold.
@@ -171,7 +176,8 @@ def judge(
     verdict.baseline_ms, verdict.new_ms = med_b, med_n
     verdict.change = med_n / med_b - 1.0 if med_b > 0 else float("inf")
     verdict.baseline_rsd, verdict.new_rsd = robust_rsd(b), robust_rsd(n)
-    noise = BAND_SDS * max(verdict.baseline_rsd, history_rsd or 0.0)
+    within = MEDIAN_SE * verdict.baseline_rsd * math.sqrt(1 / len(b) + 1 / len(n))
+    noise = BAND_SDS * max(within, math.sqrt(2) * (history_rsd or 0.0))
     verdict.band = max(threshold, noise)
     notes = []
     testable = smallest_p(len(b), len(n)) < alpha
@@ -191,7 +197,7 @@ def judge(
     else:
         verdict.verdict = "noisy"
         if size <= verdict.band:
-            source = "earlier runs" if history_rsd and history_rsd >= verdict.baseline_rsd else "the baseline"
+            source = "earlier runs" if history_rsd and math.sqrt(2) * history_rsd >= within else "the baseline"
             notes.append(f"within the noise band of {verdict.band:.0%} learned from {source}")
         if not significant:
             notes.append(f"not significant (p={verdict.p_value:.3g} ≥ {alpha:g})")

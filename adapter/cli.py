@@ -388,6 +388,19 @@ def info(artifact, as_json):
         render_manifest(out, manifest)
 
 
+def _register_commands() -> None:
+    """Commands kept in their own modules (each imports its heavy dependencies lazily)."""
+    from adapter.cli_bench import bench
+    from adapter.cli_launch import launch
+    from adapter.cli_profile import profile
+
+    for command in (profile, bench, launch):
+        cli.add_command(command)
+
+
+_register_commands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into one-paragraph messages."""
     _state["debug"] = os.environ.get("ADAPTER_DEBUG") == "1"  # per invocation: never carried over

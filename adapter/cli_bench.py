@@ -137,8 +137,9 @@ def compare_cmd(ctx, baseline, new, threshold, alpha, history, band_runs, as_jso
     history:latest, history:latest~1 (the run before), history:<run id>.
 
     A case regresses when its median grew by more than --threshold, by more than the noise
-    band (3 robust SDs of the baseline's samples) and the Mann-Whitney U test on the raw
-    samples gives p < --alpha; a change failing only the last two is "noisy".
+    band (3 standard errors of the difference of medians, from the baseline's MAD) and the
+    Mann-Whitney U test on the raw samples gives p < --alpha; a change past the threshold
+    failing either of the other two is "noisy" (exit 0).
     """
     from adapter.bench import compare, load_results, machine_differences
 

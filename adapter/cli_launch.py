@@ -235,10 +235,11 @@ def _failure_message(manifest: dict[str, Any], reports: dict[int, dict[str, Any]
         if rank in reports:
             continue
         how = ended.get(rank)
-        if how:
+        if rank in waited and how in (None, "killed by SIGTERM"):  # the agent's stop signal: it had hung
+            parts.append(f"{rank_label(manifest, rank)} stopped responding (the others waited for it) and was "
+                         "stopped by torchrun")  # fmt: skip
+        elif how and how != "killed by SIGTERM":
             parts.append(f"{rank_label(manifest, rank)} died ({how}) without a report")
-        elif rank in waited:
-            parts.append(f"{rank_label(manifest, rank)} stopped responding and was stopped by torchrun")
     parts += [d["error"].rstrip(".") for d in failed.values() if d.get("kind") != "error"]
     if not parts:
         lines = [line for line in log_text.splitlines() if line.strip()]

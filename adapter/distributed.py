@@ -189,7 +189,7 @@ class Fault:
     def hit(self, rank: int, point: str, mb: int = 0) -> None:
         if rank != self.rank or point != self.point or (point.startswith("step") and mb != self.mb):
             return
-        sys.stderr.write(f"adapter: test hook {FAULT_ENV}: rank {rank} {self.kind}s at {point}\n")
+        sys.stderr.write(f"adapter: test hook {FAULT_ENV}: rank {rank} {self.kind}s at {point} (t={time.time():.3f})\n")
         sys.stderr.flush()
         if self.kind == "die":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -223,8 +223,12 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:300] if text else type(exc).__name__
+    """The gist of an error: its last line, without gloo's source location and boilerplate advice."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\]\s*", "", lines[-1])
+    return re.split(r"\. This is (?:typically|likely)", text)[0].strip()[:300]
 
 
 def _die_with_parent() -> None:
@@ -630,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     dist.destroy_process_group()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # outputs and report are on disk; torch's interpreter teardown only costs seconds here
 
 
 if __name__ == "__main__":

@@ -26,7 +26,18 @@ exercised; the import, legalisation and numerics of every operator are).
 
 from __future__ import annotations
 
-__all__ = ["NAME", "PASSES", "IN_AUTO", "FIXED_SHAPES", "Options", "version", "require", "supports", "compile", "Engine"]
+__all__ = [
+    "NAME",
+    "PASSES",
+    "IN_AUTO",
+    "FIXED_SHAPES",
+    "Options",
+    "version",
+    "require",
+    "supports",
+    "compile",
+    "Engine",
+]
 
 import contextlib
 import functools
@@ -74,6 +85,8 @@ class Options:
     """Fixed input shapes the engine is built for (default: the example inputs')."""
     tuning_trials: int = 0
     """MetaSchedule trials (0: default schedules). Tuning records are kept in the artifact."""
+    tuning_timeout_s: float = 1800.0
+    """Seconds the tuning process may take before it is stopped (and the build fails with a clear error)."""
     threads: int = 0
     """Runtime threads for CPU engines; 0 means the profile's count, capped at the cores available."""
 
@@ -86,9 +99,8 @@ class Options:
                 f"The TVM target must be a table with a 'kind' (got {options.target!r}).",
                 'Write it as target = { kind = "llvm", mcpu = "..." } in the profile.',
             )
-        return cls(
-            target, {k: list(v) for k, v in _thaw(options.shapes).items()}, options.tuning_trials, options.threads
-        )
+        shapes = {k: list(v) for k, v in _thaw(options.shapes).items()}
+        return cls(target, shapes, options.tuning_trials, options.tuning_timeout_s, options.threads)
 
 
 def _thaw(value: Any) -> Any:
@@ -213,7 +225,7 @@ def _relax_module(model: ir.Model):
         ) from exc
 
 
-def _tune(model_path: Path, target: dict[str, Any], trials: int, tuning_dir: Path) -> None:
+def _tune(model_path: Path, target: dict[str, Any], trials: int, tuning_dir: Path, timeout: float) -> None:
     """MetaSchedule over ``trials`` candidates in a child process; its database lands in ``tuning_dir``."""
     import json
     import sys
@@ -221,7 +233,23 @@ def _tune(model_path: Path, target: dict[str, Any], trials: int, tuning_dir: Pat
     tuning_dir.mkdir(parents=True, exist_ok=True)
     spec = {k: v for k, v in target.items() if k != "host"}
     command = [sys.executable, "-m", "adapter.backends._tvm_tune", str(model_path), json.dumps(spec), str(trials)]
-    result = subprocess.run([*command, str(tuning_dir)], capture_output=True, text=True, check=False)
+    # its own process group: MetaSchedule's builder/runner workers go with it on a timeout
+    child = subprocess.Popen(
+        [*command, str(tuning_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+        result = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired as exc:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise AdapterError(
+            f"MetaSchedule tuning ({trials} trials) did not finish within {timeout:g} s; it was stopped.",
+            "Give fewer tuning_trials or a longer tuning_timeout_s, or build with tuning_trials=0.",
+        ) from exc
     if result.returncode != 0:
         died = f"died with signal {-result.returncode}" if result.returncode < 0 else f"exited {result.returncode}"
         lines = result.stderr.strip().splitlines() or ["no output"]
@@ -421,7 +449,7 @@ def compile(
     mod = _relax_module(fixed)
     tuning = workdir / TUNING if options.tuning_trials > 0 else None
     if tuning is not None:
-        _tune(workdir / MODEL_FILE, target, options.tuning_trials, tuning)
+        _tune(workdir / MODEL_FILE, target, options.tuning_trials, tuning, options.tuning_timeout_s)
     executable = _compile_relax(mod, target, options.tuning_trials, tuning)
     _export(executable, workdir / LIBRARY, target)
     files.append(LIBRARY)

@@ -201,11 +201,21 @@ def _block_of(path: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
+def _weight_producer(value: Any) -> Any:
+    """The Transpose/Cast that turns a constant into this value (a tied or unfolded weight), else None."""
+    node = value.producer() if value is not None else None
+    if node is not None and node.op_type in ("Transpose", "Cast") and _const(node.inputs[0]):
+        return node
+    return None
+
+
 def _is_weight_matmul(node: Any) -> bool:
     if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return False
     weight = node.inputs[1]
-    return _const(weight) and weight.shape is not None and len(weight.shape) == 2
+    if not (_const(weight) or _weight_producer(weight) is not None):
+        return False
+    return weight.shape is not None and len(weight.shape) == 2
 
 
 def analyze(model: Any, heads: int | None = None) -> ModelFacts:
@@ -231,7 +241,6 @@ def analyze(model: Any, heads: int | None = None) -> ModelFacts:
     if not layers:  # no block structure (a graph without module metadata): one block, pp = 1 only
         layers, part = ["<graph>"], [0] * len(nodes)
 
-    position = {id(n): i for i, n in enumerate(nodes)}
     inits: dict[int, tuple[int, int, bool]] = {}  # id(value) -> (first user, bytes, floating)
     weight_inputs = [0] * len(nodes)
     for i, node in enumerate(nodes):
@@ -254,12 +263,21 @@ def analyze(model: Any, heads: int | None = None) -> ModelFacts:
     reduce_after = [False] * len(nodes)
     gather_after = [False] * len(nodes)
     sharded: set[int] = set()
+    position = {id(n): i for i, n in enumerate(nodes)}
+
+    def split_weight(node: Any) -> None:
+        producer = _weight_producer(node.inputs[1])
+        if producer is not None and id(producer) in position:  # the weight's Transpose is split with it
+            split[position[id(producer)]] = True
+            sharded.update(id(v) for v in producer.outputs)
+
     for i, node in enumerate(nodes):
         if part[i] in (_PRE, _POST):
             continue
-        fed_sharded = any(v is not None and id(v) in sharded for v in node.inputs)
+        fed_sharded = any(v is not None and id(v) in sharded for v in node.inputs if _weight_producer(v) is None)
         if _is_weight_matmul(node):
             split[i] = True
+            split_weight(node)
             if fed_sharded:
                 reduce_after[i] = True  # row-parallel: partial sums, all-reduced
             else:
@@ -275,6 +293,7 @@ def analyze(model: Any, heads: int | None = None) -> ModelFacts:
         for i, node in enumerate(nodes):
             if part[i] == _POST and _is_weight_matmul(node) and vocab in tuple(node.inputs[1].shape):
                 split[i] = gather_after[i] = lm_head = True
+                split_weight(node)
                 sharded.update(id(v) for v in node.outputs)
 
     heads_source = "argument"
@@ -295,7 +314,6 @@ def analyze(model: Any, heads: int | None = None) -> ModelFacts:
             unknown.add(str(exc.args[0]))
         except Exception:  # noqa: BLE001 - shapes are resolved later, only unknown ops matter here
             pass
-    del position
     return ModelFacts(
         layers=layers,
         heads=int(heads),

@@ -190,22 +190,21 @@ def test_tp2_pp2_four_processes(tmp_path):
     _check_run(artifact, 4, inputs, tmp_path / "out.npz", _relu(h @ W3) @ W4)
 
 
-def test_all_gather_uneven(tmp_path):
-    artifact = gather_artifact(tmp_path / "gather")
-    inputs, x = _inputs(tmp_path, 2)
-    _check_run(artifact, 2, inputs, tmp_path / "out.npz", x @ W1[:, :7])
-
-
-def test_launch_cli_random_inputs(tmp_path, cli):
+def test_all_gather_uneven_through_cli(tmp_path, cli):
     from adapter.cli import cli as group
     from adapter.cli_launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
-    artifact = tp2_artifact(tmp_path / "tp2")
-    code, out, err = cli("launch", artifact, "--nproc", "2", "--timeout", "60")
+    artifact = gather_artifact(tmp_path / "gather")
+    inputs, x = _inputs(tmp_path, 2)
+    out = tmp_path / "out.npz"
+    code, stdout, err = cli("launch", artifact, "--nproc", "2", "--inputs", inputs, "--output", out, "--timeout", "60")
     assert code == 0, err
-    assert "Ranks" in out and "engine s" in out and "y: float32[2, 4]" in out
+    assert "Ranks" in stdout and "engine s" in stdout and "y: float32[2, 7]" in stdout
+    with np.load(out, allow_pickle=False) as data:
+        assert np.max(np.abs(data["y"] - x @ W1[:, :7])) <= 1e-5
+    assert not _leftovers(artifact)
 
 
 # --------------------------------------------------------------------------- faults
@@ -284,3 +283,13 @@ def test_fault_hook_and_split():
         parse_fault("explode:rank=1")
     parts = split_microbatches({"x": np.arange(10).reshape(5, 2), "w": np.ones(3)}, {"x": 0}, 3)
     assert [p["x"].shape[0] for p in parts] == [2, 2, 1] and all(p["w"].shape == (3,) for p in parts)
+
+
+def test_random_inputs_follow_the_specs():
+    from adapter.cli_launch import random_inputs
+
+    ids = {"name": "input_ids", "dtype": "int64", "shape": [BATCH, {"name": "seq", "min": 1, "max": 512}]}
+    mask = {"name": "attention_mask", "dtype": "int64", "shape": [BATCH, {"name": "seq", "min": 1, "max": 512}]}
+    feed = random_inputs({"inputs": [ids, mask, _spec("x", 8)], "batch_axis": {"input_ids": 0}, "microbatches": 3})
+    assert feed["input_ids"].shape == feed["attention_mask"].shape == (3, 8) and feed["x"].shape == (3, 8)
+    assert feed["input_ids"].max() < 100 and (feed["attention_mask"] == 1).all() and feed["x"].dtype == np.float32

@@ -170,11 +170,12 @@ def test_tuning_runs_apart_and_a_crash_is_a_clear_error(tmp_path):
     Either the records land in the artifact, or the error says how the tuner died; the
     converting process survives both.
     """
-    options = ConvertOptions(benchmark=False, backend="tvm", backend_options=(("tuning_trials", 4),))
+    overrides = (("tuning_trials", 4), ("tuning_timeout_s", 120))
+    options = ConvertOptions(benchmark=False, backend="tvm", backend_options=overrides)
     try:
         result = convert("models:mlp", tmp_path / "e", options)
     except AdapterError as exc:
-        assert "MetaSchedule tuning (4 trials)" in str(exc) and "tuning_trials=0" in str(exc)
+        assert "MetaSchedule tuning (4 trials)" in str(exc) and "tuning_trials" in str(exc)
         return
     assert any(f.startswith("tuning/") for f in result.manifest["backend"]["config"]["files"])
     assert result.manifest["verification"]["passed"]
