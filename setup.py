@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
     "rich==15.0.0",
     # OpenVINO is a default CPU candidate of --backend auto (BF16/INT8 on x86), not an option.
     "openvino==2026.4.1",
+    # profiler plots (heatmap, roofline) and bench suites (YAML)
+    "matplotlib==3.11.2",
+    "pyyaml==6.0.3",
 ]
 
 EXTRAS = {
