@@ -219,7 +219,7 @@ def parse_fault(text: str | None) -> Fault | None:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    return bool(re.search(r"timed? ?out|timeout|deadline", str(exc), re.IGNORECASE))
+    return bool(re.search(r"timed? ?out|timeout|deadline|failed to pass monitoredBarrier", str(exc), re.IGNORECASE))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -330,9 +330,12 @@ class _Rank:
     def _comm_failure(self, exc: BaseException, what: str, peers: list[int]) -> RankFailure:
         others = [p for p in peers if p != self.rank]
         ranks = re.search(r"Ranks? ([\d, ]+) failed to pass", str(exc))
+        who = _peers_label(self.manifest, others)
         if ranks:  # monitored_barrier names the ranks that never arrived
             others = [int(r) for r in re.findall(r"\d+", ranks.group(1))]
-        who = _peers_label(self.manifest, others)
+            who = _peers_label(self.manifest, others)
+        elif len(others) > 1:
+            who = f"at least one of {who}"
         if _timed_out(exc):
             return RankFailure(f"{self.label}: no data from {who} within {self.timeout:g} s ({what}).",
                                "timeout", others)  # fmt: skip

@@ -229,9 +229,21 @@ def test_rank_killed(tmp_path):
     assert elapsed < TIMEOUT + SLACK
 
 
-def test_rank_hung(tmp_path):
-    message, elapsed = _fault_run(pp2_artifact(tmp_path / "a"), 2, "hang:rank=0,at=step0,mb=1", tmp_path)
-    assert "rank 1 (stage 1, tp 0): no data from rank 0 (stage 0, tp 0) within 10 s (receiving microbatch 1)" in message
+@pytest.mark.parametrize(
+    "make, nproc, fault, expected",
+    [
+        (pp2_artifact, 2, "hang:rank=0,at=step0,mb=1",
+         "rank 1 (stage 1, tp 0): no data from rank 0 (stage 0, tp 0) within 10 s (receiving microbatch 1)"),
+        (tp2_artifact, 2, "hang:rank=1,at=init",  # a rendezvous that never completes
+         "rank 0 (stage 0, tp 0): no data from rank 1 (stage 0, tp 1) within 10 s (forming the process group)"),
+    ],
+    ids=["mid-run", "rendezvous"],
+)  # fmt: skip
+def test_rank_hung(tmp_path, make, nproc, fault, expected):
+    message, elapsed = _fault_run(make(tmp_path / "a"), nproc, fault, tmp_path)
+    assert expected in message
+    hung = int(fault.split("rank=")[1].split(",")[0])
+    assert f"rank {hung} (stage" in message and "stopped responding" in message
     assert TIMEOUT <= elapsed < TIMEOUT + SLACK
 
 
