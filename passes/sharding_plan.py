@@ -69,8 +69,8 @@ from adapter.profiles import HOST, Profile, list_profiles, load_profile
 
 from adapter.errors import AdapterError, ProfileError
 
-LINK_LATENCY = {"nvlink": 5e-6, "infinity fabric": 5e-6, "xgmi": 5e-6, "pcie": 10e-6, "cpu": 50e-6, "other": 10e-6}
-"""Per-message latency alpha in seconds, by link kind (see the module docstring)."""
+LINK_LATENCY = {"pcie": 10e-6, "nvlink": 5e-6, "infinity fabric": 5e-6, "xgmi": 5e-6, "cpu": 50e-6, "other": 10e-6}
+"""Per-message latency alpha in seconds, by link kind: the first kind the interconnect's name mentions."""
 WORKSPACE_BYTES = 512 * 2**20
 """Fixed per-rank allowance: runtime context, library workspaces, communication buffers."""
 WORKSPACE_SLACK = 0.10
