@@ -392,9 +392,10 @@ def _register_commands() -> None:
     """Commands kept in their own modules (each imports its heavy dependencies lazily)."""
     from adapter.cli_bench import bench
     from adapter.cli_launch import launch
+    from adapter.cli_plan import plan
     from adapter.cli_profile import profile
 
-    for command in (profile, bench, launch):
+    for command in (profile, bench, plan, launch):
         cli.add_command(command)
 
 

@@ -22,6 +22,7 @@ EXPECTED = {
     "amd-epyc-genoa",
     "arm-cortex-a76",
     "nvidia-a100",
+    "nvidia-a100-pcie",
     "nvidia-h100",
     "nvidia-jetson-orin",
     "amd-mi250x",
