@@ -370,7 +370,7 @@ class _Rank:
         header[0] = len(names)
         chunks = []
         for i, name in enumerate(names):
-            value = np.ascontiguousarray(env[name])
+            value = np.asarray(env[name], order="C")  # ascontiguousarray would make a scalar 1-D
             if value.dtype.name not in DTYPES or value.ndim > MAX_RANK:
                 raise RankFailure(f"{self.label}: cannot send '{name}' ({value.dtype}, rank {value.ndim}) to the "
                                   f"next stage: dtypes {', '.join(DTYPES)} up to rank {MAX_RANK} travel.")

@@ -150,4 +150,4 @@ def check_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray]) -> dict
             "Inputs do not match the engine: " + "; ".join(problems) + ".",
             "Expected: " + "; ".join(s.describe() for s in specs) + ".",
         )
-    return {s.name: np.ascontiguousarray(inputs[s.name]) for s in specs}
+    return {s.name: np.asarray(inputs[s.name], order="C") for s in specs}
