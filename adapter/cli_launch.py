@@ -6,8 +6,12 @@ no restarts; it runs in its own session, and whatever it started is stopped when
 fails or is interrupted. Several nodes: the exact torchrun command for each node is printed,
 nothing is launched.
 
-Security: the rendezvous store and gloo's sockets have no authentication, so by default
-both are bound to the loopback interface (``GLOO_SOCKET_IFNAME=lo``); a multi-node run
+Security: the rendezvous stores and gloo's sockets have no authentication. The rendezvous
+endpoint is 127.0.0.1 and gloo's sockets are bound to loopback (``GLOO_SOCKET_IFNAME=lo``),
+but torch's TCPStore servers listen on every interface whatever address they are given, so a
+one-node run goes into a network namespace of its own (``unshare --net``, loopback only) when
+this machine allows it — nothing outside can reach its sockets; otherwise the report says the
+stores were reachable (``ADAPTER_LAUNCH_NETNS=0`` turns the namespace off). A multi-node run
 needs an address on a network the nodes share, named explicitly. Inputs are read with
 ``allow_pickle=False`` and tensors travel as raw bytes: nothing is unpickled.
 """
@@ -105,6 +109,36 @@ def _is_loopback(addr: str) -> bool:
         return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
     except (OSError, ValueError):
         return False
+
+
+_LOOPBACK_UP = (
+    "import fcntl, os, socket, struct, sys\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "flags = struct.unpack('16sH22x', fcntl.ioctl(s, 0x8913, struct.pack('16sH22x', b'lo', 0)))[1]\n"
+    "fcntl.ioctl(s, 0x8914, struct.pack('16sH22x', b'lo', flags | 1))\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+"""Run inside the new namespace: bring its loopback up (SIOCGIFFLAGS / SIOCSIFFLAGS, IFF_UP), then exec the command."""
+
+
+def _private_network() -> list[str] | None:
+    """The ``unshare`` prefix that runs a command in a network namespace of its own (loopback only), if allowed here.
+
+    torch's TCPStore servers (the rendezvous store and the agent's store) listen on every interface whatever
+    address they are given; inside a private network namespace there is no interface but loopback to reach them.
+    """
+    import shutil
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "--net", "--map-root-user"] if os.geteuid() else [unshare, "--net"]
+    prefix += ["--", sys.executable, "-c", _LOOPBACK_UP]
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if probe.returncode == 0 else None
 
 
 def torchrun_command(
@@ -250,7 +284,8 @@ def _failure_message(manifest: dict[str, Any], reports: dict[int, dict[str, Any]
             f"no output was written. torchrun's log: {log}.")
 
 
-def _render(reports: list[dict[str, Any]], outputs: dict[str, np.ndarray], output: Path | None, elapsed: float):
+def _render(reports: list[dict[str, Any]], outputs: dict[str, np.ndarray], output: Path | None, elapsed: float,
+            network: str):  # fmt: skip
     from rich.table import Table
 
     from adapter.cli import out
@@ -267,6 +302,7 @@ def _render(reports: list[dict[str, Any]], outputs: dict[str, np.ndarray], outpu
     out.print(table)
     shapes = ", ".join(f"{n}: {v.dtype}{list(v.shape)}" for n, v in outputs.items())
     out.print(f"outputs {shapes}" + (f" written to {output}" if output else ""))
+    out.print(f"rendezvous network: {network}")
 
 
 def run_sharded(
@@ -303,8 +339,15 @@ def run_sharded(
         cmd = torchrun_command(artifact, nproc, inputs, target, timeout, master_addr=master_addr, master_port=port,
                                report_dir=reports_dir)  # fmt: skip
         env = dict(os.environ if env is None else env)
+        network = "host"
         if _is_loopback(master_addr):
             env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's peer sockets on loopback too, not every interface
+            prefix = _private_network() if env.get("ADAPTER_LAUNCH_NETNS", "1") != "0" else None
+            if prefix:  # the loopback of a network namespace of its own: nothing outside can reach the stores
+                cmd = [*prefix, *cmd]
+                network = "private namespace (loopback only)"
+            else:
+                network = "host loopback (torch's TCPStore servers still listen on every interface)"
         env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
         log = rundir / "torchrun.log"
@@ -322,7 +365,7 @@ def run_sharded(
         with np.load(target, allow_pickle=False) as data:
             outputs = {name: data[name] for name in data.files}
         return {"outputs": outputs, "ranks": [reports[r] for r in sorted(reports)], "seconds": round(elapsed, 3),
-                "leftover": leftover, "output": str(output) if output else None}  # fmt: skip
+                "leftover": leftover, "output": str(output) if output else None, "network": network}  # fmt: skip
     finally:
         if not keep:
             import shutil
@@ -382,7 +425,7 @@ def launch(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_a
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2))
         return
-    _render(result["ranks"], result["outputs"], output, result["seconds"])
+    _render(result["ranks"], result["outputs"], output, result["seconds"], result["network"])
 
 
 def _print_commands(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port) -> None:

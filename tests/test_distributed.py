@@ -210,16 +210,47 @@ def test_all_gather_uneven_through_cli(tmp_path, cli):
 # --------------------------------------------------------------------------- faults
 
 
-def _fault_run(artifact: Path, nproc: int, fault: str, tmp_path: Path) -> tuple[str, float]:
+def _listening(marker: Path) -> list[str]:
+    """Listening TCP sockets, visible from this network namespace, of processes whose command line names ``marker``."""
+    pids = {p.pid for p in psutil.process_iter(["cmdline"]) if str(marker) in " ".join(p.info["cmdline"] or [])}
+    return [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]  # fmt: skip
+
+
+def _fault_run(artifact: Path, nproc: int, fault: str, tmp_path: Path, sockets: bool = False) -> tuple[str, float]:
+    import threading
+
     inputs, _ = _inputs(tmp_path, 3)
     out = tmp_path / "out.npz"
     env = dict(os.environ, ADAPTER_FAULT=fault)
+    seen: list[list[str]] = []
+    done = threading.Event()
+
+    def watch():  # while the hung run waits out its timeout: what listens on this machine's interfaces?
+        while not done.wait(0.5):
+            if sum(str(artifact) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])) > nproc:
+                time.sleep(2)
+                seen.append(_listening(artifact))
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    if sockets:
+        watcher.start()
     started = time.perf_counter()
     with pytest.raises(AdapterError) as info:
         run_sharded(artifact, nproc, inputs, out, timeout=TIMEOUT, env=env)
     elapsed = time.perf_counter() - started
+    done.set()
     assert not out.exists(), "no output after a failed run"
     assert not _leftovers(artifact), "every process has exited"
+    if sockets:
+        from adapter.cli_launch import _private_network
+
+        assert seen, "the run's processes were seen"
+        if _private_network() is not None:  # the stores and gloo listen only inside the run's own namespace
+            assert seen[0] == []
+        else:
+            assert all(a.startswith("127.") or a.startswith("*") or a.startswith("::") for a in seen[0])
     return str(info.value), elapsed
 
 
@@ -240,7 +271,7 @@ def test_rank_killed(tmp_path):
     ids=["mid-run", "rendezvous"],
 )  # fmt: skip
 def test_rank_hung(tmp_path, make, nproc, fault, expected):
-    message, elapsed = _fault_run(make(tmp_path / "a"), nproc, fault, tmp_path)
+    message, elapsed = _fault_run(make(tmp_path / "a"), nproc, fault, tmp_path, sockets=True)
     assert expected in message
     hung = int(fault.split("rank=")[1].split(",")[0])
     assert f"rank {hung} (stage" in message and "stopped responding" in message
@@ -248,10 +279,16 @@ def test_rank_hung(tmp_path, make, nproc, fault, expected):
 
 
 def test_nproc_mismatch_launches_nothing(tmp_path, cli):
+    from adapter.cli import cli as group
+    from adapter.cli_launch import launch
+
+    if "launch" not in group.commands:
+        group.add_command(launch)
     artifact = tp2_artifact(tmp_path / "tp2")
     started = time.perf_counter()
-    with pytest.raises(ArtifactError, match=r"sharded over 2 ranks .* --nproc 3 x --nnodes 1 gives 3 processes"):
-        run_sharded(artifact, 3, timeout=TIMEOUT)
+    code, out, err = cli("launch", artifact, "--nproc", "3", "--timeout", TIMEOUT)
+    assert code == ArtifactError.exit_code and "Traceback" not in err
+    assert "sharded over 2 ranks (tp 2 x pp 1), but --nproc 3 x --nnodes 1 gives 3 processes; nothing was launched" in err
     assert time.perf_counter() - started < 2 and not _leftovers(artifact)
 
 
