@@ -67,6 +67,7 @@ __all__ = [
     "fingerprint",
     "load_results",
     "load_suite",
+    "load_warnings",
     "machine_differences",
     "run_suite",
 ]
@@ -266,6 +267,25 @@ def fingerprint() -> dict[str, Any]:
     }
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def load_warnings(run: dict[str, Any], label: str) -> list[str]:
+    """A warning when the run's machine was busy: a load average above its core count means
+    other processes competed for the CPU while it was timed."""
+    load = run.get("load_average") or {}
+    cores = (run.get("fingerprint") or {}).get("cores") or 0
+    busiest = max((v for v in (load.get("before"), load.get("after")) if v is not None), default=None)
+    if busiest is None or not cores or busiest <= cores:
+        return []
+    return [f"the {label} ran at load average {busiest:g} on {cores} cores: other processes competed for the CPU"]
+
+
 def _example_inputs(case: Case, dynamic: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The feed the sizes are taken from: the case's .npz, else the factory's example inputs
     (HF folders and factories), else nothing (ONNX and .pt2: synthetic values)."""
@@ -463,6 +483,7 @@ def run_suite(
     """
     say = progress or (lambda _text: None)
     suite = load_suite(path, threads)
+    load_before = _load_average()
     runs, infos, examples = {}, {}, {}
     for case in suite.cases:
         runs[case.name], infos[case.name] = _prepare(case, say, examples)
@@ -482,6 +503,7 @@ def run_suite(
             "statistic": suite.statistic,
         },
         "fingerprint": fingerprint(),
+        "load_average": {"before": load_before, "after": _load_average()},
         "argv": sys.argv[1:],
         "cases": [],
     }

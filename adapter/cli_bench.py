@@ -141,12 +141,13 @@ def compare_cmd(ctx, baseline, new, threshold, alpha, history, band_runs, as_jso
     Mann-Whitney U test on the raw samples gives p < --alpha; a change past the threshold
     failing either of the other two is "noisy" (exit 0).
     """
-    from adapter.bench import compare, load_results, machine_differences
+    from adapter.bench import compare, load_results, load_warnings, machine_differences
 
     out, err = _consoles()
     old_run, new_run = load_results(baseline, history), load_results(new, history)
     verdicts = compare(old_run, new_run, threshold, alpha, history, band_runs)
     differences = machine_differences(old_run, new_run)
+    busy = load_warnings(old_run, "baseline") + load_warnings(new_run, "new run")
     regressed = [v for v in verdicts if v.verdict == "regression"]
     if as_json:
         click.echo(
@@ -157,6 +158,7 @@ def compare_cmd(ctx, baseline, new, threshold, alpha, history, band_runs, as_jso
                     "threshold": threshold,
                     "alpha": alpha,
                     "machine_differences": differences,
+                    "load_warnings": busy,
                     "verdicts": [v.to_json() for v in verdicts],
                     "regressions": len(regressed),
                 },
@@ -170,6 +172,8 @@ def compare_cmd(ctx, baseline, new, threshold, alpha, history, band_runs, as_jso
                 f"for reasons other than the code: {escape('; '.join(differences))}.",
                 highlight=False,
             )
+        for warning in busy:
+            err.print(f"[bold yellow]warning:[/] {escape(warning)}; its timings may be inflated.", highlight=False)
         table = Table(title=f"{escape(str(old_run.get('source')))} → {escape(str(new_run.get('source')))}")
         for column in ("case", "verdict", "baseline ms", "new ms", "change", "band", "p", "note"):
             table.add_column(column, justify="right" if column not in ("case", "verdict", "note") else "left")
