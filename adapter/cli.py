@@ -394,8 +394,9 @@ def _register_commands() -> None:
     from adapter.cli_launch import launch
     from adapter.cli_plan import plan
     from adapter.cli_profile import profile
+    from adapter.cli_shard import shard
 
-    for command in (profile, bench, plan, launch):
+    for command in (profile, bench, plan, shard, launch):
         cli.add_command(command)
 
 

@@ -41,6 +41,8 @@ from adapter.errors import AdapterError
 DOMAIN = "adapter.dist"
 """Domain of the collective nodes the tensor-parallel export writes."""
 COLLECTIVES = {"AllReduce": "all_reduce", "AllGather": "all_gather"}
+SHARDED_ATOL = 1e-5
+"""Largest difference allowed between the sharded run and the unsharded engine (FP32)."""
 UNSHARDED = "unsharded"
 """Folder of the whole model's engine inside a sharded artifact (what the ranks must reproduce)."""
 
@@ -425,11 +427,18 @@ def build_sharded(
     backend: str = "onnxruntime",
     target: str = "host",
     say=lambda _m: None,
+    verify: bool = False,
+    timeout: float = 60.0,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a sharded artifact for ``tp`` x ``pp`` ranks (manifest format: ``adapter.distributed``).
 
+    With ``verify``, the staged artifact is first run under ``torchrun`` on the example
+    inputs and its outputs compared with the unsharded engine's (max-abs ≤ 1e-5).
+
     Raises:
         AdapterError: The source cannot be sharded this way, or a segment does not compile.
+        VerificationError: The sharded run's outputs differ from the unsharded engine's.
     """
     from adapter.backends import get_backend
     from adapter.passes import build_pipeline, run_pipeline
@@ -483,8 +492,12 @@ def build_sharded(
                     if kind != "segment":
                         node = nodes[indices[0]]
                         spec["steps"].append(
-                            {"op": COLLECTIVES[kind], "input": node.inputs[0].name, "output": node.outputs[0].name,
-                             "axis": -1}  # fmt: skip
+                            {
+                                "op": COLLECTIVES[kind],
+                                "input": node.inputs[0].name,
+                                "output": node.outputs[0].name,
+                                "axis": -1,
+                            }  # fmt: skip
                         )
                         continue
                     after = {name for name, at in last.items() if at > indices[-1]}
@@ -512,7 +525,9 @@ def build_sharded(
                     )
                 ranks.append(spec)
         ranks.sort(key=lambda r: r["rank"])
-        whole_bytes = sum(v.const_value.nbytes for v in whole.model.graph.initializers.values() if v.const_value is not None)
+        whole_bytes = sum(
+            v.const_value.nbytes for v in whole.model.graph.initializers.values() if v.const_value is not None
+        )
         batch_axis = {s.name: 0 for s in whole.inputs if s.shape and isinstance(s.shape[0], Dim)}
         manifest = {
             "kind": "sharded",
@@ -538,7 +553,41 @@ def build_sharded(
             staged / UNSHARDED,
         )  # fmt: skip
         manifest["unsharded"] = {"folder": UNSHARDED, "backend": backend, "config": reference.config}
+        if plan is not None:
+            manifest["plan"] = plan
         artifact.write_manifest(staged, manifest)
+        if verify:
+            say(f"verify: run the {world} ranks under torchrun and compare with the unsharded engine")
+            manifest["verification"] = _verify_sharded(staged, world, reference, whole.example_inputs, timeout)
+            manifest["seconds"] = round(time.perf_counter() - started, 2)
+            artifact.write_manifest(staged, manifest)
         artifact.publish(staged, output)
     return manifest
 
+
+def _verify_sharded(folder: Path, world: int, reference, feed: dict[str, np.ndarray], timeout: float) -> dict[str, Any]:
+    """Run the artifact's ranks on ``feed`` and compare with the unsharded engine (FP32: max-abs ≤ 1e-5)."""
+    from adapter.cli_launch import run_sharded
+    from adapter.errors import VerificationError
+
+    result = run_sharded(folder, world, inputs=folder / "example_inputs.npz", timeout=timeout)
+    expected = reference.run(feed)
+    figures: dict[str, dict[str, float]] = {}
+    for name, want in expected.items():
+        got = np.asarray(result["outputs"][name], dtype=np.float64)
+        want = np.asarray(want, dtype=np.float64)
+        cosine = float(np.dot(got.ravel(), want.ravel()) / (np.linalg.norm(got) * np.linalg.norm(want) or 1.0))
+        figures[name] = {"max_abs": float(np.abs(got - want).max()), "cosine": cosine}
+    passed = all(f["max_abs"] <= SHARDED_ATOL for f in figures.values())
+    report = {
+        "against": "the unsharded engine on the example inputs",
+        "atol": SHARDED_ATOL,
+        "outputs": figures,
+        "passed": passed,
+        "ranks": result["ranks"],
+        "launch_seconds": result["seconds"],
+    }
+    if not passed:
+        worst = ", ".join(f"{n}: max-abs {f['max_abs']:.3g}" for n, f in figures.items())
+        raise VerificationError(f"The sharded run differs from the unsharded engine ({worst}; allowed {SHARDED_ATOL}).")
+    return report
