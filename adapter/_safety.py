@@ -106,6 +106,9 @@ def check_onnx_file(path: Path):
         raise SourceError(
             f"'{path}' parses as protobuf but holds no ONNX graph.", "Check that it is an .onnx model file."
         )
+    from adapter._onnx_checks import check_graph
+
+    check_graph(proto, path)
     base = path.parent
     for tensor in _iter_tensors(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
