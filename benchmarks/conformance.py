@@ -43,18 +43,21 @@ PIPELINES = ("fusion-ort", "fusion-standard")
 KNOWN_BROKEN: dict[str, str] = {
     "test_scan_sum": (
         "identity-elimination (onnx_ir IdentityEliminationPass) removes the Scan body's `scan_out = Identity(sum_out)` "
-        "and renames sum_out to scan_out, so the body lists one value as two outputs; ONNX Runtime's Scan then "
-        "returns garbage (-2e24, 3e-41) for the scan output"
+        "and renames sum_out to scan_out, so the body lists one value as two outputs (onnx_ir 1.1.0 keeps an "
+        "Identity only when its input is a graph input, not when it is already a graph output); ONNX Runtime's Scan "
+        "then returns garbage (-2e24, 3e-41)"
     ),
     "test_scan9_sum": "same as test_scan_sum (Scan-9 body with an Identity between two body outputs)",
     "test_scan9_multi_state": "same as test_scan_sum (Scan-9 body with an Identity between two body outputs)",
     "test_loop16_seq_none": (
-        "shape-inference writes tensor(float) as the type of the Loop's sequence output (the body's "
-        "seq(tensor(float)) is lost); ONNX Runtime then refuses the graph with a TypeInferenceError"
+        "shape-inference (onnx_ir ShapeInferencePass over onnx.shape_inference) types the Loop body's "
+        "`sequence = If(optional_is_none)` value as tensor(float) instead of seq(tensor(float)); ONNX Runtime then "
+        "refuses the graph: Loop output type tensor(float) does not match seq(tensor(float))"
     ),
     "test_split_to_sequence_1": (
-        "constant-folding: onnxscript's SplitToSequence folder reads the `split` input's constant value without "
-        "checking that it has one (it is a graph input here): AttributeError 'NoneType' object has no attribute 'ndim'"
+        "constant-folding: onnxscript 0.7.2's SplitToSequence folder (optimizer/_constant_folding.py, "
+        "split_to_sequence) reads split_value.ndim when `split` is a graph input with a known scalar shape but no "
+        "constant value: AttributeError 'NoneType' object has no attribute 'ndim'"
     ),
 }
 """Case name -> why it fails through our passes (known bugs, kept visible; the test checks they still fail)."""
