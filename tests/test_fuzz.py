@@ -55,8 +55,23 @@ class Failure:
 
     @property
     def key(self) -> str:
-        """Deduplication key: exception type + the innermost adapter frame."""
-        return f"{self.kind}@{self.where}"
+        """Deduplication key: exception type + the innermost adapter frame (file and function, not the line)."""
+        return f"{self.kind}@{self.where.rsplit(':', 1)[0] if self.where.count(':') >= 2 else self.where}"
+
+
+KNOWN_FAILURES: dict[str, str] = {
+    "ValueError@verify.py:random_inputs": (
+        "adapter/_onnx_source.py import_onnx draws example inputs with verify.random_inputs straight from the "
+        "declared input shape: a dim of 2**62 makes numpy raise ValueError ('array is too big'), and a large but "
+        "allocatable one (say 2**16 x 2**16) would be allocated; the declared shape needs a size check first"
+    ),
+    "TypeError@_onnx_source.py:_input_specs": (
+        "adapter/_onnx_source.py _input_specs calls value.dtype.numpy() on an input whose elem_type is UNDEFINED (0) "
+        "or has no numpy type: TypeError 'Numpy does not support ONNX data type' escapes instead of a SourceError"
+    ),
+}
+"""Failure key -> the bug (found by this fuzzer, not fixed yet: outside the passes). The short campaign below
+tolerates them; each has an xfail(strict) regression case that turns red once it is fixed."""
 
 
 class CaseTimeout(BaseException):
@@ -631,7 +646,9 @@ SHORT = settings(
 )
 
 
-def _assert_ok(failure: Failure | None) -> None:
+def _assert_ok(failure: Failure | None, allow_known: bool = True) -> None:
+    if failure is not None and allow_known and failure.key in KNOWN_FAILURES:
+        return
     assert failure is None, f"{failure.kind} at {failure.where}: {failure.message}"
 
 
@@ -642,7 +659,7 @@ def test_fuzz_onnx_loading(data):
         _assert_ok(check_onnx_bytes(data, Path(tmp)))
 
 
-@settings(SHORT, max_examples=10)
+@settings(SHORT, max_examples=5)
 @given(data=mutated_onnx())
 def test_fuzz_onnx_cli_check(data):
     with tempfile.TemporaryDirectory() as tmp:
@@ -692,3 +709,49 @@ def test_object_npz_refused(engine_under_test, tmp_path):
     _assert_ok(check_engine_feed(engine_under_test, feed, tmp_path, via_cli=True))
     with pytest.raises(InputMismatchError):
         engine_under_test.engine.run(feed)
+
+
+def _seed_with(change) -> bytes:
+    model = onnx.ModelProto()
+    model.ParseFromString(SEEDS[0])
+    change(model)
+    return model.SerializeToString()
+
+
+def _huge_input_dim(model):
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2**62
+
+
+def _undefined_input_dtype(model):
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["ValueError@verify.py:random_inputs"])
+def test_regression_huge_declared_input_dim(tmp_path):
+    _assert_ok(check_onnx_bytes(_seed_with(_huge_input_dim), tmp_path), allow_known=False)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["TypeError@_onnx_source.py:_input_specs"])
+def test_regression_undefined_input_dtype(tmp_path):
+    _assert_ok(check_onnx_bytes(_seed_with(_undefined_input_dtype), tmp_path), allow_known=False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.graph.node.append(m.graph.node[0]),  # duplicate node
+        lambda m: m.graph.node[0].input.__setitem__(0, m.graph.node[-1].output[0]),  # cycle
+        lambda m: m.graph.initializer.__delitem__(0),  # missing initializer
+        lambda m: m.opset_import[0].__setattr__("version", 9999),  # opset nobody knows
+        lambda m: m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", -5),  # negative dim
+    ],
+    ids=["duplicate-node", "cycle", "missing-initializer", "opset-9999", "negative-dim"],
+)
+def test_regression_structural_mutations_are_clean(tmp_path, change):
+    """Mutations the campaign ran many times: each loads or fails with a clean error naming the file."""
+    _assert_ok(check_onnx_bytes(_seed_with(change), tmp_path), allow_known=False)
+
+
+def test_regression_truncated_file(tmp_path):
+    for cut in (0, 1, 7, len(SEEDS[0]) // 2, len(SEEDS[0]) - 1):
+        _assert_ok(check_onnx_bytes(SEEDS[0][:cut], tmp_path), allow_known=False)
