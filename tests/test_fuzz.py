@@ -755,3 +755,21 @@ def test_regression_structural_mutations_are_clean(tmp_path, change):
 def test_regression_truncated_file(tmp_path):
     for cut in (0, 1, 7, len(SEEDS[0]) // 2, len(SEEDS[0]) - 1):
         _assert_ok(check_onnx_bytes(SEEDS[0][:cut], tmp_path), allow_known=False)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: SEEDS[0][: len(SEEDS[0]) // 3], lambda: _seed_with(lambda m: m.graph.initializer.__delitem__(0))],
+    ids=["truncated", "missing-initializer"],
+)
+def test_cli_convert_refuses_mutated_file(cli, tmp_path, make):
+    """``adapter convert`` in-process on a damaged file: non-zero exit, one clean message, nothing written."""
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(make())
+    out = tmp_path / "engine"
+    code, stdout, stderr = cli("convert", path, "--backend", "onnxruntime", "-o", out, "--no-bench", "--no-cache")
+    text = " ".join((stdout + stderr).split())
+    assert code != 0, text
+    assert "internal error" not in text and "Traceback" not in text, text
+    assert "damaged.onnx" in text, text
+    assert not out.exists()
