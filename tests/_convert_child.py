@@ -1,0 +1,39 @@
+"""Run ``adapter.cli.main`` in a forked child (for the SIGKILL tests in test_atomic.py).
+
+Children fork from a forkserver that has already imported torch and adapter, so a kill
+point lands in the conversion itself rather than in interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PRELOAD = [
+    "torch",
+    "torch.export",
+    "torch.onnx",
+    "onnx",
+    "onnx_ir",
+    "onnxscript",
+    "onnxruntime",
+    "adapter.cli",
+    "adapter.api",
+    "adapter.importer",
+    "adapter.backends.onnxruntime",
+]
+
+
+def run_cli(argv: list[str], cache: str, tests: str) -> None:
+    """The child's body: private cache, tests/ importable, output silenced, exit with main's code."""
+    os.environ["ADAPTER_CACHE_DIR"] = cache
+    os.environ.pop("ADAPTER_DEBUG", None)
+    sys.path.insert(0, tests)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    from adapter.cli import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    os._exit(code)
