@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -185,28 +186,44 @@ def publish(staged: Path, dest: Path) -> None:
 
     An existing destination is first renamed aside, then the staged folder is renamed
     into place: at every instant ``dest`` is absent, the old artifact, or the new one.
+    When a concurrent writer publishes to ``dest`` between those two renames, the swap
+    is tried again, so the last writer wins and neither fails.
 
     Raises:
         ArtifactError: ``dest`` exists and is not an artifact (nothing is overwritten).
     """
     dest = Path(dest)
-    old = None
-    if dest.exists() or dest.is_symlink():
-        if dest.is_symlink() or not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST).is_file()):
-            raise ArtifactError(
-                f"'{dest}' exists and is not an engine artifact; refusing to replace it.",
-                "Choose another output folder with -o.",
-            )
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, old)
-    try:
-        os.rename(staged, dest)
-    except OSError:
-        if old is not None and not dest.exists():
-            os.rename(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    for attempt in range(_PUBLISH_ATTEMPTS):
+        old = None
+        if dest.exists() or dest.is_symlink():
+            if dest.is_symlink() or not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST).is_file()):
+                raise ArtifactError(
+                    f"'{dest}' exists and is not an engine artifact; refusing to replace it.",
+                    "Choose another output folder with -o.",
+                )
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(dest, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                continue
+        try:
+            os.rename(staged, dest)
+        except OSError as exc:
+            if old is not None and not dest.exists():
+                os.rename(old, dest)
+                old = None
+            raced = exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and attempt + 1 < _PUBLISH_ATTEMPTS
+            if not raced:
+                raise
+            continue  # another writer published between the renames: swap again
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise ArtifactError(f"Could not publish to '{dest}': other processes kept replacing it.", "Run the convert again.")
+
+
+_PUBLISH_ATTEMPTS = 10
 
 
 def copy_artifact(source: Path, dest: Path) -> None:
