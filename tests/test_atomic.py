@@ -293,3 +293,40 @@ def test_precision_plan_file_contents_are_in_the_key(tmp_path, fresh_cache):
     plan.write_text(json.dumps(data))
     edited = convert("models:mlp", tmp_path / "c", options)
     assert not edited.cache_hit and edited.manifest["cache_key"] != first.manifest["cache_key"]
+
+
+def _staged(dest: Path, tag: str) -> Path:
+    staged = dest.parent / f".{dest.name}.tmp-{tag}"
+    staged.mkdir()
+    (staged / "model.onnx").write_text(tag)
+    artifact.write_manifest(staged, {"tag": tag})
+    return staged
+
+
+@pytest.mark.parametrize("dest_exists", [False, True], ids=["new-dest", "replacing"])
+def test_publish_when_another_writer_publishes_first(tmp_path, monkeypatch, dest_exists):
+    """Between publish's look at ``dest`` and its rename, a concurrent convert publishes there."""
+    import json
+
+    dest = tmp_path / "engine"
+    if dest_exists:
+        artifact.publish(_staged(dest, "old"), dest)
+    ours, theirs = _staged(dest, "ours"), _staged(dest, "theirs")
+    real_rename = os.rename
+    raced = []
+
+    def racing_rename(src, dst):
+        if Path(src) == ours and not raced:
+            raced.append(1)
+            if Path(dst).exists():
+                real_rename(dst, tmp_path / ".gone")
+            real_rename(theirs, dst)  # the other process wins the race
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(artifact.os, "rename", racing_rename)
+    artifact.publish(ours, dest)
+    assert raced
+    assert json.loads((dest / artifact.MANIFEST).read_text())["tag"] in ("ours", "theirs")
+    artifact.validate(dest)
+    assert not ours.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".engine")]
