@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from adapter.errors import AdapterError, SourceError
+from adapter.errors import AdapterError, InputMismatchError, SourceError
 
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
 _WIDTH = None if sys.stdout.isatty() else 160
@@ -242,6 +242,20 @@ def _load_npz(path: Path) -> dict:
         ) from exc
 
 
+def _non_finite(arrays: dict) -> str:
+    """'name (n NaN, m Inf of total)' for every floating array holding NaN or Inf."""
+    import numpy as np
+
+    found = []
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "fc":
+            nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+            if nan or inf:
+                found.append(f"'{name}' ({nan} NaN, {inf} Inf of {value.size})")
+    return ", ".join(found)
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
@@ -256,7 +270,10 @@ def _load_npz(path: Path) -> dict:
     "-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the outputs to this .npz file."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
-def run(artifact, inputs_path, output, as_json):
+@click.option(
+    "--check-finite", is_flag=True, help="Refuse inputs, and report outputs, holding NaN or Inf (outputs are not saved)."
+)
+def run(artifact, inputs_path, output, as_json, check_finite):
     """Run an engine ARTIFACT on inputs from an .npz file.
 
     \b
@@ -269,7 +286,15 @@ def run(artifact, inputs_path, output, as_json):
     from adapter.report import render_outputs
 
     engine = load(artifact)
-    results = engine.run(_load_npz(inputs_path))
+    feed = _load_npz(inputs_path)
+    if check_finite and (bad := _non_finite(feed)):
+        raise InputMismatchError(f"Input(s) hold non-finite values: {bad}.", "Clean the inputs or drop --check-finite.")
+    results = engine.run(feed)
+    if check_finite and (bad := _non_finite(results)):
+        raise AdapterError(
+            f"The engine produced non-finite output(s) from finite inputs: {bad}; nothing was saved.",
+            "Check the inputs' range, or the engine's precision (`adapter info`).",
+        )
     if output is not None:
         tmp = output.with_name(f".{output.name}.tmp.npz")
         np.savez(tmp, **results)
