@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+import zipfile
 from pathlib import Path
 
 import click
@@ -235,7 +236,7 @@ def _load_npz(path: Path) -> dict:
             return {k: data[k] for k in data.files}
     except FileNotFoundError as exc:
         raise SourceError(f"Inputs file '{path}' does not exist.") from exc
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise SourceError(
             f"'{path}' is not a readable .npz of arrays ({exc}).",
             "Save inputs with numpy.savez(path, name=array, ...); object arrays are refused.",
