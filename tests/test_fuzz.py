@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
 import resource
 import signal
 import tempfile
@@ -65,9 +67,31 @@ KNOWN_FAILURES: dict[str, str] = {
         "declared input shape: a dim of 2**62 makes numpy raise ValueError ('array is too big'), and a large but "
         "allocatable one (say 2**16 x 2**16) would be allocated; the declared shape needs a size check first"
     ),
+    "MemoryError@verify.py:random_inputs": (
+        "same cause as the ValueError above, for a declared input of 2**31 elements: numpy tries to allocate "
+        "16 GiB (stopped here only by the fuzzer's address-space cap; without it the machine's memory is used up)"
+    ),
     "TypeError@_onnx_source.py:_input_specs": (
         "adapter/_onnx_source.py _input_specs calls value.dtype.numpy() on an input whose elem_type is UNDEFINED (0) "
         "or has no numpy type: TypeError 'Numpy does not support ONNX data type' escapes instead of a SourceError"
+    ),
+    "CLIInternalError@check:RuntimeError": (
+        "adapter check runs OpenVINO's ONNX frontend in-process on the user's model (backends/openvino.py "
+        "_framework_nodes, frontend.convert_partially) even with --backend onnxruntime; on an initializer whose "
+        "data is shorter than its shape it raises RuntimeError ('The size of the initializer does not match...'), "
+        "which reaches the user as 'internal error' (exit 70); it should be caught (and, per SECURITY.md, run in a "
+        "subprocess: one campaign worker died with SIGSEGV in this property, not reproduced alone)"
+    ),
+    "CLICrash@check:signal11": (
+        "adapter check segfaults (SIGSEGV, exit 139) on a 3-node MatMul/Add model whose Relu was turned into a Conv "
+        "with one input: OpenVINO's ONNX frontend (backends/openvino.py _framework_nodes -> "
+        "frontend.convert_partially) crashes in-process; SECURITY.md asks for untrusted compiles in a subprocess "
+        "with 'backend crashed on node X'"
+    ),
+    "CLITracebackPrinted@check:shape_inference.py": (
+        "onnx_ir's ShapeInferencePass logs a WARNING with exc_info when onnx shape inference rejects the graph; "
+        "the CLI configures no logging handler, so Python's last-resort handler prints that full traceback on "
+        "stderr (the adapter check / convert output then carries a traceback)"
     ),
 }
 """Failure key -> the bug (found by this fuzzer, not fixed yet: outside the passes). The short campaign below
@@ -214,7 +238,7 @@ def _structural(model: onnx.ModelProto, kind: str, draw: Any) -> None:
         dims = value.type.tensor_type.shape.dim
         if dims:
             dim = dims[draw(0, len(dims) - 1)]
-            dim.dim_value = (2**62 + draw(0, 5)) if kind == "huge-dim" else -draw(1, 2**40)
+            dim.dim_value = (2**62, 2**40, 2**31, 2**20)[draw(0, 3)] if kind == "huge-dim" else -draw(1, 2**40)
         if g.initializer and draw(0, 1):
             tensor = g.initializer[draw(0, len(g.initializer) - 1)]
             if tensor.dims:
@@ -330,9 +354,19 @@ def _check_cli(path: Path) -> Failure | None:
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main(["check", str(path), "--backend", "onnxruntime"])
-    text = err.getvalue()
-    if code == 70 or "internal error" in text or "Traceback" in text:
-        return Failure("CLIInternalError", "cli.py:check", " ".join(text.split())[:300])
+    return _cli_failure(err.getvalue(), code, "check")
+
+
+def _cli_failure(text: str, code: int, command: str) -> Failure | None:
+    """An internal error (exit 70) or a Python traceback on the CLI's stderr, keyed by what raised it."""
+    flat = " ".join(text.split())
+    if code == 70 or "internal error" in text:
+        raised = re.search(r"internal error: (\w+)", flat)
+        return Failure("CLIInternalError", f"{command}:{raised.group(1) if raised else '?'}", flat[:300])
+    if "Traceback" in text:
+        files = re.findall(r'File "([^"]+)", line \d+, in (\w+)', text)
+        where = f"{Path(files[0][0]).name}:{files[0][1]}" if files else "?"
+        return Failure("CLITracebackPrinted", f"{command}:{where}", flat[:300])
     return None
 
 
@@ -455,9 +489,9 @@ def _run_cli(eut: EngineUnderTest, feed: dict[str, Any], workdir: Path) -> Failu
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main(["run", str(eut.folder), "--inputs", str(path), "--json"])
-    text = err.getvalue()
-    if code == 70 or "internal error" in text or "Traceback" in text:
-        return Failure("CLIInternalError", "cli.py:run", " ".join(text.split())[:300])
+    failure = _cli_failure(err.getvalue(), code, "run")
+    if failure:
+        return failure
     if has_object and code == 0:
         return Failure("Accepted", "cli.py:run", "an .npz with an object array was accepted")
     return None
@@ -773,3 +807,54 @@ def test_cli_convert_refuses_mutated_file(cli, tmp_path, make):
     assert "internal error" not in text and "Traceback" not in text, text
     assert "damaged.onnx" in text, text
     assert not out.exists()
+
+
+def _conv_without_weights(model):
+    model.graph.node[2].op_type = "Conv"  # Relu -> Conv with one input
+
+
+def _if_to_conv(model):
+    model.graph.node[2].op_type = "Conv"  # If -> Conv with one input, its branches left as attributes
+
+
+def _short_initializer(model):
+    table = model.graph.initializer[0]
+    table.raw_data = table.raw_data[: len(table.raw_data) // 2]
+
+
+def _cli_in_subprocess(data: bytes, tmp_path: Path, *args: str) -> Failure | None:
+    """``adapter <args> model.onnx`` in its own process: a native crash fails the case, not pytest."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data)
+    code = "import sys; from adapter.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args, str(path), "--backend", "onnxruntime"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if proc.returncode < 0:
+        return Failure("CLICrash", f"{args[0]}:signal{-proc.returncode}", proc.stderr[-300:])
+    return _cli_failure(proc.stderr, proc.returncode, args[0])
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["CLICrash@check:signal11"])
+def test_regression_check_survives_one_input_conv(tmp_path):
+    _assert_ok(_cli_in_subprocess(_seed_with(_conv_without_weights), tmp_path, "check"), allow_known=False)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["CLITracebackPrinted@check:shape_inference.py"])
+def test_regression_check_prints_no_traceback(tmp_path):
+    model = onnx.ModelProto()
+    model.ParseFromString(SEEDS[3])
+    _if_to_conv(model)
+    _assert_ok(_cli_in_subprocess(model.SerializeToString(), tmp_path, "check"), allow_known=False)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["CLIInternalError@check:RuntimeError"])
+def test_regression_check_short_initializer(tmp_path):
+    model = onnx.ModelProto()
+    model.ParseFromString(SEEDS[2])
+    _short_initializer(model)
+    _assert_ok(_cli_in_subprocess(model.SerializeToString(), tmp_path, "check"), allow_known=False)
