@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pin hypothesis==6.155.2 in the dev extra)")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
