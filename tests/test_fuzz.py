@@ -95,6 +95,11 @@ KNOWN_FAILURES: dict[str, str] = {
         "the CLI configures no logging handler, so Python's last-resort handler prints that full traceback on "
         "stderr (the adapter check / convert output then carries a traceback)"
     ),
+    **{
+        f"CLIInternalError@check:{kind}": f"the {kind} of the loading bugs above, reached through adapter check "
+        "(it escapes as 'internal error', exit 70)"
+        for kind in ("ValueError", "MemoryError", "TypeError")
+    },
 }
 """Failure key -> the bug (found by this fuzzer, not fixed yet: outside the passes). The short campaign below
 tolerates them; each has an xfail(strict) regression case that turns red once it is fixed."""
