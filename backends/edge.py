@@ -77,9 +77,9 @@ def require() -> None:
 
 
 def version() -> str:
-    from importlib import metadata
+    from adapter.backends import onnxruntime as ort_backend
 
-    return metadata.version("onnxruntime")
+    return ort_backend.version()
 
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
