@@ -47,12 +47,24 @@ def _sparse_model(folder: Path) -> Path:
 
 
 _PROBE = """
-import json, resource, sys
+import json, sys
 import onnx_ir as ir
 from adapter import _safety
 from adapter._onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
 from adapter.importer import prepare_source
 from pathlib import Path
+
+
+
+def peak_rss_mb():
+    # VmHWM belongs to this process's own address space; getrusage's ru_maxrss would
+    # carry over the high-water mark of the (large) pytest process that spawned it,
+    # because Linux keeps maxrss across execve.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
 
 path = Path(sys.argv[1])
 proto = _safety.check_onnx_file(path)
@@ -65,7 +77,7 @@ print(json.dumps({
     "initializer_bytes": initializer_bytes(model),
     "external_path": initializer_bytes(model) > PROTOBUF_SAFE_BYTES,
     "tensor": type(value).__name__,
-    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "max_rss_mb": peak_rss_mb(),
 }))
 """
 
