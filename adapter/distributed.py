@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import signal
 import sys
 import tempfile
@@ -77,15 +76,19 @@ def read_sharded(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / "manifest.json"
     if not path.is_file():
-        raise ArtifactError(f"'{folder}' has no manifest.json, so it is not a sharded artifact.",
-                            "Create one with the sharding passes (adapter convert --tp/--pp).")
+        raise ArtifactError(
+            f"'{folder}' has no manifest.json, so it is not a sharded artifact.",
+            "Create one with the sharding passes (adapter convert --tp/--pp).",
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"'{path}' is not valid JSON ({exc}).") from exc
     if not isinstance(manifest, dict) or manifest.get("kind") != "sharded":
-        raise ArtifactError(f"'{folder}' is not a sharded artifact (its manifest has no \"kind\": \"sharded\").",
-                            "Run single-engine artifacts with `adapter run`.")
+        raise ArtifactError(
+            f'\'{folder}\' is not a sharded artifact (its manifest has no "kind": "sharded").',
+            "Run single-engine artifacts with `adapter run`.",
+        )
     problems = []
     for key in ("world_size", "ranks", "inputs", "outputs"):
         if key not in manifest:
@@ -103,7 +106,9 @@ def read_sharded(folder: Path) -> dict[str, Any]:
             elif step["op"] == "run":
                 where = (folder / step["engine"]["folder"]).resolve()
                 if not where.is_relative_to(folder.resolve()):
-                    problems.append(f"rank {spec['rank']}'s engine folder '{step['engine']['folder']}' leaves the artifact")
+                    problems.append(
+                        f"rank {spec['rank']}'s engine folder '{step['engine']['folder']}' leaves the artifact"
+                    )
                 elif not where.is_dir():
                     problems.append(f"rank {spec['rank']}'s engine folder '{step['engine']['folder']}' is missing")
         for peer in ("recv_from", "send_to"):
@@ -115,8 +120,9 @@ def read_sharded(folder: Path) -> dict[str, Any]:
     if len(writers) != 1:
         problems.append(f"{len(writers)} ranks would write the outputs (want one: the last stage's tp_rank 0)")
     if problems:
-        raise ArtifactError(f"The sharded manifest of '{folder}' is inconsistent: {'; '.join(problems)}.",
-                            "Re-create the artifact.")
+        raise ArtifactError(
+            f"The sharded manifest of '{folder}' is inconsistent: {'; '.join(problems)}.", "Re-create the artifact."
+        )
     manifest["ranks"] = ranks
     return manifest
 
@@ -322,7 +328,9 @@ class _Rank:
             module = get_backend(engine.get("backend") or self.manifest.get("backend", "onnxruntime"))
             inputs = [TensorSpec.from_json(s) for s in engine["inputs"]]
             outputs = [TensorSpec.from_json(s) for s in engine["outputs"]]
-            self.engines.append(module.Engine(self.folder / engine["folder"], inputs, outputs, engine.get("config", {})))
+            self.engines.append(
+                module.Engine(self.folder / engine["folder"], inputs, outputs, engine.get("config", {}))
+            )
         self.load_s = time.perf_counter() - started
 
     # -- communication
@@ -372,8 +380,10 @@ class _Rank:
         for i, name in enumerate(names):
             value = np.asarray(env[name], order="C")  # ascontiguousarray would make a scalar 1-D
             if value.dtype.name not in DTYPES or value.ndim > MAX_RANK:
-                raise RankFailure(f"{self.label}: cannot send '{name}' ({value.dtype}, rank {value.ndim}) to the "
-                                  f"next stage: dtypes {', '.join(DTYPES)} up to rank {MAX_RANK} travel.")
+                raise RankFailure(
+                    f"{self.label}: cannot send '{name}' ({value.dtype}, rank {value.ndim}) to the "
+                    f"next stage: dtypes {', '.join(DTYPES)} up to rank {MAX_RANK} travel."
+                )
             at = 1 + i * (2 + MAX_RANK)
             header[at] = DTYPES.index(value.dtype.name)
             header[at + 1] = value.ndim
@@ -398,12 +408,16 @@ class _Rank:
         self._wait(dist.irecv(head, peer, tag=2 * k), what, [peer])
         header = self._numpy(head)
         if header[0] != len(names):
-            raise RankFailure(f"{self.label}: {rank_label(self.manifest, peer)} sent {header[0]} values for "
-                              f"microbatch {k}, the manifest lists {len(names)} ({', '.join(names)}).")
+            raise RankFailure(
+                f"{self.label}: {rank_label(self.manifest, peer)} sent {header[0]} values for "
+                f"microbatch {k}, the manifest lists {len(names)} ({', '.join(names)})."
+            )
         layout = []
         for i in range(len(names)):
             at = 1 + i * (2 + MAX_RANK)
-            layout.append((np.dtype(DTYPES[header[at]]), tuple(int(d) for d in header[at + 2 : at + 2 + header[at + 1]])))
+            layout.append(
+                (np.dtype(DTYPES[header[at]]), tuple(int(d) for d in header[at + 2 : at + 2 + header[at + 1]]))
+            )
         sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in layout]
         env: dict[str, np.ndarray] = {}
         blob = np.zeros(0, dtype=np.uint8)
@@ -478,7 +492,9 @@ class _Rank:
                     raise RankFailure(f"{self.label}: step {i} ({step['engine']['folder']}) failed: {exc}") from exc
                 self.engine_s += time.perf_counter() - started
             elif step["op"] == "all_reduce":
-                env[step["output"]] = self.all_reduce(env[step["input"]], f"{what} of '{step['input']}', microbatch {k}")
+                env[step["output"]] = self.all_reduce(
+                    env[step["input"]], f"{what} of '{step['input']}', microbatch {k}"
+                )
             else:
                 env[step["output"]] = self.all_gather(
                     env[step["input"]], int(step.get("axis", -1)), f"{what} of '{step['input']}', microbatch {k}"
@@ -527,7 +543,7 @@ class _Rank:
             "engine_s": round(self.engine_s, 4),
             "comm_s": round(self.comm_s, 4),
             "microbatches": self.microbatches,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _peak_rss_bytes(),
             "pid": os.getpid(),
         }
         try:
@@ -554,7 +570,9 @@ def load_inputs(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             feed = {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise InputMismatchError(f"Cannot read the inputs '{path}': {exc}.", "Give an .npz written by numpy.savez.") from exc
+        raise InputMismatchError(
+            f"Cannot read the inputs '{path}': {exc}.", "Give an .npz written by numpy.savez."
+        ) from exc
     return check_inputs([TensorSpec.from_json(s) for s in manifest["inputs"]], feed)
 
 
@@ -603,12 +621,17 @@ def main(argv: list[str] | None = None) -> int:
     worker: _Rank | None = None
     try:
         if rank < 0 or world < 1:
-            raise AdapterError("This worker runs under torchrun (RANK and WORLD_SIZE are not set).",
-                               "Start it with `adapter launch ARTIFACT --nproc N`.")
+            raise AdapterError(
+                "This worker runs under torchrun (RANK and WORLD_SIZE are not set).",
+                "Start it with `adapter launch ARTIFACT --nproc N`.",
+            )
         manifest = read_sharded(args.artifact)
         if world != int(manifest["world_size"]):
-            raise AdapterError(f"torchrun started {world} processes, the artifact '{args.artifact}' needs "
-                               f"world_size {manifest['world_size']}.", "Launch with a matching --nproc / --nnodes.")
+            raise AdapterError(
+                f"torchrun started {world} processes, the artifact '{args.artifact}' needs "
+                f"world_size {manifest['world_size']}.",
+                "Launch with a matching --nproc / --nnodes.",
+            )
         fault = parse_fault(os.environ.get(FAULT_ENV))
         worker = _Rank(args.artifact, manifest, rank, args.timeout, fault)
         inputs = load_inputs(args.inputs, manifest)
@@ -640,6 +663,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # outputs and report are on disk; torch's interpreter teardown only costs seconds here
+
+
+def _peak_rss_bytes() -> int:
+    """This rank's own peak resident memory.
+
+    ``VmHWM`` belongs to the process's address space; ``getrusage``'s ``ru_maxrss``
+    would report the launcher's peak too, because Linux keeps it across ``execve``.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 if __name__ == "__main__":
