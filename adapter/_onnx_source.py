@@ -46,7 +46,40 @@ def onnx_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _input_specs(model: ir.Model, dynamic: dict[str, dict[int, Dim]]) -> list[TensorSpec]:
+EXAMPLE_BYTES_MAX = 2**30
+"""Largest fixed-shape input (bytes) adapter draws example inputs for: verification and
+calibration run the model on such inputs, so a larger declared input is refused up front
+instead of exhausting the machine's memory."""
+
+
+def _numpy_dtype(value: ir.Value, path: Path) -> np.dtype:
+    try:
+        return np.dtype(value.dtype.numpy())
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise SourceError(
+            f"'{path}': input '{value.name}' has element type {value.dtype!r}, which has no array type to feed it with.",
+            "Declare the input with a concrete numeric or boolean type (float, int64, bool, ...).",
+        ) from exc
+
+
+def _check_example_size(value: ir.Value, dims: list[int | Dim], dtype: np.dtype, path: Path) -> None:
+    shape = "(" + ", ".join(str(d) if isinstance(d, int) else d.name for d in dims) + ")"
+    if any(isinstance(d, int) and d < 0 for d in dims):
+        raise SourceError(f"'{path}': input '{value.name}' declares a negative dimension: {shape}.")
+    elements = 1
+    for d in dims:
+        elements *= d if isinstance(d, int) else min(max(2, d.min), d.max)  # verify's example size
+    if elements * dtype.itemsize > EXAMPLE_BYTES_MAX:
+        raise SourceError(
+            f"'{path}': input '{value.name}' declares shape {shape}: {elements:,} elements "
+            f"({elements * dtype.itemsize / 2**30:.1f} GiB), over the {EXAMPLE_BYTES_MAX // 2**30} GiB adapter "
+            "allocates for one example input to verify the conversion.",
+            "Check the declared shape; make the large axes dynamic (symbolic) in the ONNX file, "
+            "and give their sizes with --dynamic.",
+        )
+
+
+def _input_specs(model: ir.Model, dynamic: dict[str, dict[int, Dim]], path: Path) -> list[TensorSpec]:
     names = {d.name: d for axes in dynamic.values() for d in axes.values()}
     initializers = set(model.graph.initializers)
     specs = []
@@ -55,7 +88,7 @@ def _input_specs(model: ir.Model, dynamic: dict[str, dict[int, Dim]]) -> list[Te
             continue
         if value.shape is None or value.dtype is None:
             raise SourceError(
-                f"ONNX input '{value.name}' has no declared type or shape.",
+                f"'{path}': input '{value.name}' has no declared type or shape.",
                 "Give the model's inputs full type information.",
             )
         dims: list[int | Dim] = []
@@ -64,14 +97,16 @@ def _input_specs(model: ir.Model, dynamic: dict[str, dict[int, Dim]]) -> list[Te
             if isinstance(d, int):
                 if user is not None:
                     raise SourceError(
-                        f"--dynamic makes axis {axis} of '{value.name}' dynamic, but the ONNX file fixes it to {d}.",
+                        f"--dynamic makes axis {axis} of '{value.name}' dynamic, but '{path}' fixes it to {d}.",
                         "Re-export the model with that axis dynamic.",
                     )
                 dims.append(d)
             else:
                 label = str(d.value) if d.value is not None else f"{value.name}_{axis}"
                 dims.append(user or names.get(label) or Dim(label, 1, DEFAULT_DIM_MAX))
-        specs.append(TensorSpec(value.name, value.dtype.numpy().name, tuple(dims)))
+        dtype = _numpy_dtype(value, path)
+        _check_example_size(value, dims, dtype, path)
+        specs.append(TensorSpec(value.name, dtype.name, tuple(dims)))
     return specs
 
 
@@ -88,7 +123,7 @@ def import_onnx(path: Path, dynamic: dict[str, dict[int, Dim]], digest: str):
         model = ir.load(str(path))
     except Exception as exc:
         raise SourceError(f"'{path}' could not be read as an ONNX model: {exc}") from exc
-    inputs = _input_specs(model, dynamic)
+    inputs = _input_specs(model, dynamic, path)
     outputs = [
         TensorSpec(
             v.name,

@@ -134,7 +134,10 @@ def check(
         run_backend_passes(module, model)
         found.nodes = sum(1 for _ in model.graph.all_nodes())
         shapes = {name: list(value.shape) for name, value in imported.example_inputs.items()}
-        found.refused = refused_nodes(module, model, profile, shapes)
+        try:
+            found.refused = refused_nodes(module, model, profile, shapes)
+        except AdapterError as exc:  # the backend's own tool rejected or crashed on the model
+            found.problem = str(exc)
         results.append(found)
     opset = imported.model.opset_imports.get("", None)
     asked, results = results, results[: len(names)]

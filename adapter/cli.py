@@ -7,6 +7,7 @@ paragraph, no traceback (``--debug`` shows it), non-zero exit.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -93,7 +94,9 @@ def cli(debug: bool) -> None:
     help="Precision of the engine; auto searches the modes the target supports for the fastest within the budget.",
 )
 @click.option("--accuracy-budget", default=None, help="e.g. 'cos>=0.999', 'cos_min>=0.98,max_abs<=1e-2', 'top1>=0.99'.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration .npz (a feed) or a folder of them.")
+@click.option(
+    "--calib", type=click.Path(path_type=Path), default=None, help="Calibration .npz (a feed) or a folder of them."
+)
 @click.option(
     "--calib-text",
     type=click.Path(path_type=Path),
@@ -198,7 +201,9 @@ def convert(
 @cli.command()
 @click.argument("source")
 @click.option("-t", "--target", default="host", show_default=True, help="Target profile name or .toml file.")
-@click.option("-b", "--backend", default=None, help="Backend to check; default: the profile's (auto: every listed one).")
+@click.option(
+    "-b", "--backend", default=None, help="Backend to check; default: the profile's (auto: every listed one)."
+)
 @click.option("--dynamic", multiple=True, metavar="INPUT:AXIS=NAME[MIN..MAX],...", help="Dynamic axes, as for convert.")
 @click.option("--trust-source", is_flag=True, help="Allow a .pt2 that unpickles objects (only files you made).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -218,7 +223,9 @@ def check(ctx, source, target, backend, dynamic, trust_source, as_json):
     from adapter.report import render_check
 
     with err.status("checking…") as status:
-        report = run_check(source, target, backend, tuple(dynamic), trust_source, progress=lambda s: status.update(f"{s}…"))
+        report = run_check(
+            source, target, backend, tuple(dynamic), trust_source, progress=lambda s: status.update(f"{s}…")
+        )
     data = report.to_json()
     if as_json:
         _print_json(data)
@@ -272,7 +279,9 @@ def _non_finite(arrays: dict) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
 @click.option(
-    "--check-finite", is_flag=True, help="Refuse inputs, and report outputs, holding NaN or Inf (outputs are not saved)."
+    "--check-finite",
+    is_flag=True,
+    help="Refuse inputs, and report outputs, holding NaN or Inf (outputs are not saved).",
 )
 def run(artifact, inputs_path, output, as_json, check_finite):
     """Run an engine ARTIFACT on inputs from an .npz file.
@@ -429,9 +438,41 @@ def _register_commands() -> None:
 _register_commands()
 
 
+class _LibraryWarnings(logging.Handler):
+    """Libraries' log records (onnx-ir, onnxscript, ...) as one line each on stderr.
+
+    Without a handler, Python's last-resort handler prints them with their tracebacks
+    (onnx-ir logs a rejected shape inference with ``exc_info``); tracebacks are shown
+    only with --debug.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().strip().splitlines()
+            text = message[0] if message else ""
+            if record.exc_info and record.exc_info[1] is not None and not _state["debug"]:
+                lines = str(record.exc_info[1]).strip().splitlines()
+                cause = f"{type(record.exc_info[1]).__name__}: {lines[0] if lines else ''}"
+                # some libraries log "...: %s" with the exception only in exc_info
+                text = text.replace("%s", cause, 1) if "%s" in text and not record.args else f"{text} ({cause})"
+            err.print(f"[yellow]{record.levelname.lower()}:[/] {escape(record.name)}: {escape(text)}", highlight=False)
+            if _state["debug"] and record.exc_info:
+                err.print("".join(traceback.format_exception(*record.exc_info)), markup=False, highlight=False)
+        except Exception:  # a log line must never break a command
+            self.handleError(record)
+
+
+def _install_log_handler() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryWarnings) for h in root.handlers):
+        handler = _LibraryWarnings(logging.WARNING)
+        root.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning errors into one-paragraph messages."""
     _state["debug"] = os.environ.get("ADAPTER_DEBUG") == "1"  # per invocation: never carried over
+    _install_log_handler()
     try:
         # without standalone mode, click returns ctx.exit()'s code instead of raising it
         code = cli.main(args=argv, prog_name="adapter", standalone_mode=False)

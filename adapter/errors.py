@@ -128,3 +128,9 @@ class PassFailedError(AdapterError):
     """A graph pass failed on the model."""
 
     exit_code = 10
+
+
+class BackendFailedError(AdapterError):
+    """A backend's own tool rejected the model, crashed on it or hung (run in a child process)."""
+
+    exit_code = 11

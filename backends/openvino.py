@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
 
+import json
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +23,7 @@ from adapter.backends.base import EngineBase, Support, profile_options, require_
 
 from adapter import _safety
 from adapter._onnx_io import save_model
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, BackendFailedError
 from adapter.specs import TensorSpec
 
 NAME = "openvino"
@@ -63,20 +64,53 @@ def version() -> str:
     return metadata.version("openvino")
 
 
-def _framework_nodes(path: str) -> frozenset[str]:
-    import openvino as ov
+PROBE_TIMEOUT_S = 600
+"""How long OpenVINO's frontend may take to read a model in the probe process."""
 
-    frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
-    converted = frontend.convert_partially(frontend.load(path))
-    names: set[str] = set()
-    for op in converted.get_ops():
-        if "FrameworkNode" in op.get_type_name():
-            # a node feeding a graph output takes the output's name as its friendly name,
-            # so its output tensor names identify it too
-            names.add(op.get_friendly_name())
-            for output in op.outputs():
-                names.update(output.get_names())
-    return frozenset(names)
+
+def _framework_nodes(path: str) -> frozenset[str]:
+    """Nodes OpenVINO's ONNX frontend cannot convert, asked in a child process.
+
+    Raises:
+        BackendFailedError: The frontend rejected the file, crashed on it or hung.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "adapter.backends._openvino_probe", path]
+    what = f"OpenVINO {version()}'s ONNX frontend"
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BackendFailedError(
+            f"{what} did not finish reading the model within {PROBE_TIMEOUT_S} s.",
+            "Choose another backend with --backend.",
+        ) from exc
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        raise BackendFailedError(
+            f"{what} crashed ({name}) while reading the model, in a separate process, so nothing else was "
+            "affected; the model is probably malformed (onnx.checker.check_model(path, full_check=True) tells how).",
+            "Repair or re-export the model, or choose another backend with --backend.",
+        )
+    lines = done.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        answer = None
+    if answer is None:
+        tail = " ".join(done.stderr.split())[-400:]
+        raise BackendFailedError(f"{what} probe failed (exit {done.returncode}): {tail}")
+    if "error" in answer:
+        raise BackendFailedError(
+            f"{what} cannot read the model: {answer['error']}",
+            "Repair or re-export the model, or choose another backend with --backend.",
+        )
+    return frozenset(answer["framework_nodes"])
 
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
@@ -144,14 +178,21 @@ def _compile(folder: Path, config: dict[str, Any]):
         raise AdapterError(f"OpenVINO could not compile '{path}': {str(exc).strip().splitlines()[0][:400]}") from exc
 
 
-def compile(model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path) -> Engine:
+def compile(
+    model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path
+) -> Engine:
     """Write the model into ``workdir`` and compile it for the profile's CPU."""
     precision = _PRECISIONS.get(options.precision)
     if precision is None:
         raise AdapterError(f"OpenVINO cannot run precision '{options.precision}'.", "Use fp32, bf16 or fp16.")
     workdir.mkdir(parents=True, exist_ok=True)
     files = save_model(model, workdir / MODEL_FILE)
-    config = {**asdict(options), "precision": precision, "threads": threads_for(options.threads, profile), "files": files + [CACHE_DIR]}
+    config = {
+        **asdict(options),
+        "precision": precision,
+        "threads": threads_for(options.threads, profile),
+        "files": files + [CACHE_DIR],
+    }
     engine = Engine(workdir, specs[0], specs[1], config)
     engine.config["executed_precision"] = str(engine.compiled.get_property("INFERENCE_PRECISION_HINT"))
     return engine
@@ -162,7 +203,9 @@ class Engine(EngineBase):
 
     backend = NAME
 
-    def __init__(self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]) -> None:
+    def __init__(
+        self, folder: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: dict[str, Any]
+    ) -> None:
         require()
         super().__init__(folder, inputs, outputs, config)
         self.compiled = _compile(self.folder, config)
@@ -173,6 +216,8 @@ class Engine(EngineBase):
         try:
             results = self.request.infer(feed)
         except Exception as exc:
-            raise AdapterError(f"OpenVINO failed while running the engine: {str(exc).strip().splitlines()[0][:400]}") from exc
+            raise AdapterError(
+                f"OpenVINO failed while running the engine: {str(exc).strip().splitlines()[0][:400]}"
+            ) from exc
         values = list(results.values())
         return {name: np.array(value, copy=True) for name, value in zip(self.output_names, values)}

@@ -63,46 +63,9 @@ class Failure:
         return f"{self.kind}@{self.where.rsplit(':', 1)[0] if self.where.count(':') >= 2 else self.where}"
 
 
-KNOWN_FAILURES: dict[str, str] = {
-    "ValueError@verify.py:random_inputs": (
-        "adapter/_onnx_source.py import_onnx draws example inputs with verify.random_inputs straight from the "
-        "declared input shape: a dim of 2**62 makes numpy raise ValueError ('array is too big'), and a large but "
-        "allocatable one (say 2**16 x 2**16) would be allocated; the declared shape needs a size check first"
-    ),
-    "MemoryError@verify.py:random_inputs": (
-        "same cause as the ValueError above, for a declared input of 2**31 elements: numpy tries to allocate "
-        "16 GiB (stopped here only by the fuzzer's address-space cap; without it the machine's memory is used up)"
-    ),
-    "TypeError@_onnx_source.py:_input_specs": (
-        "adapter/_onnx_source.py _input_specs calls value.dtype.numpy() on an input whose elem_type is UNDEFINED (0) "
-        "or has no numpy type: TypeError 'Numpy does not support ONNX data type' escapes instead of a SourceError"
-    ),
-    "CLIInternalError@check:RuntimeError": (
-        "adapter check runs OpenVINO's ONNX frontend in-process on the user's model (backends/openvino.py "
-        "_framework_nodes, frontend.convert_partially) even with --backend onnxruntime; on an initializer whose "
-        "data is shorter than its shape it raises RuntimeError ('The size of the initializer does not match...'), "
-        "which reaches the user as 'internal error' (exit 70); it should be caught (and, per SECURITY.md, run in a "
-        "subprocess: one campaign worker died with SIGSEGV in this property, not reproduced alone)"
-    ),
-    "CLICrash@check:signal11": (
-        "adapter check segfaults (SIGSEGV, exit 139) on a 3-node MatMul/Add model whose Relu was turned into a Conv "
-        "with one input: OpenVINO's ONNX frontend (backends/openvino.py _framework_nodes -> "
-        "frontend.convert_partially) crashes in-process; SECURITY.md asks for untrusted compiles in a subprocess "
-        "with 'backend crashed on node X'"
-    ),
-    "CLITracebackPrinted@check:shape_inference.py": (
-        "onnx_ir's ShapeInferencePass logs a WARNING with exc_info when onnx shape inference rejects the graph; "
-        "the CLI configures no logging handler, so Python's last-resort handler prints that full traceback on "
-        "stderr (the adapter check / convert output then carries a traceback)"
-    ),
-    **{
-        f"CLIInternalError@check:{kind}": f"the {kind} of the loading bugs above, reached through adapter check "
-        "(it escapes as 'internal error', exit 70)"
-        for kind in ("ValueError", "MemoryError", "TypeError")
-    },
-}
-"""Failure key -> the bug (found by this fuzzer, not fixed yet: outside the passes). The short campaign below
-tolerates them; each has an xfail(strict) regression case that turns red once it is fixed."""
+KNOWN_FAILURES: dict[str, str] = {}
+"""Failure key -> a bug this fuzzer found that is not fixed yet (the short campaign below tolerates those).
+Empty: the five distinct failures found so far are fixed, each kept as a regression case below."""
 
 
 class CaseTimeout(BaseException):
@@ -191,7 +154,10 @@ def _seed_models() -> list[onnx.ModelProto]:
         [init("table", (7, 5)), onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")],
     )
     branch = lambda op, name: helper.make_graph(  # noqa: E731
-        [helper.make_node(op, ["x"], ["out_" + name])], name, [], [helper.make_tensor_value_info("out_" + name, f32, [3])]
+        [helper.make_node(op, ["x"], ["out_" + name])],
+        name,
+        [],
+        [helper.make_tensor_value_info("out_" + name, f32, [3])],
     )
     cond = helper.make_graph(
         [
@@ -304,7 +270,9 @@ def mutated_onnx(draw) -> bytes:
     for kind in draw(st.lists(st.sampled_from(STRUCTURAL), max_size=3)):
         _structural(model, kind, lambda lo, hi: draw(st.integers(lo, hi)))
     data = bytearray(model.SerializeToString())
-    byte_ops = draw(st.lists(st.tuples(st.sampled_from(("flip", "truncate", "insert", "zero")), st.integers(0, 2**16)), max_size=3))
+    byte_ops = draw(
+        st.lists(st.tuples(st.sampled_from(("flip", "truncate", "insert", "zero")), st.integers(0, 2**16)), max_size=3)
+    )
     for op, at in byte_ops:
         if not data:
             break
@@ -403,7 +371,10 @@ def build_engine(workdir: Path) -> EngineUnderTest:
             helper.make_node("Add", ["h", "kf"], ["y"], name="add"),
         ],
         "two_inputs",
-        [helper.make_tensor_value_info("x", f32, ["batch", 4]), helper.make_tensor_value_info("k", TensorProto.INT64, [3])],
+        [
+            helper.make_tensor_value_info("x", f32, ["batch", 4]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [3]),
+        ],
         [helper.make_tensor_value_info("y", f32, ["batch", 3])],
         [w],
     )
@@ -458,7 +429,9 @@ def mutated_feed(draw) -> dict[str, Any]:
     return feed
 
 
-def check_engine_feed(eut: EngineUnderTest, feed: dict[str, Any], workdir: Path, via_cli: bool = False) -> Failure | None:
+def check_engine_feed(
+    eut: EngineUnderTest, feed: dict[str, Any], workdir: Path, via_cli: bool = False
+) -> Failure | None:
     """Run a mutated feed (directly, or saved as .npz through ``adapter run``); then the good feed again."""
     try:
         with time_limit():
@@ -547,7 +520,9 @@ def _apply(b: _GraphBuilder, op: str, pool: list[tuple[str, tuple[int, ...]]], p
         other = same[pick(len(same))] if pick(2) else b.weight(last)  # a tensor, or a broadcast row
         return b.node(op, [value, other]), shape
     if op == "Div":
-        return b.node("Div", [value, b.const(np.float32(1.5) + np.abs(b.rng.standard_normal(last)).astype(np.float32))]), shape
+        return b.node(
+            "Div", [value, b.const(np.float32(1.5) + np.abs(b.rng.standard_normal(last)).astype(np.float32))]
+        ), shape
     if op == "MatMul":
         n = (4, 8, 16)[pick(3)]
         return b.node("MatMul", [value, b.weight(last, n)]), (*shape[:-1], n)
@@ -600,8 +575,19 @@ def _motif(b: _GraphBuilder, op: str, x: str, shape: tuple[int, ...]) -> tuple[s
     return b.node("Mul", [x, k]), shape
 
 
-OPS = (*UNARY, *BINARY, "Div", "MatMul", "Transpose", "Reshape", "Softmax", "LayerNormalization", "Concat",
-       "ReduceMean", *MOTIFS)
+OPS = (
+    *UNARY,
+    *BINARY,
+    "Div",
+    "MatMul",
+    "Transpose",
+    "Reshape",
+    "Softmax",
+    "LayerNormalization",
+    "Concat",
+    "ReduceMean",
+    *MOTIFS,
+)
 
 
 @st.composite
@@ -611,7 +597,9 @@ def random_graph(draw) -> tuple[bytes, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     b = _GraphBuilder(rng)
     rank = draw(st.integers(2, 4))
-    shape = tuple(draw(st.sampled_from((1, 2, 3, 4, 8))) for _ in range(rank - 1)) + (draw(st.sampled_from((4, 8, 16))),)
+    shape = tuple(draw(st.sampled_from((1, 2, 3, 4, 8))) for _ in range(rank - 1)) + (
+        draw(st.sampled_from((4, 8, 16))),
+    )
     inputs = [("x", shape)]
     if draw(st.booleans()):
         inputs.append(("y", shape))
@@ -646,7 +634,9 @@ def _ort(model_bytes: bytes, feed: dict[str, np.ndarray], optimize: bool) -> lis
     return session.run(None, feed)
 
 
-def check_graph(model_bytes: bytes, feed: dict[str, np.ndarray], pipelines=("fusion-ort", "fusion-standard")) -> Failure | None:
+def check_graph(
+    model_bytes: bytes, feed: dict[str, np.ndarray], pipelines=("fusion-ort", "fusion-standard")
+) -> Failure | None:
     """The graph's ONNX Runtime results must not change through canonicalize + each fusion pipeline."""
     import onnx_ir as ir
     from adapter.passes.pipeline import build_pipeline, run_pipeline
@@ -767,13 +757,13 @@ def _undefined_input_dtype(model):
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.UNDEFINED
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["ValueError@verify.py:random_inputs"])
 def test_regression_huge_declared_input_dim(tmp_path):
+    """Found: a declared dim of 2**62 (or 2**16 x 2**16) made example inputs exhaust memory; now a SourceError."""
     _assert_ok(check_onnx_bytes(_seed_with(_huge_input_dim), tmp_path), allow_known=False)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["TypeError@_onnx_source.py:_input_specs"])
 def test_regression_undefined_input_dtype(tmp_path):
+    """Found: an input of elem_type UNDEFINED raised TypeError from numpy; now a SourceError naming the file."""
     _assert_ok(check_onnx_bytes(_seed_with(_undefined_input_dtype), tmp_path), allow_known=False)
 
 
@@ -839,28 +829,53 @@ def _cli_in_subprocess(data: bytes, tmp_path: Path, *args: str) -> Failure | Non
     code = "import sys; from adapter.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, *args, str(path), "--backend", "onnxruntime"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     if proc.returncode < 0:
         return Failure("CLICrash", f"{args[0]}:signal{-proc.returncode}", proc.stderr[-300:])
     return _cli_failure(proc.stderr, proc.returncode, args[0])
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["CLICrash@check:signal11"])
 def test_regression_check_survives_one_input_conv(tmp_path):
+    """Found: OpenVINO's ONNX frontend segfaulted inside adapter check; it now runs in a child process."""
     _assert_ok(_cli_in_subprocess(_seed_with(_conv_without_weights), tmp_path, "check"), allow_known=False)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["CLITracebackPrinted@check:shape_inference.py"])
+def test_openvino_frontend_crash_is_reported_as_the_backends_problem(tmp_path):
+    """The crash itself, asked of OpenVINO: a named problem and exit 4, not a dead process."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_seed_with(_conv_without_weights))
+    code = "import sys; from adapter.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "check", str(path), "--backend", "openvino", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 4, done.stderr
+    report = json.loads(done.stdout)
+    (openvino,) = [b for b in report["backends"] if b["backend"] == "openvino"]
+    assert not openvino["runs"] and "crashed (SIGSEGV)" in openvino["problem"], openvino
+    assert "Traceback" not in done.stderr
+
+
 def test_regression_check_prints_no_traceback(tmp_path):
+    """Found: onnx-ir's shape-inference warning printed a traceback; the CLI now logs one line."""
     model = onnx.ModelProto()
     model.ParseFromString(SEEDS[3])
     _if_to_conv(model)
     _assert_ok(_cli_in_subprocess(model.SerializeToString(), tmp_path, "check"), allow_known=False)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES["CLIInternalError@check:RuntimeError"])
 def test_regression_check_short_initializer(tmp_path):
+    """Found: OpenVINO's RuntimeError on a short initializer became 'internal error'; now a backend problem."""
     model = onnx.ModelProto()
     model.ParseFromString(SEEDS[2])
     _short_initializer(model)
