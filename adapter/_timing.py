@@ -53,3 +53,29 @@ def paired_median_ms(
                 if len(samples[name]) >= round_index + 1 and time.perf_counter() > deadline:
                     break
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def settle(fn: Callable[[], object], max_s: float, tolerance: float = 0.03, block: int = 5) -> dict[str, object]:
+    """Call ``fn`` in blocks until its speed is steady, for at most ``max_s`` seconds.
+
+    Steady: the fastest call of each of the last three blocks agree within ``tolerance``.
+    Measured on the 2-core CI host: right after a test that ran and SIGKILLed twenty
+    conversions, the same engine ran up to 30% slower or faster from block to block for
+    10-15 s with no other process on the CPU (the VM's memory being handed back, as far
+    as could be told), then steadied; a timing started in that window judged the same
+    engine changed. Returns the seconds spent, the blocks run and whether it steadied.
+    """
+    started = time.perf_counter()
+    fastest: list[float] = []
+    while True:
+        times = []
+        for _ in range(block):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        fastest.append(min(times))
+        last = fastest[-3:]
+        steady = len(last) == 3 and max(last) <= min(last) * (1 + tolerance)
+        spent = time.perf_counter() - started
+        if steady or spent >= max_s:
+            return {"seconds": round(spent, 3), "blocks": len(fastest), "steady": steady}

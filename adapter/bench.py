@@ -6,6 +6,7 @@ A suite (YAML) lists models × targets × precisions × batch sizes::
     repeats: 7          # independent samples per case, one per block of `iterations` calls
     iterations: 15
     warmup: 3           # calls before each block of iterations
+    settle_s: 10        # first run each case until its speed is steady, at most this long
     statistic: p10      # a sample is this percentile of its block: p10 (default), p25, median, min
     cases:
       - model: adapter.zoo:minilm
@@ -54,6 +55,7 @@ import numpy as np
 
 from adapter._bench_history import History, default_history_path
 from adapter._bench_stats import Verdict, judge, mad, robust_rsd
+from adapter._timing import settle
 from adapter.errors import AdapterError, SourceError
 
 __all__ = [
@@ -75,7 +77,18 @@ __all__ = [
 FORMAT = "adapter-bench/1"
 STATISTICS = {"median": 50.0, "p25": 25.0, "p10": 10.0, "min": 0.0}
 """What one sample is, per block of iterations: a percentile of the block's call times."""
-_SUITE_KEYS = {"name", "repeats", "iterations", "warmup", "statistic", "backend", "threads", "seq", "cases"}
+_SUITE_KEYS = {
+    "name",
+    "repeats",
+    "iterations",
+    "warmup",
+    "settle_s",
+    "statistic",
+    "backend",
+    "threads",
+    "seq",
+    "cases",
+}
 _CASE_KEYS = {
     "model",
     "name",
@@ -118,6 +131,7 @@ class Suite:
     repeats: int = 5
     iterations: int = 20
     warmup: int = 3
+    settle_s: float = 10.0
     statistic: str = "p10"
     digest: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +141,12 @@ def _positive(value: Any, what: str, where: str, zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
         raise SourceError(f"{where}: {what} must be a {'non-negative' if zero else 'positive'} integer, not {value!r}.")
     return value
+
+
+def _seconds(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 600:
+        raise SourceError(f"{where}: {what} must be a number of seconds from 0 to 600, not {value!r}.")
+    return float(value)
 
 
 def _str_list(value: Any, what: str, where: str) -> list[str]:
@@ -174,6 +194,7 @@ def load_suite(path: Path | str, threads: int | None = None) -> Suite:
         repeats=_positive(data.get("repeats", 5), "repeats", where),
         iterations=_positive(data.get("iterations", 20), "iterations", where),
         warmup=_positive(data.get("warmup", 3), "warmup", where, zero=True),
+        settle_s=_seconds(data.get("settle_s", 10), "settle_s", where),
         statistic=str(data.get("statistic", "p10")),
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
@@ -413,15 +434,25 @@ def time_cases(
     iterations: int,
     warmup: int,
     progress: Callable[[str], None] | None = None,
+    settle_s: float = 0.0,
+    settled: dict[str, dict[str, object]] | None = None,
 ) -> dict[str, list[list[float]]]:
     """Call times (ms) per case: ``repeats`` blocks of ``iterations`` calls each.
 
     The scheme of ``adapter._timing.paired_median_ms`` — every case runs as one block
     (``warmup`` calls, then the timed ones) per repeat, the order rotating between repeats
     — but every call time is kept, so a sample can be a low percentile of its block.
+    First, with ``settle_s``, each case runs until its speed is steady (at most that long;
+    ``adapter._timing.settle``), and what it took goes into ``settled``.
     """
     names = list(runs)
     blocks: dict[str, list[list[float]]] = {name: [] for name in names}
+    for name in names if settle_s > 0 else []:
+        if progress:
+            progress(f"settling: {name}")
+        outcome = settle(runs[name], settle_s)
+        if settled is not None:
+            settled[name] = outcome
     for repeat in range(repeats):
         if progress:
             progress(f"timing: repeat {repeat + 1}/{repeats}")
@@ -487,7 +518,8 @@ def run_suite(
     runs, infos, examples = {}, {}, {}
     for case in suite.cases:
         runs[case.name], infos[case.name] = _prepare(case, say, examples)
-    blocks = time_cases(runs, suite.repeats, suite.iterations, suite.warmup, say)
+    settled: dict[str, dict[str, object]] = {}
+    blocks = time_cases(runs, suite.repeats, suite.iterations, suite.warmup, say, suite.settle_s, settled)
     created = _dt.datetime.now(_dt.UTC)
     results = {
         "format": FORMAT,
@@ -500,6 +532,7 @@ def run_suite(
             "repeats": suite.repeats,
             "iterations": suite.iterations,
             "warmup": suite.warmup,
+            "settle_s": suite.settle_s,
             "statistic": suite.statistic,
         },
         "fingerprint": fingerprint(),
@@ -519,6 +552,8 @@ def run_suite(
             "statistic": suite.statistic,
             **infos[case.name],
         }
+        if case.name in settled:
+            record["settled"] = settled[case.name]
         samples = block_samples(blocks[case.name], suite.statistic)
         results["cases"].append(summarise(record, samples, case.batch, blocks[case.name]))
     if history is not None:
