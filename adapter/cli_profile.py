@@ -50,7 +50,10 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
     help="Module path parts to group by (default: the layer level, e.g. model.encoder.layer.0.attention).",
 )
 @click.option(
-    "--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Profiled runs per batch size."
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Profiled runs per batch size [default: enough for about 1.5 s of engine time, 10 to 100].",
 )
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Modules shown in the table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of tables.")

@@ -63,6 +63,9 @@ class _Kernel:
     starts_us: list[float] = field(default_factory=list)
     claims: list[str] = field(default_factory=list)
     arg_shapes: list[tuple[tuple[int, ...], str]] = field(default_factory=list)
+    summary_us: float | None = None
+    """The node's figure when the backend's own counters give a better one than the
+    median of ``durations_us`` (OpenVINO: the mean, exact from its running totals)."""
 
 
 @dataclass
@@ -169,23 +172,37 @@ def _ov_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Cal
     try:
         compiled = ov.Core().compile_model(str(engine.folder / "model.onnx"), config["device"], properties)
         request = compiled.create_infer_request()
+        # The CPU plugin's counters are each node's running average (whole µs) over every
+        # time it executed since compile, not the last run's time: a node's total is its
+        # average × its executions (counted here after every inference, warm-up included:
+        # shape subgraphs run only while shapes change), per-run times are differences of
+        # totals, and a node's figure is its mean over the profiled runs.
+        executions: dict[str, int] = defaultdict(int)
         for _ in range(warmup):
             request.infer(feed)
+            _ov_totals(request, executions)
+        start = _ov_totals(request, executions, advance=False)
+        before = dict(start)
         kernels: dict[str, _Kernel] = {}
         totals = []
         for _ in (step for block in _blocks(repeats, between) for step in range(block)):
             started = time.perf_counter()
             request.infer(feed)
             totals.append((time.perf_counter() - started) * 1e3)
+            now = _ov_totals(request, executions)
             offset = 0.0
-            for info in request.get_profiling_info():
-                if info.status != info.Status.EXECUTED:
+            for name, (node_type, total_us, ran) in now.items():
+                if not ran:
                     continue
-                micros = info.real_time.total_seconds() * 1e6
-                kernel = kernels.setdefault(info.node_name, _Kernel(info.node_name, info.node_type))
+                micros = max(0.0, total_us - before.get(name, (node_type, 0.0, False))[1])
+                kernel = kernels.setdefault(name, _Kernel(name, node_type))
                 kernel.durations_us.append(micros)
                 kernel.starts_us.append(offset)  # OpenVINO gives no start times: laid out in order
                 offset += micros
+            before.update(now)
+        for name, kernel in kernels.items():
+            # clamped: whole-µs averages of a node that takes ~1 µs can step down between looks
+            kernel.summary_us = max(0.0, before[name][1] - start.get(name, ("", 0.0, False))[1]) / len(totals)
         runtime = compiled.get_runtime_model()
     except Exception as exc:
         raise AdapterError(
@@ -207,6 +224,22 @@ def _ov_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Cal
     idle = [n for name, names in fused.items() if name not in executed for n in names]
     note = "OpenVINO reports no start times; the trace lays nodes out in order"
     return _Capture(ordered, totals, note=note, idle=idle)
+
+
+def _ov_totals(request, executions: dict[str, int], advance: bool = True) -> dict[str, tuple[str, float, bool]]:
+    """Each node's type, total µs since compile and whether it ran in the last inference.
+
+    ``executions`` counts each node's runs; ``advance`` counts this inference in (False
+    for a second look at the same inference).
+    """
+    found = {}
+    for info in request.get_profiling_info():
+        ran = info.status == info.Status.EXECUTED
+        if advance and ran:
+            executions[info.node_name] += 1
+        total = info.real_time.total_seconds() * 1e6 * executions.get(info.node_name, 0)
+        found[info.node_name] = (info.node_type, total, ran)
+    return found
 
 
 def _tvm_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> _Capture:
@@ -584,7 +617,7 @@ def profile_artifact(
     seq: int = 128,
     group_depth: int | None = None,
     warmup: int = 3,
-    repeats: int = 10,
+    repeats: int | None = None,
     metrics: Iterable[str] = ("latency",),
 ) -> ProfileReport:
     """Profile an engine artifact per node and per module at each batch size.
@@ -596,7 +629,9 @@ def profile_artifact(
         group_depth: Module path parts to group by; None groups one level below the first
             numbered block (the layer level).
         warmup: Unprofiled runs before the profiled ones.
-        repeats: Profiled runs; each node's latency is its median over them.
+        repeats: Profiled runs per batch size (each node's latency is its median over them,
+            OpenVINO's its mean); None: enough for about ``PROFILE_SECONDS`` of engine time,
+            10 to 100 runs (batch 1 of a small model is noisy over 10).
         metrics: ``latency`` always; ``throughput`` adds samples/s per run, ``memory`` weights,
             an activation peak estimate and the RSS delta of loading and a first run.
 
@@ -637,22 +672,24 @@ def profile_artifact(
                     (int(first.shape[1]) if first.ndim > 1 else None),
                 )
             samples: list[float] = []
+            for _ in range(warmup):
+                engine.run(feed)
+            runs_here = repeats or _repeats_for(lambda feed=feed: engine.run(feed))
+            per_block = max(2, runs_here // 5)
 
-            def between(feed=feed, samples=samples) -> None:
+            def between(feed=feed, samples=samples, per_block=per_block) -> None:
                 engine.run(feed)  # one unmeasured call: the other runtime's threads settle
-                for _ in range(max(2, repeats // 5)):
+                for _ in range(per_block):
                     started = time.perf_counter()
                     engine.run(feed)
                     samples.append((time.perf_counter() - started) * 1e3)
 
-            for _ in range(warmup):
-                engine.run(feed)
             if memory is None and "memory" in metrics:
                 rss_after = _rss_bytes()
                 memory = {"rss_delta_bytes": (rss_after - rss_before) if rss_before and rss_after else None}
             folder = Path(tmp) / f"run{pid}"
             folder.mkdir()
-            capture = _CAPTURE[backend](engine, feed, warmup, repeats, folder, between)
+            capture = _CAPTURE[backend](engine, feed, warmup, runs_here, folder, between)
             end_to_end = statistics.median(samples)
             graph = _Graph(model, sizes)
             if backend == "onnxruntime":
@@ -671,6 +708,8 @@ def profile_artifact(
                 "seq": length,
                 "inputs": {k: list(v.shape) for k, v in feed.items()},
                 "end_to_end_ms": end_to_end,
+                "profiled_runs": runs_here,
+                "end_to_end_runs": len(samples),
                 **entry,
             }
             if "throughput" in metrics:
@@ -693,11 +732,23 @@ def profile_artifact(
     return ProfileReport(data, events)
 
 
+PROFILE_SECONDS = 1.5
+"""Engine time the default number of profiled runs aims at, per batch size."""
+
+
+def _repeats_for(run: Callable[[], object]) -> int:
+    """Profiled runs for about PROFILE_SECONDS of engine time, from one timed run (10-100)."""
+    started = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - started
+    return int(min(100, max(10, math.ceil(PROFILE_SECONDS / max(seconds, 1e-6)))))
+
+
 def _summarise(capture: _Capture, graph: _Graph, roof: _Roof, depth: int | None, pid: int):
     rows = []
     previous_module = ROOT_MODULE
     for kernel in capture.kernels:
-        ms = _median(kernel.durations_us) / 1e3
+        ms = (kernel.summary_us if kernel.summary_us is not None else _median(kernel.durations_us)) / 1e3
         if capture.mapped:
             flops, nbytes = graph.cost(kernel.claims)
             module = graph.module(kernel.claims) or previous_module
@@ -831,7 +882,7 @@ class PerformanceAnalyzer:
         batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
         seq: int = 128,
         group_depth: int | None = None,
-        repeats: int = 10,
+        repeats: int | None = None,
     ) -> ProfileReport:
         """Profile at each batch size; see :func:`profile_artifact` for the figures."""
         unknown = set(metrics) - {"latency", "throughput", "memory"}

@@ -55,7 +55,7 @@ def ort_report(tmp_path_factory):
     from adapter.profiler import profile_artifact
 
     artifact = _convert(tmp_path_factory, "onnxruntime")
-    return artifact, profile_artifact(artifact, [_BATCH], _SEQ, repeats=10, metrics=("latency", "throughput", "memory"))
+    return artifact, profile_artifact(artifact, [_BATCH, 1], _SEQ, metrics=("latency", "throughput", "memory"))
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +85,22 @@ def test_report_shape(ort_report):
     assert memory["weights_bytes"] > 1_500_000 and memory["activation_peak_bytes_estimate"] > 0
 
 
-def test_module_sum_matches_end_to_end(ort_report):
-    """Per-module medians cover the end-to-end time of the same profiled runs (batch 4, seq 128).
-
-    Against ONNX Runtime's ``model_run`` time of those runs. The issue asks for 10%; on this
-    2-layer model measured sums were 83-95% (ONNX Runtime's gaps between nodes belong to no
-    node), so 80% is asserted and the figure printed. MiniLM itself: see the issue's note."""
-    run = ort_report[1].to_json()["runs"][0]
-    ratio = run["sum_of_modules_ms"] / run["profiled_total_ms"]
-    figures = (
-        f"per-module sum {run['sum_of_modules_ms']:.3f} ms vs the profiled runs' {run['profiled_total_ms']:.3f} ms "
-        f"= {100 * ratio:.1f}%; engine timed alone {run['end_to_end_ms']:.3f} ms"
+def _attribution(run: dict) -> tuple[float, str]:
+    ratio = run["sum_of_modules_ms"] / run["end_to_end_ms"]
+    return ratio, (
+        f"batch {run['batch']}: per-module sum {run['sum_of_modules_ms']:.3f} ms vs the engine timed alone "
+        f"{run['end_to_end_ms']:.3f} ms = {100 * ratio:.1f}% ({run['profiled_runs']} profiled runs, "
+        f"{run['end_to_end_runs']} timed; profiled runs took {run['profiled_total_ms']:.3f} ms)"
     )
-    print(figures)
-    assert 0.8 <= ratio <= 1.1, figures
+
+
+def test_module_sum_matches_end_to_end(ort_report):
+    """The issue's figure: per-module latencies sum to within 10% of the engine's end-to-end
+    latency timed without the profiler, at batch 4 and batch 1 (seq 128)."""
+    for run in ort_report[1].to_json()["runs"]:
+        ratio, figures = _attribution(run)
+        print(figures)
+        assert 0.9 <= ratio <= 1.1, figures
 
 
 def test_matmul_flops_are_2mnk(ort_report):
@@ -259,10 +261,27 @@ def test_openvino_profile(tmp_path_factory):
     from adapter.profiler import profile_artifact
 
     artifact = _convert(tmp_path_factory, "openvino")
-    run = profile_artifact(artifact, [2], 64, repeats=5).to_json()["runs"][0]
+    runs = profile_artifact(artifact, [2, 1], _SEQ).to_json()["runs"]
+    for each in runs:
+        # OpenVINO's counters are running averages since compile; read as per-run times (the
+        # profiler's first version) they carried the warm-up runs: MiniLM's node sums came out
+        # 13-27% above the wall time of the very runs they described. Asserted here against
+        # those runs; against the engine timed alone (a second compiled model, printed) a
+        # 7 ms batch-1 run of this 2-layer model varies by about 10% on the 2-core host. The
+        # lower bound is 85%: infer()'s own work (inputs in, outputs out, ~0.5 ms) is in no node.
+        ratio, figures = _attribution(each)
+        print(figures)
+        same_runs = each["sum_of_modules_ms"] / each["profiled_total_ms"]
+        assert 0.85 <= same_runs <= 1.1, f"{figures}; {100 * same_runs:.1f}% of the profiled runs' wall time"
+    run = runs[0]
     assert run["nodes"] and all(n["ms"] >= 0 for n in run["nodes"])
     fully_connected = [n for n in run["nodes"] if n["op_type"] == "FullyConnected"]
-    assert len(fully_connected) >= 8 and all(n["flops"] and n["module"].startswith("model.") for n in fully_connected)
+    unmapped = [
+        (n["name"], n["module"], n["flops"])
+        for n in fully_connected
+        if not n["flops"] or not n["module"].startswith("model.")
+    ]
+    assert len(fully_connected) >= 8 and not unmapped, unmapped
     norms = [n for n in run["nodes"] if n["op_type"] == "MVN"]
     assert norms and all(n["bound"] == "memory" for n in norms if n["bound"])
 
