@@ -401,6 +401,54 @@ def _map_tensors(capture: _Capture, graph: _Graph) -> None:
         kernel.claims = claims
 
 
+_MATMUL_KERNELS = {"FullyConnected"}
+"""OpenVINO node types built around a MatMul/Gemm of the ONNX graph."""
+_MOVEMENT_KERNELS = {"Convert", "Reorder", "Reshape", "Transpose", "Concatenation", "Broadcast"}
+"""OpenVINO node types that only move or convert data: never charged FLOPs by gap filling."""
+_COMPUTE_KERNELS = {"FullyConnected", "MatMul", "Subgraph", "Convolution", "Gemm"}
+"""OpenVINO node types that do matrix products (Subgraph: its fused attention kernels)."""
+
+
+def _claim_matmuls(capture: _Capture, graph: _Graph) -> None:
+    """Give a MatMul-based backend node the MatMul it fused when its name list lost it.
+
+    OpenVINO's FullyConnected for ``MatMul → Add(bias) → Gelu`` lists only the Add and
+    the Gelu in ``originalLayersNames``; the MatMul left over would otherwise be handed to
+    a neighbouring node (a Convert then "did" 151 MFLOP at 400x the machine's peak).
+    """
+    claimed = {n for k in capture.kernels for n in k.claims}
+    for kernel in capture.kernels:
+        if kernel.op_type not in _MATMUL_KERNELS:
+            continue
+        nodes = [graph.by_name[n] for n in kernel.claims if n in graph.by_name]
+        if any(n.op_type in ("MatMul", "Gemm") for n in nodes):
+            continue
+        for node in sorted(nodes, key=lambda n: graph.position[n.name]):
+            producers = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+            found = [p for p in producers if p.op_type in ("MatMul", "Gemm") and p.name and p.name not in claimed]
+            if found:
+                kernel.claims = [found[0].name, *kernel.claims]
+                claimed.add(found[0].name)
+                break
+    # Matrix products still unclaimed (attention's Q·Kᵀ inside a Subgraph that names only
+    # some of its nodes) go to a compute kernel of the same module, not to whatever
+    # backend node happens to sit in the gap around them.
+    from adapter.backends.base import module_of
+
+    by_module: dict[str, _Kernel] = {}
+    for kernel in capture.kernels:
+        if kernel.op_type in _COMPUTE_KERNELS:
+            for name in kernel.claims:
+                if name in graph.by_name:
+                    by_module.setdefault(module_of(graph.by_name[name]), kernel)
+    for node in graph.nodes:
+        if node.op_type in ("MatMul", "Gemm") and node.name and node.name not in claimed:
+            host = by_module.get(module_of(node))
+            if host is not None:
+                host.claims = [*host.claims, node.name]
+                claimed.add(node.name)
+
+
 def _fill_gaps(capture: _Capture, graph: _Graph, idle: Iterable[str] = ()) -> None:
     """Give ONNX nodes no backend node claims to the unmapped backend nodes that ran between
     the neighbours' ONNX nodes (OpenVINO's MVN for a LayerNormalization, and the like)."""
@@ -424,8 +472,19 @@ def _fill_gaps(capture: _Capture, graph: _Graph, idle: Iterable[str] = ()) -> No
         )
         free = [n.name for n in graph.nodes[low + 1 : high] if n.name and n.name not in claimed]
         gap = kernels[index:end]
+        if not any(k.op_type in _COMPUTE_KERNELS for k in gap):
+            # matrix products left over go to the nearest compute kernel, not to a Convert
+            heavy = [n for n in free if graph.by_name[n].op_type in ("MatMul", "Gemm")]
+            near = [k for k in (kernels[index - 1] if index else None, kernels[end] if end < len(kernels) else None)]
+            host = next((k for k in near if k is not None and k.op_type in _COMPUTE_KERNELS), None)
+            if heavy and host is not None:
+                host.claims = [*host.claims, *heavy]
+                claimed.update(heavy)
+                free = [n for n in free if n not in heavy]
         for i, kernel in enumerate(gap):  # split the free nodes in order over the gap's kernels
             share = free[i * len(free) // len(gap) : (i + 1) * len(free) // len(gap)]
+            if kernel.op_type in _MOVEMENT_KERNELS:  # a Convert or Reorder does no arithmetic
+                share = [n for n in share if not graph.cost([n])[0]]
             kernel.claims = share
             claimed.update(share)
         index = end
@@ -696,6 +755,7 @@ def profile_artifact(
                 _map_tensors(capture, graph)
                 _fill_gaps(capture, graph)
             elif backend == "openvino":
+                _claim_matmuls(capture, graph)
                 _fill_gaps(capture, graph, capture.idle)
             if memory is not None and "weights_bytes" not in memory:
                 memory.update(_memory(graph))
