@@ -116,6 +116,20 @@ def test_identity_between_graph_input_and_output_is_kept():
     _check(make, IdentityElimination(), ["Identity"], fires=False)
 
 
+def test_identity_between_two_graph_outputs_keeps_both_outputs():
+    """onnx-ir 1.1 merges ``b = Identity(a)`` into ``a`` when both are graph outputs; the pass
+    puts an Identity back so each output keeps its own value and name (ONNX's test_scan_sum)."""
+    make = lambda: _model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"])], outputs=("a", "b")
+    )
+    after = make()
+    record = _check(make, IdentityElimination(), ["Relu", "Identity"], fires=True)
+    IdentityElimination()(after)
+    assert [v.name for v in after.graph.outputs] == ["a", "b"]
+    assert len({id(v) for v in after.graph.outputs}) == 2
+    assert record.counters["identities_kept_for_outputs"] == 1
+
+
 def test_cse_merges_duplicates():
     make = lambda: _model(
         [
