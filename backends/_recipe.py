@@ -3,7 +3,15 @@ graph they write, and the ONNX Runtime CPU stand-in that verifies that same grap
 
 from __future__ import annotations
 
-__all__ = ["write_atomic", "standard_domain_problems", "prepare_graph", "cpu_stand_in", "MAX_OPSET"]
+__all__ = [
+    "write_atomic",
+    "standard_domain_problems",
+    "prepare_graph",
+    "cpu_stand_in",
+    "constant_of",
+    "documented_support",
+    "MAX_OPSET",
+]
 
 import os
 import tempfile
@@ -17,6 +25,42 @@ from adapter.errors import AdapterError, UnsupportedOp
 MAX_OPSET = 20
 """Highest standard opset written: TensorRT 10's parser covers opsets 9-20
 (onnx-tensorrt docs/operators.md); MIGraphX's matrix goes to 19 per op, 20 is accepted."""
+
+
+def constant_of(value: ir.Value | None) -> Any:
+    """The value's constant contents (initializer or Constant node) as an array, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.value.numpy()
+    return None
+
+
+def documented_support(node: ir.Node, documented: Any, foreign_domain: str) -> Any:
+    """Whether a GPU parser takes ``node`` per its cited operator matrix.
+
+    The standard domain only (``foreign_domain`` says why not, per backend); the op must
+    be in the matrix; the inputs the matrix requires constant (``constant_inputs``) must
+    be initializers or Constant nodes here.
+    """
+    from adapter.backends.base import Support
+
+    doc = f"{documented.version}, {documented.source}"
+    if node.domain not in ("", "ai.onnx"):
+        return Support(False, f"{foreign_domain} ({doc})")
+    if not documented.supports(node.op_type):
+        note = documented.notes.get(node.op_type)
+        return Support(False, f"{node.op_type} is not in the {doc}" + (f" ({note})" if note else ""))
+    for index in documented.constant_inputs.get(node.op_type, ()):
+        if index < len(node.inputs) and node.inputs[index] is not None and constant_of(node.inputs[index]) is None:
+            note = documented.notes.get(node.op_type, "the matrix requires it to be a constant")
+            return Support(False, f"input {index} is computed at run time: {note} ({doc})")
+    return Support(True)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

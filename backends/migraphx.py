@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from adapter.backends._recipe import check_onnx, cpu_stand_in, prepare_graph, standard_domain_problems, write_atomic
+from adapter.backends._recipe import (
+    check_onnx,
+    cpu_stand_in,
+    documented_support,
+    prepare_graph,
+    standard_domain_problems,
+    write_atomic,
+)
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, unsupported_nodes
 from adapter.op_library.documented import MIGRAPHX
 
@@ -50,9 +57,6 @@ PROVIDERS_FILE = "ort_providers.json"
 RUN_FILE = "run_on_rocm.py"
 CACHE_DIR = "migraphx-cache"
 """Compiled-program cache, inside the artifact (made absolute at session creation)."""
-
-_CONSTANT_INPUTS = {"Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,), "Range": (0, 1, 2)}
-"""Inputs the cited matrix says may not vary at run time (its per-op notes)."""
 
 
 @dataclass(frozen=True)
@@ -99,29 +103,14 @@ def _available() -> bool:
     return PROVIDER in ort.get_available_providers()
 
 
-def _constant(value: ir.Value | None) -> bool:
-    if value is None or value.const_value is not None:
-        return True
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant"
-
-
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     """Whether MIGraphX's ONNX parser takes the node, per AMD's operator matrix (standard domain only)."""
-    doc = f"{MIGRAPHX.version}, {MIGRAPHX.source}"
-    if node.domain not in ("", "ai.onnx"):
-        return Support(
-            False,
-            f"the {NAME} backend keeps the graph in the standard domain (its CPU stand-in must run the same graph); "
-            f"'{node.domain}' ops are not written ({doc})",
-        )
-    if not MIGRAPHX.supports(node.op_type):
-        note = MIGRAPHX.notes.get(node.op_type)
-        return Support(False, f"{node.op_type} is not in the {doc}" + (f" ({note})" if note else ""))
-    for index in _CONSTANT_INPUTS.get(node.op_type, ()):
-        if index < len(node.inputs) and not _constant(node.inputs[index]):
-            return Support(False, f"input {index} is computed at run time: {MIGRAPHX.notes[node.op_type]} ({doc})")
-    return Support(True)
+    return documented_support(
+        node,
+        MIGRAPHX,
+        f"the {NAME} backend keeps the graph in the standard domain (its CPU stand-in must run the same graph); "
+        f"'{node.domain}' ops are not written",
+    )
 
 
 def provider_options(options: Options, folder: Path | None = None) -> dict[str, str]:

@@ -48,7 +48,15 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from adapter.backends import _tensorrt_scripts as scripts
-from adapter.backends._recipe import check_onnx, cpu_stand_in, prepare_graph, standard_domain_problems, write_atomic
+from adapter.backends._recipe import (
+    check_onnx,
+    constant_of,
+    cpu_stand_in,
+    documented_support,
+    prepare_graph,
+    standard_domain_problems,
+    write_atomic,
+)
 from adapter.backends.base import EngineBase, Support, module_of, profile_options, unsupported_nodes
 from adapter.op_library.documented import TENSORRT
 
@@ -149,19 +157,14 @@ def _doc() -> str:
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     """Whether TensorRT's ONNX parser takes the node, per the onnx-tensorrt operator matrix."""
-    if node.domain not in ("", "ai.onnx"):
-        return Support(
-            False,
-            f"TensorRT's ONNX parser reads the standard domain only; '{node.domain}' ops would need a TensorRT "
-            f"plugin of the same name, and the operator matrix lists none ({_doc()})",
-        )
-    if not TENSORRT.supports(node.op_type):
-        note = TENSORRT.notes.get(node.op_type)
-        return Support(False, f"{node.op_type} is not in the {_doc()}" + (f" ({note})" if note else ""))
-    for index in TENSORRT.constant_inputs.get(node.op_type, ()):  # inputs the matrix requires to be constant
-        if index < len(node.inputs) and node.inputs[index] is not None and _constant(node.inputs[index]) is None:
-            note = TENSORRT.notes.get(node.op_type, f"input {index} must be a constant")
-            return Support(False, f"{note} ({_doc()})")
+    answer = documented_support(
+        node,
+        TENSORRT,
+        f"TensorRT's ONNX parser reads the standard domain only; '{node.domain}' ops would need a TensorRT "
+        "plugin of the same name, and the operator matrix lists none",
+    )
+    if not answer:
+        return answer
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
         problem = qdq_problem(node, model)
         if problem:
@@ -172,18 +175,7 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
 # ---------------------------------------------------------------- explicit quantization
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents (initializer or Constant node), else None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
-        attr = producer.attributes.get("value")
-        if attr is not None:
-            return attr.value.numpy()
-    return None
+_constant = constant_of
 
 
 def _quantized_type(node: ir.Node) -> str:

@@ -121,6 +121,23 @@ def test_a_slice_with_run_time_bounds_is_refused():
     assert not answer and "variable inputs" in answer.reason
 
 
+def test_a_topk_with_run_time_k_is_refused_and_constant_axes_pass():
+    """The matrix's constant inputs are read from op_library (its TopK/CumSum/Trilu/Reduce* notes too),
+    so supports() and `adapter ops` give the same answer."""
+    model = _model(
+        nodes=[
+            helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+            helper.make_node("Shape", ["m"], ["s"], name="shape", start=1, end=2),
+            helper.make_node("TopK", ["m", "s"], ["y", "i"], name="topk"),
+            helper.make_node("ReduceSum", ["m", "one"], ["r"], name="reduce"),
+        ],
+        extra_inits=[numpy_helper.from_array(np.array([1], np.int64), "one")],
+    )  # fmt: skip
+    topk = migraphx.supports(next(n for n in model.graph if n.op_type == "TopK"), model)
+    assert not topk and "input 1 is computed at run time" in topk.reason and "dynamic `k`" in topk.reason
+    assert migraphx.supports(next(n for n in model.graph if n.op_type == "ReduceSum"), model)
+
+
 @pytest.mark.skipif(not NO_MIGRAPHX, reason="this onnxruntime has MIGraphXExecutionProvider: the engine runs here")
 def test_without_the_provider_the_stand_in_matches_numpy(tmp_path):
     engine = _compile(tmp_path)
