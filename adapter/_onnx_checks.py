@@ -89,6 +89,12 @@ def _check_topology(graph, path: Path, outer: frozenset[str] = frozenset()) -> N
                 )
         for sub in _subgraphs(node):
             _check_topology(sub, path, frozenset(known | set(producer)))
+    for value in graph.output:
+        if value.name not in known and value.name not in producer:
+            raise SourceError(
+                f"'{path}': graph output '{value.name}' is not produced by any node, input or initializer.",
+                "The file is incomplete or damaged; re-export the model.",
+            )
     # Kahn's algorithm over the node -> node edges of this graph.
     waiting = [sum(1 for n in set(node.input) if n in producer) for node in graph.node]
     users: dict[int, list[int]] = {}
@@ -115,12 +121,64 @@ def _check_topology(graph, path: Path, outer: frozenset[str] = frozenset()) -> N
         )
 
 
+def _check_tensor_types(graph, path: Path) -> None:
+    """Every initializer has a concrete element type (UNDEFINED has no size to read)."""
+    from onnx import TensorProto
+
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.UNDEFINED or tensor.data_type not in TensorProto.DataType.values():
+            raise SourceError(
+                f"'{path}': initializer '{tensor.name}' has no valid element type (data_type {tensor.data_type}).",
+                "The file is damaged; re-export the model.",
+            )
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _check_tensor_types(sub, path)
+
+
+def _utf8(text: str | bytes) -> bool:
+    """Protobuf hands back invalid UTF-8 in a string field as bytes (or as str with surrogates)."""
+    if isinstance(text, bytes):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_text(message, where: str = "") -> str | None:
+    """The first text field (a name, a doc string, a string attribute) that is not valid UTF-8."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in message.ListFields():
+        here = f"{where}.{field.name}" if where else field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            for text in value if field.is_repeated else [value]:
+                if not _utf8(text):
+                    return f"{here} = {text!r}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.name != "TensorProto":
+            for item in value if field.is_repeated else [value]:
+                found = _bad_text(item, here)
+                if found:
+                    return found
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:  # tensors: their names only (data can be large)
+            for item in value if field.is_repeated else [value]:
+                if not _utf8(item.name):
+                    return f"{here}.name = {item.name!r}"
+    return None
+
+
 def check_graph(proto, path: Path) -> None:
     """Refuse unknown standard opsets, overflowing shapes, dangling inputs and cycles.
 
     Raises:
         SourceError: naming ``path`` and the problem.
     """
+    bad = _bad_text(proto)
+    if bad:
+        raise SourceError(f"'{path}' holds text that is not valid UTF-8: {bad}.", "The file is damaged; re-export it.")
     _check_opsets(proto, path)
     _check_shapes(proto.graph, path)
+    _check_tensor_types(proto.graph, path)
     _check_topology(proto.graph, path)

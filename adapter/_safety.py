@@ -57,6 +57,11 @@ def check_external_data_location(location: str, base_dir: Path, model_path: Path
     missing files.
     """
     where = f"ONNX file '{model_path}' stores a tensor in '{location}'"
+    if "\x00" in location or not location.strip():
+        raise UnsafeSourceError(
+            f"ONNX file '{model_path}' stores a tensor in {location!r}, which is empty or contains a NUL byte.",
+            "External data must name a file in the model's folder.",
+        )
     pure = PurePosixPath(location.replace("\\", "/"))
     if pure.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
         raise UnsafeSourceError(f"{where}, an absolute path.", "External data must sit inside the model's folder.")

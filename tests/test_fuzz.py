@@ -880,3 +880,55 @@ def test_regression_check_short_initializer(tmp_path):
     model.ParseFromString(SEEDS[2])
     _short_initializer(model)
     _assert_ok(_cli_in_subprocess(model.SerializeToString(), tmp_path, "check"), allow_known=False)
+
+
+# Found by the second long campaign (seed 2, 1000 CLI cases): four more internal errors in loading.
+
+
+def _undefined_initializer_type(model):
+    model.graph.initializer[0].data_type = 0
+
+
+def _dangling_graph_output(model):
+    model.graph.output[0].name = " "
+
+
+def _nul_in_external_location(model):
+    table = model.graph.initializer[0]
+    table.ClearField("raw_data")
+    table.data_location = TensorProto.EXTERNAL
+    table.external_data.add(key="location", value="table\x00.bin")
+
+
+def _invalid_utf8_subgraph_name(model) -> bytes:
+    branch = next(a for n in model.graph.node for a in n.attribute if a.HasField("g"))
+    branch.g.name = "zq\u00e5zq"
+    # the two bytes of U+00E5 become a lead byte and an ASCII letter: invalid UTF-8, same length
+    return model.SerializeToString().replace("zq\u00e5zq".encode(), b"zq\xe5Azq")
+
+
+@pytest.mark.parametrize(
+    ("seed", "change"), [(1, _undefined_initializer_type), (0, _dangling_graph_output), (0, _nul_in_external_location)]
+)
+def test_regression_second_campaign(tmp_path, seed, change):
+    """Each was 'internal error' from adapter check (TypeError in initializer_bytes, RuntimeError in clone,
+    ValueError 'embedded null byte' in pathlib); now a SourceError naming the file, in import and in the CLI."""
+    model = onnx.ModelProto()
+    model.ParseFromString(SEEDS[seed])
+    change(model)
+    data = model.SerializeToString()
+    _assert_ok(check_onnx_bytes(data, tmp_path), allow_known=False)
+    path = tmp_path / "cli.onnx"
+    path.write_bytes(data)
+    _assert_ok(_check_cli(path), allow_known=False)
+
+
+def test_regression_invalid_utf8_in_a_name(tmp_path):
+    """A name that is not UTF-8 made onnx-ir's serializer fail (SerdeError, 'internal error')."""
+    model = onnx.ModelProto()
+    model.ParseFromString(SEEDS[3])
+    data = _invalid_utf8_subgraph_name(model)
+    _assert_ok(check_onnx_bytes(data, tmp_path), allow_known=False)
+    path = tmp_path / "cli.onnx"
+    path.write_bytes(data)
+    _assert_ok(_check_cli(path), allow_known=False)
