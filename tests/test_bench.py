@@ -133,6 +133,7 @@ def test_suite_expands_cases(tmp_path):
         ("cases: [{model: m.py:f, batch_sizes: [0]}]", "positive integer"),
         ("cases: [{model: m.py:f, colour: red}]", "unknown keys colour"),
         ("repeats: many\ncases: [{model: m.py:f}]", "repeats must be"),
+        ("settle_s: -1\ncases: [{model: m.py:f}]", "settle_s must be a number of seconds"),
         ("cases: [{model: a.py:f}, {model: b.py:f}]", "listed twice"),
         ("cases: [{model: [", "not valid YAML"),
     ],
@@ -142,6 +143,23 @@ def test_suite_errors(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(SourceError, match=message):
         bench.load_suite(path)
+
+
+def test_settle_waits_for_a_steady_speed():
+    """A function that runs slow for its first calls, then steady: settle returns once steady."""
+    from adapter._timing import settle
+
+    calls = []
+
+    def work():
+        calls.append(1)
+        time.sleep(0.004 if len(calls) < 12 else 0.001)
+
+    outcome = settle(work, max_s=5.0)
+    assert outcome["steady"] and len(calls) >= 12 + 10 and outcome["seconds"] < 5.0, (outcome, len(calls))
+    # calls of 1, 2, 3 ms in turn, one per block: never steady, so it gives up at max_s and says so
+    never = settle(lambda: time.sleep(0.001 * (1 + len(calls) % 3)) or calls.append(1), max_s=0.2, block=1)
+    assert not never["steady"] and never["seconds"] >= 0.2, never
 
 
 def test_feed_resizes_example_inputs():
