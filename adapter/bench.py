@@ -29,9 +29,10 @@ all of them. Measured on this project's 2-core CI host at load average 9-10 (tes
 engine, batch 4096, 10 pairs of runs): the run-to-run change of the same engine spread
 -7.7%..+2.5% with block medians and -0.6%..+0.3% with block p10, while a planted 20%
 slowdown measured +18.6%..+29.5% and +19.8%..+20.3%. The default moved from p10 to the
-minimum after five full-suite runs on a VM with seconds-long slow windows (no foreign
-process): over 10+10 trials each, min missed the planted slowdown 0-1 times and p10
-0-2 times, false positives 0 for both; min was never worse.
+minimum after five runs of those trials (three right after a test that SIGKILLs twenty
+conversions, two inside full test-suite runs) on a VM with seconds-long slow windows and
+no foreign process: over 10+10 trials each, min missed the planted slowdown 0-1 times
+and p10 0-2 times, false positives 0 for both; min was never worse.
 :func:`compare` judges every case of two runs with noise in mind (see
 :func:`adapter._bench_stats.judge`). Runs are results JSON files, pytest-benchmark JSON
 files, or selectors into the SQLite history (``history:latest``, ``history:latest~1``,
