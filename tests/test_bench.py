@@ -313,13 +313,13 @@ def test_compare_trials(mlp_engine, tmp_path, bench_cli, capsys):
     """
     engine, feed = mlp_engine
     runs = [(_run(engine, feed, 5), _run(engine, feed, 5), _run(engine, feed, 6)) for _ in range(10)]
-    counts = {}
+    counts, verdicts = {}, {}
     for statistic in ("p10", "min", "median"):
         same = [bench.compare(_results(a, statistic), _results(b, statistic))[0] for a, b, _ in runs]
         planted = [bench.compare(_results(b, statistic), _results(c, statistic))[0] for _, b, c in runs]
         false_pos = sum(v.verdict in ("regression", "improvement") for v in same)
         false_neg = sum(v.verdict != "regression" for v in planted)
-        counts[statistic] = (false_pos, false_neg)
+        counts[statistic], verdicts[statistic] = (false_pos, false_neg), planted
         effects = [v.change for v in planted]
         lines = [
             f"\n[{statistic}] planted slowdown measured {np.median(effects):+.1%} "
@@ -340,9 +340,17 @@ def test_compare_trials(mlp_engine, tmp_path, bench_cli, capsys):
     # run, which no statistic within a run can tell from a slower engine). The bound allows that.
     false_pos, false_neg = counts["min"]  # the suite default
     assert false_pos <= 1 and false_neg <= 2, counts
-    # the CLI on two of these real runs: exit 3 on the regression, 0 otherwise
-    (tmp_path / "base.json").write_text(json.dumps(_results(runs[0][1])))
-    (tmp_path / "slow.json").write_text(json.dumps(_results(runs[0][2])))
+    # The CLI on these real runs gives the library's verdict and its exit code: 3 for a
+    # regression, 0 otherwise. (Trial 0 is not always a regression: up to two of ten may not be.)
+    for i, v in enumerate(verdicts["min"]):
+        (tmp_path / "base.json").write_text(json.dumps(_results(runs[i][1])))
+        (tmp_path / "slow.json").write_text(json.dumps(_results(runs[i][2])))
+        code, out, err = bench_cli("bench", "compare", tmp_path / "base.json", tmp_path / "slow.json", "--json")
+        assert code == (3 if v.verdict == "regression" else 0), out + err
+        assert json.loads(out)["verdicts"][0]["verdict"] == v.verdict
+    i = next(i for i, v in enumerate(verdicts["min"]) if v.verdict == "regression")
+    (tmp_path / "base.json").write_text(json.dumps(_results(runs[i][1])))
+    (tmp_path / "slow.json").write_text(json.dumps(_results(runs[i][2])))
     code, out, err = bench_cli("bench", "compare", tmp_path / "base.json", tmp_path / "slow.json")
     assert code == 3 and "regression" in out, out + err
     code, out, err = bench_cli("bench", "compare", tmp_path / "base.json", tmp_path / "base.json")
