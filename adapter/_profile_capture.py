@@ -164,7 +164,7 @@ def _ov_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Cal
             for name, (node_type, total_us, ran) in now.items():
                 if not ran:
                     continue
-                micros = max(0.0, total_us - before.get(name, (node_type, 0.0, False))[1])
+                micros = max(0.0, total_us - _total_us(before, name))
                 kernel = kernels.setdefault(name, Kernel(name, node_type))
                 kernel.durations_us.append(micros)
                 kernel.starts_us.append(offset)  # OpenVINO gives no start times: laid out in order
@@ -172,7 +172,7 @@ def _ov_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Cal
             before.update(now)
         for name, kernel in kernels.items():
             # clamped: whole-µs averages of a node that takes ~1 µs can step down between looks
-            kernel.summary_us = max(0.0, before[name][1] - start.get(name, ("", 0.0, False))[1]) / len(totals)
+            kernel.summary_us = max(0.0, _total_us(before, name) - _total_us(start, name)) / len(totals)
         runtime = compiled.get_runtime_model()
     except Exception as exc:
         raise AdapterError(
@@ -194,6 +194,11 @@ def _ov_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Cal
     idle = [n for name, names in fused.items() if name not in executed for n in names]
     note = "OpenVINO reports no start times; the trace lays nodes out in order"
     return Capture(ordered, totals, note=note, idle=idle)
+
+
+def _total_us(totals: dict[str, tuple[str, float, bool]], name: str) -> float:
+    """A node's total µs in an :func:`_ov_totals` look (0 before it first appears)."""
+    return totals[name][1] if name in totals else 0.0
 
 
 def _ov_totals(request, executions: dict[str, int], advance: bool = True) -> dict[str, tuple[str, float, bool]]:
