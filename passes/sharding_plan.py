@@ -59,12 +59,11 @@ __all__ = [
 
 import math
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapter.op_library import node_cost
-from adapter.op_library._schema import tensor_of
+from adapter.passes._sharding_facts import FLOATS, POST, PRE, ModelFacts, analyze, nbytes
 from adapter.profiles import HOST, Profile, list_profiles, load_profile
 
 from adapter.errors import AdapterError, ProfileError
@@ -77,11 +76,7 @@ WORKSPACE_SLACK = 0.10
 """Extra fraction of weights + activations kept free for allocator fragmentation."""
 _WEIGHT_FACTOR = {"fp32": 1.0, "tf32": 1.0, "fp16": 0.5, "bf16": 0.5, "fp8": 0.25, "int8": 0.25, "int4": 0.125}
 _ACT_FACTOR = {"fp32": 1.0, "tf32": 1.0, "fp16": 0.5, "bf16": 0.5, "fp8": 0.5, "int8": 0.5, "int4": 0.5}
-_FLOATS = {"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"}
-_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization"}
-_PRE, _POST = -1, 1 << 30
 _CLUSTER = re.compile(r"^\s*(\d+)\s*[xX]\s*(\S+)\s*$")
-_LAYER = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
 # --------------------------------------------------------------------------- cluster
@@ -139,218 +134,6 @@ def parse_cluster(spec: str) -> Cluster:
     return Cluster(spec.strip(), count, profile, shared=name == HOST and count > 1)
 
 
-# --------------------------------------------------------------------------- graph facts
-
-
-@dataclass
-class ModelFacts:
-    """What the planner knows about a graph (sizes in bytes at the graph's own dtypes)."""
-
-    layers: list[str]
-    """Module path of each transformer block, in order."""
-    heads: int
-    hidden: int
-    heads_source: str
-    """Where ``heads`` came from: ``graph``, ``argument`` or ``heuristic``."""
-    vocab: int | None
-    embedding_bytes: int
-    """The vocabulary table (split by vocabulary when tp > 1)."""
-    lm_head: bool
-    weight_bytes: int
-    layer_weight_bytes: list[int]
-    unknown_ops: list[str]
-    nodes: list[Any] = field(repr=False, default_factory=list)
-    part: list[int] = field(repr=False, default_factory=list)
-    """Per node: block index, or _PRE / _POST."""
-    split: list[bool] = field(repr=False, default_factory=list)
-    reduce_after: list[bool] = field(repr=False, default_factory=list)
-    """Per node: row-parallel (or vocabulary embedding): all-reduce of its output when tp > 1."""
-    gather_after: list[bool] = field(repr=False, default_factory=list)
-    weights: list[tuple[int, int, bool, bool]] = field(repr=False, default_factory=list)
-    """(node index of first use, bytes, split by tp, floating) per initializer."""
-    weight_inputs: list[int] = field(repr=False, default_factory=list)
-    """Per node: bytes of its initializer inputs (fp32 as stored)."""
-    sharded_values: set[int] = field(repr=False, default_factory=set)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "layers": len(self.layers),
-            "layer_paths": [self.layers[0], self.layers[-1]] if self.layers else [],
-            "heads": self.heads,
-            "heads_source": self.heads_source,
-            "hidden": self.hidden,
-            "vocab": self.vocab,
-            "embedding_bytes": self.embedding_bytes,
-            "lm_head": self.lm_head,
-            "weight_bytes": self.weight_bytes,
-            "unknown_ops": self.unknown_ops,
-        }
-
-
-def _const(value: Any) -> bool:
-    return value is not None and (value.is_initializer() or value.const_value is not None)
-
-
-def _nbytes(value: Any, sizes: dict[str, int] | None = None) -> int:
-    tensor = tensor_of(value, sizes or {})
-    return tensor.nbytes if tensor is not None else 0
-
-
-def _block_of(path: str) -> tuple[str, int] | None:
-    match = _LAYER.match(path)
-    return (match.group(1), int(match.group(2))) if match else None
-
-
-def _weight_producer(value: Any) -> Any:
-    """The Transpose/Cast that turns a constant into this value (a tied or unfolded weight), else None."""
-    node = value.producer() if value is not None else None
-    if node is not None and node.op_type in ("Transpose", "Cast") and _const(node.inputs[0]):
-        return node
-    return None
-
-
-def _is_weight_matmul(node: Any) -> bool:
-    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
-        return False
-    weight = node.inputs[1]
-    if not (_const(weight) or _weight_producer(weight) is not None):
-        return False
-    return weight.shape is not None and len(weight.shape) == 2
-
-
-def analyze(model: Any, heads: int | None = None) -> ModelFacts:
-    """Read blocks, heads, hidden size, vocabulary and weights from a canonical onnx-ir model."""
-    nodes = list(model.graph)
-    paths = [node.metadata_props.get("adapter.module", "") for node in nodes]
-    blocks = [_block_of(p) for p in paths]
-    counts: dict[str, set[int]] = {}
-    for block in filter(None, blocks):
-        counts.setdefault(block[0], set()).add(block[1])
-    container = max(counts, key=lambda k: (len(counts[k]), -len(k)), default=None)
-    indices = sorted(counts.get(container, ()))
-    layers = [f"{container}.{i}" for i in indices]
-    rank = {i: n for n, i in enumerate(indices)}
-    part = [rank[b[1]] if b and b[0] == container else None for b in blocks]
-    first = next((i for i, p in enumerate(part) if p is not None), len(nodes))
-    last = max((i for i, p in enumerate(part) if p is not None), default=-1)
-    current = _PRE
-    for i in range(len(nodes)):  # nodes without a block: before the first, after the last, or the block before
-        if part[i] is None:
-            part[i] = _PRE if i < first else _POST if i > last else current
-        current = part[i]
-    if not layers:  # no block structure (a graph without module metadata): one block, pp = 1 only
-        layers, part = ["<graph>"], [0] * len(nodes)
-
-    inits: dict[int, tuple[int, int, bool]] = {}  # id(value) -> (first user, bytes, floating)
-    weight_inputs = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        for value in node.inputs:
-            if _const(value):
-                weight_inputs[i] += _nbytes(value)
-                if id(value) not in inits:
-                    floating = getattr(value.dtype, "name", "") in _FLOATS
-                    inits[id(value)] = (i, _nbytes(value), floating)
-
-    # embedding table: the largest 2-D constant a Gather in the embedding part reads
-    embed_node, embed_bytes, vocab, hidden = None, 0, None, 0
-    for i, node in enumerate(nodes):
-        if part[i] == _PRE and node.op_type == "Gather" and _const(node.inputs[0]):
-            shape = node.inputs[0].shape
-            if shape is not None and len(shape) == 2 and _nbytes(node.inputs[0]) > embed_bytes:
-                embed_node, embed_bytes, vocab, hidden = i, _nbytes(node.inputs[0]), int(shape[0]), int(shape[1])
-
-    split = [False] * len(nodes)
-    reduce_after = [False] * len(nodes)
-    gather_after = [False] * len(nodes)
-    sharded: set[int] = set()
-    position = {id(n): i for i, n in enumerate(nodes)}
-
-    def split_weight(node: Any) -> None:
-        producer = _weight_producer(node.inputs[1])
-        if producer is not None and id(producer) in position:  # the weight's Transpose is split with it
-            split[position[id(producer)]] = True
-            sharded.update(id(v) for v in producer.outputs)
-
-    for i, node in enumerate(nodes):
-        if part[i] in (_PRE, _POST):
-            continue
-        fed_sharded = any(v is not None and id(v) in sharded for v in node.inputs if _weight_producer(v) is None)
-        if _is_weight_matmul(node):
-            split[i] = True
-            split_weight(node)
-            if fed_sharded:
-                reduce_after[i] = True  # row-parallel: partial sums, all-reduced
-            else:
-                sharded.update(id(v) for v in node.outputs)  # column-parallel
-            if not hidden:
-                hidden = int(node.inputs[1].shape[0])
-        elif fed_sharded and node.op_type not in _NORMS:
-            split[i] = True
-            sharded.update(id(v) for v in node.outputs)
-    lm_head = False
-    if vocab is not None:
-        split[embed_node] = reduce_after[embed_node] = True
-        for i, node in enumerate(nodes):
-            if part[i] == _POST and _is_weight_matmul(node) and vocab in tuple(node.inputs[1].shape):
-                split[i] = gather_after[i] = lm_head = True
-                split_weight(node)
-                sharded.update(id(v) for v in node.outputs)
-
-    heads_source = "argument"
-    if heads is None:
-        heads, heads_source = _heads_from_graph(nodes, part, hidden), "graph"
-        if heads is None:
-            heads, heads_source = max(1, hidden // 64) if hidden % 64 == 0 else 1, "heuristic"
-    weights = [(i, size, split[i], floating) for i, size, floating in inits.values()]
-    layer_weights = [0] * len(layers)
-    for i, size, _, _ in weights:
-        if part[i] not in (_PRE, _POST):
-            layer_weights[part[i]] += size
-    unknown = set()
-    for node in nodes:
-        try:
-            node_cost(node, {})
-        except KeyError as exc:
-            unknown.add(str(exc.args[0]))
-        except Exception:  # noqa: BLE001 - shapes are resolved later, only unknown ops matter here
-            pass
-    return ModelFacts(
-        layers=layers,
-        heads=int(heads),
-        hidden=hidden,
-        heads_source=heads_source,
-        vocab=vocab,
-        embedding_bytes=embed_bytes,
-        lm_head=lm_head,
-        weight_bytes=sum(w[1] for w in weights),
-        layer_weight_bytes=layer_weights,
-        unknown_ops=sorted(unknown),
-        nodes=nodes,
-        part=part,
-        split=split,
-        reduce_after=reduce_after,
-        gather_after=gather_after,
-        weights=weights,
-        weight_inputs=weight_inputs,
-        sharded_values=sharded,
-    )
-
-
-def _heads_from_graph(nodes: list[Any], part: list[int], hidden: int) -> int | None:
-    """Heads from a block's Reshape to (batch, seq, heads, head_dim) with heads * head_dim == hidden."""
-    found: Counter = Counter()
-    for i, node in enumerate(nodes):
-        if node.op_type != "Reshape" or part[i] in (_PRE, _POST) or node.outputs[0].shape is None:
-            continue
-        shape = node.outputs[0].shape
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
-            continue
-        h, d = int(shape[2]), int(shape[3])
-        if h * d == hidden and h > 0:
-            found[h] += 1
-    return found.most_common(1)[0][0] if found else None
-
-
 # --------------------------------------------------------------------------- cost tables
 
 
@@ -396,7 +179,7 @@ def _table(model: Any, facts: ModelFacts, cluster: Cluster, precision: str, batc
         flops[i] = float(cost.flops or 0)
         time[i] = max(flops[i] / peak, max(moved, 0.0) / bandwidth)
         if facts.reduce_after[i] or facts.gather_after[i]:
-            message[i] = sum(_nbytes(v, sizes) for v in node.outputs if v is not None) * act
+            message[i] = sum(nbytes(v, sizes) for v in node.outputs if v is not None) * act
     position = {id(n): i for i, n in enumerate(nodes)}
     outputs = {id(v) for v in model.graph.outputs}
     produced: list[tuple[int, int, float]] = []
@@ -406,7 +189,7 @@ def _table(model: Any, facts: ModelFacts, cluster: Cluster, precision: str, batc
     for producer, value in values:
         users = [position[id(u.node)] for u in value.uses() if id(u.node) in position]
         last = count if id(value) in outputs else max(users, default=max(producer, 0))
-        size = _nbytes(value, sizes) * (act if getattr(value.dtype, "name", "") in _FLOATS else 1.0)
+        size = nbytes(value, sizes) * (act if getattr(value.dtype, "name", "") in FLOATS else 1.0)
         produced.append((producer, last, size))
         delta = delta_split if id(value) in facts.sharded_values else delta_repl
         delta[max(producer, 0)] += size
@@ -476,7 +259,7 @@ def _all_gather(bytes_: float, tp: int, cluster: Cluster) -> float:
 
 
 def _part_costs(facts: ModelFacts, table: _Table, tp: int, cluster: Cluster) -> dict[int, list[float]]:
-    """Per part (block index, _PRE, _POST): [compute seconds, collective seconds, flops] on one rank."""
+    """Per part (block index, PRE, POST): [compute seconds, collective seconds, flops] on one rank."""
     costs: dict[int, list[float]] = {}
     for i, part in enumerate(facts.part):
         entry = costs.setdefault(part, [0.0, 0.0, 0.0])
@@ -521,7 +304,7 @@ def _evaluate(
 ) -> Candidate:
     costs = _part_costs(facts, table, tp, cluster)
     layer_cost = [sum(costs.get(i, [0.0, 0.0])[:2]) for i in range(len(facts.layers))]
-    pre, post = sum(costs.get(_PRE, [0.0, 0.0])[:2]), sum(costs.get(_POST, [0.0, 0.0])[:2])
+    pre, post = sum(costs.get(PRE, [0.0, 0.0])[:2]), sum(costs.get(POST, [0.0, 0.0])[:2])
     ranges = _balance(layer_cost, pre, post, pp)
     stage_of_layer = {layer: s for s, (a, b) in enumerate(ranges) for layer in range(a, b)}
     count = len(facts.nodes)
@@ -532,7 +315,7 @@ def _evaluate(
         if i >= count:
             return pp - 1
         part = facts.part[i]
-        return 0 if part == _PRE else pp - 1 if part == _POST else stage_of_layer[part]
+        return 0 if part == PRE else pp - 1 if part == POST else stage_of_layer[part]
 
     node_stage = [stage_of_node(i) for i in range(count)]
     cuts = [0.0] * pp
@@ -549,7 +332,7 @@ def _evaluate(
     bandwidth = cluster.profile.interconnect.bandwidth
     stages, steps = [], []
     for s, (a, b) in enumerate(ranges):
-        parts = [*range(a, b), *([_PRE] if s == 0 else []), *([_POST] if s == pp - 1 else [])]
+        parts = [*range(a, b), *([PRE] if s == 0 else []), *([POST] if s == pp - 1 else [])]
         compute = sum(costs.get(p, [0.0])[0] for p in parts)
         comm = sum(costs.get(p, [0.0, 0.0])[1] for p in parts)
         send = cluster.alpha + cuts[s] / bandwidth if s < pp - 1 else 0.0
@@ -744,7 +527,7 @@ def plan_sharding(
     full = table(batch)
     per_layer = [[0.0, 0.0] for _ in facts.layers]
     for i, part in enumerate(facts.part):
-        if part not in (_PRE, _POST):
+        if part not in (PRE, POST):
             per_layer[part][0] += full.flops[i]
             per_layer[part][1] += full.time[i]
     model_info = facts.summary() | {
