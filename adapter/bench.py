@@ -7,6 +7,7 @@ A suite (YAML) lists models × targets × precisions × batch sizes::
     iterations: 15
     warmup: 3           # calls before each block of iterations
     settle_s: 10        # first run each case until its speed is steady, at most this long
+    guard_s: 30         # re-time blocks the machine probe saw in a slow window, for at most this long
     statistic: min      # a sample is this percentile of its block: min (default), p10, p25, median
     cases:
       - model: adapter.zoo:minilm
@@ -51,7 +52,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ import numpy as np
 
 from adapter._bench_history import History, default_history_path
 from adapter._bench_stats import Verdict, judge, mad, robust_rsd
+from adapter._bench_suite import STATISTICS, Case, Suite, load_suite
 from adapter._timing import settle
 from adapter.errors import AdapterError, SourceError
 
@@ -79,172 +80,7 @@ __all__ = [
 ]
 
 FORMAT = "adapter-bench/1"
-STATISTICS = {"median": 50.0, "p25": 25.0, "p10": 10.0, "min": 0.0}
-"""What one sample is, per block of iterations: a percentile of the block's call times."""
-_SUITE_KEYS = {
-    "name",
-    "repeats",
-    "iterations",
-    "warmup",
-    "settle_s",
-    "statistic",
-    "backend",
-    "threads",
-    "seq",
-    "cases",
-}
-_CASE_KEYS = {
-    "model",
-    "name",
-    "targets",
-    "precisions",
-    "batch_sizes",
-    "seq",
-    "backend",
-    "threads",
-    "dynamic",
-    "inputs",
-}
 _KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "sve", "i8mm")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One timed engine: a model on a target at a precision, batch size and sequence length."""
-
-    name: str
-    model: str
-    target: str = "host"
-    precision: str = "fp32"
-    batch: int = 1
-    seq: int | None = None
-    backend: str | None = None
-    threads: int = 0
-    dynamic: tuple[str, ...] = ()
-    inputs: str | None = None
-    """An .npz feed to resize to batch/seq instead of the source's example inputs."""
-
-
-@dataclass
-class Suite:
-    """A parsed suite file."""
-
-    name: str
-    path: Path
-    cases: list[Case]
-    repeats: int = 5
-    iterations: int = 20
-    warmup: int = 3
-    settle_s: float = 10.0
-    statistic: str = "min"
-    digest: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _positive(value: Any, what: str, where: str, zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero else 1):
-        raise SourceError(f"{where}: {what} must be a {'non-negative' if zero else 'positive'} integer, not {value!r}.")
-    return value
-
-
-def _seconds(value: Any, what: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 600:
-        raise SourceError(f"{where}: {what} must be a number of seconds from 0 to 600, not {value!r}.")
-    return float(value)
-
-
-def _str_list(value: Any, what: str, where: str) -> list[str]:
-    items = [value] if isinstance(value, (str, int)) else value
-    if not isinstance(items, list) or not items or not all(isinstance(v, (str, int)) for v in items):
-        raise SourceError(f"{where}: {what} must be a name or a non-empty list of them, not {value!r}.")
-    return [str(v) for v in items]
-
-
-def _model_label(model: str) -> str:
-    return model.rstrip("/").rpartition(":")[2] if ":" in model else Path(model.rstrip("/")).stem
-
-
-def load_suite(path: Path | str, threads: int | None = None) -> Suite:
-    """Read and check a suite file; ``threads`` overrides every case's thread count.
-
-    Raises:
-        SourceError: The file is missing, not YAML, or does not follow the schema.
-    """
-    path = Path(path)
-    try:
-        import yaml
-    except ImportError as exc:
-        raise AdapterError("Reading a bench suite needs PyYAML.", "Install it: pip install pyyaml.") from exc
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SourceError(f"Cannot read the bench suite '{path}': {exc.strerror or exc}.") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SourceError(f"The bench suite '{path}' is not valid YAML: {exc}".rstrip(".") + ".") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
-        raise SourceError(f"The bench suite '{path}' needs a mapping with a non-empty 'cases' list.")
-    unknown = sorted(set(data) - _SUITE_KEYS)
-    if unknown:
-        raise SourceError(
-            f"The bench suite '{path}' has unknown keys: {', '.join(unknown)}.", f"Known: {sorted(_SUITE_KEYS)}."
-        )
-    where = str(path)
-    suite = Suite(
-        name=str(data.get("name") or path.stem),
-        path=path,
-        cases=[],
-        repeats=_positive(data.get("repeats", 5), "repeats", where),
-        iterations=_positive(data.get("iterations", 20), "iterations", where),
-        warmup=_positive(data.get("warmup", 3), "warmup", where, zero=True),
-        settle_s=_seconds(data.get("settle_s", 10), "settle_s", where),
-        statistic=str(data.get("statistic", "min")),
-        digest=hashlib.sha256(text.encode()).hexdigest()[:16],
-    )
-    if suite.statistic not in STATISTICS:
-        raise SourceError(f"{where}: statistic must be one of {', '.join(STATISTICS)}, not {suite.statistic!r}.")
-    names: set[str] = set()
-    for index, entry in enumerate(data["cases"]):
-        at = f"{path}, case {index + 1}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-            raise SourceError(f"{at}: each case needs a 'model' (a factory, Hugging Face folder, .pt2 or .onnx).")
-        unknown = sorted(set(entry) - _CASE_KEYS)
-        if unknown:
-            raise SourceError(f"{at}: unknown keys {', '.join(unknown)}.", f"Known: {sorted(_CASE_KEYS)}.")
-        merged = {k: data[k] for k in ("backend", "threads", "seq") if k in data} | entry
-        seq = merged.get("seq")
-        seq = None if seq is None else _positive(seq, "seq", at)
-        case_threads = _positive(merged.get("threads", 0), "threads", at, zero=True) if threads is None else threads
-        batches = merged.get("batch_sizes", [1])
-        batches = [batches] if isinstance(batches, int) else batches
-        if not isinstance(batches, list) or not batches:
-            raise SourceError(f"{at}: batch_sizes must be a positive integer or a list of them.")
-        dynamic = _str_list(merged["dynamic"], "dynamic", at) if merged.get("dynamic") else []
-        label = str(merged.get("name") or _model_label(merged["model"]))
-        for target in _str_list(merged.get("targets", ["host"]), "targets", at):
-            for precision in _str_list(merged.get("precisions", ["fp32"]), "precisions", at):
-                for batch in batches:
-                    batch = _positive(batch, "each batch size", at)
-                    name = f"{label} {target} {precision} b{batch}" + (f" s{seq}" if seq else "")
-                    if name in names:
-                        raise SourceError(f"{at}: case '{name}' is listed twice.", "Give one of them a 'name'.")
-                    names.add(name)
-                    suite.cases.append(
-                        Case(
-                            name,
-                            merged["model"],
-                            target,
-                            precision,
-                            batch,
-                            seq,
-                            merged.get("backend"),
-                            case_threads,
-                            tuple(dynamic),
-                            merged.get("inputs"),
-                        )
-                    )
-    return suite
 
 
 def _git_commit() -> dict[str, Any] | None:
@@ -301,14 +137,27 @@ def _load_average() -> float | None:
 
 
 def load_warnings(run: dict[str, Any], label: str) -> list[str]:
-    """A warning when the run's machine was busy: a load average above its core count means
-    other processes competed for the CPU while it was timed."""
+    """Warnings when the run's machine was busy: a load average above its core count means
+    other processes competed for the CPU while it was timed; blocks the machine guard had to
+    keep in a slow window (its budget spent) may be inflated."""
+    warnings = []
     load = run.get("load_average") or {}
     cores = (run.get("fingerprint") or {}).get("cores") or 0
     busiest = max((v for v in (load.get("before"), load.get("after")) if v is not None), default=None)
-    if busiest is None or not cores or busiest <= cores:
-        return []
-    return [f"the {label} ran at load average {busiest:g} on {cores} cores: other processes competed for the CPU"]
+    if busiest is not None and cores and busiest > cores:
+        warnings.append(
+            f"the {label} ran at load average {busiest:g} on {cores} cores: other processes competed for the CPU"
+        )
+    unclean = sum(int((case.get("guard") or {}).get("unclean_blocks", 0)) for case in run.get("cases", []))
+    if unclean:
+        budget = (run.get("guard") or {}).get("budget_s")
+        warnings.append(
+            f"{unclean} block(s) of the {label} were kept although the machine probe ran slow around them "
+            f"(the guard's {budget:g} s for re-timing ran out)"
+            if budget is not None
+            else f"{unclean} block(s) of the {label} were kept although the machine probe ran slow around them"
+        )
+    return warnings
 
 
 def _example_inputs(case: Case, dynamic: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -440,6 +289,8 @@ def time_cases(
     progress: Callable[[str], None] | None = None,
     settle_s: float = 0.0,
     settled: dict[str, dict[str, object]] | None = None,
+    guard_s: float = 0.0,
+    guarded: dict[str, Any] | None = None,
 ) -> dict[str, list[list[float]]]:
     """Call times (ms) per case: ``repeats`` blocks of ``iterations`` calls each.
 
@@ -448,6 +299,13 @@ def time_cases(
     — but every call time is kept, so a sample can be a low percentile of its block.
     First, with ``settle_s``, each case runs until its speed is steady (at most that long;
     ``adapter._timing.settle``), and what it took goes into ``settled``.
+
+    With ``guard_s``, the machine probe (:mod:`adapter._machine_probe`) is timed before the
+    first block and after every block; a block with a probe on either side above the
+    machine's clean level is timed again, until ``guard_s`` seconds have gone into such
+    blocks (after that, blocks are kept as they come and counted as unclean). What the
+    guard did goes into ``guarded``: the probe, its level, seconds spent, and per case the
+    probe after each kept block and the counts of re-timed and unclean blocks.
     """
     names = list(runs)
     blocks: dict[str, list[list[float]]] = {name: [] for name in names}
@@ -457,20 +315,45 @@ def time_cases(
         outcome = settle(runs[name], settle_s)
         if settled is not None:
             settled[name] = outcome
+    probe = None
+    if guard_s > 0:
+        from adapter import _machine_probe
+
+        probe = _machine_probe.MachineProbe()
+        probe.calibrate()
+        before = probe.sample()
+        guard: dict[str, Any] = {"probe": _machine_probe.KIND, "tolerance": probe.tolerance, "budget_s": guard_s}
+        guard["cases"] = {name: {"probe_ms": [], "retimed_blocks": 0, "unclean_blocks": 0} for name in names}
+        spent = 0.0
     for repeat in range(repeats):
         if progress:
             progress(f"timing: repeat {repeat + 1}/{repeats}")
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
             run = runs[name]
-            for _ in range(warmup):
-                run()
-            times = []
-            for _ in range(iterations):
-                start = time.perf_counter()
-                run()
-                times.append((time.perf_counter() - start) * 1e3)
+            while True:
+                started = time.perf_counter()
+                for _ in range(warmup):
+                    run()
+                times = []
+                for _ in range(iterations):
+                    start = time.perf_counter()
+                    run()
+                    times.append((time.perf_counter() - start) * 1e3)
+                if probe is None:
+                    break
+                after = probe.sample()
+                record = guard["cases"][name]
+                clean, before = probe.clean(before, after), after
+                if clean or spent >= guard_s:
+                    record["probe_ms"].append(round(after, 4))
+                    record["unclean_blocks"] += not clean
+                    break
+                record["retimed_blocks"] += 1
+                spent += time.perf_counter() - started
             blocks[name].append(times)
+    if probe is not None and guarded is not None:
+        guarded.update(guard, level_ms=round(probe.level_ms, 4), spent_s=round(spent, 3))
     return blocks
 
 
@@ -523,7 +406,10 @@ def run_suite(
     for case in suite.cases:
         runs[case.name], infos[case.name] = _prepare(case, say, examples)
     settled: dict[str, dict[str, object]] = {}
-    blocks = time_cases(runs, suite.repeats, suite.iterations, suite.warmup, say, suite.settle_s, settled)
+    guarded: dict[str, Any] = {}
+    blocks = time_cases(
+        runs, suite.repeats, suite.iterations, suite.warmup, say, suite.settle_s, settled, suite.guard_s, guarded
+    )
     created = _dt.datetime.now(_dt.UTC)
     results = {
         "format": FORMAT,
@@ -537,10 +423,12 @@ def run_suite(
             "iterations": suite.iterations,
             "warmup": suite.warmup,
             "settle_s": suite.settle_s,
+            "guard_s": suite.guard_s,
             "statistic": suite.statistic,
         },
         "fingerprint": fingerprint(),
         "load_average": {"before": load_before, "after": _load_average()},
+        "guard": {k: v for k, v in guarded.items() if k != "cases"} or None,
         "argv": sys.argv[1:],
         "cases": [],
     }
@@ -558,6 +446,8 @@ def run_suite(
         }
         if case.name in settled:
             record["settled"] = settled[case.name]
+        if guarded:
+            record["guard"] = guarded["cases"][case.name]
         samples = block_samples(blocks[case.name], suite.statistic)
         results["cases"].append(summarise(record, samples, case.batch, blocks[case.name]))
     if history is not None:
