@@ -68,9 +68,11 @@ def bench() -> None:
 def run_cmd(suite, output, history, no_history, threads, as_json):
     """Convert and time every case of SUITE (YAML); print and save the results.
 
-    Each case is timed `repeats` times, each sample the median of `iterations` calls,
-    all cases in rotating blocks. The results carry the raw samples and a fingerprint of
-    the machine.
+    Each case is timed in `repeats` blocks of `iterations` calls, all cases in rotating
+    blocks; a sample is the fastest call of its block by default (`statistic`). A probe
+    timed between blocks has blocks caught in one of the machine's slow windows timed
+    again (for at most `guard_s` seconds). The results carry the raw calls, the samples
+    and a fingerprint of the machine.
     """
     from adapter.bench import default_history_path, run_suite
 
@@ -103,6 +105,15 @@ def run_cmd(suite, output, history, no_history, threads, as_json):
         f"machine {fp['machine_id']}: {escape(str(fp['cpu']))}, {fp['cores']} cores, "
         f"{fp['memory_bytes'] / 2**30:.1f} GiB, {escape(fp['os'])}"
     )
+    guard = results.get("guard")
+    if guard:
+        counts = [case.get("guard", {}) for case in results["cases"]]
+        retimed = sum(c.get("retimed_blocks", 0) for c in counts)
+        unclean = sum(c.get("unclean_blocks", 0) for c in counts)
+        out.print(
+            f"machine guard: {retimed} block(s) timed again in {guard['spent_s']:g} s "
+            f"(probe level {guard['level_ms']:.3f} ms); {unclean} kept although slow"
+        )
     if output:
         out.print(f"results: {escape(str(output))}")
     if db:

@@ -269,7 +269,9 @@ def test_run_suite_history_and_cli(tmp_path, bench_cli, mlp_engine):
     # `adapter bench SUITE.yaml` is `adapter bench run SUITE.yaml`
     code, out, err = bench_cli("bench", suite, "--history", db, "-o", tmp_path / "second.json")
     assert code == 0, err
-    assert "mlp host fp32 b4096" in out and bench.History(db).count() == 4
+    assert "mlp host fp32 b4096" in out and bench.History(db).count() == 4 and "machine guard: " in out
+    assert results["guard"]["level_ms"] > 0 and results["settings"]["guard_s"] == 30
+    assert [len(c["guard"]["probe_ms"]) for c in results["cases"]] == [7, 7]
     code, out, err = bench_cli("bench", "compare", "history:latest~1", "history:latest", "--history", db, "--json")
     assert code in (0, 3), err
     data = json.loads(out)
