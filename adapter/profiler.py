@@ -56,6 +56,12 @@ _PRECISION_PEAK = {"int8-dynamic": "int8", "int4-weight": "int8", "auto": "fp32"
 # ----------------------------------------------------------------------------- mapping and costs
 
 
+VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+"""ONNX ops whose output is their input seen with another shape: ONNX Runtime and OpenVINO
+alias it, so no bytes are charged for them (OpenVINO's Reshape kernels and the Convert that
+gap filling handed the shape subgraph read up to 87x the memory bandwidth when they were)."""
+
+
 class _Graph:
     """The artifact's ONNX graph: nodes by name, producers, topological positions, costs."""
 
@@ -72,18 +78,21 @@ class _Graph:
         from adapter.op_library import node_cost
         from adapter.op_library._schema import tensor_of
 
-        nodes = [self.by_name[n] for n in names if n in self.by_name]
-        if not nodes:
+        every = [self.by_name[n] for n in names if n in self.by_name]
+        if not every:
             return None, None
         flops, known, summed_bytes = 0, False, 0
-        for node in nodes:
+        for node in every:
             try:
                 cost = node_cost(node, self.sizes)
             except KeyError:
                 continue
             known = True
             flops += cost.flops or 0
-            summed_bytes += cost.bytes or 0
+            summed_bytes += (cost.bytes or 0) if node.op_type not in VIEW_OPS else 0
+        nodes = [n for n in every if n.op_type not in VIEW_OPS]
+        if not nodes:  # only views: the engines alias them, no data moves
+            return (flops if known else None), (0 if known else None)
         inside = {id(n) for n in nodes}
         crossing: dict[str, Any] = {}
         for node in nodes:
@@ -182,7 +191,8 @@ def _claim_matmuls(capture: _Capture, graph: _Graph) -> None:
                 break
     # Matrix products still unclaimed (attention's Q·Kᵀ inside a Subgraph that names only
     # some of its nodes) go to a compute kernel of the same module, not to whatever
-    # backend node happens to sit in the gap around them.
+    # backend node happens to sit in the gap around them; so do the transposes of Q and K
+    # the Subgraph fused (given to a Convert, 1.5 MB each made it read 119x the bandwidth).
     from adapter.backends.base import module_of
 
     by_module: dict[str, _Kernel] = {}
@@ -192,7 +202,7 @@ def _claim_matmuls(capture: _Capture, graph: _Graph) -> None:
                 if name in graph.by_name:
                     by_module.setdefault(module_of(graph.by_name[name]), kernel)
     for node in graph.nodes:
-        if node.op_type in ("MatMul", "Gemm") and node.name and node.name not in claimed:
+        if node.op_type in ("MatMul", "Gemm", "Transpose") and node.name and node.name not in claimed:
             host = by_module.get(module_of(node))
             if host is not None:
                 host.claims = [*host.claims, node.name]

@@ -55,6 +55,10 @@ class Tensor:
         return math.ceil(self.numel * _ITEMSIZE.get(self.dtype, 4))
 
 
+SELECTING_OPS = frozenset({"Gather", "GatherElements", "GatherND", "Slice"})
+"""Ops that read only the part of their first input they return."""
+
+
 @dataclass(frozen=True)
 class OpEntry:
     """One ONNX op: its cost formulas, allowed precisions and where its definition lives."""
@@ -78,8 +82,14 @@ class OpEntry:
         return f"{self.domain}::{self.op_type}" if self.domain else self.op_type
 
     def bytes(self, inputs: list[Tensor | None], outputs: list[Tensor | None]) -> int:
-        """Bytes moved: every input (weights included) read once, every output written once."""
-        return sum(t.nbytes for t in (*inputs, *outputs) if t is not None)
+        """Bytes moved: every input (weights included) read once, every output written once,
+        except that ops selecting part of their data (Gather, Slice, ...) read no more of it
+        than they write: an embedding lookup reads the rows it gathers, not the table."""
+        moved = sum(t.nbytes for t in (*inputs, *outputs) if t is not None)
+        if self.op_type in SELECTING_OPS and inputs and inputs[0] is not None:
+            written = sum(t.nbytes for t in outputs if t is not None)
+            moved -= max(0, inputs[0].nbytes - written)
+        return moved
 
 
 @dataclass(frozen=True)

@@ -99,13 +99,22 @@ def _choice(model, target, **kw):
     return plan.tp, plan.pp
 
 
+def _tp_over_pp(model, target, **kw) -> float:
+    """Estimated latency of pure tensor parallelism over that of a pure pipeline."""
+    times = {(c.tp, c.pp): c.total_ms for c in plan_sharding(model, target, **kw).candidates}
+    devices = int(target.partition("x")[0])
+    return times[(devices, 1)] / times[(1, devices)]
+
+
 def test_slow_link_gets_less_tensor_parallelism_minilm(minilm):
-    nvlink = _choice(minilm, "2xnvidia-a100", batch=8, seq=128)
-    pcie = _choice(minilm, "2xnvidia-a100-pcie", batch=8, seq=128)
-    assert nvlink == (2, 1) and pcie == (1, 2)
-    # 8 devices over NVLink still use tensor parallelism; over PCIe, 4 devices are a pure pipeline
-    eight = _choice(minilm, "8xnvidia-a100", batch=8, seq=128)
-    assert eight[0] > 1
+    # 2 devices: over PCIe tensor parallelism costs 1.5x the pipeline; over NVLink they are
+    # within a few percent (MiniLM is small: 4 all-reduces of 0.4 MB per layer at batch 8)
+    nvlink = _tp_over_pp(minilm, "2xnvidia-a100", batch=8, seq=128)
+    pcie = _tp_over_pp(minilm, "2xnvidia-a100-pcie", batch=8, seq=128)
+    assert nvlink < 1.05 and pcie > 1.3, (nvlink, pcie)
+    assert _choice(minilm, "2xnvidia-a100-pcie", batch=8, seq=128) == (1, 2)
+    # 4 and 8 devices over NVLink use tensor parallelism; over PCIe, 4 devices are a pure pipeline
+    assert _choice(minilm, "8xnvidia-a100", batch=8, seq=128)[0] > 1
     assert _choice(minilm, "4xnvidia-a100-pcie", batch=8, seq=128) == (1, 4)
     assert _choice(minilm, "4xnvidia-a100", batch=8, seq=128)[0] > 1
 
