@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from adapter.errors import AdapterError
 
 
@@ -218,17 +216,13 @@ def _ov_totals(request, executions: dict[str, int], advance: bool = True) -> dic
 
 
 def _tvm_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> Capture:
-    import tvm
-
     if not engine.runs_here:
         raise AdapterError(
             f"This TVM engine is built for {engine.config['target']}, which is not this machine, so it cannot be profiled here.",
             "Profile it on such a machine, or profile an llvm build for this CPU.",
         )
-    if engine._vm is None:
-        engine._load()
-    vm, device = engine._vm, engine._device
-    args = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), device) for n in engine.config["input_order"]]
+    args = engine.vm_args(feed)
+    vm = engine._vm
     calls: list[tuple[str, float, float, list]] = []
     stack: list[float] = []
 

@@ -81,18 +81,18 @@ class _Graph:
         every = [self.by_name[n] for n in names if n in self.by_name]
         if not every:
             return None, None
-        flops, known, summed_bytes = 0, False, 0
-        for node in every:
+        nodes = [n for n in every if n.op_type not in VIEW_OPS]
+        if not nodes:  # only views: the engines alias them, nothing is computed or moved
+            return 0, 0
+        flops, known, summed_bytes = 0, len(nodes) < len(every), 0  # views: known, 0 FLOPs
+        for node in nodes:
             try:
                 cost = node_cost(node, self.sizes)
             except KeyError:
                 continue
             known = True
             flops += cost.flops or 0
-            summed_bytes += (cost.bytes or 0) if node.op_type not in VIEW_OPS else 0
-        nodes = [n for n in every if n.op_type not in VIEW_OPS]
-        if not nodes:  # only views: the engines alias them, no data moves
-            return (flops if known else None), (0 if known else None)
+            summed_bytes += cost.bytes or 0
         inside = {id(n) for n in nodes}
         crossing: dict[str, Any] = {}
         for node in nodes:

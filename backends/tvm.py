@@ -515,13 +515,7 @@ class Engine(EngineBase):
                 f"This TVM engine is built for {self.config['target']}, which is not this machine.",
                 "Copy the artifact to such a machine, or run the stand-in built for this CPU (Engine.stand_in()).",
             )
-        import tvm
-
-        if self._vm is None:
-            self._load()
-        args = [
-            tvm.runtime.tensor(np.ascontiguousarray(feed[name]), self._device) for name in self.config["input_order"]
-        ]
+        args = self.vm_args(feed)
         try:
             result = self._vm["main"](*args)
         except Exception as exc:
@@ -530,6 +524,14 @@ class Engine(EngineBase):
             ) from exc
         values = list(result) if not hasattr(result, "numpy") else [result]
         return {spec.name: value.numpy() for spec, value in zip(self.outputs, values)}
+
+    def vm_args(self, feed: dict[str, np.ndarray]) -> list:
+        """The feed as the Relax VM's arguments on the engine's device (the VM loaded first)."""
+        import tvm
+
+        if self._vm is None:
+            self._load()
+        return [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), self._device) for n in self.config["input_order"]]
 
     def stand_in(self) -> tuple[EngineBase, str] | None:
         """The same ONNX graph built by TVM for this CPU (cached for the engine's lifetime)."""
