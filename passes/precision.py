@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from adapter.errors import AdapterError, SourceError
+from adapter.passes import unpack_attention
 
 MODES = ("fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto")
 KEEP_FP32_OPS = (
@@ -136,6 +137,8 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
     a constant; FP16 takes every node outside the keep-list.
     """
     inits = _initializer_names(model)
+    tensors = {t.name: t for t in model.graph.initializer} if mode == "int8-dynamic" else {}
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     names, modules = [], {}
     for node in model.graph.node:
         if mode == "fp16":
@@ -145,12 +148,14 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
             # the dynamic quantizer also takes the fused com.microsoft Attention (QAttention),
             # whose packed QKV weight is input 1 -- but only without inputs past index 4:
             # QAttention has no attention_bias, and ORT 1.32's quantizer silently drops it,
-            # which loses the padding mask (seen: MiniLM cosine 0.57 on padded inputs).
+            # which loses the padding mask (seen: MiniLM cosine 0.57 on padded inputs). An
+            # Attention with attention_bias is unpacked before quantizing instead
+            # (passes/unpack_attention.py), so its QKV MatMul is quantized.
             ops = {"MatMul"} if mode in ("int4-weight", "int8-dynamic") else set(_WEIGHT_OPS)
             standard = node.domain in ("", "ai.onnx") and node.op_type in ops
             fused = (
                 mode == "int8-dynamic" and node.domain == "com.microsoft" and node.op_type == "Attention"
-                and not any(node.input[5:])
+                and (not any(node.input[5:]) or unpack_attention.unpackable(node, tensors, used))
             )  # fmt: skip
             take = (standard or fused) and len(node.input) > 1 and node.input[1] in inits
         else:
@@ -287,6 +292,13 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
         if plan.mode == "int8-dynamic":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            # Attention nodes with a mask bias: QKV MatMul + MultiHeadAttention, then the
+            # MatMul is what gets quantized (and smoothed)
+            masked = [n.name for n in model.graph.node if n.name in set(lowered) and n.op_type == "Attention" and any(n.input[5:])]
+            renamed = unpack_attention.unpack(model, masked)
+            lowered = [renamed.get(name, name) for name in lowered]
+            if renamed:
+                plan.measured.setdefault("attention_unpacked", len(renamed))
             alpha = plan.options.get("smooth_alpha")
             if alpha and samples:  # SmoothQuant-style channel balancing (passes/smoothing.py)
                 from adapter.passes.smoothing import smooth

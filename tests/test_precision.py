@@ -280,26 +280,3 @@ def test_int8_calibration_methods(tmp_path, calib_dir, method):
     assert plan["options"]["calibrate_method"] == method
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.node)
     assert result.manifest["precision"]["accuracy"]["output"]["finite"]
-
-
-def test_int8_dynamic_leaves_attention_with_a_mask_bias_alone():
-    """QAttention has no attention_bias input: an Attention whose padding mask arrives
-    there must stay FP32 (ORT's quantizer would drop the mask without a word)."""
-    from adapter.passes.precision import candidate_nodes
-    from onnx import TensorProto, helper
-
-    def attention(name, extra):
-        return helper.make_node(
-            "Attention", ["x", "w", "b", "", "", *extra], [name], domain="com.microsoft", num_heads=2, name=name
-        )
-
-    inits = [
-        helper.make_tensor(n, TensorProto.FLOAT, [4, 12] if n == "w" else [12], [0.0] * (48 if n == "w" else 12))
-        for n in ("w", "b")
-    ]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("plain", "masked")]
-    bias = helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 2, 3, 3])
-    graph = helper.make_graph([attention("plain", []), attention("masked", ["bias"])], "g", [x, bias], outs, inits)
-    names, _ = candidate_nodes(helper.make_model(graph), "int8-dynamic")
-    assert names == ["plain"]
