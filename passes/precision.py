@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from adapter.passes import unpack_attention
 
 from adapter.errors import AdapterError, SourceError
-from adapter.passes import unpack_attention
 
 MODES = ("fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto")
 KEEP_FP32_OPS = (
