@@ -32,7 +32,11 @@ def _model(extra_inputs=("", "", "bias"), **attributes) -> onnx.ModelProto:
         "attention",
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN]),
-            *[helper.make_tensor_value_info("bias", TensorProto.FLOAT, [BATCH, 1, SEQ, SEQ]) for _ in ["bias"] if _ in extra_inputs],
+            *[
+                helper.make_tensor_value_info("bias", TensorProto.FLOAT, [BATCH, 1, SEQ, SEQ])
+                for _ in ["bias"]
+                if _ in extra_inputs
+            ],
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN])],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
