@@ -72,6 +72,7 @@ def _ort_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Ca
     import onnxruntime as ort
 
     from adapter.backends.base import threads_for
+    from adapter.backends.onnxruntime import DISABLED_OPTIMIZERS
 
     config = engine.config
     levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
@@ -88,7 +89,9 @@ def _ort_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Ca
     opts.optimized_model_filepath = str(runtime_graph)
     model_path = getattr(engine.session, "_model_path", None) or str(engine.folder / "model.onnx")
     try:
-        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(model_path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
+        )
         for _ in range(warmup):
             session.run(None, feed)
         for block in _blocks(repeats, between):

@@ -8,7 +8,7 @@ on the machine are applied at load). Threads come from the target profile.
 
 from __future__ import annotations
 
-__all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
+__all__ = ["NAME", "PASSES", "DISABLED_OPTIMIZERS", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import functools
 from dataclasses import asdict, dataclass
@@ -28,8 +28,13 @@ NAME = "onnxruntime"
 PROVIDER = "CPUExecutionProvider"
 MODEL_FILE = "model.onnx"
 PASSES = ("fusion-ort",)
-"""Fusion pipeline run on this backend's copy of the canonical graph: ONNX Runtime's com.microsoft fused ops (Attention, SkipLayerNormalization, BiasGelu, ...)."""
+"""Fusion pipeline run on this backend's copy of the canonical graph: ONNX Runtime's com.microsoft fused ops (Attention, BiasGelu, ...)."""
 OPTIMIZED_FILE = "model.ort-optimized.onnx"
+
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+"""ONNX Runtime graph optimisers left off at compile and load: its own Add +
+LayerNormalization -> SkipLayerNormalization fusion, whose CPU kernel is the slower one
+(see ``adapter.passes.fusion.normalization.ORT_STAGES``)."""
 
 _GRAPH_LEVEL_OPS = frozenset({"Constant"})
 """Ops ONNX Runtime resolves while loading the graph, with no kernel of their own."""
@@ -110,7 +115,7 @@ def _session(path: Path, level: str, threads: int, optimized_out: Path | None = 
         opts.optimized_model_filepath = str(optimized_out)
     _safety.check_onnx_file(path)
     try:
-        return ort.InferenceSession(str(path), opts, providers=[PROVIDER])
+        return ort.InferenceSession(str(path), opts, providers=[PROVIDER], disabled_optimizers=list(DISABLED_OPTIMIZERS))
     except Exception as exc:
         raise AdapterError(
             f"ONNX Runtime could not create a session for '{path}': {str(exc).splitlines()[0][:400]}",

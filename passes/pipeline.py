@@ -26,6 +26,7 @@ PASSES: dict[str, Callable[[], CountedPass]] = {
     "fuse-gelu": fusion.GeluFusion,
     "unfold-flat-gemm": fusion.GemmUnfold,
     "fuse-ort-normalization": fusion.OrtNormalizationFusion,
+    "fuse-ort-skip-layer-norm": fusion.OrtSkipLayerNormFusion,
     "fuse-ort-rotary": fusion.OrtRotaryFusion,
     "fuse-ort-attention": fusion.OrtAttentionFusion,
     "fuse-ort-gelu": fusion.OrtGeluFusion,

@@ -29,3 +29,19 @@ def test_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
             assert r["cos_min"] > 0.9999, r
     fastest = [r for r in rows if r["peer"] and r["ratio_to_fastest_peer"] == 1.0]
     assert len(fastest) == 2  # one per batch size
+
+
+def test_ort_kernel_benchmark_short_run(tmp_path, capsys, monkeypatch):
+    """The fused-vs-unfused kernel table runs, and each pair computes the same thing."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("ort_kernels", None)
+    import ort_kernels
+
+    out = tmp_path / "kernels.json"
+    assert ort_kernels.main(["--shapes", "16x64", "--threads", "1", "--repeats", "6", "--json", str(out)]) == 0
+    assert "SkipLayerNormalization" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == set(ort_kernels.PAIRS)
+    for r in rows:
+        assert r["fused_us"] > 0 and r["unfused_us"] > 0
+        assert r["max_abs_diff"] < 1e-4, r

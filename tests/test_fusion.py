@@ -24,8 +24,8 @@ from adapter.passes.fusion import (
     MatMulAddGemmFusion,
     OrtAttentionFusion,
     OrtGeluFusion,
-    OrtNormalizationFusion,
     OrtRotaryFusion,
+    OrtSkipLayerNormFusion,
 )
 from adapter.passes.pipeline import PIPELINES
 from onnx import TensorProto, helper, numpy_helper
@@ -142,22 +142,22 @@ def _fuse(model: ir.Model, pipeline: str) -> dict[str, dict]:
     return {r.name: r.counters for r in run_pipeline(model, build_pipeline(pipeline))}
 
 
-# What fusion-ort must produce per transformer layer (L): attention, both norms with their
-# residual add (+1 for the embedding norm, whose position term broadcasts), and the GELU.
+# What fusion-ort must produce per transformer layer (L): attention, both norms (+1 for the
+# embedding norm; their residual Add stays apart, see normalization.ORT_STAGES), and the GELU.
 ORT_EXPECTED = {
     "minilm": {
         "com.microsoft::Attention": 1,
-        "com.microsoft::SkipLayerNormalization": (2, 1),
+        "LayerNormalization": (2, 1),
         "com.microsoft::BiasGelu": 1,
     },
     "vit": {
         "com.microsoft::Attention": 1,
-        "com.microsoft::SkipLayerNormalization": (2, 1),
+        "LayerNormalization": (2, 1),
         "com.microsoft::BiasGelu": 1,
     },
     "gpt2": {
         "com.microsoft::Attention": 1,
-        "com.microsoft::SkipLayerNormalization": (2, 1),
+        "LayerNormalization": (2, 1),
         "com.microsoft::FastGelu": 1,
     },
 }
@@ -174,12 +174,12 @@ def test_fusion_ort_fuses_every_attention_block(zoo, name):
     for op, per_layer in ORT_EXPECTED[name].items():
         scale, extra = per_layer if isinstance(per_layer, tuple) else (per_layer, 0)
         assert ops[op] == scale * layers + extra, (op, dict(ops))
-    assert ops["Softmax"] == 0 and ops["LayerNormalization"] == 0 and ops["Gelu"] == 0
+    assert ops["Softmax"] == 0 and ops["Gelu"] == 0 and ops["ReduceMean"] == 0
     assert ops["com.microsoft::MultiHeadAttention"] == 0  # all the way to Attention
+    assert ops["com.microsoft::SkipLayerNormalization"] == 0
     attention = counters["fuse-ort-attention"]
     assert attention["sdpa"] == attention["mha"] == layers
     assert attention["attention" if name != "gpt2" else "attention_packed_qkv"] == layers
-    assert counters["fuse-ort-normalization"]["skip_layer_norm_broadcast"] == 1
     # Dynamic dims survive: still symbolic, and two other shapes run.
     assert isinstance(after.graph.inputs[0].shape[0], ir.SymbolicDim)
     _assert_same(before, after, [_feed(before, 3, 11), _feed(before, 1, 5)])
@@ -351,12 +351,12 @@ def _skip_norm(skip_shape) -> ir.Model:
 
 
 def test_skip_layer_norm_with_a_broadcast_position_term():
-    _, after = _check(lambda: _skip_norm([1, "S", 8]), OrtNormalizationFusion(), fires=True)
+    _, after = _check(lambda: _skip_norm([1, "S", 8]), OrtSkipLayerNormFusion(), fires=True)
     assert list(_ops(after)) == ["com.microsoft::SkipLayerNormalization"]
 
 
 def test_skip_layer_norm_not_fused_when_skip_broadcasts_over_the_sequence():
-    before, after = _check(lambda: _skip_norm(["B", 1, 8]), OrtNormalizationFusion(), fires=False)
+    before, after = _check(lambda: _skip_norm(["B", 1, 8]), OrtSkipLayerNormFusion(), fires=False)
     assert _ops(after) == _ops(before)
 
 

@@ -6,8 +6,9 @@ Two families of passes, picked by pipeline (:mod:`adapter.passes.pipeline`):
   runtime): LayerNormalization, Gelu (opset 20), 2-D MatMul + Add to Gemm, Conv +
   BatchNormalization folding. Attention and Conv + activation are left to the backend.
 * ``fusion-ort`` targets ONNX Runtime's CPU provider with its ``com.microsoft`` fused
-  ops: Attention / MultiHeadAttention, SkipLayerNormalization,
-  SimplifiedLayerNormalization, Gelu / FastGelu / BiasGelu, RotaryEmbedding.
+  ops: Attention / MultiHeadAttention, SkipSimplifiedLayerNormalization, Gelu / FastGelu /
+  BiasGelu, RotaryEmbedding (``fuse-ort-skip-layer-norm``, SkipLayerNormalization, is a
+  pass of its own, left out of the pipeline: slower than what it fuses on the CPU provider).
 
 Each pass counts hits per rule (its record's counters). With
 ``FusionOptions(explain_misses=True)`` it also keeps, in ``pass.misses``, why the best
@@ -25,6 +26,7 @@ __all__ = [
     "GeluFusion",
     "GemmUnfold",
     "OrtNormalizationFusion",
+    "OrtSkipLayerNormFusion",
     "OrtGeluFusion",
     "OrtRotaryFusion",
     "OrtAttentionFusion",
@@ -113,6 +115,17 @@ class OrtNormalizationFusion(FusionPass):
 
     name = "fuse-ort-normalization"
     STAGES = normalization.ORT_STAGES
+
+
+class OrtSkipLayerNormFusion(FusionPass):
+    """The residual ``Add`` before a layer norm to ONNX Runtime's ``SkipLayerNormalization``.
+
+    Not in the ``fusion-ort`` pipeline: on the CPU provider the fused kernel is the slower
+    one (figures in :data:`normalization.ORT_STAGES`).
+    """
+
+    name = "fuse-ort-skip-layer-norm"
+    STAGES = normalization.ORT_SKIP_STAGES
 
 
 class OrtGeluFusion(FusionPass):

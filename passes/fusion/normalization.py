@@ -18,7 +18,7 @@ or ``[S, D]`` skip, so that one fuses too.
 
 from __future__ import annotations
 
-__all__ = ["ORT_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
+__all__ = ["ORT_STAGES", "ORT_SKIP_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
 
 import onnx_ir as ir
 from adapter.passes.fusion._engine import Stage, dims, named, same_dim
@@ -155,11 +155,22 @@ RMS_STANDARD_STAGES = (Stage(named("rms_norm", _rms_normalization.rms_normalizat
 ORT_STAGES = (
     *STANDARD_STAGES,
     Stage(named("rms_norm", ort_rms.rms_normalization_ruleset.rules)),
-    Stage((*named("skip_layer_norm", ort_skip.skip_layer_normalization_ruleset.rules), _broadcast)),
     Stage(named("skip_rms_norm", ort_skip.skip_rms_normalization_ruleset.rules)),
     Stage((UnfuseLoneRmsNorm.rule(),)),
 )
-"""ONNX Runtime: layer norm, RMSNorm to SimplifiedLayerNormalization, then the skip forms;
-an RMSNorm left without a skip is written back in standard ops (see UnfuseLoneRmsNorm)."""
+"""ONNX Runtime: layer norm, RMSNorm to SimplifiedLayerNormalization and its skip form;
+an RMSNorm left without a skip is written back in standard ops (see UnfuseLoneRmsNorm).
+
+The residual ``Add`` before a ``LayerNormalization`` is *not* fused here (see
+``ORT_SKIP_STAGES``): ONNX Runtime 1.32's CPU ``SkipLayerNormalization`` kernel is slower
+than the ``Add`` and ``LayerNormalization`` it replaces -- measured on this project's
+x86-64 AVX2 host, 2 threads: 163 vs 44 us at [128, 384], 1245 vs 172 us at [1024, 384],
+320 vs 115 us at [128, 768] (``python benchmarks/ort_kernels.py`` measures it again).
+RMSNorm keeps its skip form: an unfused ``SimplifiedLayerNormalization`` is not valid
+ONNX before opset 23, and the decomposed form is five kernels."""
+
+ORT_SKIP_STAGES = (Stage((*named("skip_layer_norm", ort_skip.skip_layer_normalization_ruleset.rules), _broadcast)),)
+"""The residual ``Add`` (+ bias) before a layer norm to ``SkipLayerNormalization``: for
+ONNX Runtime providers whose fused kernel wins (not the CPU provider, see ``ORT_STAGES``)."""
 
 rules = RewriteRuleSet([DecomposedLayerNorm.rule(), _broadcast])
