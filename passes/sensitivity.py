@@ -8,7 +8,7 @@ the budget, found by bisection over the sensitivity order and confirmed by measu
 
 from __future__ import annotations
 
-__all__ = ["Evaluator", "group_sensitivity", "search_plan"]
+__all__ = ["Evaluator", "choose_option", "group_sensitivity", "search_plan"]
 
 import time
 from collections.abc import Callable
@@ -82,6 +82,29 @@ class Evaluator:
         self.runs += 1
         self.seconds += time.perf_counter() - start
         return figures
+
+
+def choose_option(
+    plan: PrecisionPlan, evaluator: Evaluator, key: str, values: tuple[Any, ...], progress: Callable[[str], None] | None = None
+) -> tuple[PrecisionPlan, dict[str, float]]:
+    """The plan with the value of option ``key`` under which the fully lowered plan scores
+    best against the budget (first value on ties), and every value's score.
+
+    For options that change how every lowered node is quantized (SmoothQuant's migration
+    strength): the best of them leaves the fewest groups for :func:`search_plan` to keep.
+    """
+    say = progress or (lambda _msg: None)
+    scores: dict[str, float] = {}
+    best: tuple[float, Any] | None = None
+    for value in values:
+        say(f"{key} = {value}: measuring the fully lowered plan")
+        trial = PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, key: value}})
+        score = evaluator.budget.score(evaluator.measure(trial))
+        scores[str(value)] = round(score, 6)
+        if best is None or score > best[0]:
+            best = (score, value)
+    chosen = plan if best is None else PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, key: best[1]}})
+    return chosen, scores
 
 
 def _groups(plan: PrecisionPlan) -> list[str]:

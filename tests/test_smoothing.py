@@ -99,3 +99,28 @@ def test_smoothing_skips_activations_without_outlier_channels():
     the tensor for no accuracy)."""
     smoothed, count = smooth(_graph(outlier=2.0), ["lowered"], _samples(8, 1))
     assert count == 0 and [n.op_type for n in smoothed.graph.node].count("Mul") == 1
+
+
+def test_the_smoothing_strength_is_chosen_by_measurement():
+    """Under a budget, each strength's fully lowered plan is measured and the best kept:
+    the scores are those the evaluator gives each plan, and smoothing beats none on an
+    activation with an outlier channel."""
+    from adapter.passes.budget import parse_budget
+    from adapter.passes.precision import PrecisionPlan
+    from adapter.passes.sensitivity import Evaluator, choose_option, ort_runner
+
+    model = _graph(outlier=200.0)
+    plan = PrecisionPlan(
+        mode="int8-dynamic", nodes=["lowered"], modules={}, options={"per_channel": True, "smooth_alpha": 0.5}
+    )
+    evaluator = Evaluator(
+        model, _samples(16, 2), _samples(8, 3), parse_budget("cos>=0.9999"), lambda m, _hint: ort_runner(m, 1)
+    )
+    chosen, scores = choose_option(plan, evaluator, "smooth_alpha", (0.0, 0.5, 0.8))
+    assert set(scores) == {"0.0", "0.5", "0.8"} and evaluator.runs == 3
+    best = max(scores, key=scores.get)
+    assert chosen.options["smooth_alpha"] == float(best) and chosen.nodes == plan.nodes
+    assert scores["0.0"] < scores[best] and best != "0.0", scores
+    again = PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, "smooth_alpha": float(best)}})
+    assert abs(evaluator.budget.score(evaluator.measure(again)) - scores[best]) < 1e-6
+    assert plan.options["smooth_alpha"] == 0.5  # the plan given is not changed
