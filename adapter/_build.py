@@ -290,7 +290,7 @@ def _race(runnable: list[Candidate], feed: dict[str, Any]) -> list[float]:
     2-core host): with candidates a few percent apart, the median of all calls in a
     20 s window picked either one.
     """
-    from adapter.bench import time_cases
+    from adapter.bench import block_samples, time_cases
 
     slowest = max((c.latency_ms or 0.0) for c in runnable) / 1e3
     iterations = max(1, min(10, int(RACE_BLOCK_S / slowest))) if slowest > 0 else 5
@@ -298,7 +298,7 @@ def _race(runnable: list[Candidate], feed: dict[str, Any]) -> list[float]:
         {c.name: (lambda e=c.engine: e.run(feed)) for c in runnable},
         repeats=RACE_BLOCKS, iterations=iterations, warmup=2, guard_s=RACE_GUARD_S, guarded={},
     )  # fmt: skip
-    return [float(np.median([min(block) for block in calls[c.name]])) for c in runnable]
+    return [float(np.median(block_samples(calls[c.name]))) for c in runnable]
 
 
 def drop_workdirs(root: Path) -> None:

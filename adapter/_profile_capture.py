@@ -69,29 +69,19 @@ def _blocks(repeats: int, between: Callable[[], None], rounds: int = 5) -> Itera
 
 def _ort_capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> Capture:
     import onnx
-    import onnxruntime as ort
 
     from adapter.backends.base import threads_for
-    from adapter.backends.onnxruntime import DISABLED_OPTIMIZERS
+    from adapter.backends.onnxruntime import open_session, session_options
 
     config = engine.config
-    levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
-    opts = ort.SessionOptions()
-    level = levels.get(config.get("optimization", "all"), "ORT_ENABLE_ALL")
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    opts.intra_op_num_threads = threads_for(config.get("threads", 0), None)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts = session_options(config.get("optimization", "all"), threads_for(config.get("threads", 0), None))
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp / "ort-profile")
     runtime_graph = tmp / "runtime-graph.onnx"
     opts.optimized_model_filepath = str(runtime_graph)
     model_path = getattr(engine.session, "_model_path", None) or str(engine.folder / "model.onnx")
     try:
-        session = ort.InferenceSession(
-            str(model_path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS)
-        )
+        session = open_session(model_path, opts)
         for _ in range(warmup):
             session.run(None, feed)
         for block in _blocks(repeats, between):

@@ -8,7 +8,10 @@ on the machine are applied at load). Threads come from the target profile.
 
 from __future__ import annotations
 
-__all__ = ["NAME", "PASSES", "DISABLED_OPTIMIZERS", "Options", "version", "require", "supports", "compile", "Engine"]
+__all__ = [
+    "NAME", "PASSES", "DISABLED_OPTIMIZERS", "Options", "version", "require", "supports", "session_options",
+    "open_session", "compile", "Engine",
+]  # fmt: skip
 
 import functools
 from dataclasses import asdict, dataclass
@@ -102,7 +105,8 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     return Support(True)
 
 
-def _session(path: Path, level: str, threads: int, optimized_out: Path | None = None):
+def session_options(level: str, threads: int):
+    """The engine's session settings: optimisation level, threads, sequential execution."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -111,11 +115,23 @@ def _session(path: Path, level: str, threads: int, optimized_out: Path | None = 
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    return opts
+
+
+def open_session(path: Path | str, opts):
+    """A CPU-provider session over ``path`` with the engine's graph optimisers (``DISABLED_OPTIMIZERS`` off)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), opts, providers=[PROVIDER], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+
+
+def _session(path: Path, level: str, threads: int, optimized_out: Path | None = None):
+    opts = session_options(level, threads)
     if optimized_out is not None:
         opts.optimized_model_filepath = str(optimized_out)
     _safety.check_onnx_file(path)
     try:
-        return ort.InferenceSession(str(path), opts, providers=[PROVIDER], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        return open_session(path, opts)
     except Exception as exc:
         raise AdapterError(
             f"ONNX Runtime could not create a session for '{path}': {str(exc).splitlines()[0][:400]}",

@@ -26,7 +26,7 @@ import torch
 import adapter
 from adapter import ConvertOptions, convert, load
 from adapter._precision import PrecisionOptions
-from adapter.bench import time_cases
+from adapter.bench import block_samples, time_cases
 from adapter.zoo import minilm
 
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
@@ -88,7 +88,7 @@ def main() -> None:
         latency[batch] = {
             name: float(np.median([t for block in blocks for t in block])) for name, blocks in calls.items()
         }
-        fastest[batch] = {name: float(np.median([min(block) for block in blocks])) for name, blocks in calls.items()}
+        fastest[batch] = {name: float(np.median(block_samples(blocks))) for name, blocks in calls.items()}
     report = {
         "budget": args.budget,
         "chosen": auto.manifest["precision"]["mode"],

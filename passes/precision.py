@@ -137,8 +137,10 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
     a constant; FP16 takes every node outside the keep-list.
     """
     inits = _initializer_names(model)
-    tensors = {t.name: t for t in model.graph.initializer} if mode == "int8-dynamic" else {}
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    tensors, used = {}, set()
+    if mode == "int8-dynamic":  # what unpack_attention.unpackable reads
+        tensors = {t.name: t for t in model.graph.initializer}
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     names, modules = [], {}
     for node in model.graph.node:
         if mode == "fp16":
@@ -294,7 +296,8 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
 
             # Attention nodes with a mask bias: QKV MatMul + MultiHeadAttention, then the
             # MatMul is what gets quantized (and smoothed)
-            masked = [n.name for n in model.graph.node if n.name in set(lowered) and n.op_type == "Attention" and any(n.input[5:])]
+            wanted = set(lowered)
+            masked = [n.name for n in model.graph.node if n.name in wanted and n.op_type == "Attention" and any(n.input[5:])]
             renamed = unpack_attention.unpack(model, masked)
             lowered = [renamed.get(name, name) for name in lowered]
             if renamed:

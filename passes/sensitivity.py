@@ -95,16 +95,15 @@ def choose_option(
     """
     say = progress or (lambda _msg: None)
     scores: dict[str, float] = {}
-    best: tuple[float, Any] | None = None
+    best, best_score = plan, float("-inf")
     for value in values:
         say(f"{key} = {value}: measuring the fully lowered plan")
         trial = PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, key: value}})
         score = evaluator.budget.score(evaluator.measure(trial))
         scores[str(value)] = round(score, 6)
-        if best is None or score > best[0]:
-            best = (score, value)
-    chosen = plan if best is None else PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, key: best[1]}})
-    return chosen, scores
+        if score > best_score:
+            best, best_score = trial, score
+    return best, scores
 
 
 def _groups(plan: PrecisionPlan) -> list[str]:

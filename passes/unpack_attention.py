@@ -11,7 +11,7 @@ a third of an encoder layer's matrix FLOPs -- stayed FP32 under INT8 dynamic.
 ``com.microsoft`` ``MultiHeadAttention(q, k, v, bias=b, attention_bias=...)``, the same
 computation in ops the quantizer handles (the ``MatMul``) and the CPU provider runs
 (``MultiHeadAttention`` takes the bias and the additive mask). The FP32 result is the
-same to float rounding (asserted in ``tests/test_precision.py``).
+same to float rounding (asserted in ``tests/test_unpack_attention.py``).
 """
 
 from __future__ import annotations

@@ -164,9 +164,9 @@ an RMSNorm left without a skip is written back in standard ops (see UnfuseLoneRm
 The residual ``Add`` before a ``LayerNormalization`` is *not* fused here (see
 ``ORT_SKIP_STAGES``): ONNX Runtime 1.32's CPU ``SkipLayerNormalization`` kernel is slower
 than the ``Add`` and ``LayerNormalization`` it replaces -- measured on this project's
-x86-64 AVX2 host, 2 threads: 163 vs 44 us at [128, 384], 1245 vs 172 us at [1024, 384],
-320 vs 115 us at [128, 768] (one-node sessions; ``python benchmarks/ort_kernels.py`` measures it again: 1.5-4.9x
-slower across those shapes in another run, 4.5-12x in one under load).
+x86-64 AVX2 host, 2 threads, one-node sessions: 163 vs 44 us at [128, 384], 1245 vs
+172 us at [1024, 384], 320 vs 115 us at [128, 768]; ``python benchmarks/ort_kernels.py``
+measures it again (1.5-4.9x slower across its shapes in another run, 4.5-12x under load).
 RMSNorm keeps its skip form: an unfused ``SimplifiedLayerNormalization`` is not valid
 ONNX before opset 23, and the decomposed form is five kernels."""
 
