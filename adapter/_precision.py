@@ -17,7 +17,14 @@ from adapter._timing import median_ms, paired_median_ms
 from adapter.errors import AdapterError, SourceError
 from adapter.passes.budget import Budget, parse_budget
 from adapter.passes.calibration import collect_ranges, load_calibration, synthetic_calibration
-from adapter.passes.precision import MODES, PrecisionPlan, apply_plan, default_plan, fp16_overflow_overrides
+from adapter.passes.precision import (
+    MODES,
+    PrecisionPlan,
+    apply_plan,
+    default_plan,
+    fit_weight_widths,
+    fp16_overflow_overrides,
+)
 from adapter.passes.sensitivity import HINTS, Evaluator, choose_option, ort_runner, search_plan
 from adapter.verify import Tolerance
 
@@ -180,6 +187,36 @@ class _Backend:
         self._dirs.clear()
 
 
+def fits_widths(plan: PrecisionPlan, loaded: PrecisionPlan | None, runner: _Backend) -> bool:
+    """Whether the INT8 dynamic weight widths are measured for this plan: not for a plan
+    file (it says them), and only when the engine runs on this machine (the kernel whose
+    saturation is measured is this machine's)."""
+    return plan.mode == "int8-dynamic" and loaded is None and not runner.stand_in_note
+
+
+def _width_fitter(fp32: onnx.ModelProto, samples, record: dict, say: Callable[[str], None]):
+    """A ``refine`` for :func:`choose_option`: fits ``narrow_weights`` to a trial plan
+    (its smoothing changes the weights) and records the measured errors per strength."""
+
+    def refine(plan: PrecisionPlan) -> PrecisionPlan:
+        say("measuring 8-bit against 7-bit weights per MatMul on this CPU's kernels")
+        fit = fit_weight_widths(fp32, plan, samples)
+        record[plan.options.get("smooth_alpha")] = fit
+        return PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, "narrow_weights": fit["narrow"]}})
+
+    return refine
+
+
+def _narrow(plan: PrecisionPlan) -> list[dict[str, Any]]:
+    """The MatMuls given 7-bit weights, with their measured errors when fitted here."""
+    errors = plan.measured.get("weight_widths", {})
+    return [
+        {"node": n, "module": plan.modules.get(n, ""), "int8": None, "int7": None, **errors.get(n, {})}
+        for n in plan.options.get("narrow_weights", ())
+        if n not in plan.overrides
+    ]
+
+
 def _summarise(plan: PrecisionPlan) -> tuple[dict[str, str], list[dict[str, Any]]]:
     modules: dict[str, str] = {}
     for node in plan.nodes:
@@ -237,9 +274,13 @@ def lower_precision(
                 "samples": len(calib_samples),
             }
             hint = HINTS.get(candidate, "fp32")
-            smoothing = None
+            smoothing, widths = None, {}
+            # Weight widths are fitted to this machine's kernels: only for engines that run here.
+            refine = _width_fitter(fp32, calib_samples, widths, say) if fits_widths(plan, loaded, runner) else None
             if "smooth_alpha" in plan.options and budget is not None and not loaded:
-                plan, smoothing = choose_option(plan, evaluator, "smooth_alpha", SMOOTH_ALPHAS, say)
+                plan, smoothing = choose_option(plan, evaluator, "smooth_alpha", SMOOTH_ALPHAS, say, refine)
+            elif refine:
+                plan = refine(plan)
             if mode == "auto":
                 # A mode that is not faster than FP32 even fully lowered is not worth a search.
                 full = apply_plan(fp32, plan, calib_samples, cache_dir)
@@ -264,6 +305,8 @@ def lower_precision(
                 figures = evaluator.measure(plan)
                 holds = budget.judge(figures)[0] if budget else True
                 plan.measured = {"accuracy": figures, "budget_holds": holds}
+            if widths:
+                plan.measured["weight_widths"] = widths[plan.options.get("smooth_alpha")]["errors"]
             lowered = apply_plan(fp32, plan, calib_samples, cache_dir)
             latency, reference_ms = (
                 runner.against(lowered, HINTS.get(plan.mode, "fp32"), fp32_engine, feed) if holds else (None, None)
@@ -336,7 +379,7 @@ def lower_precision(
         "requested": options.mode, "mode": plan.mode, "budget": str(budget) if budget else None,
         "calibration": {**plan.calibration, "held_out": len(held_out), "evaluated_on": len(evaluator.samples(plan)), "synthetic": calibration.synthetic},
         "accuracy": plan.measured.get("accuracy"), "budget_holds": plan.measured.get("budget_holds", True),
-        "modules": modules, "kept_fp32": kept,
+        "modules": modules, "kept_fp32": kept, "narrow_weights": _narrow(plan),
         "latency_ms": {"fp32": fp32_ms, "plan": latency}, "speedup_vs_fp32": fp32_ms / latency if latency else None,
         "size_bytes": {"fp32": fp32.ByteSize(), "plan": lowered.ByteSize()},
         "candidates": trials, "search": {"evaluations": evaluator.runs, "seconds": round(evaluator.seconds, 2)},

@@ -203,6 +203,16 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
         for reason, where in reasons.items():
             shown = ", ".join(sorted(set(where))[:8]) + (" …" if len(set(where)) > 8 else "")
             console.print(f"kept FP32 ({len(where)} nodes) — {escape(reason)}: {escape(shown)}")
+    narrow = report.get("narrow_weights", [])
+    if narrow:
+        shown = ", ".join(
+            f"{n['module'] or n['node']}" + (f" ({n['int8']:.3f} → {n['int7']:.3f})" if n.get("int8") is not None else "")
+            for n in narrow[:6]
+        )
+        console.print(
+            f"7-bit weights for {len(narrow)} MatMul(s), where this CPU's INT8 kernel saturates "
+            f"(output error 8-bit → 7-bit): {escape(shown)}" + (" …" if len(narrow) > 6 else "")
+        )
     for name, fig in (report.get("accuracy") or {}).items():
         console.print(
             f"accuracy {escape(name)} on {report['calibration'].get('evaluated_on', '?')} samples: "

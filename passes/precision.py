@@ -20,6 +20,7 @@ __all__ = [
     "default_plan",
     "apply_plan",
     "model_size",
+    "fit_weight_widths",
 ]
 
 import contextlib
@@ -292,27 +293,9 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
             plan.measured.setdefault("conversion", conversion.record.counters)
             return ir.serde.serialize_model(graph)
         if plan.mode == "int8-dynamic":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            # Attention nodes with a mask bias: QKV MatMul + MultiHeadAttention, then the
-            # MatMul is what gets quantized (and smoothed)
-            wanted = set(lowered)
-            masked = [n.name for n in model.graph.node if n.name in wanted and n.op_type == "Attention" and any(n.input[5:])]
-            renamed = unpack_attention.unpack(model, masked)
-            lowered = [renamed.get(name, name) for name in lowered]
-            if renamed:
-                plan.measured.setdefault("attention_unpacked", len(renamed))
-            alpha = plan.options.get("smooth_alpha")
-            if alpha and samples:  # SmoothQuant-style channel balancing (passes/smoothing.py)
-                from adapter.passes.smoothing import smooth
-
-                model, smoothed = smooth(model, lowered, samples, float(alpha))
-                plan.measured.setdefault("smoothed_tensors", smoothed)
-            with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
-                src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-                onnx.save(model, src)
-                quantize_dynamic(str(src), str(dst), per_channel=bool(plan.options.get("per_channel", True)), weight_type=QuantType.QInt8, nodes_to_quantize=lowered)
-                return onnx.load(str(dst))
+            model, lowered, renamed = _prepare_dynamic(model, plan, lowered, samples)
+            narrow = {renamed.get(n, n) for n in plan.options.get("narrow_weights", ())}
+            return _quantize_dynamic(model, lowered, bool(plan.options.get("per_channel", True)), narrow)
         if plan.mode in ("int8", "fp8"):
             return _quantize_static(model, plan, samples or [], plan.mode == "fp8", cache_dir)
         if plan.mode == "int4-weight":
@@ -329,6 +312,78 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
     except Exception as exc:
         raise AdapterError(f"ONNX Runtime's {plan.mode} tool failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     raise SourceError(f"Unknown precision mode '{plan.mode}'.", f"Use one of {', '.join(MODES)}.")
+
+
+def _prepare_dynamic(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samples):
+    """The FP32 model INT8 dynamic quantizes: masked Attention unpacked, activations smoothed.
+
+    Returns the model, the lowered node names in it, and the plan's renamed nodes.
+    """
+    # Attention nodes with a mask bias: QKV MatMul + MultiHeadAttention, then the MatMul
+    # is what gets quantized (and smoothed)
+    wanted = set(lowered)
+    masked = [n.name for n in model.graph.node if n.name in wanted and n.op_type == "Attention" and any(n.input[5:])]
+    renamed = unpack_attention.unpack(model, masked)
+    lowered = [renamed.get(name, name) for name in lowered]
+    if renamed:
+        plan.measured.setdefault("attention_unpacked", len(renamed))
+    alpha = plan.options.get("smooth_alpha")
+    if alpha and samples:  # SmoothQuant-style channel balancing (passes/smoothing.py)
+        from adapter.passes.smoothing import smooth
+
+        model, smoothed = smooth(model, lowered, samples, float(alpha))
+        plan.measured.setdefault("smoothed_tensors", smoothed)
+    return model, lowered, renamed
+
+
+def _quantize_dynamic(model: onnx.ModelProto, lowered: list[str], per_channel: bool, narrow: set[str]) -> onnx.ModelProto:
+    """ONNX Runtime's dynamic quantizer over ``lowered``: the ``narrow`` nodes with 7-bit
+    weights (its ``reduce_range``, see passes/saturation.py), the others with 8-bit."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
+        src = Path(tmp) / "in.onnx"
+        onnx.save(model, src)
+        for step, (nodes, reduce_range) in enumerate(
+            (([n for n in lowered if n in narrow], True), ([n for n in lowered if n not in narrow], False))
+        ):
+            if not nodes:
+                continue
+            dst = Path(tmp) / f"out{step}.onnx"
+            quantize_dynamic(
+                str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range,
+                weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+            )  # fmt: skip
+            src = dst
+        return onnx.load(str(src))
+
+
+def fit_weight_widths(
+    model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]], probe: int = 16
+) -> dict[str, Any]:
+    """Measure every lowered MatMul of an INT8 dynamic plan with 8-bit and with 7-bit
+    weights on this machine's kernels (passes/saturation.py).
+
+    Returns ``{"narrow": [plan node names better with 7 bits], "errors": {node: {"int8":
+    e8, "int7": e7}}}``; the caller puts ``narrow`` into ``options["narrow_weights"]``.
+    """
+    from adapter.passes.saturation import matmul_errors, narrower
+
+    if plan.mode != "int8-dynamic" or not samples:
+        return {"narrow": [], "errors": {}}
+    with _quiet_root_logger():
+        prepared, names, renamed = _prepare_dynamic(
+            onnx.ModelProto.FromString(model.SerializeToString()), plan, plan.lowered, samples
+        )
+        per_channel = bool(plan.options.get("per_channel", True))
+        feeds = samples[:probe]
+        eight = matmul_errors(prepared, _quantize_dynamic(prepared, names, per_channel, set()), names, feeds)
+        seven = matmul_errors(prepared, _quantize_dynamic(prepared, names, per_channel, set(names)), names, feeds)
+    back = {new: old for old, new in renamed.items()}
+    return {
+        "narrow": [back.get(n, n) for n in narrower(eight, seven)],
+        "errors": {back.get(n, n): {"int8": round(eight[n], 5), "int7": round(seven.get(n, float("nan")), 5)} for n in eight},
+    }
 
 
 def model_size(model: onnx.ModelProto) -> int:

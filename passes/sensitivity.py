@@ -85,10 +85,18 @@ class Evaluator:
 
 
 def choose_option(
-    plan: PrecisionPlan, evaluator: Evaluator, key: str, values: tuple[Any, ...], progress: Callable[[str], None] | None = None
+    plan: PrecisionPlan,
+    evaluator: Evaluator,
+    key: str,
+    values: tuple[Any, ...],
+    progress: Callable[[str], None] | None = None,
+    refine: Callable[[PrecisionPlan], PrecisionPlan] | None = None,
 ) -> tuple[PrecisionPlan, dict[str, float]]:
     """The plan with the value of option ``key`` under which the fully lowered plan scores
     best against the budget (first value on ties), and every value's score.
+
+    ``refine`` completes each trial plan before it is measured (options that depend on
+    the value, such as the weight widths fitted to the smoothed weights).
 
     For options that change how every lowered node is quantized (SmoothQuant's migration
     strength): the best of them leaves the fewest groups for :func:`search_plan` to keep.
@@ -99,6 +107,7 @@ def choose_option(
     for value in values:
         say(f"{key} = {value}: measuring the fully lowered plan")
         trial = PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, key: value}})
+        trial = refine(trial) if refine else trial
         score = evaluator.budget.score(evaluator.measure(trial))
         scores[str(value)] = round(score, 6)
         if score > best_score:

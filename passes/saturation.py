@@ -1,0 +1,81 @@
+"""Weight width per MatMul for INT8 dynamic, from the error the CPU's kernel actually makes.
+
+On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime's u8 x s8 GEMM
+multiplies with ``vpmaddubsw``, which adds two u8 x s8 products into a *signed 16-bit*
+lane and saturates there. Dynamic quantization maps activations to u8 with a zero point
+(often 70-180), so even small activations are large u8 values; next to 8-bit weights
+near +-127 the pair sum passes 32767 and is clipped. ONNX Runtime's documented remedy is
+``reduce_range`` (7-bit weights: 2 x 255 x 64 < 32767, no saturation) at the price of
+half the weight resolution. Neither choice is right for every layer: MiniLM's
+attention-output projections lose 3-20% of their output to saturation, while most other
+MatMuls are better off with 8 bits.
+
+So the choice is measured per MatMul: quantize every candidate both ways, run both models
+on calibration samples with the engine's own kernels, and compare each MatMul's output
+with the FP32 product of the same input activation (relative RMS error). A MatMul gets
+7-bit weights only where that error is smaller. On a VNNI CPU (``vpdpbusd`` accumulates
+in 32 bits) the 8-bit error is always the smaller, and nothing changes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["matmul_errors", "narrower"]
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def matmul_errors(
+    reference: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[str], samples: list[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Relative RMS error of each quantized MatMul's output against its FP32 product.
+
+    Args:
+        reference: The FP32 model the quantizer was given (its MatMul weights are used).
+        quantized: The quantized model: ONNX Runtime's quantizer keeps each MatMul's
+            activation input and output tensor names.
+        nodes: MatMul nodes of ``reference`` (2-D initializer weights) to measure.
+        samples: Feeds to run ``quantized`` on (with full graph optimisation, so with the
+            kernels an engine uses).
+
+    Returns:
+        Node name to ``||y_int8 - x W|| / ||x W||`` over all samples; nodes whose tensors
+        the quantized model does not have are left out.
+    """
+    import onnxruntime as ort
+
+    inits = {t.name: t for t in reference.graph.initializer}
+    wanted = set(nodes)
+    pairs: dict[str, tuple[str, str, np.ndarray]] = {}
+    for node in reference.graph.node:
+        if node.name in wanted and node.op_type == "MatMul" and node.input[1] in inits:
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            if weight.ndim == 2:
+                pairs[node.name] = (node.input[0], node.output[0], weight.astype(np.float64))
+    if not pairs or not samples:
+        return {}
+    probe = onnx.ModelProto.FromString(quantized.SerializeToString())
+    produced = {o for n in probe.graph.node for o in n.output} | {i.name for i in probe.graph.input}
+    pairs = {k: v for k, v in pairs.items() if v[0] in produced and v[1] in produced}
+    names = sorted({t for x, y, _ in pairs.values() for t in (x, y)})
+    present = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sums = {k: [0.0, 0.0] for k in pairs}
+    for feed in samples:
+        values = dict(zip(names, session.run(names, feed)))
+        for node, (x, y, weight) in pairs.items():
+            want = values[x].astype(np.float64) @ weight
+            sums[node][0] += float(np.square(values[y] - want).sum())
+            sums[node][1] += float(np.square(want).sum())
+    return {k: float(np.sqrt(err / max(ref, 1e-30))) for k, (err, ref) in sums.items()}
+
+
+def narrower(eight: dict[str, float], seven: dict[str, float]) -> list[str]:
+    """The nodes whose measured error is smaller with 7-bit weights than with 8-bit."""
+    return sorted(k for k in eight if k in seven and seven[k] < eight[k])
