@@ -61,7 +61,8 @@ class Evaluator:
     def samples(self, plan: PrecisionPlan) -> list[dict[str, np.ndarray]]:
         """Samples a mode is judged on: held-out only when the mode fits to calibration
         data (static INT8 / FP8 ranges); every sample otherwise (more data, a truer minimum)."""
-        fitted = plan.mode in FITTED_MODES or bool(plan.options.get("smooth_alpha"))  # smoothing fits too
+        # smoothing strengths and weight widths are fitted to calibration samples too
+        fitted = plan.mode in FITTED_MODES or any(plan.options.get(k) for k in ("smooth_alpha", "narrow_weights"))
         return self.held_out if fitted else self.held_out + self.calibration
 
     def reference(self, count: int) -> list[dict[str, np.ndarray]]:

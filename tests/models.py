@@ -155,3 +155,25 @@ class Determinant(nn.Module):
 def determinant():
     torch.manual_seed(0)
     return Determinant().eval(), {"x": torch.randn(2, 9)}, {"x": {0: "batch"}}
+
+
+class Saturating(nn.Module):
+    """sigmoid(x) -- all positive, so INT8 dynamic maps it to u8 values up to 255 -- into a
+    Linear with positive weights (near +127 once quantized): the u8 x s8 pair sums pass
+    the 16-bit range of kernels without VNNI. Then a Linear on centred values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loud = nn.Linear(64, 16)
+        self.quiet = nn.Linear(16, 8)
+        with torch.no_grad():
+            self.loud.weight.uniform_(0.6, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        loud = self.loud(torch.sigmoid(x))
+        return self.quiet(torch.tanh(loud - loud.mean(-1, keepdim=True)))
+
+
+def saturating():
+    torch.manual_seed(0)
+    return Saturating().eval(), {"x": torch.randn(2, 4, 64)}, {"x": {0: "batch"}}

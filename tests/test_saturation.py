@@ -10,6 +10,8 @@ machine is, is measured first, independently of the code under test.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -128,3 +130,28 @@ def test_a_plan_with_narrow_weights_quantizes_those_with_7_bits_and_reproduces(t
         got, want = run.run(["y_loud"], feed)[0], ref.run(["y_loud"], feed)[0]
         cos = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want)))
         assert cos > 0.999
+
+
+def test_convert_reports_the_7_bit_matmuls_and_saves_them_in_the_plan(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(24):
+        np.savez(calib / f"{i:02d}.npz", x=(3.0 * rng.standard_normal((2, 4, 64)) + 2.0).astype(np.float32))
+    out = tmp_path / "o"
+    code, text, err = cli("convert", "models:saturating", "--precision", "int8-dynamic", "--calib", calib, "-o", out)
+    assert code == 0, err
+    plan = PrecisionPlan.load(out / "plan.json")
+    report = json.loads((out / "manifest.json").read_text())["precision"]
+    measured = plan.measured["weight_widths"]
+    assert len(measured) == 2  # both Linear layers measured both ways
+    narrow = [n["module"] for n in report["narrow_weights"]]
+    assert plan.options["narrow_weights"] == sorted(n for n, e in measured.items() if e["int7"] < e["int8"])
+    if _kernel_saturates():
+        assert "loud" in narrow and f"7-bit weights for {len(narrow)} MatMul(s)" in text and "loud (" in text
+        loud = next(e for n, e in measured.items() if plan.modules[n] == "loud")
+        assert loud["int8"] > 3 * loud["int7"]
+    else:
+        assert narrow == [] and "7-bit weights" not in text
+    figures = report["accuracy"]["output"]
+    assert figures["cos"] >= 0.995  # the engine is accurate once the width is right
