@@ -94,6 +94,7 @@ def main() -> None:
         "chosen": auto.manifest["precision"]["mode"],
         "backend": {"fp32": fp32.manifest["backend"]["name"], "auto": auto.manifest["backend"]["name"]},
         "kept_fp32": [k["module"] or k["node"] for k in auto.manifest["precision"]["kept_fp32"]],
+        "narrow_weights": [k["module"] or k["node"] for k in auto.manifest["precision"].get("narrow_weights", [])],
         "held_out_sentences": len(held_out),
         "tokens": int(cosines.size),
         "token_cosine_mean": float(cosines.mean()),
@@ -111,6 +112,7 @@ def main() -> None:
     }
     print(f"backends: FP32 engine {report['backend']['fp32']}, auto engine {report['backend']['auto']}")
     print(f"auto chose {report['chosen']} under {args.budget}; kept FP32: {', '.join(report['kept_fp32']) or 'none'}")
+    print(f"7-bit weights (this CPU's INT8 kernel saturates there): {len(report['narrow_weights'])} MatMul(s)")
     print(
         f"held-out: {len(held_out)} sentences, {cosines.size} tokens: per-token cosine mean {cosines.mean():.5f}, min {cosines.min():.5f}"
     )
