@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["ZOO_MODELS", "zoo_graphs", "probe_model", "live_support", "coverage", "render"]
 
+import copy
 import functools
 import importlib
 from collections import Counter
@@ -195,9 +196,17 @@ def _share(covered: int, total: int) -> dict[str, Any]:
 def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] = BACKENDS) -> dict[str, Any]:
     """The op × backend matrix and per-backend coverage shares over the zoo.
 
+    Computed once per process and arguments (asking the live backends about every node of
+    every zoo graph takes over a minute); each call gets its own copy.
+
     Returns:
         ``{"models", "backends": {name: {...shares, missing}}, "ops": [row, ...], "missing_entries": [...]}``.
     """
+    return copy.deepcopy(_coverage(tuple(models), tuple(backends)))
+
+
+@functools.cache
+def _coverage(models: tuple[str, ...], backends: tuple[str, ...]) -> dict[str, Any]:
     pipelines = {b: _pipeline_of(b) for b in backends}
     graphs = zoo_graphs(models, tuple(pipelines.values()))
     instances: Counter = Counter()
