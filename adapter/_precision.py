@@ -187,7 +187,7 @@ class _Backend:
         self._dirs.clear()
 
 
-def fits_widths(plan: PrecisionPlan, loaded: PrecisionPlan | None, runner: _Backend) -> bool:
+def _fits_widths(plan: PrecisionPlan, loaded: PrecisionPlan | None, runner: _Backend) -> bool:
     """Whether the INT8 dynamic weight widths are measured for this plan: not for a plan
     file (it says them), and only when the engine runs on this machine (the kernel whose
     saturation is measured is this machine's)."""
@@ -276,7 +276,7 @@ def lower_precision(
             hint = HINTS.get(candidate, "fp32")
             smoothing, widths = None, {}
             # Weight widths are fitted to this machine's kernels: only for engines that run here.
-            refine = _width_fitter(fp32, calib_samples, widths, say) if fits_widths(plan, loaded, runner) else None
+            refine = _width_fitter(fp32, calib_samples, widths, say) if _fits_widths(plan, loaded, runner) else None
             if "smooth_alpha" in plan.options and budget is not None and not loaded:
                 plan, smoothing = choose_option(plan, evaluator, "smooth_alpha", SMOOTH_ALPHAS, say, refine)
             elif refine:
