@@ -9,7 +9,7 @@ with ONNX Runtime over every float tensor of the graph and cached per model + da
 
 from __future__ import annotations
 
-__all__ = ["CalibrationSet", "TensorRange", "load_calibration", "synthetic_calibration", "collect_ranges"]
+__all__ = ["CalibrationSet", "TensorRange", "load_calibration", "synthetic_calibration", "collect_ranges", "probe_session"]
 
 import hashlib
 import json
@@ -176,13 +176,35 @@ def _merge(stats: dict[str, dict[str, Any]], name: str, value: np.ndarray) -> No
         slot["hist"] += np.histogram(np.clip(np.log2(nz), _BINS[0], _BINS[-1] - 1e-9), bins=_BINS)[0]
 
 
+def probe_session(model, names, optimize: bool = False):
+    """An ONNX Runtime CPU session over a copy of ``model`` whose outputs also expose the
+    intermediate tensors ``names`` (each once, after the model's own outputs).
+
+    ``optimize`` keeps ONNX Runtime's graph optimisation on, so the fused kernels an engine
+    runs are what is measured; off (the default), every tensor is computed as the graph says.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    present = {o.name for o in probe.graph.output}
+    for name in names:
+        if name and name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def collect_ranges(model_bytes: bytes, samples: list[dict[str, np.ndarray]], cache_dir: Path | None = None) -> dict[str, TensorRange]:
     """Run the model on every sample with all float tensors exposed; return their ranges.
 
     Results are cached in ``cache_dir`` by the hash of the model and the samples.
     """
     import onnx
-    import onnxruntime as ort
 
     key = hashlib.sha256(model_bytes)
     for feed in samples:
@@ -198,16 +220,7 @@ def collect_ranges(model_bytes: bytes, samples: list[dict[str, np.ndarray]], cac
     inferred = onnx.shape_inference.infer_shapes(proto)
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     typed = {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.output) if vi.type.tensor_type.elem_type in float_types}
-    existing = {o.name for o in proto.graph.output}
-    for node in proto.graph.node:
-        for out in node.output:
-            if out and out in typed and out not in existing:
-                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
-                existing.add(out)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(proto, [out for node in proto.graph.node for out in node.output if out in typed])
     names = [o.name for o in session.get_outputs()]
     stats: dict[str, dict[str, Any]] = {}
     for init in proto.graph.initializer:

@@ -344,9 +344,8 @@ def _quantize_dynamic(model: onnx.ModelProto, lowered: list[str], per_channel: b
     with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
         src = Path(tmp) / "in.onnx"
         onnx.save(model, src)
-        for step, (nodes, reduce_range) in enumerate(
-            (([n for n in lowered if n in narrow], True), ([n for n in lowered if n not in narrow], False))
-        ):
+        for step, reduce_range in enumerate((True, False)):  # the narrow nodes first, then the rest
+            nodes = [n for n in lowered if (n in narrow) == reduce_range]
             if not nodes:
                 continue
             dst = Path(tmp) / f"out{step}.onnx"
@@ -382,7 +381,7 @@ def fit_weight_widths(
     back = {new: old for old, new in renamed.items()}
     return {
         "narrow": [back.get(n, n) for n in narrower(eight, seven)],
-        "errors": {back.get(n, n): {"int8": round(eight[n], 5), "int7": round(seven.get(n, float("nan")), 5)} for n in eight},
+        "errors": {back.get(n, n): {"int8": round(eight[n], 5), "int7": round(seven[n], 5)} for n in eight if n in seven},
     }
 
 

@@ -45,7 +45,7 @@ def matmul_errors(
         Node name to ``||y_int8 - x W|| / ||x W||`` over all samples; nodes whose tensors
         the quantized model does not have are left out.
     """
-    import onnxruntime as ort
+    from adapter.passes.calibration import probe_session
 
     inits = {t.name: t for t in reference.graph.initializer}
     wanted = set(nodes)
@@ -57,17 +57,10 @@ def matmul_errors(
                 pairs[node.name] = (node.input[0], node.output[0], weight.astype(np.float64))
     if not pairs or not samples:
         return {}
-    probe = onnx.ModelProto.FromString(quantized.SerializeToString())
-    produced = {o for n in probe.graph.node for o in n.output} | {i.name for i in probe.graph.input}
+    produced = {o for n in quantized.graph.node for o in n.output} | {i.name for i in quantized.graph.input}
     pairs = {k: v for k, v in pairs.items() if v[0] in produced and v[1] in produced}
     names = sorted({t for x, y, _ in pairs.values() for t in (x, y)})
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(quantized, names, optimize=True)
     sums = {k: [0.0, 0.0] for k in pairs}
     for feed in samples:
         values = dict(zip(names, session.run(names, feed)))

@@ -28,21 +28,16 @@ _MAXIMA: dict[tuple[str, int, str], dict[str, np.ndarray]] = {}
 
 def channel_absmax(model: onnx.ModelProto, names: list[str], samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Largest magnitude per last-axis channel of each named tensor over ``samples``."""
-    import onnxruntime as ort
+    from adapter.passes.calibration import probe_session
 
-    data = model.SerializeToString()  # once: for the cache key and the probe copy
-    key = (hashlib.sha256(data).hexdigest(), len(samples), hashlib.sha256("|".join(sorted(names)).encode()).hexdigest())
+    key = (
+        hashlib.sha256(model.SerializeToString()).hexdigest(),
+        len(samples),
+        hashlib.sha256("|".join(sorted(names)).encode()).hexdigest(),
+    )
     if key in _MAXIMA:
         return _MAXIMA[key]
-    probe = onnx.ModelProto.FromString(data)
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(model, names)
     maxima: dict[str, np.ndarray] = {}
     for feed in samples:
         for name, value in zip(names, session.run(names, feed)):
