@@ -9,6 +9,9 @@ name lands in site-packages.
 from setuptools import setup
 
 SUBPACKAGES = ("passes", "passes.fusion", "backends", "kernels", "op_library", "profiles")
+"""Top-level folders installed as ``adapter.<name>``."""
+INNER = ("core", "convert", "bench", "profile", "runtime", "cli")
+"""Layers that live inside ``adapter/`` itself (see ARCHITECTURE.md)."""
 
 # Pinned: these are the versions the test-suite and the figures in the notes were
 # measured with.  torch 2.13.0 resolves to the CPU build on the project machines.
@@ -59,10 +62,10 @@ setup(
     version="0.1.0",
     description="Hardware-adaptation compiler: PyTorch models to verified, optimized engines",
     python_requires=">=3.11,<3.12",
-    packages=["adapter"] + [f"adapter.{name}" for name in SUBPACKAGES],
+    packages=["adapter"] + [f"adapter.{name}" for name in INNER + SUBPACKAGES],
     package_dir={"adapter": "adapter", **{f"adapter.{n}": n.replace(".", "/") for n in SUBPACKAGES}},
     package_data={"adapter": ["data/*.txt"], "adapter.profiles": ["*.toml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["adapter=adapter.cli:main"]},
+    entry_points={"console_scripts": ["adapter=adapter.cli.main:main"]},
 )

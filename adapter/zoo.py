@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adapter.specs import DEFAULT_DIM_MAX, Dim
+from adapter.core.specs import DEFAULT_DIM_MAX, Dim
 
 __all__ = ["ZOO", "Factory", "gpt2", "llama", "minilm", "resnet", "t5_encoder", "vit", "whisper_encoder"]
 

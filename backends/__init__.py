@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from adapter.errors import BackendUnavailableError
+from adapter.core.errors import BackendUnavailableError
 
 __all__ = ["BACKENDS", "get_backend"]
 

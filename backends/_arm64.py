@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from adapter.errors import AdapterError
+from adapter.core.artifact import cache_root
+from adapter.core.errors import AdapterError
 
 SUITE = "bookworm"
 """Debian release of the root filesystem (Raspberry Pi OS 12 is bookworm, Python 3.11)."""
@@ -84,8 +85,6 @@ def default_rootfs() -> Path:
     env = os.environ.get("ADAPTER_ARM64_ROOTFS")
     if env:
         return Path(env).expanduser().absolute()
-    from adapter.artifact import cache_root
-
     return cache_root() / "arm64" / f"{SUITE}-{_key()}"
 
 

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+from adapter.backends import onnxruntime as ort_backend
+from adapter.backends.base import Support, module_of
 
-from adapter.errors import AdapterError, UnsupportedOp
+from adapter.core.errors import AdapterError, UnsupportedOp
 
 MAX_OPSET = 20
 """Highest standard opset written: TensorRT 10's parser covers opsets 9-20
@@ -48,8 +50,6 @@ def documented_support(node: ir.Node, documented: Any, foreign_domain: str) -> A
     be in the matrix; the inputs the matrix requires constant (``constant_inputs``) must
     be initializers or Constant nodes here.
     """
-    from adapter.backends.base import Support
-
     doc = f"{documented.version}, {documented.source}"
     if node.domain not in ("", "ai.onnx"):
         return Support(False, f"{foreign_domain} ({doc})")
@@ -80,8 +80,6 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def standard_domain_problems(model: ir.Model, why: str) -> list[UnsupportedOp]:
     """Every node outside the standard ONNX domain (after functions are inlined)."""
-    from adapter.backends.base import module_of
-
     return [
         UnsupportedOp(node.name or "", node.op_type, node.domain, module_of(node), why)
         for node in model.graph.all_nodes()
@@ -134,8 +132,6 @@ def check_onnx(path: Path) -> None:
 
 def cpu_stand_in(folder: Path, inputs: list, outputs: list, model_file: str, what: str) -> tuple[Any, str]:
     """An ONNX Runtime CPU engine over ``folder/model_file``, and its one-line description."""
-    from adapter.backends import onnxruntime as ort_backend
-
     if model_file != ort_backend.MODEL_FILE:
         raise AdapterError(f"The stand-in expects {ort_backend.MODEL_FILE}, not {model_file}.")
     config = {"files": [model_file], "optimization": "all", "threads": 0, "save_optimized": False}

@@ -72,7 +72,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.errors import AdapterError, BackendUnavailableError
+from adapter.core.errors import AdapterError, BackendUnavailableError
 
 __all__ = [
     "DEFAULT_CODE_OBJECT_VERSION",

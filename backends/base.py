@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from adapter.errors import UnsupportedOp
-from adapter.specs import TensorSpec, check_inputs
+from adapter.core.artifact import read_manifest
+from adapter.core.errors import BackendUnavailableError, InputMismatchError, UnsupportedOp
+from adapter.core.specs import TensorSpec, check_inputs
 
 
 class Support(NamedTuple):
@@ -47,8 +48,6 @@ def require_module(module: str, backend: str, install: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        from adapter.errors import BackendUnavailableError
-
         raise BackendUnavailableError(f"The {backend} backend needs the {module} package.", f"Install it: {install}.")
 
 
@@ -62,8 +61,6 @@ def fix_shapes(model: ir.Model, shapes: dict[str, list[int]]) -> ir.Model:
         InputMismatchError: An input has no shape in ``shapes``, or its rank differs.
     """
     import onnxscript.optimizer
-
-    from adapter.errors import InputMismatchError
 
     fixed = model.clone()
     problems = []
@@ -155,8 +152,6 @@ class EngineBase(abc.ABC):
     @classmethod
     def load(cls, folder: Path) -> EngineBase:
         """Load from an artifact folder (its manifest carries specs and config)."""
-        from adapter.artifact import read_manifest
-
         manifest = read_manifest(Path(folder))
         inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
         outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]

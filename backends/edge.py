@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from adapter.backends import _arm64
+from adapter.backends import onnxruntime as ort_backend
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 
-from adapter._onnx_io import initializer_bytes, save_model
-from adapter.errors import AdapterError
-from adapter.specs import TensorSpec, check_inputs
+from adapter.core.errors import AdapterError
+from adapter.core.onnx_io import initializer_bytes, save_model
+from adapter.core.specs import TensorSpec, check_inputs
 
 NAME = "edge"
 PASSES = ("fusion-ort",)
@@ -77,15 +79,11 @@ def require() -> None:
 
 
 def version() -> str:
-    from adapter.backends import onnxruntime as ort_backend
-
     return ort_backend.version()
 
 
 def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
     """Whether ONNX Runtime has a CPU kernel for the node (the ARM build has the same operator set)."""
-    from adapter.backends import onnxruntime as ort_backend
-
     return ort_backend.supports(node, model, profile)
 
 
@@ -263,8 +261,6 @@ class Engine(EngineBase):
         """Run the ``.ort`` file with ONNX Runtime on an emulated ARM64 machine (slow; for checks).
 
         QEMU emulates the profile's core when it knows it (cortex-a76 for the Pi 5)."""
-        from adapter.backends import _arm64
-
         feed = check_inputs(self.inputs, inputs)
         root = _arm64.ensure_rootfs(rootfs)
         spec = {

@@ -37,12 +37,12 @@ from adapter.backends._recipe import (
     write_atomic,
 )
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, unsupported_nodes
-from adapter.op_library.documented import MIGRAPHX
+from adapter.backends.documented import MIGRAPHX
 
-from adapter import _safety
-from adapter._onnx_io import save_model
-from adapter.errors import AdapterError, UnsupportedOpsError
-from adapter.specs import TensorSpec
+from adapter.core import safety as _safety
+from adapter.core.errors import AdapterError, UnsupportedOpsError
+from adapter.core.onnx_io import save_model
+from adapter.core.specs import TensorSpec
 
 NAME = "migraphx"
 FIXED_SHAPES = True

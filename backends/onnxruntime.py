@@ -22,10 +22,10 @@ import numpy as np
 import onnx_ir as ir
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 
-from adapter import _safety
-from adapter._onnx_io import save_model
-from adapter.errors import AdapterError
-from adapter.specs import TensorSpec
+from adapter.core import safety as _safety
+from adapter.core.errors import AdapterError
+from adapter.core.onnx_io import save_model
+from adapter.core.specs import TensorSpec
 
 NAME = "onnxruntime"
 PROVIDER = "CPUExecutionProvider"

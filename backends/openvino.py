@@ -21,10 +21,11 @@ import numpy as np
 import onnx_ir as ir
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 
-from adapter import _safety
-from adapter._onnx_io import save_model
-from adapter.errors import AdapterError, BackendFailedError
-from adapter.specs import TensorSpec
+from adapter.core import safety as _safety
+from adapter.core.artifact import MANIFEST, cache_root
+from adapter.core.errors import AdapterError, BackendFailedError
+from adapter.core.onnx_io import save_model
+from adapter.core.specs import TensorSpec
 
 NAME = "openvino"
 MODEL_FILE = "model.onnx"
@@ -141,8 +142,6 @@ def _cache_dir(folder: Path) -> Path:
     seeded from it, so loading never writes into (and so never invalidates) the artifact.
     """
     import shutil
-
-    from adapter.artifact import MANIFEST, cache_root
 
     own = folder / CACHE_DIR
     if not (folder / MANIFEST).is_file():

@@ -58,11 +58,11 @@ from adapter.backends._recipe import (
     write_atomic,
 )
 from adapter.backends.base import EngineBase, Support, module_of, profile_options, unsupported_nodes
-from adapter.op_library.documented import TENSORRT
+from adapter.backends.documented import TENSORRT
 
-from adapter._onnx_io import save_model
-from adapter.errors import AdapterError, UnsupportedOp, UnsupportedOpsError
-from adapter.specs import Dim, TensorSpec
+from adapter.core.errors import AdapterError, UnsupportedOp, UnsupportedOpsError
+from adapter.core.onnx_io import save_model
+from adapter.core.specs import Dim, TensorSpec
 
 NAME = "tensorrt"
 PASSES = ()

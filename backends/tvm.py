@@ -53,10 +53,13 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from adapter.backends import _tvm_rocm
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, threads_for
+from adapter.profiles.probe import probe_host
 
-from adapter.errors import AdapterError, BackendUnavailableError
-from adapter.specs import TensorSpec
+from adapter.core.errors import AdapterError, BackendUnavailableError
+from adapter.core.onnx_io import save_model
+from adapter.core.specs import TensorSpec
 
 NAME = "tvm"
 PASSES: tuple[str, ...] = ()
@@ -192,8 +195,6 @@ def _runs_here(target: dict[str, Any]) -> bool:
 
 def _host_target() -> dict[str, Any]:
     """This machine's ``llvm`` target (the host probe's, else a generic one)."""
-    from adapter.profiles.probe import probe_host
-
     return dict(_thaw(probe_host().backends.get(NAME, {}).get("target", {"kind": "llvm"})))
 
 
@@ -273,8 +274,6 @@ def _compile_relax(mod, target: dict[str, Any], trials: int, tuning_dir: Path | 
                 )(mod)
         with contextlib.ExitStack() as stack:
             if _kind(target) == "rocm":
-                from adapter.backends import _tvm_rocm
-
                 stack.enter_context(_tvm_rocm.rocm_build(str(target.get("mcpu", ""))))
             return tvm.compile(mod, target=tvm_target)
     except AdapterError:
@@ -419,8 +418,6 @@ def _check_kernels(folder: Path, files: list[str], target: dict[str, Any]) -> di
                     raise AdapterError(f"{name} holds SASS for {found['elf'] or 'nothing'}, not {arch}.")
                 checked[name] = found
     elif kind == "rocm":
-        from adapter.backends import _tvm_rocm
-
         arch = str(target.get("mcpu", ""))
         for name in files:
             if name.endswith(".hsaco"):
@@ -443,8 +440,6 @@ def compile(
     workdir.mkdir(parents=True, exist_ok=True)
     target = dict(options.target)
     fixed = fix_shapes(model, options.shapes)
-    from adapter._onnx_io import save_model
-
     files = save_model(fixed, workdir / MODEL_FILE)
     mod = _relax_module(fixed)
     tuning = workdir / TUNING if options.tuning_trials > 0 else None
@@ -457,8 +452,6 @@ def compile(
     if kind == "cuda":
         files += _cuda_kernels(executable, workdir, str(target.get("arch", "sm_80")))
     elif kind == "rocm":
-        from adapter.backends import _tvm_rocm
-
         files += _tvm_rocm.save_code_objects(executable, workdir)
     if tuning is not None:
         files += [str(p.relative_to(workdir)) for p in sorted(tuning.rglob("*")) if p.is_file()]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter._timing import median_ms
+from adapter.core.timing import median_ms
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from adapter._timing import paired_median_ms
+from adapter.core.timing import paired_median_ms
 
 _MS = "com.microsoft"
 

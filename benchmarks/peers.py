@@ -33,8 +33,8 @@ import torch
 
 import adapter
 from adapter import ConvertOptions, convert, load
-from adapter._precision import PrecisionOptions
-from adapter._timing import paired_median_ms
+from adapter.convert.precision import PrecisionOptions
+from adapter.core.timing import paired_median_ms
 
 torch.set_num_threads(len(os.sched_getaffinity(0)))  # every peer gets every CPU
 

@@ -8,7 +8,7 @@ sixth line is held back for this benchmark, the rest go to convert (which itself
 to calibrate and half to judge the budget). Accuracy is measured on the held-back lines,
 which convert never saw: per-token cosine of the auto engine against eager PyTorch FP32,
 real tokens only. Latency: batch 1 and 8 at sequence 128, both engines in the same run,
-timed in rotating blocks (``adapter.bench.time_cases``, with the machine guard re-timing
+timed in rotating blocks (``adapter.bench.runner.time_cases``, with the machine guard re-timing
 blocks the VM's slow windows reached); reported as the median call and as the median of
 each block's fastest call (the statistic ``adapter bench`` uses by default).
 """
@@ -25,8 +25,8 @@ import torch
 
 import adapter
 from adapter import ConvertOptions, convert, load
-from adapter._precision import PrecisionOptions
-from adapter.bench import block_samples, time_cases
+from adapter.convert.precision import PrecisionOptions
+from adapter.core.timing import block_samples, time_cases
 from adapter.zoo import minilm
 
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"

@@ -5,7 +5,7 @@
                                  [--in-process] [--expect-refused MODEL@TARGET/BACKEND,...]
 
 Per cell (model x target/backend) this converts ``adapter.zoo:<model>`` with
-``adapter.api.convert`` into ``<out>/<model>-<target>-<backend>`` (no latency measurement)
+``adapter.convert.api.convert`` into ``<out>/<model>-<target>-<backend>`` (no latency measurement)
 and records:
 
 - the outcome: ``ok``, ``refused`` (convert raised an ``AdapterError``; its message is kept:
@@ -159,7 +159,7 @@ def _eager_reference(model: str) -> tuple[dict[str, np.ndarray], dict[str, np.nd
     """The factory's example inputs (as convert sees them) and the eager outputs, by output name."""
     import torch
 
-    from adapter._torch_export import broaden_examples, flatten_outputs, to_numpy
+    from adapter.convert.torch_export import broaden_examples, flatten_outputs, to_numpy
     from adapter.zoo import ZOO
 
     module, inputs, dynamic = ZOO[model]()
@@ -199,7 +199,7 @@ def _qemu(model: str, folder: Path, manifest: dict[str, Any], timeout: float) ->
     from adapter.backends import _arm64
 
     from adapter import load
-    from adapter.specs import check_inputs
+    from adapter.core.specs import check_inputs
 
     started = time.perf_counter()
     engine = load(folder)
@@ -250,8 +250,8 @@ def _qemu(model: str, folder: Path, manifest: dict[str, Any], timeout: float) ->
 
 def run_cell(model: str, pair: str, out_root: Path, qemu: bool, use_cache: bool, qemu_timeout: float) -> dict:
     """Convert one model for one (target, backend) and check what came out; never raises."""
-    from adapter.api import ConvertOptions, convert
-    from adapter.errors import AdapterError
+    from adapter.convert.api import ConvertOptions, convert
+    from adapter.core.errors import AdapterError
 
     target, backend = pair.split("/")
     folder = out_root / _cell_name(model, pair)
@@ -500,7 +500,7 @@ def _summary(cells: list[dict], expected_refusals: set[str]) -> dict[str, Any]:
 
 
 def _save(path: Path, args: argparse.Namespace, cells: list[dict], started: float, done: bool) -> None:
-    from adapter.artifact import library_versions
+    from adapter.core.artifact import library_versions
 
     data = {
         "host": {

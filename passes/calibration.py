@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from adapter.errors import InputMismatchError, SourceError
-from adapter.specs import TensorSpec, check_inputs
+from adapter.core.errors import InputMismatchError, SourceError
+from adapter.core.specs import TensorSpec, check_inputs
+from adapter.core.verify import random_inputs
 
 FP16_MAX = 65504.0
 FP16_TINY = 5.96e-8
@@ -120,8 +121,6 @@ def synthetic_calibration(
     specs: list[TensorSpec], examples: dict[str, np.ndarray], count: int = 16
 ) -> CalibrationSet:
     """Random feeds drawn like the example inputs (accuracy figures then only indicative)."""
-    from adapter.verify import random_inputs
-
     rng = np.random.default_rng(1234)
     samples = [examples] + [random_inputs(specs, examples, rng) for _ in range(count - 1)]
     return CalibrationSet(samples, "synthetic", True)

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from adapter.passes import canonicalize, fusion
 from adapter.passes.base import CountedPass, PassRecord
 
-from adapter.errors import PassFailedError
+from adapter.core.errors import PassFailedError
 
 PASSES: dict[str, Callable[[], CountedPass]] = {
     "constant-folding": canonicalize.ConstantFolding,

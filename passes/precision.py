@@ -35,8 +35,11 @@ from typing import Any
 import numpy as np
 import onnx
 from adapter.passes import unpack_attention
+from adapter.passes.float16 import ConvertFloat
+from adapter.passes.saturation import matmul_errors, narrower
+from adapter.passes.smoothing import smooth
 
-from adapter.errors import AdapterError, SourceError
+from adapter.core.errors import AdapterError, SourceError
 
 MODES = ("fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto")
 KEEP_FP32_OPS = (
@@ -284,8 +287,6 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
     try:
         if plan.mode == "fp16":
             import onnx_ir as ir
-            from adapter.passes.float16 import ConvertFloat
-
             graph = ir.serde.deserialize_model(model)
             conversion = ConvertFloat(ir.DataType.FLOAT16, KEEP_FP32_OPS, set(plan.overrides))
             conversion(graph)
@@ -329,8 +330,6 @@ def _prepare_dynamic(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[
         plan.measured.setdefault("attention_unpacked", len(renamed))
     alpha = plan.options.get("smooth_alpha")
     if alpha and samples:  # SmoothQuant-style channel balancing (passes/smoothing.py)
-        from adapter.passes.smoothing import smooth
-
         model, smoothed = smooth(model, lowered, samples, float(alpha))
         plan.measured.setdefault("smoothed_tensors", smoothed)
     return model, lowered, renamed
@@ -366,8 +365,6 @@ def fit_weight_widths(
     Returns ``{"narrow": [plan node names better with 7 bits], "errors": {node: {"int8":
     e8, "int7": e7}}}``; the caller puts ``narrow`` into ``options["narrow_weights"]``.
     """
-    from adapter.passes.saturation import matmul_errors, narrower
-
     if plan.mode != "int8-dynamic" or not samples:
         return {"narrow": [], "errors": {}}
     with _quiet_root_logger():

@@ -25,6 +25,7 @@ __all__ = ["matmul_errors", "narrower"]
 
 import numpy as np
 import onnx
+from adapter.passes.calibration import probe_session
 from onnx import numpy_helper
 
 
@@ -45,8 +46,6 @@ def matmul_errors(
         Node name to ``||y_int8 - x W|| / ||x W||`` over all samples; nodes whose tensors
         the quantized model does not have are left out.
     """
-    from adapter.passes.calibration import probe_session
-
     inits = {t.name: t for t in reference.graph.initializer}
     wanted = set(nodes)
     pairs: dict[str, tuple[str, str, np.ndarray]] = {}

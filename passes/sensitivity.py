@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from adapter.passes.budget import Budget, output_metrics
 from adapter.passes.precision import PrecisionPlan, apply_plan
+
+from adapter.core.budget import Budget, output_metrics
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 HINTS = {"bf16": "bf16", "fp16": "fp16"}

@@ -11,8 +11,9 @@ vocabulary's logits (then an all-gather). The collectives are exported as nodes 
 
 Pipeline parallelism cuts each rank graph, in topological order, into stages of balanced
 cost (the op library's FLOPs at the example shapes); every value a later stage needs is sent
-on explicitly. Each stage is then split at its collective nodes into segments, each compiled
-by a backend into an engine. ``adapter.distributed`` runs the result under ``torchrun``.
+on explicitly. Each stage is then split at its collective nodes into segments;
+``adapter.runtime.shard`` compiles each with a backend and writes the sharded artifact, which
+``adapter.runtime.worker`` runs under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -21,22 +22,21 @@ __all__ = [
     "DOMAIN",
     "ShardSpec",
     "tensor_parallel_module",
-    "rank_graphs",
     "stage_bounds",
     "split_rank",
-    "build_sharded",
+    "consumers_after",
+    "segment_model",
 ]
 
 import copy
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from adapter.op_library import node_cost
 
-from adapter.errors import AdapterError
+from adapter.core.errors import AdapterError
 
 DOMAIN = "adapter.dist"
 """Domain of the collective nodes the tensor-parallel export writes."""
@@ -244,53 +244,11 @@ def tensor_parallel_module(module, tp: int, rank: int):
     return model
 
 
-# --------------------------------------------------------------------------- graphs per rank
-
-
-def rank_graphs(prepared, tp: int, say=lambda _m: None) -> list[Any]:
-    """Export each tensor-parallel rank's module (collectives as ``adapter.dist`` nodes), canonicalized.
-
-    ``prepared`` is an ``adapter.importer.PreparedSource`` of a PyTorch source.
-    """
-    from adapter.passes import build_pipeline, run_pipeline
-
-    from adapter.importer import _import_torch
-
-    if prepared.module is None:
-        raise AdapterError(
-            "Tensor parallelism needs a PyTorch source (a factory or a Hugging Face folder).",
-            "Give the factory instead of an ONNX/.pt2 file, or use --tp 1.",
-        )
-    graphs = []
-    for rank in range(tp):
-        say(f"export tensor-parallel rank {rank}")
-        module = tensor_parallel_module(prepared.module, tp, rank).eval()
-        imported = _import_torch(
-            prepared.spec, prepared.kind, module, prepared.inputs, prepared.dynamic, prepared.digest, {}
-        )
-        run_pipeline(imported.model, build_pipeline(["canonicalize"]))
-        graphs.append(imported)
-    kinds = [[(n.domain, n.op_type) for n in g.model.graph] for g in graphs]  # node names may differ
-    if any(k != kinds[0] for k in kinds[1:]):
-        raise AdapterError("The tensor-parallel ranks exported different graphs; they cannot run in lock-step.")
-    return graphs
-
-
-def _sizes(specs, examples: dict[str, np.ndarray]) -> dict[str, int]:
-    from adapter.specs import Dim
-
-    sizes = {}
-    for spec in specs:
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, Dim) and spec.name in examples:
-                sizes[dim.name] = int(examples[spec.name].shape[axis])
-    return sizes
+# --------------------------------------------------------------------------- stages and segments
 
 
 def stage_bounds(model: ir.Model, pp: int, sizes: dict[str, int]) -> list[int]:
     """Node indices where stages 1..pp-1 start, balancing the op library's FLOPs (bytes when no FLOPs)."""
-    from adapter.op_library import node_cost
-
     nodes = list(model.graph)
     if pp > max(1, len(nodes)):
         raise AdapterError(f"{pp} pipeline stages for a graph of {len(nodes)} nodes.")
@@ -324,7 +282,7 @@ class ShardSpec:
     outputs: list[str] = field(default_factory=list)
 
 
-def _consumers_after(model: ir.Model) -> dict[str, int]:
+def consumers_after(model: ir.Model) -> dict[str, int]:
     """For each value name: the index of the last node that reads it (graph outputs: infinity)."""
     last: dict[str, int] = {}
     for index, node in enumerate(model.graph):
@@ -351,7 +309,7 @@ def split_rank(model: ir.Model, bounds: list[int]) -> list[tuple[list[tuple[str,
     for index, node in enumerate(nodes):
         for value in node.outputs:
             produced_at[value.name] = index
-    last = _consumers_after(model)
+    last = consumers_after(model)
     initializers = set(model.graph.initializers)
     stages = []
     for start, end in zip(starts, ends):
@@ -382,7 +340,7 @@ def split_rank(model: ir.Model, bounds: list[int]) -> list[tuple[list[tuple[str,
     return stages
 
 
-def _segment_model(model: ir.Model, indices: list[int], needed_after: set[str]) -> ir.Model:
+def segment_model(model: ir.Model, indices: list[int], needed_after: set[str]) -> ir.Model:
     """The nodes at ``indices`` as a model of their own: inputs are what they read from outside."""
     import onnx
     import onnx.utils
@@ -402,192 +360,3 @@ def _segment_model(model: ir.Model, indices: list[int], needed_after: set[str]) 
     segment = ir.serde.deserialize_model(extracted)
     segment.opset_imports.pop(DOMAIN, None)  # collectives run between segments, never inside one
     return segment
-
-
-def _spec(value: ir.Value, dims: dict[str, Any]):
-    from adapter.specs import Dim, TensorSpec
-
-    shape = []
-    for d in value.shape or []:
-        if isinstance(d, int):
-            shape.append(d)
-        else:
-            name = str(d.value) if getattr(d, "value", None) is not None else "?"
-            shape.append(dims.get(name, Dim(name)))
-    dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
-    return TensorSpec(value.name, dtype, tuple(shape))
-
-
-def build_sharded(
-    source: str,
-    output: Path,
-    tp: int = 1,
-    pp: int = 1,
-    microbatches: int = 1,
-    backend: str = "onnxruntime",
-    target: str = "host",
-    say=lambda _m: None,
-    verify: bool = False,
-    timeout: float = 60.0,
-    plan: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write a sharded artifact for ``tp`` x ``pp`` ranks (manifest format: ``adapter.distributed``).
-
-    With ``verify``, the staged artifact is first run under ``torchrun`` on the example
-    inputs and its outputs compared with the unsharded engine's (max-abs ≤ 1e-5).
-
-    Raises:
-        AdapterError: The source cannot be sharded this way, or a segment does not compile.
-        VerificationError: The sharded run's outputs differ from the unsharded engine's.
-    """
-    from adapter.backends import get_backend
-    from adapter.passes import build_pipeline, run_pipeline
-    from adapter.profiles import load_profile
-
-    from adapter import artifact
-    from adapter.importer import import_source, prepare_source
-    from adapter.specs import Dim
-
-    if tp < 1 or pp < 1 or microbatches < 1:
-        raise AdapterError(f"tp, pp and microbatches must be at least 1 (got {tp}, {pp}, {microbatches}).")
-    started = time.perf_counter()
-    profile = load_profile(target)
-    module = get_backend(backend)
-    prepared = prepare_source(source)
-    say("export the unsharded model")
-    whole = import_source(prepared)
-    run_pipeline(whole.model, build_pipeline(["canonicalize"]))
-    graphs = rank_graphs(prepared, tp, say) if tp > 1 else [whole]
-    dims = {d.name: d for s in whole.inputs for d in s.shape if isinstance(d, Dim)}
-    sizes = _sizes(whole.inputs, whole.example_inputs)
-    bounds = stage_bounds(graphs[0].model, pp, sizes)
-    world = tp * pp
-    output = Path(output)
-    ranks: list[dict[str, Any]] = []
-    weights: dict[int, int] = {}
-    with artifact.staging_dir(output) as staged:
-        for t, imported in enumerate(graphs):
-            model = imported.model
-            stages = split_rank(model, bounds)
-            last = _consumers_after(model)
-            values = {v.name: v for n in model.graph for v in n.outputs}
-            values.update({v.name: v for v in model.graph.inputs})
-            for s, (steps, recv, send) in enumerate(stages):
-                rank = s * tp + t
-                spec: dict[str, Any] = {
-                    "rank": rank,
-                    "stage": s,
-                    "tp_rank": t,
-                    "tp_group": [s * tp + i for i in range(tp)],
-                    "recv_from": rank - tp if s > 0 else None,
-                    "recv": recv,
-                    "send_to": rank + tp if s < pp - 1 else None,
-                    "send": send,
-                    "steps": [],
-                    "outputs": [v.name for v in model.graph.outputs] if s == pp - 1 else [],
-                }
-                weights[rank] = 0
-                nodes = list(model.graph)
-                for k, (kind, indices) in enumerate(steps):
-                    if kind != "segment":
-                        node = nodes[indices[0]]
-                        spec["steps"].append(
-                            {
-                                "op": COLLECTIVES[kind],
-                                "input": node.inputs[0].name,
-                                "output": node.outputs[0].name,
-                                "axis": -1,
-                            }  # fmt: skip
-                        )
-                        continue
-                    after = {name for name, at in last.items() if at > indices[-1]}
-                    segment = _segment_model(model, indices, after)
-                    folder = f"rank{rank}/seg{k}"
-                    say(f"rank {rank}: compile segment {k} ({len(indices)} nodes)")
-                    ins = [_spec(v, dims) for v in segment.graph.inputs]
-                    outs = [_spec(v, dims) for v in segment.graph.outputs]
-                    options = module.Options.from_profile(profile, {})
-                    engine = module.compile(segment, profile, options, (ins, outs), staged / folder)
-                    weights[rank] += sum(
-                        v.const_value.nbytes for v in segment.graph.initializers.values() if v.const_value is not None
-                    )
-                    spec["steps"].append(
-                        {
-                            "op": "run",
-                            "engine": {
-                                "folder": folder,
-                                "backend": backend,
-                                "config": engine.config,
-                                "inputs": [i.to_json() for i in ins],
-                                "outputs": [o.to_json() for o in outs],
-                            },
-                        }
-                    )
-                ranks.append(spec)
-        ranks.sort(key=lambda r: r["rank"])
-        whole_bytes = sum(
-            v.const_value.nbytes for v in whole.model.graph.initializers.values() if v.const_value is not None
-        )
-        batch_axis = {s.name: 0 for s in whole.inputs if s.shape and isinstance(s.shape[0], Dim)}
-        manifest = {
-            "kind": "sharded",
-            "world_size": world,
-            "tp": tp,
-            "pp": pp,
-            "microbatches": microbatches,
-            "backend": backend,
-            "source": {"spec": source, "digest": whole.digest},
-            "target": profile.name,
-            "inputs": [s.to_json() for s in whole.inputs],
-            "outputs": [s.to_json() for s in whole.outputs],
-            "batch_axis": batch_axis,
-            "ranks": ranks,
-            "stage_bounds": bounds,
-            "weights_bytes": {"unsharded": whole_bytes, "per_rank": {str(r): b for r, b in sorted(weights.items())}},
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        np.savez(staged / "example_inputs.npz", **whole.example_inputs)
-        say("compile the unsharded engine (the reference the ranks are compared with)")
-        reference = module.compile(
-            whole.model, profile, module.Options.from_profile(profile, {}), (whole.inputs, whole.outputs),
-            staged / UNSHARDED,
-        )  # fmt: skip
-        manifest["unsharded"] = {"folder": UNSHARDED, "backend": backend, "config": reference.config}
-        if plan is not None:
-            manifest["plan"] = plan
-        artifact.write_manifest(staged, manifest)
-        if verify:
-            say(f"verify: run the {world} ranks under torchrun and compare with the unsharded engine")
-            manifest["verification"] = _verify_sharded(staged, world, reference, whole.example_inputs, timeout)
-            manifest["seconds"] = round(time.perf_counter() - started, 2)
-            artifact.write_manifest(staged, manifest)
-        artifact.publish(staged, output)
-    return manifest
-
-
-def _verify_sharded(folder: Path, world: int, reference, feed: dict[str, np.ndarray], timeout: float) -> dict[str, Any]:
-    """Run the artifact's ranks on ``feed`` and compare with the unsharded engine (FP32: max-abs ≤ 1e-5)."""
-    from adapter.cli_launch import run_sharded
-    from adapter.errors import VerificationError
-
-    result = run_sharded(folder, world, inputs=folder / "example_inputs.npz", timeout=timeout)
-    expected = reference.run(feed)
-    figures: dict[str, dict[str, float]] = {}
-    for name, want in expected.items():
-        got = np.asarray(result["outputs"][name], dtype=np.float64)
-        want = np.asarray(want, dtype=np.float64)
-        cosine = float(np.dot(got.ravel(), want.ravel()) / (np.linalg.norm(got) * np.linalg.norm(want) or 1.0))
-        figures[name] = {"max_abs": float(np.abs(got - want).max()), "cosine": cosine}
-    passed = all(f["max_abs"] <= SHARDED_ATOL for f in figures.values())
-    report = {
-        "against": "the unsharded engine on the example inputs",
-        "atol": SHARDED_ATOL,
-        "outputs": figures,
-        "passed": passed,
-        "ranks": result["ranks"],
-        "launch_seconds": result["seconds"],
-    }
-    if not passed:
-        worst = ", ".join(f"{n}: max-abs {f['max_abs']:.3g}" for n, f in figures.items())
-        raise VerificationError(f"The sharded run differs from the unsharded engine ({worst}; allowed {SHARDED_ATOL}).")
-    return report

@@ -20,6 +20,7 @@ import hashlib
 
 import numpy as np
 import onnx
+from adapter.passes.calibration import probe_session
 from onnx import numpy_helper
 
 _MAXIMA: dict[tuple[str, int, str], dict[str, np.ndarray]] = {}
@@ -28,8 +29,6 @@ _MAXIMA: dict[tuple[str, int, str], dict[str, np.ndarray]] = {}
 
 def channel_absmax(model: onnx.ModelProto, names: list[str], samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Largest magnitude per last-axis channel of each named tensor over ``samples``."""
-    from adapter.passes.calibration import probe_session
-
     key = (
         hashlib.sha256(model.SerializeToString()).hexdigest(),
         len(samples),

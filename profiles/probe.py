@@ -22,7 +22,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import HOST, Profile
+from adapter.profiles.schema import HOST, Profile
+
+from adapter.core.artifact import default_cache_dir
+from adapter.core.errors import ProfileError
 
 __all__ = ["default_cache_dir", "probe_host"]
 
@@ -59,14 +62,6 @@ _ARM_PARTS = {
     "0xd49": "neoverse-n2",
     "0xd4f": "neoverse-v2",
 }
-
-
-def default_cache_dir() -> Path:
-    """Return ``$ADAPTER_CACHE_DIR``, or ``$XDG_CACHE_HOME/adapter``, or ``~/.cache/adapter``."""
-    if os.environ.get("ADAPTER_CACHE_DIR"):
-        return Path(os.environ["ADAPTER_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "adapter"
 
 
 def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
@@ -276,8 +271,6 @@ def _cache_key(info: dict[str, Any]) -> str:
 
 
 def _read_cache(path: Path) -> Profile | None:
-    from adapter.errors import ProfileError
-
     try:
         data = json.loads(path.read_text())
         return Profile.from_dict(data, origin=str(path))

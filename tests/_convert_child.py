@@ -1,4 +1,4 @@
-"""Run ``adapter.cli.main`` in a forked child (for the SIGKILL tests in test_atomic.py).
+"""Run ``adapter.cli.main.main`` in a forked child (for the SIGKILL tests in test_atomic.py).
 
 Children fork from a forkserver that has already imported torch and adapter, so a kill
 point lands in the conversion itself rather than in interpreter start-up.
@@ -17,9 +17,9 @@ PRELOAD = [
     "onnx_ir",
     "onnxscript",
     "onnxruntime",
-    "adapter.cli",
-    "adapter.api",
-    "adapter.importer",
+    "adapter.cli.main",
+    "adapter.convert.api",
+    "adapter.convert.importer",
     "adapter.backends.onnxruntime",
 ]
 
@@ -32,7 +32,7 @@ def run_cli(argv: list[str], cache: str, tests: str) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    from adapter.cli import main
+    from adapter.cli.main import main
 
     code = main(argv)
     sys.stdout.flush()

@@ -24,7 +24,7 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture
 def cli(capsys):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    from adapter.cli import main
+    from adapter.cli.main import main
 
     def run(*args: str) -> tuple[int, str, str]:
         code = main([str(a) for a in args])

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from adapter import ConvertOptions, artifact, convert
-from adapter.errors import ArtifactError
+from adapter import ConvertOptions, convert
+from adapter.core import artifact
+from adapter.core.errors import ArtifactError
 
 TESTS = Path(__file__).parent
 FAST = ConvertOptions(benchmark=False)
@@ -36,7 +37,7 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _convert_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "adapter.cli", "convert", "models:mlp", "-o", str(out), "--no-bench", "--json"]
+    return [sys.executable, "-m", "adapter.cli.main", "convert", "models:mlp", "-o", str(out), "--no-bench", "--json"]
 
 
 def _seed_cache(fresh_cache: Path, cache: Path) -> None:
@@ -188,9 +189,9 @@ def _miss(source: str, out: Path, options: ConvertOptions, first_key: str) -> st
 
 
 def test_each_cache_key_part_changed_alone_misses(tmp_path, fresh_cache, factory):
-    import adapter.api
-    from adapter._precision import PrecisionOptions
-    from adapter.verify import Tolerance
+    import adapter.convert.api
+    from adapter.convert.precision import PrecisionOptions
+    from adapter.core.verify import Tolerance
 
     spec = f"{factory}:make"
     base = convert(spec, tmp_path / "base", FAST)
@@ -243,7 +244,7 @@ def test_each_cache_key_part_changed_alone_misses(tmp_path, fresh_cache, factory
     real_versions = artifact.library_versions
     patches = {
         "profile contents": (profile_type, "digest", lambda self: real_digest(self) + "-edited"),
-        "backend version": (adapter.api.get_backend("onnxruntime"), "version", lambda: "0.0-test"),
+        "backend version": (adapter.convert.api.get_backend("onnxruntime"), "version", lambda: "0.0-test"),
         "library versions": (artifact, "library_versions", lambda extra=(): {**real_versions(extra), "onnx": "0.0"}),
         "adapter code": (artifact, "code_digest", lambda: "0" * 64),
     }
@@ -280,7 +281,7 @@ def test_precision_plan_file_contents_are_in_the_key(tmp_path, fresh_cache):
     """The same --precision-plan path with edited contents (one node kept in FP32) misses."""
     import json
 
-    from adapter._precision import PrecisionOptions
+    from adapter.convert.precision import PrecisionOptions
 
     made = convert("models:mlp", tmp_path / "fp16", ConvertOptions(benchmark=False, precision=PrecisionOptions("fp16")))
     plan = tmp_path / "plan.json"

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter import _machine_probe, bench
-from adapter._bench_stats import judge, mann_whitney_own, robust_rsd, smallest_p
-from adapter.errors import AdapterError, SourceError
+from adapter.bench import runner as bench
+from adapter.bench.stats import judge, mann_whitney_own, robust_rsd, smallest_p
+from adapter.core import machine_probe as _machine_probe
+from adapter.core.errors import AdapterError, SourceError
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -44,8 +45,8 @@ cases:
 @pytest.fixture
 def bench_cli(cli, monkeypatch):
     """The CLI with the bench group registered (the lead registers it in cli.py)."""
-    from adapter.cli import cli as group
-    from adapter.cli_bench import bench as bench_group
+    from adapter.cli.bench import bench as bench_group
+    from adapter.cli.main import cli as group
 
     monkeypatch.setitem(group.commands, "bench", bench_group)
     return cli
@@ -147,7 +148,7 @@ def test_suite_errors(tmp_path, text, message):
 
 def test_settle_waits_for_a_steady_speed():
     """A function that runs slow for its first calls, then steady: settle returns once steady."""
-    from adapter._timing import settle
+    from adapter.core.timing import settle
 
     calls = []
 
@@ -163,7 +164,7 @@ def test_settle_waits_for_a_steady_speed():
 
 
 def test_feed_resizes_example_inputs():
-    from adapter.specs import Dim, TensorSpec
+    from adapter.core.specs import Dim, TensorSpec
 
     specs = [
         TensorSpec("input_ids", "int64", (Dim("batch", 1, 64), Dim("seq", 1, 512))),
@@ -210,7 +211,7 @@ def test_history_selectors(tmp_path):
 
 WRITER = """
 import sys, time
-from adapter._bench_history import History
+from adapter.bench.history import History
 path, tag, runs, cases, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 while time.time() < start:
     time.sleep(0.001)

@@ -17,9 +17,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from adapter.cli_launch import run_sharded, torchrun_command
-from adapter.distributed import parse_fault, split_microbatches
-from adapter.errors import AdapterError, ArtifactError
+from adapter.core.errors import AdapterError, ArtifactError
+from adapter.runtime.launch import run_sharded, torchrun_command
+from adapter.runtime.worker import parse_fault, split_microbatches
 
 psutil = pytest.importorskip("psutil")
 
@@ -191,8 +191,8 @@ def test_tp2_pp2_four_processes(tmp_path):
 
 
 def test_all_gather_uneven_through_cli(tmp_path, cli):
-    from adapter.cli import cli as group
-    from adapter.cli_launch import launch
+    from adapter.cli.main import cli as group
+    from adapter.runtime.launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -244,7 +244,7 @@ def _fault_run(artifact: Path, nproc: int, fault: str, tmp_path: Path, sockets: 
     assert not out.exists(), "no output after a failed run"
     assert not _leftovers(artifact), "every process has exited"
     if sockets:
-        from adapter.cli_launch import _private_network
+        from adapter.runtime.launch import _private_network
 
         assert seen, "the run's processes were seen"
         if _private_network() is not None:  # the stores and gloo listen only inside the run's own namespace
@@ -279,8 +279,8 @@ def test_rank_hung(tmp_path, make, nproc, fault, expected):
 
 
 def test_nproc_mismatch_launches_nothing(tmp_path, cli):
-    from adapter.cli import cli as group
-    from adapter.cli_launch import launch
+    from adapter.cli.main import cli as group
+    from adapter.runtime.launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -309,8 +309,8 @@ def test_port_in_use(tmp_path):
 
 
 def test_multinode_prints_commands(tmp_path, cli):
-    from adapter.cli import cli as group
-    from adapter.cli_launch import launch
+    from adapter.cli.main import cli as group
+    from adapter.runtime.launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -335,7 +335,7 @@ def test_fault_hook_and_split():
 
 
 def test_random_inputs_follow_the_specs():
-    from adapter.cli_launch import random_inputs
+    from adapter.runtime.launch import random_inputs
 
     ids = {"name": "input_ids", "dtype": "int64", "shape": [BATCH, {"name": "seq", "min": 1, "max": 512}]}
     mask = {"name": "attention_mask", "dtype": "int64", "shape": [BATCH, {"name": "seq", "min": 1, "max": 512}]}

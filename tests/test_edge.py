@@ -15,8 +15,8 @@ import pytest
 from adapter.backends import _arm64, edge
 from adapter.profiles import load_profile
 
-from adapter.errors import AdapterError
-from adapter.specs import Dim, TensorSpec
+from adapter.core.errors import AdapterError
+from adapter.core.specs import Dim, TensorSpec
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((64, 32)).astype(np.float32) * 0.2

@@ -263,7 +263,7 @@ def test_run_refuses_object_arrays(cli, tmp_path, mlp_artifact):
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "adapter.cli", "convert", str(tmp_path / "missing.pt2")],
+        [sys.executable, "-m", "adapter.cli.main", "convert", str(tmp_path / "missing.pt2")],
         capture_output=True,
         text=True,
         cwd=TESTS,

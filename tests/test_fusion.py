@@ -30,7 +30,7 @@ from adapter.passes.fusion import (
 from adapter.passes.pipeline import PIPELINES
 from onnx import TensorProto, helper, numpy_helper
 
-from adapter.importer import import_source, prepare_source
+from adapter.convert.importer import import_source, prepare_source
 
 RNG = np.random.default_rng(11)
 RTOL = ATOL = 1e-4

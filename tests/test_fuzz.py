@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from adapter.errors import AdapterError, InputMismatchError
+from adapter.core.errors import AdapterError, InputMismatchError
 
 CASE_SECONDS = 20
 """A case running longer than this is a hang."""
@@ -290,7 +290,7 @@ def mutated_onnx(draw) -> bytes:
 def _load_path(path: Path) -> None:
     from adapter.passes.pipeline import build_pipeline, run_pipeline
 
-    from adapter.importer import import_source, prepare_source
+    from adapter.convert.importer import import_source, prepare_source
 
     prepared = prepare_source(str(path))
     imported = import_source(prepared)
@@ -308,7 +308,7 @@ def check_onnx_bytes(data: bytes, workdir: Path, via_cli: bool = False) -> Failu
                 return _check_cli(path)
             _load_path(path)
     except AdapterError as exc:
-        from adapter.errors import PassFailedError
+        from adapter.core.errors import PassFailedError
 
         text = str(exc)
         if "\n\n" in text or "Traceback" in text:
@@ -323,7 +323,7 @@ def check_onnx_bytes(data: bytes, workdir: Path, via_cli: bool = False) -> Failu
 
 
 def _check_cli(path: Path) -> Failure | None:
-    from adapter.cli import main
+    from adapter.cli.main import main
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -359,7 +359,7 @@ class EngineUnderTest:
 
 def build_engine(workdir: Path) -> EngineUnderTest:
     """Convert the seed MLP (dynamic batch, plus an int64 second input) to an ONNX Runtime artifact."""
-    from adapter.api import ConvertOptions, convert, load
+    from adapter.convert.api import ConvertOptions, convert, load
 
     f32 = TensorProto.FLOAT
     w = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "w")
@@ -458,7 +458,7 @@ def check_engine_feed(
 
 
 def _run_cli(eut: EngineUnderTest, feed: dict[str, Any], workdir: Path) -> Failure | None:
-    from adapter.cli import main
+    from adapter.cli.main import main
 
     path = workdir / "inputs.npz"
     has_object = any(np.asarray(v).dtype == object for v in feed.values())

@@ -100,7 +100,7 @@ def _cli_in_subprocess(data: bytes, tmp_path: Path, *args: str) -> Failure | Non
 
     path = tmp_path / "model.onnx"
     path.write_bytes(data)
-    code = "import sys; from adapter.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from adapter.cli.main import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, *args, str(path), "--backend", "onnxruntime"],
         capture_output=True,
@@ -126,7 +126,7 @@ def test_openvino_frontend_crash_is_reported_as_the_backends_problem(tmp_path):
 
     path = tmp_path / "model.onnx"
     path.write_bytes(_seed_with(_conv_without_weights))
-    code = "import sys; from adapter.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from adapter.cli.main import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run(
         [sys.executable, "-c", code, "check", str(path), "--backend", "openvino", "--json"],
         capture_output=True,

@@ -30,7 +30,7 @@ def _own_cache(fresh_cache):
 
 def _refused(cli, tmp_path: Path, model: Path, *needles: str, code: int = 2, commands=("convert", "check")) -> str:
     """Run convert and check on ``model``; both must fail cleanly and write nothing."""
-    from adapter import artifact
+    from adapter.core import artifact
 
     message = ""
     for command in commands:

@@ -6,8 +6,8 @@ import onnx
 import pytest
 
 from adapter import ConvertOptions, convert
-from adapter.importer import import_source
-from adapter.specs import Dim, TensorSpec, parse_dynamic
+from adapter.convert.importer import import_source
+from adapter.core.specs import Dim, TensorSpec, parse_dynamic
 
 
 def test_module_paths_survive_into_the_artifact(tmp_path):
@@ -32,14 +32,14 @@ def test_shared_dim_names_are_one_symbol():
 
 @pytest.mark.parametrize("bad", ["x", "x:", "x:0", "x:a=batch", "x:0=batch[5..2]", "x:0=9lives"])
 def test_dynamic_syntax_errors(bad):
-    from adapter.errors import SourceError
+    from adapter.core.errors import SourceError
 
     with pytest.raises(SourceError):
         parse_dynamic([bad])
 
 
 def test_conflicting_ranges_for_one_dim():
-    from adapter.errors import SourceError
+    from adapter.core.errors import SourceError
 
     with pytest.raises(SourceError, match="two ranges"):
         parse_dynamic(["a:0=batch[1..4]", "b:0=batch[1..8]"])

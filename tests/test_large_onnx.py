@@ -22,7 +22,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from adapter import ConvertOptions, artifact, convert, load
+from adapter import ConvertOptions, convert, load
+from adapter.core import artifact
 
 ABOVE_2GIB = 2**31 + 2**24
 
@@ -49,9 +50,9 @@ def _sparse_model(folder: Path) -> Path:
 _PROBE = """
 import json, sys
 import onnx_ir as ir
-from adapter import _safety
-from adapter._onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
-from adapter.importer import prepare_source
+from adapter.core import safety as _safety
+from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
+from adapter.convert.importer import prepare_source
 from pathlib import Path
 
 
@@ -101,8 +102,8 @@ def test_source_over_2gib_is_vetted_and_hashed_without_loading_it(tmp_path):
 def test_external_data_path_end_to_end(tmp_path, monkeypatch, fresh_cache):
     import torch
 
-    import adapter._onnx_io
-    import adapter.api
+    import adapter.convert.api
+    import adapter.core.onnx_io
 
     torch.manual_seed(0)  # weights above save_model's 1 KiB external-data threshold
     module = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.GELU(), torch.nn.Linear(256, 4)).eval()
@@ -113,8 +114,8 @@ def test_external_data_path_end_to_end(tmp_path, monkeypatch, fresh_cache):
     source = tmp_path / "src"
     source.mkdir()
     program.save(str(source / "mlp.onnx"), external_data=True)
-    monkeypatch.setattr(adapter._onnx_io, "PROTOBUF_SAFE_BYTES", 64)
-    monkeypatch.setattr(adapter.api, "PROTOBUF_SAFE_BYTES", 64)
+    monkeypatch.setattr(adapter.core.onnx_io, "PROTOBUF_SAFE_BYTES", 64)
+    monkeypatch.setattr(adapter.convert.api, "PROTOBUF_SAFE_BYTES", 64)
     result = convert(str(source / "mlp.onnx"), tmp_path / "engine", ConvertOptions(benchmark=False))
     files = set(result.manifest["files"])
     assert any(name.endswith(".data") for name in files), files

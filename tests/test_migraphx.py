@@ -12,12 +12,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from adapter.backends import migraphx
-from adapter.op_library.documented import MIGRAPHX
+from adapter.backends.documented import MIGRAPHX
 from adapter.profiles import load_profile
 from onnx import TensorProto, helper, numpy_helper
 
-from adapter.errors import AdapterError, UnsupportedOpsError
-from adapter.specs import Dim, TensorSpec
+from adapter.core.errors import AdapterError, UnsupportedOpsError
+from adapter.core.specs import Dim, TensorSpec
 
 RNG = np.random.default_rng(11)
 W = RNG.standard_normal((8, 16)).astype(np.float32)

@@ -21,7 +21,7 @@ from adapter.passes import (
 )
 from onnx import TensorProto, helper
 
-from adapter.errors import PassFailedError
+from adapter.core.errors import PassFailedError
 
 RNG = np.random.default_rng(7)
 

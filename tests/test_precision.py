@@ -8,10 +8,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from adapter.passes.budget import parse_budget
 
 from adapter import ConvertOptions, convert, load
-from adapter._precision import PrecisionOptions
+from adapter.convert.precision import PrecisionOptions
+from adapter.core.budget import parse_budget
 
 
 def _host_computes(dtype: str) -> bool:
@@ -22,7 +22,7 @@ def _host_computes(dtype: str) -> bool:
 
 def _refuses_bf16(tmp_path, source: str) -> None:
     """On a host without BF16 arithmetic, a BF16 engine is refused with the reason."""
-    from adapter.errors import SourceError
+    from adapter.core.errors import SourceError
 
     options = ConvertOptions(benchmark=False, backend="openvino", precision=PrecisionOptions(mode="bf16"))
     with pytest.raises(SourceError, match="lists no bf16 support"):
@@ -94,7 +94,7 @@ def test_fp16_overflow_is_switched_to_fp32(tmp_path):
     import onnx_ir as ir
     from adapter.passes import build_pipeline, run_pipeline
 
-    from adapter.importer import import_source
+    from adapter.convert.importer import import_source
 
     imported = import_source("models:overflow")
     run_pipeline(imported.model, build_pipeline("canonicalize"))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapter.api import ConvertOptions, convert
-from adapter.errors import AdapterError
+from adapter.convert.api import ConvertOptions, convert
+from adapter.core.errors import AdapterError
 
 _SEQ = 128
 _BATCH = 4
@@ -52,7 +52,7 @@ def _convert(tmp_path_factory, backend: str) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_report(tmp_path_factory):
-    from adapter.profiler import profile_artifact
+    from adapter.profile.profiler import profile_artifact
 
     artifact = _convert(tmp_path_factory, "onnxruntime")
     return artifact, profile_artifact(artifact, [_BATCH, 1], _SEQ, metrics=("latency", "throughput", "memory"))
@@ -60,7 +60,7 @@ def ort_report(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outputs(ort_report, tmp_path_factory):
-    from adapter.profile_outputs import write_all
+    from adapter.profile.outputs import write_all
 
     return write_all(ort_report[1], tmp_path_factory.mktemp("profile-out"))
 
@@ -119,7 +119,7 @@ def test_matmul_flops_are_2mnk(ort_report):
 
 
 def test_roofline_places_matmul_above_norm_and_softmax(ort_report):
-    from adapter.profile_outputs import kind_of
+    from adapter.profile.outputs import kind_of
 
     run = ort_report[1].to_json()["runs"][0]
     ridge = ort_report[1].to_json()["ceilings"]["ridge_intensity"]
@@ -207,7 +207,7 @@ def test_chromium_check_catches_broken_pages(outputs, tmp_path):
 
 
 def test_cli_profile(ort_report, tmp_path, capsys):
-    from adapter.cli_profile import profile
+    from adapter.cli.profile import profile
 
     artifact = ort_report[0]
     profile.main(
@@ -231,8 +231,8 @@ def test_cli_profile(ort_report, tmp_path, capsys):
 
 
 def test_cli_profile_errors(tmp_path):
-    from adapter.cli import cli, main
-    from adapter.cli_profile import profile
+    from adapter.cli.main import cli, main
+    from adapter.cli.profile import profile
 
     with pytest.raises(AdapterError, match="not an engine artifact"):
         profile.main([str(tmp_path / "missing")], standalone_mode=False)
@@ -246,7 +246,7 @@ def test_cli_profile_errors(tmp_path):
 
 
 def test_performance_analyzer(ort_report):
-    from adapter.profiler import PerformanceAnalyzer
+    from adapter.profile.profiler import PerformanceAnalyzer
 
     report = PerformanceAnalyzer(ort_report[0]).analyze(batch_sizes=[1, 2], seq=16, repeats=3)
     data = report.to_json()
@@ -258,7 +258,7 @@ def test_performance_analyzer(ort_report):
 
 
 def test_openvino_profile(tmp_path_factory):
-    from adapter.profiler import profile_artifact
+    from adapter.profile.profiler import profile_artifact
 
     artifact = _convert(tmp_path_factory, "openvino")
     data = profile_artifact(artifact, [2, 1], _SEQ).to_json()
@@ -306,7 +306,7 @@ def test_openvino_profile(tmp_path_factory):
 
 def test_tvm_profile(tmp_path_factory):
     pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'adapter[tvm]')")
-    from adapter.profiler import profile_artifact
+    from adapter.profile.profiler import profile_artifact
 
     artifact = _convert(tmp_path_factory, "tvm")
     data = profile_artifact(artifact, [8], 64, repeats=3).to_json()

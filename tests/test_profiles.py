@@ -13,7 +13,7 @@ from adapter.profiles import probe as probe_module
 from adapter.profiles.probe import probe_host
 
 from adapter import profiles
-from adapter.errors import ProfileError
+from adapter.core.errors import ProfileError
 
 DATA_DIR = Path(profiles.__file__).parent
 BUNDLED = [name for name in list_profiles() if name != "host"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapter import ConvertOptions, convert, load
-from adapter.errors import InputMismatchError
+from adapter.core.errors import InputMismatchError
 
 
 class TwoInputs(torch.nn.Module):

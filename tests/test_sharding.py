@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from adapter.backends import get_backend
-from adapter.passes.sharding import build_sharded, tensor_parallel_module
+from adapter.passes.sharding import tensor_parallel_module
 
-from adapter.errors import AdapterError
-from adapter.specs import TensorSpec
+from adapter.core.errors import AdapterError
+from adapter.core.specs import TensorSpec
+from adapter.runtime.shard import build_sharded
 
 
 def _engine(folder: Path, entry: dict):

@@ -18,7 +18,7 @@ from adapter.passes.sharding_plan import LINK_LATENCY, analyze, parse_cluster, p
 from adapter.profiles import load_profile
 
 from adapter import profiles
-from adapter.errors import AdapterError
+from adapter.core.errors import AdapterError
 
 A100 = Path(profiles.__file__).parent
 
@@ -26,7 +26,7 @@ A100 = Path(profiles.__file__).parent
 def _canonical(source):
     from adapter.passes.pipeline import build_pipeline, run_pipeline
 
-    from adapter.importer import import_source
+    from adapter.convert.importer import import_source
 
     model = import_source(source).model
     run_pipeline(model, build_pipeline("canonicalize"))
@@ -44,8 +44,8 @@ def gpt2_wide(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from adapter.importer import PreparedSource
-    from adapter.specs import Dim
+    from adapter.convert.importer import PreparedSource
+    from adapter.core.specs import Dim
     from adapter.zoo import _finish, _TextModel
 
     torch.manual_seed(0)
@@ -252,8 +252,8 @@ def test_pipeline_schedule_by_hand(minilm):
 
 @pytest.fixture
 def plan_cli(cli):
-    from adapter.cli import cli as group
-    from adapter.cli_plan import plan
+    from adapter.cli.main import cli as group
+    from adapter.cli.plan import plan
 
     if "plan" not in group.commands:
         group.add_command(plan)

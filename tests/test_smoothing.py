@@ -105,9 +105,10 @@ def test_the_smoothing_strength_is_chosen_by_measurement():
     """Under a budget, each strength's fully lowered plan is measured and the best kept:
     the scores are those the evaluator gives each plan, and smoothing beats none on an
     activation with an outlier channel."""
-    from adapter.passes.budget import parse_budget
     from adapter.passes.precision import PrecisionPlan
     from adapter.passes.sensitivity import Evaluator, choose_option, ort_runner
+
+    from adapter.core.budget import parse_budget
 
     model = _graph(outlier=200.0)
     plan = PrecisionPlan(

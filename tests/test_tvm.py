@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adapter import ConvertOptions, convert, load
-from adapter.errors import AdapterError, InputMismatchError
+from adapter.core.errors import AdapterError, InputMismatchError
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tvm") is None, reason="apache-tvm is not installed (pip install 'adapter[tvm]')"

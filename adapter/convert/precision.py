@@ -1,0 +1,399 @@
+"""The convert step that lowers precision: calibration, plan, budget search, auto choice."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from adapter.core.budget import Budget, parse_budget
+from adapter.core.errors import AdapterError, SourceError
+from adapter.core.timing import median_ms, paired_median_ms
+from adapter.core.verify import Tolerance
+from adapter.passes.calibration import collect_ranges, load_calibration, synthetic_calibration
+from adapter.passes.precision import (
+    MODES,
+    PrecisionPlan,
+    apply_plan,
+    default_plan,
+    fit_weight_widths,
+    fp16_overflow_overrides,
+)
+from adapter.passes.sensitivity import HINTS, Evaluator, choose_option, ort_runner, search_plan
+
+__all__ = ["PrecisionOptions", "PrecisionResult", "PrecisionBudgetError", "lower_precision"]
+
+AUTO_ORDER = ("int8-dynamic", "int8", "int4-weight", "fp16", "bf16", "fp8")
+DEFAULT_AUTO_BUDGET = "cos>=0.999"
+_BACKEND_MODES = {
+    "onnxruntime": {"fp32", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight"},
+    "openvino": {"fp32", "bf16", "fp16", "int8"},
+    "tensorrt": {"fp32", "fp16", "bf16", "int8", "fp8"},  # explicit QDQ / cast graphs; TensorRT builds them
+    "migraphx": {"fp32", "fp16", "int8"},
+    "edge": {"fp32", "fp16", "int8", "int8-dynamic"},
+    "tvm": {"fp32"},
+}
+SMOOTH_ALPHA = 0.5
+"""Migration strength of activation smoothing before INT8 dynamic (SmoothQuant's default),
+used as is without a budget."""
+SMOOTH_ALPHAS = (0.5, 0.65, 0.8)
+"""Strengths tried under a budget; the one whose fully lowered plan scores best is kept.
+MiniLM, every Linear in INT8 dynamic, held-out sentences: per-token cosine mean / min
+0.9858 / 0.957 at 0.5, 0.9941 / 0.983 at 0.65, 0.9948 / 0.981 at 0.8 (0.9905 / 0.964
+unsmoothed); with the weight widths fitted (7-bit where the kernel saturates) 0.9864 /
+0.949, 0.9954 / 0.981 and 0.9964 / 0.986 -- the best strength depends on the model (and
+on the judging samples: 0.65 wins on MiniLM's, where 0.8's minimum falls to 0.979), so
+it is measured."""
+_MIN_COSINE = {"fp16": 0.999, "bf16": 0.999}
+"""Cosine a mode must keep without a budget (others: 0.99 on held-out, 0.9 on random inputs)."""
+
+
+class PrecisionBudgetError(AdapterError):
+    """No precision plan holds the accuracy budget."""
+
+    exit_code = 11
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """How to choose precisions (all part of the cache key)."""
+
+    mode: str = "fp32"
+    """fp32, fp16, bf16, fp8, int8, int8-dynamic, int4-weight or auto."""
+    budget: str | None = None
+    """Accuracy budget, e.g. cos>=0.999 (auto defaults to cos>=0.999)."""
+    calib: str | None = None
+    """An .npz file or a folder of them, one feed each."""
+    calib_text: str | None = None
+    """A text file, one calibration sample per line, tokenized with the model's tokenizer."""
+    plan: str | None = None
+    """A precision plan JSON to apply as is."""
+    calibrate_method: str = "minmax"
+    """INT8 static calibration: minmax, entropy or percentile."""
+    max_samples: int = 256
+    """At most this many calibration samples are used."""
+
+    def files_digest(self) -> str:
+        """Hash of the calibration data and plan files' contents (for the cache key)."""
+        digest = hashlib.sha256()
+        for name in (self.calib, self.calib_text, self.plan):
+            if not name:
+                continue
+            path = Path(name)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes() if file.is_file() else b"missing")
+        return digest.hexdigest()
+
+
+@dataclass
+class PrecisionResult:
+    """The lowered model and what the report and the backend need to know."""
+
+    model: ir.Model
+    plan: PrecisionPlan
+    report: dict[str, Any]
+    backend_precision: str = "fp32"
+    tolerance: Tolerance | None = None
+    warnings: list[str] = field(default_factory=list)
+    budget: Budget | None = None
+    held_out: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def _allowed(mode: str, profile: Any, backend_name: str) -> str | None:
+    """Why ``mode`` cannot be used with this target and backend (None when it can)."""
+    if mode not in _BACKEND_MODES.get(backend_name, {"fp32"}):
+        runs = sorted(b for b, modes in _BACKEND_MODES.items() if mode in modes)
+        return (
+            f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
+        )
+    native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
+    if native not in getattr(profile, "precisions", ()):
+        return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
+    return None
+
+
+def _calibration(options: PrecisionOptions, imported, warnings: list[str]):
+    if options.calib:
+        return load_calibration(Path(options.calib), imported.inputs, limit=options.max_samples)
+    if options.calib_text:
+        return load_calibration(
+            Path(options.calib_text), imported.inputs, tokenizer=imported.tokenizer, limit=options.max_samples
+        )
+    warnings.append(
+        "No calibration data given (--calib / --calib-text): synthetic inputs used, so accuracy figures are only indicative."
+    )
+    return synthetic_calibration(imported.inputs, imported.example_inputs)
+
+
+def _mode_plan(
+    mode: str, fp32: onnx.ModelProto, calibration, options: PrecisionOptions, cache_dir: Path
+) -> PrecisionPlan:
+    extra = {"calibrate_method": options.calibrate_method} if mode == "int8" else {}
+    if mode == "int8-dynamic":
+        extra["smooth_alpha"] = SMOOTH_ALPHA
+    plan = default_plan(fp32, mode, extra)
+    if mode == "fp16":
+        ranges = collect_ranges(fp32.SerializeToString(), calibration.samples, cache_dir)
+        plan.overrides.update(fp16_overflow_overrides(fp32, ranges))
+    return plan
+
+
+class _Backend:
+    """Compiles candidate models with the chosen backend; runs and times them."""
+
+    def __init__(self, backend, backend_name: str, profile: Any, specs) -> None:
+        self.backend, self.name, self.profile, self.specs = backend, backend_name, profile, specs
+        self._dirs: list[tempfile.TemporaryDirectory] = []
+        self.stand_in_note = ""
+        """Set when the engines are built for another machine: what accuracy and speed were measured on."""
+
+    def engine(self, model: onnx.ModelProto, hint: str):
+        folder = tempfile.TemporaryDirectory(prefix="adapter-candidate-")
+        self._dirs.append(folder)
+        fields = self.backend.Options.__dataclass_fields__
+        opts = self.backend.Options.from_profile(self.profile, {"precision": hint} if "precision" in fields else {})
+        engine = self.backend.compile(
+            ir.serde.deserialize_model(model), self.profile, opts, self.specs, Path(folder.name)
+        )
+        if not engine.runs_here:  # built for another machine: measure what runs the same graph here
+            stand_in = engine.stand_in()
+            if stand_in is None:
+                raise AdapterError(f"The {self.name} engine cannot run here and has no stand-in to measure.")
+            engine, self.stand_in_note = stand_in
+        return engine
+
+    def runner(self, model: onnx.ModelProto, hint: str):
+        if self.name == "onnxruntime":
+            return ort_runner(model, self.profile.threads)
+        return self.engine(model, hint).run
+
+    def against(self, model: onnx.ModelProto, hint: str, reference, feed) -> tuple[float, float]:
+        """(model's ms, reference engine's ms), timed in rotating blocks on ``feed``."""
+        engine = self.engine(model, hint)
+        times = paired_median_ms(
+            {"model": lambda: engine.run(feed), "reference": lambda: reference.run(feed)}, repeats=20
+        )
+        return times["model"], times["reference"]
+
+    def close(self) -> None:
+        for folder in self._dirs:
+            folder.cleanup()
+        self._dirs.clear()
+
+
+def _fits_widths(plan: PrecisionPlan, loaded: PrecisionPlan | None, runner: _Backend) -> bool:
+    """Whether the INT8 dynamic weight widths are measured for this plan: not for a plan
+    file (it says them), and only when the engine runs on this machine (the kernel whose
+    saturation is measured is this machine's)."""
+    return plan.mode == "int8-dynamic" and loaded is None and not runner.stand_in_note
+
+
+def _width_fitter(fp32: onnx.ModelProto, samples, record: dict, say: Callable[[str], None]):
+    """A ``refine`` for :func:`choose_option`: fits ``narrow_weights`` to a trial plan
+    (its smoothing changes the weights) and records the measured errors per strength."""
+
+    def refine(plan: PrecisionPlan) -> PrecisionPlan:
+        say("measuring 8-bit against 7-bit weights per MatMul on this CPU's kernels")
+        fit = fit_weight_widths(fp32, plan, samples)
+        record[plan.options.get("smooth_alpha")] = fit
+        return PrecisionPlan(**{**plan.__dict__, "options": {**plan.options, "narrow_weights": fit["narrow"]}})
+
+    return refine
+
+
+def _narrow(plan: PrecisionPlan) -> list[dict[str, Any]]:
+    """The MatMuls given 7-bit weights, with their measured errors when fitted here."""
+    errors = plan.measured.get("weight_widths", {})
+    return [
+        {"node": n, "module": plan.modules.get(n, ""), "int8": None, "int7": None, **errors.get(n, {})}
+        for n in plan.options.get("narrow_weights", ())
+        if n not in plan.overrides
+    ]
+
+
+def _summarise(plan: PrecisionPlan) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    modules: dict[str, str] = {}
+    for node in plan.nodes:
+        group = plan.modules.get(node) or node
+        precision = "fp32" if node in plan.overrides else plan.mode
+        modules[group] = precision if modules.get(group, precision) == precision else "mixed"
+    kept = [{"node": n, **info} for n, info in plan.overrides.items()]
+    return modules, kept
+
+
+def lower_precision(
+    imported, model: ir.Model, profile: Any, backend, backend_name: str, options: PrecisionOptions,
+    cache_dir: Path, progress: Callable[[str], None] | None = None,
+) -> PrecisionResult | None:  # fmt: skip
+    """Choose and apply precisions; None when the engine stays FP32 with no plan.
+
+    Raises:
+        SourceError: Bad mode, budget, calibration data or plan file.
+        PrecisionBudgetError: No plan holds the budget (the best one's figures are given).
+    """
+    say = progress or (lambda _m: None)
+    if options.mode not in MODES:
+        raise SourceError(f"Unknown precision '{options.mode}'.", f"Use one of {', '.join(MODES)}.")
+    if options.mode == "fp32" and not options.plan and not options.budget:
+        return None
+    warnings: list[str] = []
+    budget: Budget | None = parse_budget(options.budget) if options.budget else None
+    fp32 = ir.serde.serialize_model(model)
+    loaded = PrecisionPlan.load(Path(options.plan)) if options.plan else None
+    mode = loaded.mode if loaded else options.mode
+    if mode == "auto" and budget is None:
+        budget = parse_budget(DEFAULT_AUTO_BUDGET)
+        warnings.append(f"--precision auto without --accuracy-budget: using {DEFAULT_AUTO_BUDGET}.")
+    candidates = [m for m in AUTO_ORDER if _allowed(m, profile, backend_name) is None] if mode == "auto" else [mode]
+    why = _allowed(mode, profile, backend_name) if mode != "auto" else None
+    if why and not (mode == "fp16" and backend_name == "onnxruntime"):  # ORT emulates FP16 with Casts
+        raise SourceError(f"Cannot build a {mode} engine: {why}.", "Choose another --precision, --backend or --target.")
+    calibration = _calibration(options, imported, warnings)
+    calib_samples, held_out = calibration.split()
+    runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
+    try:
+        feed = imported.example_inputs
+        fp32_engine = runner.engine(fp32, "fp32")
+        fp32_ms = median_ms(lambda: fp32_engine.run(feed), warmup=3, repeats=20)
+        evaluator = Evaluator(
+            fp32, calib_samples, held_out, budget or parse_budget("cos>=-1"), runner.runner, cache_dir
+        )
+        trials = []
+        for candidate in candidates:
+            say(f"precision {candidate}")
+            plan = loaded or _mode_plan(candidate, fp32, calibration, options, cache_dir)
+            plan.calibration = {
+                "source": calibration.source,
+                "digest": calibration.digest(),
+                "samples": len(calib_samples),
+            }
+            hint = HINTS.get(candidate, "fp32")
+            smoothing, widths = None, {}
+            # Weight widths are fitted to this machine's kernels: only for engines that run here.
+            refine = _width_fitter(fp32, calib_samples, widths, say) if _fits_widths(plan, loaded, runner) else None
+            if "smooth_alpha" in plan.options and budget is not None and not loaded:
+                plan, smoothing = choose_option(plan, evaluator, "smooth_alpha", SMOOTH_ALPHAS, say, refine)
+            elif refine:
+                plan = refine(plan)
+            if mode == "auto":
+                # A mode that is not faster than FP32 even fully lowered is not worth a search.
+                full = apply_plan(fp32, plan, calib_samples, cache_dir)
+                ceiling, reference_ms = runner.against(full, hint, fp32_engine, feed)
+                if ceiling >= 0.95 * reference_ms:
+                    trials.append(
+                        {
+                            "mode": candidate,
+                            "holds": False,
+                            "kept_fp32": 0,
+                            "latency_ms": None,
+                            "accuracy": None,
+                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({reference_ms:.2f} ms, timed in rotating blocks)",
+                        }
+                    )
+                    continue
+            if budget is not None and not loaded:
+                plan, holds = search_plan(plan, evaluator, say)
+                if smoothing:
+                    plan.measured["smooth_alpha_scores"] = smoothing
+            else:
+                figures = evaluator.measure(plan)
+                holds = budget.judge(figures)[0] if budget else True
+                plan.measured = {"accuracy": figures, "budget_holds": holds}
+            if widths:
+                plan.measured["weight_widths"] = widths[plan.options.get("smooth_alpha")]["errors"]
+            lowered = apply_plan(fp32, plan, calib_samples, cache_dir)
+            latency, reference_ms = (
+                runner.against(lowered, HINTS.get(plan.mode, "fp32"), fp32_engine, feed) if holds else (None, None)
+            )
+            ratio = latency / reference_ms if latency else None
+            plan.measured.update(
+                {"latency_ms": latency, "fp32_latency_ms": reference_ms or fp32_ms, "ratio_to_fp32": ratio}
+            )
+            trials.append(
+                {
+                    "mode": candidate,
+                    "holds": holds,
+                    "kept_fp32": len(plan.overrides),
+                    "latency_ms": latency,
+                    "ratio_to_fp32": ratio,
+                    "accuracy": plan.measured.get("accuracy"),
+                    "_plan": plan,
+                    "_model": lowered,
+                }
+            )
+    finally:
+        runner.close()
+    if runner.stand_in_note:
+        warnings.append(
+            f"The {backend_name} engine is built for another machine: accuracy and the speed-up over FP32 were "
+            f"measured on {runner.stand_in_note}, not on the target."
+        )
+    holding = [t for t in trials if t["holds"]]
+    if mode == "auto" and not any(t["ratio_to_fp32"] < 1.0 for t in holding):
+        # FP32 always holds: the answer is then that no lower precision pays here.
+        fp32_plan = PrecisionPlan(mode="fp32", budget=str(budget), calibration=plan.calibration if trials else {})
+        fp32_plan.measured = {
+            "accuracy": None,
+            "budget_holds": True,
+            "latency_ms": fp32_ms,
+            "fp32_latency_ms": fp32_ms,
+            "ratio_to_fp32": 1.0,
+        }
+        holding = [
+            {
+                "mode": "fp32",
+                "holds": True,
+                "kept_fp32": 0,
+                "latency_ms": fp32_ms,
+                "ratio_to_fp32": 1.0,
+                "accuracy": None,
+                "_plan": fp32_plan,
+                "_model": fp32,
+            }
+        ]
+        trials += holding
+        warnings.append("No lower precision was both faster than FP32 and within the budget: the engine stays FP32.")
+    if not holding:
+        tried = "; ".join(
+            f"{t['mode']}: {t['skipped']}" if t.get("skipped") else
+            f"{t['mode']} keeping {t['kept_fp32']} node(s) FP32: "
+            + ", ".join(f"{o} cos {v['cos']:.4f} (min {v['cos_min']:.4f}, max-abs {v['max_abs']:.3g})" for o, v in (t["accuracy"] or {}).items())
+            for t in trials
+        )  # fmt: skip
+        raise PrecisionBudgetError(
+            f"No precision plan holds the budget {budget}. Best plans found: {tried}.",
+            "Loosen --accuracy-budget, give real calibration data (--calib/--calib-text), or use --precision fp32.",
+        )
+    chosen = min(holding, key=lambda t: t["ratio_to_fp32"])
+    plan, lowered, latency = chosen["_plan"], chosen["_model"], chosen["latency_ms"]
+    fp32_ms = plan.measured.get("fp32_latency_ms") or fp32_ms
+    trials = [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials]
+    modules, kept = _summarise(plan)
+    report = {
+        "requested": options.mode, "mode": plan.mode, "budget": str(budget) if budget else None,
+        "calibration": {**plan.calibration, "held_out": len(held_out), "evaluated_on": len(evaluator.samples(plan)), "synthetic": calibration.synthetic},
+        "accuracy": plan.measured.get("accuracy"), "budget_holds": plan.measured.get("budget_holds", True),
+        "modules": modules, "kept_fp32": kept, "narrow_weights": _narrow(plan),
+        "latency_ms": {"fp32": fp32_ms, "plan": latency}, "speedup_vs_fp32": fp32_ms / latency if latency else None,
+        "size_bytes": {"fp32": fp32.ByteSize(), "plan": lowered.ByteSize()},
+        "candidates": trials, "search": {"evaluations": evaluator.runs, "seconds": round(evaluator.seconds, 2)},
+        "warnings": warnings,
+    }  # fmt: skip
+    # Random token ids and padded examples are far from real data, so those cases only
+    # guard against broken engines (finite, broadly similar); the budget is judged on the
+    # held-out samples against eager PyTorch.
+    tolerance = Tolerance(atol=1e30, rtol=0.0, min_cosine=_MIN_COSINE.get(plan.mode, 0.9))
+    result = ir.serde.deserialize_model(lowered)
+    final_budget = budget or parse_budget(f"cos>={_MIN_COSINE.get(plan.mode, 0.99)}")
+    return PrecisionResult(
+        result, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings, final_budget, held_out
+    )

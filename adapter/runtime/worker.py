@@ -1,0 +1,678 @@
+"""The sharded runtime: one worker per rank, started by ``torchrun`` (``adapter launch`` does it).
+
+``python -m adapter.runtime.worker ARTIFACT --inputs in.npz --output out.npz [--timeout 60]``
+
+Each rank reads the artifact's ``manifest.json`` (``kind: sharded``), loads the engines of its
+``run`` steps and runs a GPipe schedule: the inputs are split into microbatches along their
+``batch_axis``; stage 0 starts each microbatch from its slice of the inputs, later stages from
+what the previous stage sends; ``all_reduce`` / ``all_gather`` steps go over the rank's
+tensor-parallel group; the last stage's tensor-parallel rank 0 concatenates the microbatches'
+outputs and writes them (temp file, then rename). Point-to-point messages carry a fixed-size
+int64 header (value count, then per value a dtype code, its rank and dims) and one byte payload,
+so no stage needs to know the shapes in advance. Nothing is unpickled: inputs are read with
+``allow_pickle=False`` and tensors travel as raw bytes described by the header.
+
+Faults: every blocking wait (process-group set-up, receive, collective, the final barrier)
+obeys ``--timeout``; a rank that times out or loses a peer writes a report naming itself and
+the rank and stage it waited for, and exits non-zero; torchrun's agent then stops the others.
+Workers die with their agent (``PR_SET_PDEATHSIG``), so none outlive it.
+
+Test hook: ``ADAPTER_FAULT="die:rank=1,at=step2"`` makes rank 1 kill itself (SIGKILL) before its
+step 2; ``"hang:rank=1"`` makes it sleep forever instead. ``at`` is ``init`` (before the process
+group forms), ``step<i>`` (before step *i*, default ``step0``) or ``end`` (before the final
+barrier); ``mb=<k>`` picks the microbatch (default 0). It is a test hook, not a feature.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "read_sharded", "rank_label", "split_microbatches", "weights_bytes", "parse_fault", "Fault"]
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapter.backends import get_backend
+from adapter.core import safety as _safety
+from adapter.core.errors import AdapterError, ArtifactError, InputMismatchError
+from adapter.core.specs import TensorSpec, check_inputs
+
+DTYPES = (
+    "float32", "float16", "float64", "int64", "int32", "int16", "int8",
+    "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128",
+)  # fmt: skip
+"""Dtype codes of the point-to-point header (index in this tuple)."""
+MAX_RANK = 8
+"""Most dims a value sent between stages may have (the header has a slot per dim)."""
+FAULT_ENV = "ADAPTER_FAULT"
+"""Environment variable of the fault-injection test hook."""
+
+
+class RankFailure(AdapterError):
+    """A rank failed; ``waited_for`` names the ranks it was waiting for when it gave up."""
+
+    def __init__(self, message: str, kind: str = "error", waited_for: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.waited_for = list(waited_for or [])
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def read_sharded(folder: Path) -> dict[str, Any]:
+    """Read a sharded artifact's manifest and check its rank table.
+
+    Raises:
+        ArtifactError: No manifest, not a sharded artifact, or an inconsistent rank table.
+    """
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ArtifactError(
+            f"'{folder}' has no manifest.json, so it is not a sharded artifact.",
+            "Create one with the sharding passes (adapter convert --tp/--pp).",
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"'{path}' is not valid JSON ({exc}).") from exc
+    if not isinstance(manifest, dict) or manifest.get("kind") != "sharded":
+        raise ArtifactError(
+            f'\'{folder}\' is not a sharded artifact (its manifest has no "kind": "sharded").',
+            "Run single-engine artifacts with `adapter run`.",
+        )
+    problems = []
+    for key in ("world_size", "ranks", "inputs", "outputs"):
+        if key not in manifest:
+            problems.append(f"no '{key}'")
+    if problems:
+        raise ArtifactError(f"The manifest of '{folder}' is incomplete: {', '.join(problems)}.")
+    world = int(manifest["world_size"])
+    ranks = sorted(manifest["ranks"], key=lambda r: r["rank"])
+    if [r["rank"] for r in ranks] != list(range(world)):
+        problems.append(f"ranks {[r['rank'] for r in ranks]} are not 0..{world - 1}")
+    for spec in ranks:
+        for step in spec.get("steps", []):
+            if step.get("op") not in ("run", "all_reduce", "all_gather"):
+                problems.append(f"rank {spec['rank']} has an unknown step op '{step.get('op')}'")
+            elif step["op"] == "run":
+                where = (folder / step["engine"]["folder"]).resolve()
+                if not where.is_relative_to(folder.resolve()):
+                    problems.append(
+                        f"rank {spec['rank']}'s engine folder '{step['engine']['folder']}' leaves the artifact"
+                    )
+                elif not where.is_dir():
+                    problems.append(f"rank {spec['rank']}'s engine folder '{step['engine']['folder']}' is missing")
+        for peer in ("recv_from", "send_to"):
+            if spec.get(peer) is not None and not 0 <= spec[peer] < world:
+                problems.append(f"rank {spec['rank']} has {peer} {spec[peer]} outside the world")
+        if spec["rank"] not in spec.get("tp_group", [spec["rank"]]):
+            problems.append(f"rank {spec['rank']} is not in its own tp_group")
+    writers = [r["rank"] for r in ranks if r.get("outputs") and r.get("tp_rank", 0) == 0]
+    if len(writers) != 1:
+        problems.append(f"{len(writers)} ranks would write the outputs (want one: the last stage's tp_rank 0)")
+    if problems:
+        raise ArtifactError(
+            f"The sharded manifest of '{folder}' is inconsistent: {'; '.join(problems)}.", "Re-create the artifact."
+        )
+    manifest["ranks"] = ranks
+    return manifest
+
+
+def rank_label(manifest: dict[str, Any], rank: int) -> str:
+    """``rank 2 (stage 1, tp 0)``."""
+    spec = manifest["ranks"][rank]
+    return f"rank {rank} (stage {spec.get('stage', 0)}, tp {spec.get('tp_rank', 0)})"
+
+
+def _peers_label(manifest: dict[str, Any], ranks: list[int]) -> str:
+    return ", ".join(rank_label(manifest, r) for r in ranks) or "its peers"
+
+
+def weights_bytes(folder: Path, manifest: dict[str, Any], rank: int) -> int:
+    """Bytes of the weights in a rank's engine files (ONNX initializers; other files by size)."""
+    import onnx
+
+    total = 0
+    for step in manifest["ranks"][rank].get("steps", []):
+        if step["op"] != "run":
+            continue
+        where = Path(folder) / step["engine"]["folder"]
+        model = where / "model.onnx"
+        if model.is_file():
+            proto = _safety.check_onnx_file(model)
+            for tensor in proto.graph.initializer:
+                count = int(np.prod(tensor.dims)) if tensor.dims else 1
+                total += count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        else:
+            total += sum(p.stat().st_size for p in where.rglob("*") if p.is_file())
+    return total
+
+
+def split_microbatches(
+    inputs: dict[str, np.ndarray], batch_axis: dict[str, int], count: int
+) -> list[dict[str, np.ndarray]]:
+    """Split the inputs named in ``batch_axis`` into ``count`` nearly equal parts (others go whole)."""
+    split = {name: np.array_split(value, count, axis=batch_axis[name])
+             for name, value in inputs.items() if name in batch_axis}  # fmt: skip
+    return [{name: (split[name][k] if name in split else value) for name, value in inputs.items()}
+            for k in range(count)]  # fmt: skip
+
+
+def microbatch_count(manifest: dict[str, Any], inputs: dict[str, np.ndarray]) -> int:
+    """Microbatches to run: the manifest's count, at most the batch size."""
+    wanted = max(1, int(manifest.get("microbatches", 1)))
+    sizes = {inputs[n].shape[a] for n, a in manifest.get("batch_axis", {}).items() if n in inputs}
+    if not sizes:
+        return 1
+    if len(sizes) > 1:
+        raise InputMismatchError(f"The inputs split into microbatches have different batch sizes: {sorted(sizes)}.")
+    return max(1, min(wanted, sizes.pop()))
+
+
+# --------------------------------------------------------------------------- fault hook
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An injected fault (test hook): ``kind`` die or hang, on ``rank``, at ``point``, microbatch ``mb``."""
+
+    kind: str
+    rank: int
+    point: str = "step0"
+    mb: int = 0
+
+    def hit(self, rank: int, point: str, mb: int = 0) -> None:
+        if rank != self.rank or point != self.point or (point.startswith("step") and mb != self.mb):
+            return
+        sys.stderr.write(f"adapter: test hook {FAULT_ENV}: rank {rank} {self.kind}s at {point} (t={time.time():.3f})\n")
+        sys.stderr.flush()
+        if self.kind == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:  # hang
+            time.sleep(3600)
+
+
+def parse_fault(text: str | None) -> Fault | None:
+    """Parse ``die:rank=1,at=step2`` / ``hang:rank=1[,at=...][,mb=K]``; None for empty text.
+
+    Raises:
+        AdapterError: The text does not follow that syntax.
+    """
+    if not text:
+        return None
+    match = re.fullmatch(r"(die|hang):(.*)", text.strip())
+    fields = dict(part.split("=", 1) for part in match.group(2).split(",") if "=" in part) if match else {}
+    if not match or "rank" not in fields or set(fields) - {"rank", "at", "mb"}:
+        raise AdapterError(f"Cannot read {FAULT_ENV}='{text}'.", "Write die|hang:rank=R[,at=init|stepN|end][,mb=K].")
+    point = fields.get("at", "step0")
+    if not re.fullmatch(r"init|end|step\d+", point):
+        raise AdapterError(f"{FAULT_ENV}: unknown point '{point}'.", "Use init, stepN or end.")
+    return Fault(match.group(1), int(fields["rank"]), point, int(fields.get("mb", 0)))
+
+
+# --------------------------------------------------------------------------- the rank
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return bool(re.search(r"timed? ?out|timeout|deadline|failed to pass monitoredBarrier", str(exc), re.IGNORECASE))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of an error: its last line, without gloo's source location and boilerplate advice."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = re.sub(r"\[[^\]\s]*\.(?:cc|cpp|h):\d+\]\s*", "", lines[-1])
+    return re.split(r"\. This is (?:typically|likely)", text)[0].strip()[:300]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its torchrun agent dies."""
+    import contextlib
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the agent died before the request took effect
+        os._exit(1)
+
+
+class _Rank:
+    """One rank of a sharded run: engines, groups, schedule and the report."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], rank: int, timeout: float, fault: Fault | None):
+        self.folder = folder
+        self.manifest = manifest
+        self.rank = rank
+        self.spec = manifest["ranks"][rank]
+        self.timeout = timeout
+        self.delta = timedelta(seconds=timeout)
+        self.fault = fault
+        self.label = rank_label(manifest, rank)
+        self.engine_s = 0.0
+        self.comm_s = 0.0
+        self.load_s = 0.0
+        self.groups: dict[tuple[int, ...], Any] = {}
+        self.engines: list[Any] = []
+        self.device = "cpu"
+        self.microbatches = 0
+
+    # -- set-up
+
+    def wants_gpu(self) -> bool:
+        import torch
+
+        gpu_backends = {"tensorrt", "migraphx"}
+        for step in self.spec.get("steps", []):
+            engine = step.get("engine") or {}
+            provider = str(engine.get("config", {}).get("provider", ""))
+            if engine.get("backend") in gpu_backends or "CUDA" in provider or "ROCM" in provider:
+                return torch.cuda.is_available()
+        return False
+
+    def init_group(self) -> None:
+        import torch.distributed as dist
+
+        if self.fault:
+            self.fault.hit(self.rank, "init")
+        backend = "gloo"
+        if self.wants_gpu():  # GPU engines: NCCL, with its watchdog bounded by the same timeout
+            import torch
+
+            backend = "nccl"
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+            os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "1")
+            os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(self.timeout) + 10))
+            self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(self.device)
+        started = time.perf_counter()
+        try:
+            dist.init_process_group(backend, timeout=self.delta)
+            # every rank creates every group, in the same order (first appearance in rank order)
+            for spec in self.manifest["ranks"]:
+                members = tuple(spec.get("tp_group", [spec["rank"]]))
+                if len(members) > 1 and members not in self.groups:
+                    self.groups[members] = dist.new_group(list(members), timeout=self.delta)
+            # barriers go over gloo even when the data goes over NCCL (monitored_barrier is gloo-only)
+            self.control = dist.new_group(backend="gloo", timeout=self.delta) if backend == "nccl" else None
+        except Exception as exc:
+            raise self._comm_failure(exc, "forming the process group", list(range(self.world))) from exc
+        self.comm_s += time.perf_counter() - started
+
+    @property
+    def world(self) -> int:
+        return int(self.manifest["world_size"])
+
+    def load_engines(self) -> None:
+        started = time.perf_counter()
+        for step in self.spec.get("steps", []):
+            if step["op"] != "run":
+                self.engines.append(None)
+                continue
+            engine = step["engine"]
+            module = get_backend(engine.get("backend") or self.manifest.get("backend", "onnxruntime"))
+            inputs = [TensorSpec.from_json(s) for s in engine["inputs"]]
+            outputs = [TensorSpec.from_json(s) for s in engine["outputs"]]
+            self.engines.append(
+                module.Engine(self.folder / engine["folder"], inputs, outputs, engine.get("config", {}))
+            )
+        self.load_s = time.perf_counter() - started
+
+    # -- communication
+
+    def _comm_failure(self, exc: BaseException, what: str, peers: list[int]) -> RankFailure:
+        others = [p for p in peers if p != self.rank]
+        ranks = re.search(r"Ranks? ([\d, ]+) failed to pass", str(exc))
+        who = _peers_label(self.manifest, others)
+        if ranks:  # monitored_barrier names the ranks that never arrived
+            others = [int(r) for r in re.findall(r"\d+", ranks.group(1))]
+            who = _peers_label(self.manifest, others)
+        elif len(others) > 1:
+            who = f"at least one of {who}"
+        if _timed_out(exc):
+            return RankFailure(f"{self.label}: no data from {who} within {self.timeout:g} s ({what}).",
+                               "timeout", others)  # fmt: skip
+        return RankFailure(f"{self.label}: lost the connection to {who} ({what}): {_first_line(exc)}; "
+                           "that rank has probably died.", "lost", others)  # fmt: skip
+
+    def _wait(self, work, what: str, peers: list[int]) -> None:
+        started = time.perf_counter()
+        try:
+            work.wait(self.delta)
+        except Exception as exc:
+            raise self._comm_failure(exc, what, peers) from exc
+        finally:
+            self.comm_s += time.perf_counter() - started
+
+    def _tensor(self, array: np.ndarray):
+        import torch
+
+        tensor = torch.from_numpy(np.array(array, copy=True, order="C"))
+        return tensor if self.device == "cpu" else tensor.to(self.device)
+
+    def _numpy(self, tensor) -> np.ndarray:
+        return tensor.cpu().numpy() if self.device != "cpu" else tensor.numpy()
+
+    def send(self, env: dict[str, np.ndarray], k: int) -> list[tuple[Any, Any]]:
+        """Start sending microbatch ``k``'s ``send`` values; return the pending works (with their buffers)."""
+        import torch
+        import torch.distributed as dist
+
+        names = self.spec.get("send", [])
+        header = np.full(1 + len(names) * (2 + MAX_RANK), -1, dtype=np.int64)
+        header[0] = len(names)
+        chunks = []
+        for i, name in enumerate(names):
+            value = np.asarray(env[name], order="C")  # ascontiguousarray would make a scalar 1-D
+            if value.dtype.name not in DTYPES or value.ndim > MAX_RANK:
+                raise RankFailure(
+                    f"{self.label}: cannot send '{name}' ({value.dtype}, rank {value.ndim}) to the "
+                    f"next stage: dtypes {', '.join(DTYPES)} up to rank {MAX_RANK} travel."
+                )
+            at = 1 + i * (2 + MAX_RANK)
+            header[at] = DTYPES.index(value.dtype.name)
+            header[at + 1] = value.ndim
+            header[at + 2 : at + 2 + value.ndim] = value.shape
+            chunks.append(value.reshape(-1).view(np.uint8))
+        peer = self.spec["send_to"]
+        head = self._tensor(header)
+        works = [(dist.isend(head, peer, tag=2 * k), head)]
+        if sum(c.size for c in chunks):
+            blob = self._tensor(np.concatenate(chunks)) if chunks else torch.empty(0, dtype=torch.uint8)
+            works.append((dist.isend(blob, peer, tag=2 * k + 1), blob))
+        return works
+
+    def recv(self, k: int) -> dict[str, np.ndarray]:
+        """Receive microbatch ``k``'s values from the previous stage."""
+        import torch.distributed as dist
+
+        names = self.spec.get("recv", [])
+        peer = self.spec["recv_from"]
+        what = f"receiving microbatch {k}"
+        head = self._tensor(np.zeros(1 + len(names) * (2 + MAX_RANK), dtype=np.int64))
+        self._wait(dist.irecv(head, peer, tag=2 * k), what, [peer])
+        header = self._numpy(head)
+        if header[0] != len(names):
+            raise RankFailure(
+                f"{self.label}: {rank_label(self.manifest, peer)} sent {header[0]} values for "
+                f"microbatch {k}, the manifest lists {len(names)} ({', '.join(names)})."
+            )
+        layout = []
+        for i in range(len(names)):
+            at = 1 + i * (2 + MAX_RANK)
+            layout.append(
+                (np.dtype(DTYPES[header[at]]), tuple(int(d) for d in header[at + 2 : at + 2 + header[at + 1]]))
+            )
+        sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in layout]
+        env: dict[str, np.ndarray] = {}
+        blob = np.zeros(0, dtype=np.uint8)
+        if sum(sizes):
+            buffer = self._tensor(np.empty(sum(sizes), dtype=np.uint8))
+            self._wait(dist.irecv(buffer, peer, tag=2 * k + 1), what, [peer])
+            blob = self._numpy(buffer)
+        offset = 0
+        for name, (dtype, shape), size in zip(names, layout, sizes):
+            env[name] = blob[offset : offset + size].view(dtype).reshape(shape)
+            offset += size
+        return env
+
+    def all_reduce(self, value: np.ndarray, what: str) -> np.ndarray:
+        import torch.distributed as dist
+
+        members = self.spec["tp_group"]
+        if len(members) == 1:
+            return value
+        tensor = self._tensor(value)
+        self._wait(dist.all_reduce(tensor, group=self.groups[tuple(members)], async_op=True), what, members)
+        return self._numpy(tensor)
+
+    def all_gather(self, value: np.ndarray, axis: int, what: str) -> np.ndarray:
+        import torch
+        import torch.distributed as dist
+
+        members = self.spec["tp_group"]
+        if len(members) == 1:
+            return value
+        group = self.groups[tuple(members)]
+        axis = axis % value.ndim
+        # shards may differ in size along the axis (an uneven split): share the sizes, pad, gather, trim
+        shape = self._tensor(np.array(value.shape, dtype=np.int64))
+        shapes = [torch.zeros_like(shape) for _ in members]
+        self._wait(dist.all_gather(shapes, shape, group=group, async_op=True), what, members)
+        lengths = [int(self._numpy(s)[axis]) for s in shapes]
+        padded = np.zeros([max(lengths) if a == axis else d for a, d in enumerate(value.shape)], dtype=value.dtype)
+        padded[tuple(slice(0, d) for d in value.shape)] = value
+        tensor = self._tensor(padded)
+        parts = [torch.empty_like(tensor) for _ in members]
+        self._wait(dist.all_gather(parts, tensor, group=group, async_op=True), what, members)
+        pieces = [np.take(self._numpy(p), np.arange(n), axis=axis) for p, n in zip(parts, lengths)]
+        return np.concatenate(pieces, axis=axis)
+
+    def barrier(self, what: str) -> None:
+        import torch.distributed as dist
+
+        started = time.perf_counter()
+        try:
+            dist.monitored_barrier(group=self.control, timeout=self.delta, wait_all_ranks=True)
+        except Exception as exc:
+            raise self._comm_failure(exc, what, list(range(self.world))) from exc
+        finally:
+            self.comm_s += time.perf_counter() - started
+
+    # -- schedule
+
+    def run_microbatch(self, env: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        for i, (step, engine) in enumerate(zip(self.spec.get("steps", []), self.engines)):
+            if self.fault:
+                self.fault.hit(self.rank, f"step{i}", k)
+            what = f"step {i} {step['op']}"
+            if step["op"] == "run":
+                started = time.perf_counter()
+                try:
+                    env.update(engine.run({s.name: env[s.name] for s in engine.inputs}))
+                except KeyError as exc:
+                    raise RankFailure(f"{self.label}: step {i} needs '{exc.args[0]}', which no earlier step, "
+                                      "input or receive provides.") from exc  # fmt: skip
+                except AdapterError as exc:
+                    raise RankFailure(f"{self.label}: step {i} ({step['engine']['folder']}) failed: {exc}") from exc
+                self.engine_s += time.perf_counter() - started
+            elif step["op"] == "all_reduce":
+                env[step["output"]] = self.all_reduce(
+                    env[step["input"]], f"{what} of '{step['input']}', microbatch {k}"
+                )
+            else:
+                env[step["output"]] = self.all_gather(
+                    env[step["input"]], int(step.get("axis", -1)), f"{what} of '{step['input']}', microbatch {k}"
+                )
+        return env
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The GPipe schedule over this rank's microbatches; the model outputs on the writer rank."""
+        self.microbatches = microbatch_count(self.manifest, inputs)
+        slices = split_microbatches(inputs, self.manifest.get("batch_axis", {}), self.microbatches)
+        pending: list[tuple[int, list[tuple[Any, Any]]]] = []
+        collected: list[dict[str, np.ndarray]] = []
+        for k in range(self.microbatches):
+            env = dict(slices[k]) if self.spec.get("recv_from") is None else self.recv(k)
+            env = self.run_microbatch(env, k)
+            if self.spec.get("send_to") is not None:
+                pending.append((k, self.send(env, k)))
+                # at most two microbatches in flight: sending never runs far ahead of the next stage
+                while len(pending) > 2:
+                    self._finish_send(*pending.pop(0))
+            if self.spec.get("outputs"):
+                missing = [n for n in self.spec["outputs"] if n not in env]
+                if missing:
+                    raise RankFailure(f"{self.label}: the model output(s) {', '.join(missing)} were not produced.")
+                collected.append({n: env[n] for n in self.spec["outputs"]})
+        for k, works in pending:
+            self._finish_send(k, works)
+        if not collected:
+            return None
+        axes = self.manifest.get("batch_axis", {})
+        return {n: np.concatenate([c[n] for c in collected], axis=axes.get(n, 0)) if len(collected) > 1
+                else collected[0][n] for n in self.spec["outputs"]}  # fmt: skip
+
+    def _finish_send(self, k: int, works: list[tuple[Any, Any]]) -> None:
+        for work, _buffer in works:
+            self._wait(work, f"sending microbatch {k}", [self.spec["send_to"]])
+
+    def report(self, wall_s: float, error: RankFailure | None = None) -> dict[str, Any]:
+        data = {
+            "rank": self.rank,
+            "stage": self.spec.get("stage", 0),
+            "tp_rank": self.spec.get("tp_rank", 0),
+            "ok": error is None,
+            "wall_s": round(wall_s, 4),
+            "load_s": round(self.load_s, 4),
+            "engine_s": round(self.engine_s, 4),
+            "comm_s": round(self.comm_s, 4),
+            "microbatches": self.microbatches,
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "pid": os.getpid(),
+        }
+        try:
+            data["weights_bytes"] = weights_bytes(self.folder, self.manifest, self.rank)
+        except AdapterError:
+            data["weights_bytes"] = None
+        if error is not None:
+            data.update(error=str(error), kind=error.kind, waited_for=error.waited_for)
+        return data
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_inputs(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` feed (never unpickling) and check it against the manifest's input specs.
+
+    Raises:
+        InputMismatchError: Unreadable file, or inputs that do not match the specs.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feed = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputMismatchError(
+            f"Cannot read the inputs '{path}': {exc}.", "Give an .npz written by numpy.savez."
+        ) from exc
+    return check_inputs([TensorSpec.from_json(s) for s in manifest["inputs"]], feed)
+
+
+def save_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
+    """Write ``outputs`` to ``path`` atomically (a temp file beside it, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **outputs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_report(report_dir: Path | None, data: dict[str, Any]) -> None:
+    text = json.dumps(data)
+    if report_dir is None:
+        print(f"adapter-rank-report {text}", flush=True)
+        return
+    path = Path(report_dir) / f"rank{data['rank']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m adapter.runtime.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--inputs", type=Path, required=True, help="Model inputs (.npz).")
+    parser.add_argument("--output", type=Path, required=True, help="Where the last stage writes the outputs (.npz).")
+    parser.add_argument("--timeout", type=float, default=60.0, help="Seconds any wait may take (default 60).")
+    parser.add_argument("--report-dir", type=Path, default=None, help="Write rank<r>.json here (default: stdout).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run this process's rank (``RANK`` / ``WORLD_SIZE`` from torchrun's environment)."""
+    started = time.perf_counter()
+    args = _parse(argv)
+    _die_with_parent()
+    rank = int(os.environ.get("RANK", "-1"))
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    worker: _Rank | None = None
+    try:
+        if rank < 0 or world < 1:
+            raise AdapterError(
+                "This worker runs under torchrun (RANK and WORLD_SIZE are not set).",
+                "Start it with `adapter launch ARTIFACT --nproc N`.",
+            )
+        manifest = read_sharded(args.artifact)
+        if world != int(manifest["world_size"]):
+            raise AdapterError(
+                f"torchrun started {world} processes, the artifact '{args.artifact}' needs "
+                f"world_size {manifest['world_size']}.",
+                "Launch with a matching --nproc / --nnodes.",
+            )
+        fault = parse_fault(os.environ.get(FAULT_ENV))
+        worker = _Rank(args.artifact, manifest, rank, args.timeout, fault)
+        inputs = load_inputs(args.inputs, manifest)
+        worker.load_engines()
+        worker.init_group()
+        worker.barrier("waiting for every rank to load its engines")
+        outputs = worker.run(inputs)
+        if fault:
+            fault.hit(rank, "end")
+        worker.barrier("waiting for every rank to finish")  # no output unless every rank got through
+        if outputs is not None and worker.spec.get("tp_rank", 0) == 0:
+            save_outputs(args.output, outputs)
+        _write_report(args.report_dir, worker.report(time.perf_counter() - started))
+    except Exception as exc:
+        error = exc if isinstance(exc, RankFailure) else RankFailure(
+            f"{worker.label if worker else f'rank {rank}'}: {exc}" if isinstance(exc, AdapterError)
+            else f"{worker.label if worker else f'rank {rank}'}: internal error {type(exc).__name__}: {_first_line(exc)}"
+        )  # fmt: skip
+        sys.stderr.write(f"adapter: {error}\n")
+        sys.stderr.flush()
+        if worker is not None:
+            _write_report(args.report_dir, worker.report(time.perf_counter() - started, error))
+        elif rank >= 0:
+            _write_report(args.report_dir, {"rank": rank, "ok": False, "error": str(error), "kind": "error"})
+        os._exit(1)  # skip interpreter teardown: a broken process group can block in its destructor
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # outputs and report are on disk; torch's interpreter teardown only costs seconds here
+
+
+def _peak_rss_bytes() -> int:
+    """This rank's own peak resident memory.
+
+    ``VmHWM`` belongs to the process's address space; ``getrusage``'s ``ru_maxrss``
+    would report the launcher's peak too, because Linux keeps it across ``execve``.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
