@@ -1,13 +1,18 @@
-"""What every backend shares: support answers and the engine's checked ``run``."""
+"""The backend contract (:class:`Backend`) and what every backend shares: support
+answers, profile options and the engine's checked ``run``."""
 
 from __future__ import annotations
 
-__all__ = ["Support", "EngineBase", "fix_shapes", "unsupported_nodes", "module_of", "profile_options", "threads_for", "require_module"]
+__all__ = [
+    "BUILD_OPTIONS", "DEVICES", "Backend", "Support", "EngineBase", "check_backend", "fix_shapes", "unsupported_nodes",
+    "module_of", "profile_options", "threads_for", "require_module",
+]  # fmt: skip
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import onnx_ir as ir
@@ -98,6 +103,90 @@ def unsupported_nodes(model: ir.Model, supports: Callable[[ir.Node, ir.Model], S
     return found
 
 
+BUILD_OPTIONS = frozenset({"precision", "shapes", "opt_dims"})
+"""Option fields the convert driver fills from the build itself: ``precision`` (the precision
+plan's compile hint), ``shapes`` (each input's example shape, for fixed-shape builds) and
+``opt_dims`` (each dynamic dim's size in the examples, for optimisation profiles)."""
+DEVICES = ("cpu", "gpu")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Everything the rest of adapter asks of a backend.
+
+    A backend is a module of ``backends/`` (or any object) with these names, registered in
+    ``adapter.backends.BACKENDS`` by one line of ``backends/__init__.py``. Every list of
+    backends elsewhere (precision modes, ``--backend auto``, the profiler, the op library's
+    coverage, the CLI's choices, the sharded runtime) is derived from the registry and
+    these declarations; nothing probes a backend with ``getattr``.
+    """
+
+    NAME: str
+    """The name users type (``--backend NAME``) and manifests record."""
+    PASSES: tuple[str, ...]
+    """Fusion pipeline (names from ``adapter.passes.pipeline``) run on its copy of the canonical graph."""
+    PRECISIONS: frozenset[str]
+    """Precision modes (``adapter.passes.precision.MODES``) it builds engines for."""
+    EMULATES: frozenset[str]
+    """Of those, the modes it builds even where the target does not compute them natively."""
+    AUTO_KINDS: frozenset[str]
+    """Target kinds (``cpu``, ``gpu``) on which it joins ``--backend auto`` when the target lists it."""
+    FIXED_SHAPES: bool
+    """True when it compiles for fixed input shapes (support is asked of the fixed graph)."""
+    BUILD_OPTIONS: frozenset[str]
+    """Which of :data:`BUILD_OPTIONS` its ``Options`` take from the build."""
+    DEVICE: str
+    """Where its engines run: ``cpu`` or ``gpu`` (the sharded runtime picks gloo or NCCL by it)."""
+    STAND_IN: bool
+    """True when it builds engines for machines other than this one, verified here through
+    ``Engine.stand_in()`` (a GPU or ARM engine checked by a CPU run of the same graph)."""
+    EXTRA: str
+    """The pip extra that installs its SDK ("" when the core dependencies suffice)."""
+    CAPTURE: Callable[..., Any] | None
+    """Profiler hook: per-node timings from the backend's own profiler
+    (``adapter.backends.profiling.Capture``), or None when it has none."""
+    Options: type
+    """Its frozen options dataclass, built with ``Options.from_profile(profile, overrides)``."""
+    Engine: type[EngineBase]
+    """Its engine class (``load``, ``save``, ``run``)."""
+
+    def version(self) -> str:
+        """The SDK's version ("not installed" when absent)."""
+
+    def require(self) -> None:
+        """Raise BackendUnavailableError, naming the pip extra, when the SDK is missing."""
+
+    def supports(self, node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
+        """Whether it runs ``node`` (of ``model``, for ``profile``), and why not."""
+
+    def compile(self, model: ir.Model, profile: Any, options: Any, specs: Any, workdir: Path) -> EngineBase:
+        """Build an engine from ``model`` into ``workdir``."""
+
+
+def check_backend(backend: Any) -> list[str]:
+    """What ``backend`` lacks or declares wrongly against :class:`Backend` (empty: conforms)."""
+    if not isinstance(backend, Backend):
+        return [f"missing {name}" for name in _MEMBERS if not hasattr(backend, name)]
+    problems = []
+    if not isinstance(backend.NAME, str) or not backend.NAME:
+        problems.append("NAME must be a non-empty string")
+    if backend.DEVICE not in DEVICES:
+        problems.append(f"DEVICE must be one of {DEVICES}, not {backend.DEVICE!r}")
+    if not set(backend.AUTO_KINDS) <= set(DEVICES):
+        problems.append(f"AUTO_KINDS must be a subset of {DEVICES}")
+    if not set(backend.BUILD_OPTIONS) <= BUILD_OPTIONS:
+        problems.append(f"BUILD_OPTIONS must be a subset of {sorted(BUILD_OPTIONS)}")
+    if not set(backend.EMULATES) <= set(backend.PRECISIONS):
+        problems.append("EMULATES must be a subset of PRECISIONS")
+    if not dataclasses.is_dataclass(backend.Options) or not hasattr(backend.Options, "from_profile"):
+        problems.append("Options must be a dataclass with from_profile(profile, overrides)")
+    elif not set(backend.BUILD_OPTIONS) <= {f.name for f in dataclasses.fields(backend.Options)}:
+        problems.append("every BUILD_OPTIONS entry must be a field of Options")
+    if not (isinstance(backend.Engine, type) and issubclass(backend.Engine, EngineBase)):
+        problems.append("Engine must subclass adapter.backends.base.EngineBase")
+    return problems
+
+
 class EngineBase(abc.ABC):
     """An engine: checked inputs in, named numpy outputs out."""
 
@@ -156,3 +245,8 @@ class EngineBase(abc.ABC):
         inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
         outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
         return cls(Path(folder), inputs, outputs, manifest["backend"]["config"])
+
+
+_MEMBERS = tuple(
+    name for name in (*Backend.__annotations__, "version", "require", "supports", "compile") if not name.startswith("_")
+)

@@ -38,6 +38,15 @@ from adapter.core.specs import TensorSpec, check_inputs
 
 NAME = "edge"
 PASSES = ("fusion-ort",)
+PRECISIONS = frozenset({"fp32", "fp16", "int8", "int8-dynamic"})
+"""Precision modes it builds (the contract: ``adapter.backends.base.Backend``)."""
+EMULATES = frozenset()
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+FIXED_SHAPES = False
+BUILD_OPTIONS = frozenset()
+DEVICE = "cpu"
+STAND_IN = True
+EXTRA = ""
 """ONNX Runtime's fusion pipeline: the ORT format keeps com.microsoft ops (Attention,
 SkipLayerNormalization, DynamicQuantizeMatMul, ...) and ONNX Runtime Mobile runs them."""
 ORT_FILE = "model.ort"
@@ -271,3 +280,7 @@ class Engine(EngineBase):
         }
         cpu = _arm64.qemu_cpu(self.config.get("core"))
         return _arm64.run_artifact(root, self.folder, spec, feed, timeout, cpu=cpu, info=info)
+
+
+CAPTURE = None
+"""The profiler hook (None: this backend's engines cannot be profiled per node)."""

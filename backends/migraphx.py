@@ -52,6 +52,14 @@ that its parser refuses."""
 PROVIDER = "MIGraphXExecutionProvider"
 PASSES = ()
 """No fusion pipeline: MIGraphX fuses on its own, and the graph stays in the standard domain."""
+PRECISIONS = frozenset({"fp32", "fp16", "int8"})
+"""Precision modes it builds (the contract: ``adapter.backends.base.Backend``)."""
+EMULATES = frozenset()
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+BUILD_OPTIONS = frozenset({"precision", "shapes"})
+DEVICE = "gpu"
+STAND_IN = True
+EXTRA = ""
 MODEL_FILE = "model.onnx"
 PROVIDERS_FILE = "ort_providers.json"
 RUN_FILE = "run_on_rocm.py"
@@ -289,3 +297,7 @@ class Engine(EngineBase):
         except Exception as exc:
             raise AdapterError(f"MIGraphX failed while running the engine: {str(exc).splitlines()[0][:400]}") from exc
         return dict(zip(self.output_names, results))
+
+
+CAPTURE = None
+"""The profiler hook (None: this backend's engines cannot be profiled per node)."""

@@ -14,13 +14,18 @@ __all__ = [
 ]  # fmt: skip
 
 import functools
+import json
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
+from adapter.backends.profiling import Capture, Kernel, blocks, run_windows
 
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError
@@ -32,6 +37,16 @@ PROVIDER = "CPUExecutionProvider"
 MODEL_FILE = "model.onnx"
 PASSES = ("fusion-ort",)
 """Fusion pipeline run on this backend's copy of the canonical graph: ONNX Runtime's com.microsoft fused ops (Attention, BiasGelu, ...)."""
+PRECISIONS = frozenset({"fp32", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight"})
+"""Precision modes it builds (the contract: ``adapter.backends.base.Backend``)."""
+EMULATES = frozenset({"fp16"})
+"""FP16 runs through Casts where the CPU has no FP16 arithmetic."""
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+FIXED_SHAPES = False
+BUILD_OPTIONS = frozenset()
+DEVICE = "cpu"
+STAND_IN = False
+EXTRA = ""
 OPTIMIZED_FILE = "model.ort-optimized.onnx"
 
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
@@ -189,3 +204,57 @@ class Engine(EngineBase):
                 f"ONNX Runtime failed while running the engine: {str(exc).splitlines()[0][:400]}"
             ) from exc
         return dict(zip(self.output_names, results))
+
+
+# --------------------------------------------------------------------------- profiler hook
+
+
+def capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> Capture:
+    config = engine.config
+    opts = session_options(config.get("optimization", "all"), threads_for(config.get("threads", 0), None))
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp / "ort-profile")
+    runtime_graph = tmp / "runtime-graph.onnx"
+    opts.optimized_model_filepath = str(runtime_graph)
+    model_path = getattr(engine.session, "_model_path", None) or str(engine.folder / "model.onnx")
+    try:
+        session = open_session(model_path, opts)
+        for _ in range(warmup):
+            session.run(None, feed)
+        for block in blocks(repeats, between):
+            for _ in range(block):
+                session.run(None, feed)
+        trace = Path(session.end_profiling())
+    except Exception as exc:
+        raise AdapterError(
+            f"ONNX Runtime's profiler failed on '{model_path}': {str(exc).splitlines()[0][:300]}",
+            "Check that the artifact runs with `adapter run`.",
+        ) from exc
+    events = json.loads(trace.read_text())
+    windows = run_windows(events)[warmup:]
+    nodes = sorted(
+        (e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
+        key=lambda e: e["ts"],
+    )
+    kernels: dict[str, Kernel] = {}
+    totals = []
+    for start, end in windows:
+        totals.append((end - start) / 1e3)
+        for event in nodes:
+            if start <= event["ts"] <= end:
+                name = event["name"].removesuffix("_kernel_time")
+                kernel = kernels.setdefault(name, Kernel(name, event.get("args", {}).get("op_name", "?")))
+                kernel.durations_us.append(float(event["dur"]))
+                kernel.starts_us.append(float(event["ts"] - start))
+    graph = onnx.load(str(runtime_graph), load_external_data=False).graph
+    structure = {n.name: (list(n.input), list(n.output)) for n in graph.node}
+    boundary = {t for ins, outs in structure.values() for t in (*ins, *outs)}
+    boundary |= {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    ordered = sorted(kernels.values(), key=lambda k: statistics.median(k.starts_us))
+    for kernel in ordered:
+        kernel.claims = [kernel.name]  # resolved against the ONNX graph in _map_tensors
+    return Capture(ordered, totals, structure=structure, boundary=boundary, mapping="tensors")
+
+
+CAPTURE = capture
+"""The profiler hook: per-node timings from the backend's own profiler."""

@@ -12,6 +12,9 @@ from __future__ import annotations
 __all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
 
 import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
+from adapter.backends.profiling import Capture, Kernel, blocks
 
 from adapter.core import safety as _safety
 from adapter.core.artifact import MANIFEST, cache_root
@@ -31,6 +35,15 @@ NAME = "openvino"
 MODEL_FILE = "model.onnx"
 PASSES = ("fusion-standard",)
 """Fusion pipeline run on this backend's copy of the canonical graph: standard-domain fusions only: OpenVINO fuses attention itself."""
+PRECISIONS = frozenset({"fp32", "bf16", "fp16", "int8"})
+"""Precision modes it builds (the contract: ``adapter.backends.base.Backend``)."""
+EMULATES = frozenset()
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+FIXED_SHAPES = False
+BUILD_OPTIONS = frozenset({"precision"})
+DEVICE = "cpu"
+STAND_IN = False
+EXTRA = ""
 CACHE_DIR = "ov_cache"
 _PRECISIONS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
 
@@ -220,3 +233,99 @@ class Engine(EngineBase):
             ) from exc
         values = list(results.values())
         return {name: np.array(value, copy=True) for name, value in zip(self.output_names, values)}
+
+
+# --------------------------------------------------------------------------- profiler hook
+
+
+def capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callable[[], None]) -> Capture:
+    import openvino as ov  # vendor SDK, imported where used
+
+    config = engine.config
+    properties = {
+        "INFERENCE_PRECISION_HINT": config["precision"],
+        "PERFORMANCE_HINT": config["performance_hint"],
+        "INFERENCE_NUM_THREADS": int(config["threads"]),
+        "NUM_STREAMS": int(config["streams"]),
+        "PERF_COUNT": True,
+    }
+    try:
+        compiled = ov.Core().compile_model(str(engine.folder / "model.onnx"), config["device"], properties)
+        request = compiled.create_infer_request()
+        # The CPU plugin's counters are each node's running average (whole µs) over every
+        # time it executed since compile, not the last run's time: a node's total is its
+        # average × its executions (counted here after every inference, warm-up included:
+        # shape subgraphs run only while shapes change), per-run times are differences of
+        # totals, and a node's figure is its mean over the profiled runs.
+        executions: dict[str, int] = defaultdict(int)
+        for _ in range(warmup):
+            request.infer(feed)
+            _ov_totals(request, executions)
+        start = _ov_totals(request, executions, advance=False)
+        before = dict(start)
+        kernels: dict[str, Kernel] = {}
+        totals = []
+        for _ in (step for block in blocks(repeats, between) for step in range(block)):
+            started = time.perf_counter()
+            request.infer(feed)
+            totals.append((time.perf_counter() - started) * 1e3)
+            now = _ov_totals(request, executions)
+            offset = 0.0
+            for name, (node_type, total_us, ran) in now.items():
+                if not ran:
+                    continue
+                micros = max(0.0, total_us - _total_us(before, name))
+                kernel = kernels.setdefault(name, Kernel(name, node_type))
+                kernel.durations_us.append(micros)
+                kernel.starts_us.append(offset)  # OpenVINO gives no start times: laid out in order
+                offset += micros
+            before.update(now)
+        for name, kernel in kernels.items():
+            # clamped: whole-µs averages of a node that takes ~1 µs can step down between looks
+            kernel.summary_us = max(0.0, _total_us(before, name) - _total_us(start, name)) / len(totals)
+        runtime = compiled.get_runtime_model()
+    except Exception as exc:
+        raise AdapterError(
+            f"OpenVINO's performance counters failed: {str(exc).strip().splitlines()[0][:300]}",
+            "Check that the artifact runs with `adapter run`.",
+        ) from exc
+    fused: dict[str, list[str]] = {}
+    order: list[str] = []
+    for op in runtime.get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        fused[op.get_friendly_name()] = [n for n in names.split(",") if n]
+        order.append(op.get_friendly_name())
+    for kernel in kernels.values():
+        kernel.claims = fused.get(kernel.name, [kernel.name])
+    position = {name: i for i, name in enumerate(order)}
+    ordered = sorted(kernels.values(), key=lambda k: position.get(k.name, len(position)))
+    executed = {k.name for k in ordered}
+    idle = [n for name, names in fused.items() if name not in executed for n in names]
+    note = "OpenVINO reports no start times; the trace lays nodes out in order"
+    return Capture(ordered, totals, note=note, idle=idle, mapping="fused")
+
+
+def _total_us(totals: dict[str, tuple[str, float, bool]], name: str) -> float:
+    """A node's total µs in an :func:`_ov_totals` look (0 before it first appears)."""
+    return totals[name][1] if name in totals else 0.0
+
+
+def _ov_totals(request, executions: dict[str, int], advance: bool = True) -> dict[str, tuple[str, float, bool]]:
+    """Each node's type, total µs since compile and whether it ran in the last inference.
+
+    ``executions`` counts each node's runs; ``advance`` counts this inference in (False
+    for a second look at the same inference).
+    """
+    found = {}
+    for info in request.get_profiling_info():
+        ran = info.status == info.Status.EXECUTED
+        if advance and ran:
+            executions[info.node_name] += 1
+        total = info.real_time.total_seconds() * 1e6 * executions.get(info.node_name, 0)
+        found[info.node_name] = (info.node_type, total, ran)
+    return found
+
+
+CAPTURE = capture
+"""The profiler hook: per-node timings from the backend's own profiler."""

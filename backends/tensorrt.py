@@ -67,6 +67,15 @@ from adapter.core.specs import Dim, TensorSpec
 NAME = "tensorrt"
 PASSES = ()
 """No fusion pipeline: TensorRT fuses on its own, and fusion-ort's com.microsoft ops would not parse."""
+PRECISIONS = frozenset({"fp32", "fp16", "bf16", "int8", "fp8"})
+"""Precision modes it builds (the contract: ``adapter.backends.base.Backend``)."""
+EMULATES = frozenset()
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+FIXED_SHAPES = False
+BUILD_OPTIONS = frozenset({"precision", "opt_dims"})
+DEVICE = "gpu"
+STAND_IN = True
+EXTRA = "tensorrt"
 MODEL_FILE = "model.onnx"
 PROFILES_FILE = "profiles.json"
 BUILD_FILE = "build.py"
@@ -622,3 +631,7 @@ class _PlanRunner:
                 tensor = tensor.float()  # numpy has no bfloat16
             result[name] = tensor.cpu().numpy()
         return result
+
+
+CAPTURE = None
+"""The profiler hook (None: this backend's engines cannot be profiled per node)."""

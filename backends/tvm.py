@@ -29,7 +29,6 @@ from __future__ import annotations
 __all__ = [
     "NAME",
     "PASSES",
-    "IN_AUTO",
     "FIXED_SHAPES",
     "Options",
     "version",
@@ -53,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from adapter.backends import _tvm_rocm
+from adapter.backends import _tvm_profile, _tvm_rocm
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, threads_for
 from adapter.profiles.probe import probe_host
 
@@ -64,10 +63,17 @@ from adapter.core.specs import TensorSpec
 NAME = "tvm"
 PASSES: tuple[str, ...] = ()
 """TVM fuses on its own (``FuseOps``/``FuseTIR``) from the canonical graph."""
+PRECISIONS = frozenset({"fp32"})
+"""Precision modes it builds (the contract: ``adapter.backends.base.Backend``)."""
+EMULATES = frozenset()
+BUILD_OPTIONS = frozenset({"shapes"})
+DEVICE = "cpu"
+STAND_IN = True
+EXTRA = "tvm"
 FIXED_SHAPES = True
 """Builds for fixed input shapes (``Options.shapes``; ``adapter.backends.base.fix_shapes``)."""
-IN_AUTO = False
-"""Not a ``--backend auto`` candidate on CPUs: untuned TVM is for code generation (DESIGN.md
+AUTO_KINDS: frozenset[str] = frozenset()
+"""Not a ``--backend auto`` candidate: untuned TVM is for code generation (DESIGN.md
 measured 1.6 s for MiniLM); ask for it with ``--backend tvm`` (and ``tuning_trials``)."""
 LIBRARY = "lib.so"
 MODEL_FILE = "model.onnx"
@@ -543,3 +549,7 @@ class Engine(EngineBase):
                 f"TVM {version()} llvm build of the same graph for this CPU ({host.get('mcpu', 'generic')})",
             )
         return self._stand_in
+
+
+CAPTURE = _tvm_profile.capture
+"""The profiler hook: per-node timings from the backend's own profiler."""

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 __all__ = [
-    "BACKENDS",
     "OPS",
     "PRECISIONS",
     "NodeCost",
@@ -35,8 +34,6 @@ from adapter.op_library._schema import PRECISIONS, OpEntry, Tensor, tensor_of
 OPS: dict[str, OpEntry] = {**standard.ENTRIES, **contrib.ENTRIES}
 """Every entry by key (``op_type`` for the standard domain, ``domain::op_type`` otherwise)."""
 
-BACKENDS = ("onnxruntime", "openvino", "tvm", "tensorrt", "migraphx")
-"""Backends the matrix has a column for (the first two asked live)."""
 
 
 def _key(op_type: str, domain: str = "") -> str:

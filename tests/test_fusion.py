@@ -9,15 +9,18 @@ The zoo models are imported once per module exactly as ``convert`` does (export,
 from __future__ import annotations
 
 import collections
+import importlib
+import pkgutil
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from adapter.passes import build_pipeline, run_pipeline
+from adapter.passes import build_pipeline, fusion, run_pipeline
 from adapter.passes.fusion import (
     ConvBatchNormFusion,
     FusionOptions,
+    FusionPass,
     GeluFusion,
     GemmUnfold,
     LayerNormFusion,
@@ -27,8 +30,9 @@ from adapter.passes.fusion import (
     OrtRotaryFusion,
     OrtSkipLayerNormFusion,
 )
-from adapter.passes.pipeline import PIPELINES
+from adapter.passes.pipeline import PASSES, PIPELINES
 from onnx import TensorProto, helper, numpy_helper
+from onnxscript.rewriter import RewriteRuleSet
 
 from adapter.convert.importer import import_source, prepare_source
 
@@ -251,6 +255,53 @@ def test_pipelines_are_registered():
         "fuse-matmul-add-gemm",
         "topological-sort",
     ]
+
+
+RULE_FILES = [
+    importlib.import_module(f"{fusion.__name__}.{m.name}")
+    for m in pkgutil.iter_modules(fusion.__path__)
+    if not m.name.startswith("_")
+]
+"""Every rule file of ``passes/fusion`` (each ends with its ``rules``)."""
+
+
+def _applied_rules(pass_: FusionPass) -> list:
+    """Every rule object ``pass_`` applies, in order, at each opset where a family's stages change."""
+    applied: dict[int, object] = {}
+    for opset in (17, 20, 23):
+        model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": opset}), ir_version=10)
+        for stage in pass_.stages(model):
+            for rule in stage.rules:
+                applied.setdefault(id(rule), rule)
+    return list(applied.values())
+
+
+def test_each_rule_file_declares_exactly_the_rules_its_passes_apply():
+    """A file's ``rules`` (onnxscript's convention) and the stages its passes apply hold the same rules."""
+    exported = [getattr(fusion, name) for name in fusion.__all__]
+    fusion_passes = {c for c in exported if isinstance(c, type) and issubclass(c, FusionPass) and c is not FusionPass}
+    assert fusion_passes == {p for p in PASSES.values() if isinstance(p, type) and issubclass(p, FusionPass)}
+
+    owner = {}  # id(rule) -> the file that declares it
+    for module in RULE_FILES:
+        assert isinstance(module.rules, RewriteRuleSet), module.__name__
+        for rule in module.rules.rules:
+            assert id(rule) not in owner, f"{rule.name} declared twice ({owner.get(id(rule))}, {module.__name__})"
+            owner[id(rule)] = module
+
+    applied_ids: set[int] = set()
+    for cls in sorted(fusion_passes, key=lambda c: c.name):
+        applied = _applied_rules(cls())
+        assert applied, cls.name
+        undeclared = sorted({r.name for r in applied if id(r) not in owner})
+        assert not undeclared, f"{cls.name} applies rules no file declares: {undeclared}"
+        (module, *others) = {owner[id(r)] for r in applied}
+        assert not others, f"{cls.name} applies the rules of several files"
+        ids = {id(r) for r in applied}
+        assert [r for r in module.rules.rules if id(r) in ids] == applied, f"{cls.name} applies them out of order"
+        applied_ids |= ids
+    unapplied = sorted(f"{m.__name__}: {r.name}" for m in RULE_FILES for r in m.rules.rules if id(r) not in applied_ids)
+    assert not unapplied, f"declared rules no pass applies: {unapplied}"
 
 
 def test_fusion_standard_compiles_in_openvino(zoo, tmp_path):

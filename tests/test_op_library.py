@@ -157,6 +157,7 @@ def test_coverage_shares(data):
         "tvm": "canonicalize",
         "tensorrt": "canonicalize",
         "migraphx": "canonicalize",
+        "edge": "fusion-ort",
     }
     # TensorRT 10's matrix takes the canonical transformers (LayerNormalization, Gelu): the 8.5 one did not
     trt = data["backends"]["tensorrt"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
+from adapter.backends import BACKENDS
 from adapter.cli.bench import bench
 from adapter.cli.console import err, out
 from adapter.cli.launch import launch
@@ -36,6 +37,22 @@ from adapter.profiles import list_profiles, load_profile
 from adapter.profiles.probe import probe_host
 
 _state = {"debug": False}
+
+
+class _BackendName(click.Choice):
+    """A registered backend's name, read from ``adapter.backends.BACKENDS`` when the command
+    line is parsed (so a backend registered at run time is a valid choice)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(BACKENDS)
+
+    @choices.setter
+    def choices(self, _value) -> None:
+        pass
 
 
 def _print_json(data) -> None:
@@ -369,9 +386,9 @@ def probe(force, as_json):
 @click.option(
     "-b",
     "--backend",
-    type=click.Choice(["onnxruntime", "openvino", "tvm", "tensorrt", "migraphx"]),
+    type=_BackendName(),
     default=None,
-    help="Show one backend's column only (default: all five).",
+    help="Show one backend's column only (default: every registered backend).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the matrix and coverage shares as JSON.")
 def ops(backend, as_json):

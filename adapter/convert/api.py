@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from adapter.backends import get_backend
+from adapter.backends import DEFAULT, get_backend
 from adapter.convert.build import AUTO, Candidate, auto_candidates, base_passes, build_candidate, choose, drop_workdirs
 from adapter.convert.importer import import_source, prepare_source
 from adapter.convert.precision import PrecisionOptions
@@ -165,7 +165,7 @@ def convert(
     output = Path(output) if output else default_output(source, options.target)
     stage("load profile")
     profile = load_profile(options.target)
-    backend_name = options.backend or getattr(profile, "default_backend", None) or "onnxruntime"
+    backend_name = options.backend or getattr(profile, "default_backend", None) or DEFAULT
     names = auto_candidates(profile) if backend_name == AUTO else [backend_name]
     versions = {name: get_backend(name).version() for name in names} if backend_name != AUTO else _versions(names)
     dynamic = parse_dynamic(options.dynamic)

@@ -1,6 +1,6 @@
 """Build one backend's engine from the canonical graph, and ``--backend auto``'s choice.
 
-A candidate is one backend: its own fusion passes (the backend module's ``PASSES``),
+A candidate is one backend: its own fusion passes (the backend's ``PASSES``),
 support check, precision lowering, compile, verification against eager PyTorch and a
 latency measurement on the example inputs. ``--backend auto`` builds every candidate the
 target profile lists, keeps the fastest that verifies, and records all of them.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from adapter.backends import BACKENDS, get_backend
+from adapter.backends import BACKENDS, auto_backends, get_backend
 from adapter.backends.base import EngineBase, fix_shapes, unsupported_nodes
 from adapter.convert.precision import PrecisionResult, lower_precision
 from adapter.core.errors import AdapterError, SourceError, UnsupportedOpsError
@@ -110,27 +110,20 @@ def base_passes(profile: Any, requested: tuple[str, ...] | None = None) -> list[
 
 
 def run_backend_passes(backend: Any, model: ir.Model) -> list[PassRecord]:
-    """Run a backend's own fusion pipeline (its module's ``PASSES``) on ``model``."""
-    names = list(getattr(backend, "PASSES", ()))
+    """Run a backend's own fusion pipeline (its ``PASSES``) on ``model``."""
+    names = list(backend.PASSES)
     return run_pipeline(model, build_pipeline(names)) if names else []
 
 
 def auto_candidates(profile: Any) -> list[str]:
-    """The backends ``auto`` tries for a profile: those it lists that adapter implements."""
-    names = [name for name in getattr(profile, "backends", {}) if name in BACKENDS and _in_auto(name)]
+    """The backends ``auto`` tries for a profile (``adapter.backends.auto_backends``)."""
+    names = auto_backends(profile)
     if not names:
         raise AdapterError(
             f"Target '{profile.name}' lists no backend adapter can build here (it lists {', '.join(profile.backends) or 'none'}).",
             f"Choose one with --backend ({', '.join(sorted(BACKENDS))}).",
         )
     return names
-
-
-def _in_auto(name: str) -> bool:
-    """Whether a backend offers itself to ``--backend auto`` (its module's ``IN_AUTO``, default yes)."""
-    import importlib
-
-    return bool(getattr(importlib.import_module(BACKENDS[name]), "IN_AUTO", True))
 
 
 def build_candidate(
@@ -153,7 +146,7 @@ def build_candidate(
     backend = get_backend(name)
     found = Candidate(name, backend.version())
     model = canonical.clone()  # each backend fuses and lowers its own copy
-    fuse = options.passes is None and bool(getattr(backend, "PASSES", ()))
+    fuse = options.passes is None and bool(backend.PASSES)
     # Weight quantization goes first: fused ops (Attention packs the Q/K/V projections)
     # would hide MatMuls from the quantizer. FP16/BF16 lower the fused graph.
     quantize_first = _requested_mode(options.precision) in QUANTIZE_BEFORE_FUSION
@@ -169,7 +162,7 @@ def build_candidate(
         say(f"{name}: fusion passes")
         found.records = run_backend_passes(backend, found.model)
         _check_support(name, backend, found.model, profile, overrides)
-    if found.lowered and "precision" in backend.Options.__dataclass_fields__:
+    if found.lowered and "precision" in backend.BUILD_OPTIONS:
         overrides.setdefault("precision", found.lowered.backend_precision)
     say(f"{name}: compile")
     backend_options = backend.Options.from_profile(profile, overrides)
@@ -207,7 +200,7 @@ def build_candidate(
 
 def refused_nodes(backend: Any, model: ir.Model, profile: Any, shapes: dict[str, list[int]]) -> list[Any]:
     """Every node the backend refuses; fixed-shape backends are asked about the graph they build."""
-    if getattr(backend, "FIXED_SHAPES", False):
+    if backend.FIXED_SHAPES:
         model = fix_shapes(model, shapes)
     return unsupported_nodes(model, lambda n, m: backend.supports(n, m, profile))
 
@@ -224,7 +217,7 @@ def _shape_overrides(backend: Any, imported: Any, overrides: dict[str, Any]) -> 
     ``shapes`` (fixed-shape builds such as TVM's): each input's example shape. ``opt_dims``
     (TensorRT's optimisation profiles): each dynamic dim's size in the examples.
     """
-    fields = backend.Options.__dataclass_fields__
+    fields = backend.BUILD_OPTIONS
     examples = imported.example_inputs
     if "shapes" in fields:
         overrides.setdefault("shapes", {name: list(value.shape) for name, value in examples.items()})

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.backends import BACKENDS, get_backend
+from adapter.backends import BACKENDS, DEFAULT, get_backend
 from adapter.convert.build import AUTO, auto_candidates, base_passes, refused_nodes, run_backend_passes
 from adapter.convert.importer import import_source, prepare_source
 from adapter.core.errors import AdapterError, UnsupportedOp
@@ -109,7 +109,7 @@ def check(
     """
     say = progress or (lambda _m: None)
     profile = load_profile(target)
-    requested = backend or getattr(profile, "default_backend", None) or "onnxruntime"
+    requested = backend or getattr(profile, "default_backend", None) or DEFAULT
     names = auto_candidates(profile) if requested == AUTO else [requested]
     say("load source")
     prepared = prepare_source(source, parse_dynamic(dynamic), trust_source=trust_source)

@@ -16,16 +16,15 @@ __all__ = ["ZOO_MODELS", "zoo_graphs", "probe_model", "live_support", "coverage"
 
 import copy
 import functools
-import importlib
 from collections import Counter
 from typing import Any
 
 import onnx_ir as ir
 
-from adapter.backends import get_backend
+from adapter.backends import BACKENDS, get_backend
 from adapter.backends.documented import DOCUMENTED
 from adapter.convert.importer import import_source
-from adapter.op_library import BACKENDS, OPS, OpEntry, _key
+from adapter.op_library import OPS, OpEntry, _key
 from adapter.passes import build_pipeline, run_pipeline
 
 ZOO_MODELS = ("minilm", "gpt2", "llama", "vit", "resnet", "t5_encoder", "whisper_encoder")
@@ -56,9 +55,8 @@ def zoo_graphs(models: tuple[str, ...] = ZOO_MODELS, extra: tuple[str, ...] = ()
 
 
 def backend_passes(backend: str) -> tuple[str, ...]:
-    """The backend module's ``PASSES`` (documented backends are imported directly: no SDK needed)."""
-    module = importlib.import_module(f"adapter.backends.{backend}") if backend in DOCUMENTED else get_backend(backend)
-    return tuple(getattr(module, "PASSES", ()) or ())
+    """The backend's ``PASSES`` (read from the registry: no SDK needed)."""
+    return tuple(BACKENDS[backend].PASSES)
 
 
 def _pipeline_of(backend: str) -> str:
@@ -192,16 +190,17 @@ def _share(covered: int, total: int) -> dict[str, Any]:
     return {"covered": covered, "total": total, "share": round(covered / total, 4) if total else 1.0}
 
 
-def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] = BACKENDS) -> dict[str, Any]:
+def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The op × backend matrix and per-backend coverage shares over the zoo.
 
+    ``backends`` defaults to every registered backend (``adapter.backends.BACKENDS``).
     Computed once per process and arguments (asking the live backends about every node of
     every zoo graph takes over a minute); each call gets its own copy.
 
     Returns:
         ``{"models", "backends": {name: {...shares, missing}}, "ops": [row, ...], "missing_entries": [...]}``.
     """
-    return copy.deepcopy(_coverage(tuple(models), tuple(backends)))
+    return copy.deepcopy(_coverage(tuple(models), tuple(BACKENDS if backends is None else backends)))
 
 
 @functools.cache

@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from adapter.backends.base import module_of
+from adapter.backends.profiling import Capture as _Capture
+from adapter.backends.profiling import Kernel as _Kernel
 from adapter.op_library import node_cost
 from adapter.op_library._schema import tensor_of
-from adapter.profile.capture import Capture as _Capture
-from adapter.profile.capture import Kernel as _Kernel
 
 ROOT_MODULE = "(root)"
 """Module label of nodes that belong to the top-level module itself (pooling, masks)."""

@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
+from adapter.backends import BACKENDS
+from adapter.backends.profiling import Capture as _Capture
 from adapter.convert.api import ConvertOptions, convert, default_output, load
 from adapter.convert.precision import PrecisionOptions
 from adapter.core import artifact
@@ -47,8 +50,6 @@ from adapter.core.artifact import cache_root
 from adapter.core.errors import AdapterError
 from adapter.core.specs import Dim
 from adapter.op_library._schema import tensor_of
-from adapter.profile.capture import CAPTURE as _CAPTURE
-from adapter.profile.capture import Capture as _Capture
 from adapter.profile.mapping import ROOT_MODULE, _claim_matmuls, _fill_gaps, _Graph, _map_tensors, _tvm_cost
 from adapter.profiles import Profile
 
@@ -247,16 +248,16 @@ def profile_artifact(
     Raises:
         AdapterError: The artifact is damaged, its backend has no profiler here, or running fails.
     """
-    import onnx_ir as ir
-
     path = Path(path)
     metrics = set(metrics)
     manifest = artifact.validate(path)
     backend = manifest["backend"]["name"]
-    if backend not in _CAPTURE:
+    hook = BACKENDS[backend].CAPTURE if backend in BACKENDS else None
+    if hook is None:
+        profilable = [name for name, b in BACKENDS.items() if b.CAPTURE is not None]
         raise AdapterError(
             f"Profiling '{backend}' engines is not supported (artifact '{path}').",
-            f"Profile an engine built with one of: {', '.join(_CAPTURE)}.",
+            f"Profile an engine built with one of: {', '.join(profilable)}.",
         )
     profile = Profile.from_dict(manifest["target"]["profile"], origin=f"{path}/manifest.json")
     precision = _precision(manifest, profile)
@@ -294,13 +295,13 @@ def profile_artifact(
                 memory = {"rss_delta_bytes": (rss_after - rss_before) if rss_before and rss_after else None}
             folder = Path(tmp) / f"run{pid}"
             folder.mkdir()
-            capture = _CAPTURE[backend](engine, feed, warmup, runs_here, folder, between)
+            capture = hook(engine, feed, warmup, runs_here, folder, between)
             end_to_end = statistics.median(samples)
             graph = _Graph(model, sizes)
-            if backend == "onnxruntime":
+            if capture.mapping == "tensors":
                 _map_tensors(capture, graph)
                 _fill_gaps(capture, graph)
-            elif backend == "openvino":
+            elif capture.mapping == "fused":
                 _claim_matmuls(capture, graph)
                 _fill_gaps(capture, graph, capture.idle)
             if memory is not None and "weights_bytes" not in memory:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from adapter.backends import get_backend
+from adapter.backends import BACKENDS, DEFAULT, get_backend
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError, ArtifactError, InputMismatchError
 from adapter.core.specs import TensorSpec, check_inputs
@@ -275,7 +275,7 @@ class _Rank:
     def wants_gpu(self) -> bool:
         import torch
 
-        gpu_backends = {"tensorrt", "migraphx"}
+        gpu_backends = {name for name, backend in BACKENDS.items() if backend.DEVICE == "gpu"}
         for step in self.spec.get("steps", []):
             engine = step.get("engine") or {}
             provider = str(engine.get("config", {}).get("provider", ""))
@@ -323,7 +323,7 @@ class _Rank:
                 self.engines.append(None)
                 continue
             engine = step["engine"]
-            module = get_backend(engine.get("backend") or self.manifest.get("backend", "onnxruntime"))
+            module = get_backend(engine.get("backend") or self.manifest.get("backend", DEFAULT))
             inputs = [TensorSpec.from_json(s) for s in engine["inputs"]]
             outputs = [TensorSpec.from_json(s) for s in engine["outputs"]]
             self.engines.append(

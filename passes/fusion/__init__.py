@@ -83,7 +83,7 @@ class MatMulAddGemmFusion(FusionPass):
     """2-D ``MatMul`` + a Gemm-broadcastable bias ``Add`` to ``Gemm``."""
 
     name = "fuse-matmul-add-gemm"
-    STAGES = (Stage(gemm.MATMUL_ADD_TO_GEMM),)
+    STAGES = gemm.STANDARD_STAGES
 
 
 class LayerNormFusion(FusionPass):
@@ -107,7 +107,7 @@ class GemmUnfold(FusionPass):
     """Flattened ``Reshape``-``Gemm``-``Reshape`` back to ``MatMul`` + ``Add`` (before ORT fusions)."""
 
     name = "unfold-flat-gemm"
-    STAGES = (Stage(gemm.GEMM_TO_MATMUL_ADD),)
+    STAGES = gemm.UNFOLD_STAGES
 
 
 class OrtNormalizationFusion(FusionPass):

@@ -9,11 +9,27 @@ inside the functions that ``as_function`` rules extracted the round before.
 Rules that build intermediate ops in onnxscript's ``ai.onnxruntime._fusion`` domain
 extract the matched nodes into a function (``as_function=True``); whatever a later stage
 did not consume is inlined back at the end, so a pass never leaves an op no runtime knows.
+
+Each rule file declares its stages once (``STAGES``, ``ORT_STAGES``, ...: which rules, in
+which order) and ends, as onnxscript's ``rewriter/rules/common`` files do, with one
+``rules = rule_set(<its stage families>)``: the flat :class:`RewriteRuleSet` of the same
+rule objects, derived, never listed a second time.
 """
 
 from __future__ import annotations
 
-__all__ = ["FUSION_DOMAIN", "Stage", "apply_stages", "dims", "explain_misses", "named", "onnx_opset", "rule_name", "same_dim"]
+__all__ = [
+    "FUSION_DOMAIN",
+    "Stage",
+    "apply_stages",
+    "dims",
+    "explain_misses",
+    "named",
+    "onnx_opset",
+    "rule_name",
+    "rule_set",
+    "same_dim",
+]
 
 import copy
 from collections.abc import Iterable, Sequence
@@ -40,6 +56,25 @@ class Stage:
 def rule_name(rule: RewriteRule) -> str:
     """The counter name of a rule (onnxscript leaves some rules unnamed)."""
     return rule.name or "unnamed_rule"
+
+
+def rule_set(*families: Sequence[Stage]) -> RewriteRuleSet:
+    """A rule file's ``rules``: every rule of its stage ``families``, each once, in stage order.
+
+    The stages are the one declaration of a file's rules and of the order they apply in
+    (the passes apply the stages, never this flat set); this is the onnxscript convention's
+    ``rules = RewriteRuleSet([...])`` derived from them, so the two cannot disagree. A rule
+    that several families share (the same object) is listed once.
+    """
+    seen: set[int] = set()
+    rules = []
+    for stages in families:
+        for stage in stages:
+            for rule in stage.rules:
+                if id(rule) not in seen:
+                    seen.add(id(rule))
+                    rules.append(rule)
+    return RewriteRuleSet(rules)
 
 
 def named(name: str, rules: Iterable[RewriteRule]) -> tuple[RewriteRule, ...]:

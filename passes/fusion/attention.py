@@ -24,8 +24,8 @@ __all__ = ["ORT_STAGES", "drop_equal_qkv_sizes", "rules"]
 
 import numpy as np
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, dims, named, same_dim
-from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
+from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
 from onnxscript.rewriter.ort_fusions import attention as ort_attention
 from onnxscript.rewriter.ort_fusions import mha as ort_mha
 from onnxscript.rewriter.ort_fusions import mha_bias as ort_mha_bias
@@ -160,21 +160,18 @@ def _mha_rules() -> list:
     return [CheckedMultiHeadAttention.rule("mha", **params) for params in variants]
 
 
-_reassociate = MaskAddReassociation.rule()
-_packed = PackedQkvAttention.rule()
-
 ORT_STAGES = (
-    Stage((_reassociate,), shape_inference=True),
+    Stage((MaskAddReassociation.rule(),), shape_inference=True),
     Stage((_FunctionSDPA.rule(),)),
     Stage(tuple(_mha_rules())),
     Stage(named("mha_scale", ort_mha_scale._mha_scale_rules.rules)),
     Stage(named("mha_bias", ort_mha_bias.mha_bias_rules.rules)),
-    Stage((*named("attention", ort_attention.attention_rules.rules), _packed)),
+    Stage((*named("attention", ort_attention.attention_rules.rules), PackedQkvAttention.rule())),
     Stage(named("sdpa_via_mha", ort_sdpa_via_mha._rules.rules)),
 )
 """The ONNX Runtime attention chain, in order (``sdpa_via_mha`` takes SDPA left unclaimed)."""
 
-rules = RewriteRuleSet([_reassociate, _packed, *_mha_rules()])
+rules = rule_set(ORT_STAGES)
 
 
 def drop_equal_qkv_sizes(model: ir.Model) -> int:

@@ -15,8 +15,8 @@ from __future__ import annotations
 __all__ = ["STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage
-from onnxscript.rewriter import MatchResult, RewriteRuleSet
+from adapter.passes.fusion._engine import Stage, rule_set
+from onnxscript.rewriter import MatchResult
 from onnxscript.rewriter.rules.common import _fuse_batchnorm
 
 
@@ -61,9 +61,7 @@ class GemmBatchNorm(_InferenceOnly, _fuse_batchnorm.FuseBatchNormIntoGemm):
         super().__init__("gemm_batchnorm")
 
 
-_rules = (ConvBatchNorm.rule(), ConvTransposeBatchNorm.rule(), GemmBatchNorm.rule())
-
-STAGES = (Stage(_rules),)
+STAGES = (Stage((ConvBatchNorm.rule(), ConvTransposeBatchNorm.rule(), GemmBatchNorm.rule())),)
 """Fold inference BatchNormalization into the Conv / ConvTranspose / Gemm before it."""
 
-rules = RewriteRuleSet(list(_rules))
+rules = rule_set(STAGES)

@@ -21,7 +21,7 @@ __all__ = ["ORT_STAGES", "STANDARD_STAGES", "rules"]
 import math
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, named, onnx_opset
+from adapter.passes.fusion._engine import Stage, named, onnx_opset, rule_set
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.ort_fusions import bias_gelu as ort_bias_gelu
 
@@ -126,18 +126,15 @@ def _variants(target: str) -> list:
     return list(RewriteRuleSet(bases, commute=True).rules)
 
 
-_to_fast_gelu = GeluTanhToFastGelu.rule()
-_fast_gelu_bias = tuple(FastGeluBias.rule().commute())
-
 STANDARD_STAGES = (Stage(tuple(_variants("onnx"))),)
 """Decomposed GELU to ONNX ``Gelu`` (opset 20 and later)."""
 
 ORT_STAGES = (
     Stage(tuple(_variants("ort"))),
-    Stage((_to_fast_gelu,)),
+    Stage((GeluTanhToFastGelu.rule(),)),
     Stage(named("bias_gelu", ort_bias_gelu.bias_gelu_rules.rules)),
-    Stage(_fast_gelu_bias),
+    Stage(tuple(FastGeluBias.rule().commute())),
 )
 """ONNX Runtime: decomposed GELU to Gelu / FastGelu, then their bias ``Add`` folded in."""
 
-rules = RewriteRuleSet([*_variants("onnx"), _to_fast_gelu, *_fast_gelu_bias])
+rules = rule_set(STANDARD_STAGES, ORT_STAGES)

@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-__all__ = ["GEMM_TO_MATMUL_ADD", "MATMUL_ADD_TO_GEMM", "rules"]
+__all__ = ["STANDARD_STAGES", "UNFOLD_STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import same_dim
-from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
+from adapter.passes.fusion._engine import Stage, rule_set, same_dim
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
 
 _GEMM_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
@@ -93,9 +93,10 @@ class ReshapeGemmReshapeToMatMulAdd(RewriteRuleClassBase):
         return product if bias is None else op.Add(product, bias)
 
 
-MATMUL_ADD_TO_GEMM = tuple(MatMulAddToGemm.rule().commute())
+STANDARD_STAGES = (Stage(tuple(MatMulAddToGemm.rule().commute())),)
 """Standard domain: 2-D ``MatMul`` + bias to ``Gemm`` (both operand orders of the Add)."""
-GEMM_TO_MATMUL_ADD = (ReshapeGemmReshapeToMatMulAdd.rule(),)
+
+UNFOLD_STAGES = (Stage((ReshapeGemmReshapeToMatMulAdd.rule(),)),)
 """Before the ONNX Runtime fusions: flattened ``Gemm`` back to ``MatMul`` + ``Add``."""
 
-rules = RewriteRuleSet([*MATMUL_ADD_TO_GEMM, *GEMM_TO_MATMUL_ADD])
+rules = rule_set(STANDARD_STAGES, UNFOLD_STAGES)

@@ -21,7 +21,7 @@ from __future__ import annotations
 __all__ = ["ORT_STAGES", "ORT_SKIP_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, dims, named, same_dim
+from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import rms_normalization as ort_rms
 from onnxscript.rewriter.ort_fusions import skip_normalization as ort_skip
@@ -141,8 +141,6 @@ class UnfuseLoneRmsNorm(RewriteRuleClassBase):
         return op.Mul(op.Div(x, op.Sqrt(op.Add(mean_square, eps))), scale)
 
 
-_broadcast = SkipLayerNormBroadcast.rule()
-
 STANDARD_STAGES = (
     Stage(tuple(RewriteRuleSet([DecomposedLayerNorm.rule()], commute=True).rules)),
     Stage(named("layer_norm_bias", RewriteRuleSet([_layer_norm._layer_norm_with_bias_rule], commute=True).rules)),
@@ -170,8 +168,10 @@ measures it again (1.5-4.9x slower across its shapes in another run, 4.5-12x und
 RMSNorm keeps its skip form: an unfused ``SimplifiedLayerNormalization`` is not valid
 ONNX before opset 23, and the decomposed form is five kernels."""
 
-ORT_SKIP_STAGES = (Stage((*named("skip_layer_norm", ort_skip.skip_layer_normalization_ruleset.rules), _broadcast)),)
+ORT_SKIP_STAGES = (
+    Stage((*named("skip_layer_norm", ort_skip.skip_layer_normalization_ruleset.rules), SkipLayerNormBroadcast.rule())),
+)
 """The residual ``Add`` (+ bias) before a layer norm to ``SkipLayerNormalization``: for
 ONNX Runtime providers whose fused kernel wins (not the CPU provider, see ``ORT_STAGES``)."""
 
-rules = RewriteRuleSet([DecomposedLayerNorm.rule(), _broadcast])
+rules = rule_set(STANDARD_STAGES, RMS_STANDARD_STAGES, ORT_STAGES, ORT_SKIP_STAGES)

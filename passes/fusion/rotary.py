@@ -20,7 +20,7 @@ __all__ = ["ORT_STAGES", "rules"]
 
 import numpy as np
 import onnx_ir as ir
-from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, named
+from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, named, rule_set
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import cos_sin_cache as ort_cos_sin_cache
 from onnxscript.rewriter.ort_fusions import rotary_embedding as ort_rotary
@@ -107,13 +107,16 @@ class CosSinCacheBroadcast(RewriteRuleClassBase):
         return cos_cache, sin_cache
 
 
-_broadcast = tuple(RewriteRuleSet([CosSinCacheBroadcast.rule()], commute=True).rules)
-
 ORT_STAGES = (
     Stage(named("rotary_embedding", ort_rotary.rotary_embedding_rules.rules)),
-    Stage((*named("cos_sin_cache", ort_cos_sin_cache.cos_sin_cache_rules.rules), *_broadcast)),
+    Stage(
+        (
+            *named("cos_sin_cache", ort_cos_sin_cache.cos_sin_cache_rules.rules),
+            *RewriteRuleSet([CosSinCacheBroadcast.rule()], commute=True).rules,
+        )
+    ),
     Stage(named("partial_rotary_embedding", ort_rotary.partial_embedding_rules.rules)),
 )
 """ONNX Runtime: rotary pattern, then its cos/sin caches; partial-dim rotary last."""
 
-rules = RewriteRuleSet(list(_broadcast))
+rules = rule_set(ORT_STAGES)
