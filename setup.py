@@ -50,6 +50,8 @@ EXTRAS = {
         "pytest-timeout==2.4.0",
         "ruff==0.14.5",
         "hypothesis==6.155.2",
+        # the layering contract (tests/test_layers.py runs lint-imports)
+        "import-linter==2.17",
         # the TVM backend's tests (x86 engines, aarch64/CUDA/ROCm builds)
         "apache-tvm==0.27.0.post1",
         "psutil==7.2.2",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from adapter.backends import edge, migraphx, onnxruntime, openvino, tensorrt, tvm
 from adapter.backends.base import Backend, check_backend
-
 from adapter.core.errors import BackendUnavailableError
 
 __all__ = ["BACKENDS", "DEFAULT", "Backend", "auto_backends", "get_backend", "register"]

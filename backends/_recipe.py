@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+
 from adapter.backends import onnxruntime as ort_backend
 from adapter.backends.base import Support, module_of
-
 from adapter.core.errors import AdapterError, UnsupportedOp
 
 MAX_OPSET = 20

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapter.backends.profiling import Capture, Kernel, blocks
-
 from adapter.core.errors import AdapterError
 
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from adapter.backends import _arm64
 from adapter.backends import onnxruntime as ort_backend
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
-
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import initializer_bytes, save_model
 from adapter.core.specs import TensorSpec, check_inputs

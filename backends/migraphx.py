@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from adapter.backends._recipe import (
     check_onnx,
     cpu_stand_in,
@@ -38,7 +39,6 @@ from adapter.backends._recipe import (
 )
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, unsupported_nodes
 from adapter.backends.documented import MIGRAPHX
-
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError, UnsupportedOpsError
 from adapter.core.onnx_io import save_model

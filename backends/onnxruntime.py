@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 from adapter.backends.profiling import Capture, Kernel, blocks, run_windows
-
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import save_model

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 from adapter.backends.profiling import Capture, Kernel, blocks
-
 from adapter.core import safety as _safety
 from adapter.core.artifact import MANIFEST, cache_root
 from adapter.core.errors import AdapterError, BackendFailedError

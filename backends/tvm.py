@@ -52,13 +52,13 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from adapter.backends import _tvm_profile, _tvm_rocm
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, threads_for
-from adapter.profiles.probe import probe_host
-
 from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.onnx_io import save_model
 from adapter.core.specs import TensorSpec
+from adapter.profiles.probe import probe_host
 
 NAME = "tvm"
 PASSES: tuple[str, ...] = ()

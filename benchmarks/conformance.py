@@ -185,6 +185,7 @@ def _run_model(model, case: Case) -> None:
 def through_passes(model, pipeline: str):
     """The ModelProto after ``canonicalize`` then ``pipeline``, as adapter's backends see it."""
     import onnx_ir as ir
+
     from adapter.passes.pipeline import build_pipeline, run_pipeline
 
     graph = ir.from_proto(model)

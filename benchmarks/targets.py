@@ -196,9 +196,8 @@ def _compare(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
 
 def _qemu(model: str, folder: Path, manifest: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run the artifact on the emulated ARM64 machine and compare with eager PyTorch."""
-    from adapter.backends import _arm64
-
     from adapter import load
+    from adapter.backends import _arm64
     from adapter.core.specs import check_inputs
 
     started = time.perf_counter()

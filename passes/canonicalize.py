@@ -21,6 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
 from adapter.passes.base import CountedPass
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from adapter.passes.base import CountedPass
 
 _FLOAT = ir.DataType.FLOAT

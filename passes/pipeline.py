@@ -7,10 +7,10 @@ __all__ = ["PIPELINES", "PASSES", "build_pipeline", "run_pipeline"]
 from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
-from adapter.passes import canonicalize, fusion
-from adapter.passes.base import CountedPass, PassRecord
 
 from adapter.core.errors import PassFailedError
+from adapter.passes import canonicalize, fusion
+from adapter.passes.base import CountedPass, PassRecord
 
 PASSES: dict[str, Callable[[], CountedPass]] = {
     "constant-folding": canonicalize.ConstantFolding,

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from adapter.op_library import node_cost
 
 from adapter.core.errors import AdapterError
+from adapter.op_library import node_cost
 
 DOMAIN = "adapter.dist"
 """Domain of the collective nodes the tensor-parallel export writes."""

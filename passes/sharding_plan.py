@@ -62,11 +62,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from adapter.core.errors import AdapterError, ProfileError
 from adapter.op_library import node_cost
 from adapter.passes._sharding_facts import FLOATS, POST, PRE, ModelFacts, analyze, nbytes
 from adapter.profiles import HOST, Profile, list_profiles, load_profile
-
-from adapter.core.errors import AdapterError, ProfileError
 
 LINK_LATENCY = {"pcie": 10e-6, "nvlink": 5e-6, "infinity fabric": 5e-6, "xgmi": 5e-6, "cpu": 50e-6, "other": 10e-6}
 """Per-message latency alpha in seconds, by link kind: the first kind the interconnect's name mentions."""

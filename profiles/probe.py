@@ -22,10 +22,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adapter.profiles.schema import HOST, Profile
-
 from adapter.core.artifact import default_cache_dir
 from adapter.core.errors import ProfileError
+from adapter.profiles.schema import HOST, Profile
 
 __all__ = ["default_cache_dir", "probe_host"]
 

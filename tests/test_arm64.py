@@ -12,8 +12,8 @@ import shutil
 
 import numpy as np
 import pytest
-from adapter.backends import _arm64
 
+from adapter.backends import _arm64
 from adapter.core.errors import AdapterError
 
 pytestmark = [pytest.mark.arm64, pytest.mark.skipif(_arm64.available() is not None, reason=str(_arm64.available()))]

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from adapter.backends import BACKENDS, register
-from adapter.backends.base import Backend, EngineBase, Support, check_backend, profile_options
 from onnx.reference import ReferenceEvaluator
 
 from adapter import backends
+from adapter.backends import BACKENDS, register
+from adapter.backends.base import Backend, EngineBase, Support, check_backend, profile_options
 from adapter.core.onnx_io import save_model
 
 PROFILES = Path(backends.__file__).resolve().parent.parent / "profiles"

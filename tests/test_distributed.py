@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adapter.core.errors import AdapterError, ArtifactError
 from adapter.runtime.launch import run_sharded, torchrun_command
-from adapter.runtime.worker import parse_fault, split_microbatches
+from adapter.runtime.sharded import parse_fault, split_microbatches
 
 psutil = pytest.importorskip("psutil")
 

@@ -12,11 +12,11 @@ import math
 import numpy as np
 import onnx_ir as ir
 import pytest
-from adapter.backends import _arm64, edge
-from adapter.profiles import load_profile
 
+from adapter.backends import _arm64, edge
 from adapter.core.errors import AdapterError
 from adapter.core.specs import Dim, TensorSpec
+from adapter.profiles import load_profile
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((64, 32)).astype(np.float32) * 0.2

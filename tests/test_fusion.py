@@ -16,6 +16,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxscript.rewriter import RewriteRuleSet
+
+from adapter.convert.importer import import_source, prepare_source
 from adapter.passes import build_pipeline, fusion, run_pipeline
 from adapter.passes.fusion import (
     ConvBatchNormFusion,
@@ -31,10 +35,6 @@ from adapter.passes.fusion import (
     OrtSkipLayerNormFusion,
 )
 from adapter.passes.pipeline import PASSES, PIPELINES
-from onnx import TensorProto, helper, numpy_helper
-from onnxscript.rewriter import RewriteRuleSet
-
-from adapter.convert.importer import import_source, prepare_source
 
 RNG = np.random.default_rng(11)
 RTOL = ATOL = 1e-4

@@ -288,9 +288,8 @@ def mutated_onnx(draw) -> bytes:
 
 
 def _load_path(path: Path) -> None:
-    from adapter.passes.pipeline import build_pipeline, run_pipeline
-
     from adapter.convert.importer import import_source, prepare_source
+    from adapter.passes.pipeline import build_pipeline, run_pipeline
 
     prepared = prepare_source(str(path))
     imported = import_source(prepared)
@@ -496,6 +495,7 @@ def check_graph(
 ) -> Failure | None:
     """The graph's ONNX Runtime results must not change through canonicalize + each fusion pipeline."""
     import onnx_ir as ir
+
     from adapter.passes.pipeline import build_pipeline, run_pipeline
 
     reference = _ort(model_bytes, feed, optimize=False)

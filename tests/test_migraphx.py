@@ -11,13 +11,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from adapter.backends import migraphx
-from adapter.backends.documented import MIGRAPHX
-from adapter.profiles import load_profile
 from onnx import TensorProto, helper, numpy_helper
 
+from adapter.backends import migraphx
+from adapter.backends.documented import MIGRAPHX
 from adapter.core.errors import AdapterError, UnsupportedOpsError
 from adapter.core.specs import Dim, TensorSpec
+from adapter.profiles import load_profile
 
 RNG = np.random.default_rng(11)
 W = RNG.standard_normal((8, 16)).astype(np.float32)

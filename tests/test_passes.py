@@ -8,6 +8,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
+
+from adapter.core.errors import PassFailedError
 from adapter.passes import (
     CommonSubexpressionElimination,
     ConstantFolding,
@@ -19,9 +22,6 @@ from adapter.passes import (
     build_pipeline,
     run_pipeline,
 )
-from onnx import TensorProto, helper
-
-from adapter.core.errors import PassFailedError
 
 RNG = np.random.default_rng(7)
 

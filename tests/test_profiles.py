@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from adapter.profiles import DTYPES, Profile, list_profiles, load_profile
-from adapter.profiles import probe as probe_module
-from adapter.profiles.probe import probe_host
 
 from adapter import profiles
 from adapter.core.errors import ProfileError
+from adapter.profiles import DTYPES, Profile, list_profiles, load_profile
+from adapter.profiles import probe as probe_module
+from adapter.profiles.probe import probe_host
 
 DATA_DIR = Path(profiles.__file__).parent
 BUNDLED = [name for name in list_profiles() if name != "host"]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from adapter.backends import get_backend
-from adapter.passes.sharding import tensor_parallel_module
 
+from adapter.backends import get_backend
 from adapter.core.errors import AdapterError
 from adapter.core.specs import TensorSpec
+from adapter.passes.sharding import tensor_parallel_module
 from adapter.runtime.shard import build_sharded
 
 

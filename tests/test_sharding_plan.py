@@ -13,20 +13,19 @@ from pathlib import Path
 
 import onnx_ir as ir
 import pytest
-from adapter.op_library import node_cost
-from adapter.passes.sharding_plan import LINK_LATENCY, analyze, parse_cluster, plan_sharding
-from adapter.profiles import load_profile
 
 from adapter import profiles
 from adapter.core.errors import AdapterError
+from adapter.op_library import node_cost
+from adapter.passes.sharding_plan import LINK_LATENCY, analyze, parse_cluster, plan_sharding
+from adapter.profiles import load_profile
 
 A100 = Path(profiles.__file__).parent
 
 
 def _canonical(source):
-    from adapter.passes.pipeline import build_pipeline, run_pipeline
-
     from adapter.convert.importer import import_source
+    from adapter.passes.pipeline import build_pipeline, run_pipeline
 
     model = import_source(source).model
     run_pipeline(model, build_pipeline("canonicalize"))

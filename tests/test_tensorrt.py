@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from adapter.backends import tensorrt as trt_backend
-from adapter.backends.documented import TENSORRT
-from adapter.profiles import load_profile
 from onnx import TensorProto, helper, numpy_helper
 
+from adapter.backends import tensorrt as trt_backend
+from adapter.backends.documented import TENSORRT
 from adapter.core.errors import AdapterError, UnsupportedOpsError
 from adapter.core.specs import Dim, TensorSpec
+from adapter.profiles import load_profile
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((8, 16)).astype(np.float32)

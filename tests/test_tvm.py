@@ -143,8 +143,9 @@ def test_aarch64_library_runs_under_qemu_and_matches_eager(tmp_path):
 
 def test_fixed_shapes_must_cover_every_input():
     import onnx_ir as ir
-    from adapter.backends.base import fix_shapes
     from onnx import TensorProto, helper
+
+    from adapter.backends.base import fix_shapes
 
     graph = helper.make_graph(
         [helper.make_node("Add", ["a", "b"], ["y"])],

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from adapter.backends import _tvm_rocm
 from adapter.backends._tvm_rocm import code_object_arch, rocm_build, rocm_path, save_code_objects
-
 from adapter.core.errors import AdapterError, BackendUnavailableError
 
 tvm = pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install 'adapter[tvm]')")

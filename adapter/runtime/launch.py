@@ -40,7 +40,7 @@ import numpy as np
 from adapter.core.artifact import validate
 from adapter.core.errors import AdapterError, ArtifactError
 from adapter.core.specs import Dim, TensorSpec
-from adapter.runtime.worker import load_inputs, rank_label, read_sharded, save_outputs
+from adapter.runtime.sharded import load_inputs, rank_label, read_sharded, save_outputs
 
 DEFAULT_PORT = 29500
 """Rendezvous port printed in multi-node commands when none is given."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import onnx_ir as ir
+
 from adapter.passes.base import CountedPass
 from adapter.passes.fusion import attention, conv, gelu, gemm, normalization, rotary
 from adapter.passes.fusion._engine import Stage, apply_stages, explain_misses, onnx_opset

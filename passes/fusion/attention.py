@@ -24,7 +24,6 @@ __all__ = ["ORT_STAGES", "drop_equal_qkv_sizes", "rules"]
 
 import numpy as np
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
 from onnxscript.rewriter.ort_fusions import attention as ort_attention
 from onnxscript.rewriter.ort_fusions import mha as ort_mha
@@ -32,6 +31,8 @@ from onnxscript.rewriter.ort_fusions import mha_bias as ort_mha_bias
 from onnxscript.rewriter.ort_fusions import mha_scale as ort_mha_scale
 from onnxscript.rewriter.ort_fusions import sdpa as ort_sdpa
 from onnxscript.rewriter.ort_fusions import sdpa_via_mha as ort_sdpa_via_mha
+
+from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
 
 
 class MaskAddReassociation(RewriteRuleClassBase):

@@ -15,9 +15,10 @@ from __future__ import annotations
 __all__ = ["STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, rule_set
 from onnxscript.rewriter import MatchResult
 from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+from adapter.passes.fusion._engine import Stage, rule_set
 
 
 def _inference_only(batchnorm_out: ir.Value) -> str | None:

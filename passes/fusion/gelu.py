@@ -21,9 +21,10 @@ __all__ = ["ORT_STAGES", "STANDARD_STAGES", "rules"]
 import math
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, named, onnx_opset, rule_set
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.ort_fusions import bias_gelu as ort_bias_gelu
+
+from adapter.passes.fusion._engine import Stage, named, onnx_opset, rule_set
 
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 _FORMS = ("half_x", "half_sum", "half_last")

@@ -16,8 +16,9 @@ from __future__ import annotations
 __all__ = ["STANDARD_STAGES", "UNFOLD_STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, rule_set, same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, pattern
+
+from adapter.passes.fusion._engine import Stage, rule_set, same_dim
 
 _GEMM_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,

@@ -21,11 +21,12 @@ from __future__ import annotations
 __all__ = ["ORT_STAGES", "ORT_SKIP_STAGES", "STANDARD_STAGES", "RMS_STANDARD_STAGES", "rules"]
 
 import onnx_ir as ir
-from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import rms_normalization as ort_rms
 from onnxscript.rewriter.ort_fusions import skip_normalization as ort_skip
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
+
+from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
 
 
 def _last_axis(axes: ir.Value | None, rank: int | None) -> bool:

@@ -20,10 +20,11 @@ __all__ = ["ORT_STAGES", "rules"]
 
 import numpy as np
 import onnx_ir as ir
-from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, named, rule_set
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions import cos_sin_cache as ort_cos_sin_cache
 from onnxscript.rewriter.ort_fusions import rotary_embedding as ort_rotary
+
+from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, named, rule_set
 
 
 def _scalar(value: ir.Value | None) -> float | None:
