@@ -33,6 +33,7 @@ from adapter.convert.precision import PrecisionOptions
 from adapter.core.artifact import validate
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError
 from adapter.core.verify import Tolerance
+from adapter.passes.precision import MODES
 from adapter.profiles import list_profiles, load_profile
 from adapter.profiles.probe import probe_host
 
@@ -116,7 +117,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto"]),
+    type=click.Choice(MODES),
     default="fp32",
     show_default=True,
     help="Precision of the engine; auto searches the modes the target supports for the fastest within the budget.",
