@@ -45,3 +45,20 @@ def test_ort_kernel_benchmark_short_run(tmp_path, capsys, monkeypatch):
     for r in rows:
         assert r["fused_us"] > 0 and r["unfused_us"] > 0
         assert r["max_abs_diff"] < 1e-4, r
+
+
+def test_compare_trials_short_run(tmp_path, capsys, monkeypatch):
+    """One trial of the compare benchmark on real timings: the planted 20% slowdown is
+    measured as one, and the command line's exit code and verdict are the library's."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("compare_trials", None)
+    import compare_trials
+
+    out = tmp_path / "trials.json"
+    assert compare_trials.main(["--trials", "1", "--settle-s", "5", "--guard-s", "5", "--json", str(out)]) == 0
+    assert "false negatives" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (planted,) = report["statistics"]["min"]["planted_change"]
+    assert 0.05 < planted < 0.6, report["statistics"]["min"]
+    (trial,) = report["cli"]
+    assert trial["cli"] == [3 if trial["library"] == "regression" else 0, trial["library"]]
