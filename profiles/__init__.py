@@ -18,7 +18,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from adapter.profiles.probe import probe_host
+from adapter.profiles import probe
 from adapter.profiles.schema import DTYPES, HOST, Interconnect, Profile, _error
 
 __all__ = ["DTYPES", "HOST", "Interconnect", "Profile", "list_profiles", "load_profile"]
@@ -45,7 +45,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     """
     text = os.fspath(name_or_path)
     if text == HOST:
-        return probe_host()
+        return probe.probe_host()
     is_path = isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or os.sep in text or "/" in text
     path = Path(text) if is_path else _DATA_DIR / f"{text}.toml"
     if not is_path and not path.is_file():
