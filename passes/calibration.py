@@ -176,16 +176,21 @@ def _merge(stats: dict[str, dict[str, Any]], name: str, value: np.ndarray) -> No
 
 
 def probe_session(model, names, optimize: bool = False):
-    """An ONNX Runtime CPU session over a copy of ``model`` whose outputs also expose the
-    intermediate tensors ``names`` (each once, after the model's own outputs).
+    """An ONNX Runtime CPU session over a copy of ``model`` (an ``onnx_ir`` model or a
+    ModelProto) whose outputs also expose the intermediate tensors ``names`` (each once,
+    after the model's own outputs).
 
     ``optimize`` keeps ONNX Runtime's graph optimisation on, so the fused kernels an engine
     runs are what is measured; off (the default), every tensor is computed as the graph says.
     """
     import onnx
+    import onnx_ir as ir
     import onnxruntime as ort
 
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    if isinstance(model, ir.Model):  # the boundary: ONNX Runtime takes a serialized model
+        probe = ir.serde.serialize_model(model)
+    else:
+        probe = onnx.ModelProto.FromString(model.SerializeToString())
     present = {o.name for o in probe.graph.output}
     for name in names:
         if name and name not in present:
@@ -198,13 +203,17 @@ def probe_session(model, names, optimize: bool = False):
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def collect_ranges(model_bytes: bytes, samples: list[dict[str, np.ndarray]], cache_dir: Path | None = None) -> dict[str, TensorRange]:
-    """Run the model on every sample with all float tensors exposed; return their ranges.
+def collect_ranges(model_bytes, samples: list[dict[str, np.ndarray]], cache_dir: Path | None = None) -> dict[str, TensorRange]:
+    """Run the model (an ``onnx_ir`` model or its serialized bytes) on every sample with all
+    float tensors exposed; return their ranges.
 
     Results are cached in ``cache_dir`` by the hash of the model and the samples.
     """
     import onnx
+    import onnx_ir as ir
 
+    if isinstance(model_bytes, ir.Model):  # the boundary: ONNX Runtime and shape inference take bytes
+        model_bytes = ir.serde.serialize_model(model_bytes).SerializeToString()
     key = hashlib.sha256(model_bytes)
     for feed in samples:
         for name in sorted(feed):

@@ -123,7 +123,8 @@ class ConvertFloat(CountedPass):
                 counts["nodes_lowered"] += 1
                 for index, value in enumerate(node.outputs):
                     if _flag(formal.outputs, formal.variadic_out, index) and value.dtype == _FLOAT:
-                        value.dtype = self.dtype
+                        # a new type object: a clone of the model shares its values' types
+                        value.type = ir.TensorType(self.dtype)
         for index, value in enumerate(list(graph.outputs)):
             if value.dtype == self.dtype:
                 cast = ir.node("Cast", [value], attributes={"to": _FLOAT})

@@ -7,6 +7,12 @@ maintained tools: adapter's FP16 conversion pass (:mod:`adapter.passes.float16`)
 quantization tool (INT8 static QDQ with per-channel weights, INT8 dynamic, FP8 E4M3 QDQ)
 and its ``MatMulNBits`` quantizer (INT4 weight-only). BF16 is a compile hint for
 backends that run it (OpenVINO); the graph stays FP32.
+
+The model stays an ``onnx_ir`` model: :class:`ApplyPrecisionPlan` is the in-place pass
+that realises a plan (:func:`apply_plan` runs it on a clone, for the plan search). The
+graph rewrites before quantization (Attention unpacking, smoothing) are over onnx-ir;
+the model is serialized only at ONNX Runtime's quantization tools, which take a
+ModelProto (or a file) and give one back, and their result becomes the pass's graph.
 """
 
 from __future__ import annotations
@@ -15,15 +21,18 @@ __all__ = [
     "MODES",
     "KEEP_FP32_OPS",
     "PrecisionPlan",
+    "ApplyPrecisionPlan",
     "candidate_nodes",
     "fp16_overflow_overrides",
     "default_plan",
     "apply_plan",
+    "clone_model",
     "model_size",
     "fit_weight_widths",
 ]
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -34,12 +43,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+
+from adapter.core.errors import AdapterError, SourceError
 from adapter.passes import unpack_attention
+from adapter.passes.base import CountedPass
 from adapter.passes.float16 import ConvertFloat
 from adapter.passes.saturation import matmul_errors, narrower
 from adapter.passes.smoothing import smooth
-
-from adapter.core.errors import AdapterError, SourceError
 
 MODES = ("fp32", "fp16", "bf16", "fp8", "int8", "int8-dynamic", "int4-weight", "auto")
 KEEP_FP32_OPS = (
@@ -126,27 +137,23 @@ class PrecisionPlan:
             raise SourceError(f"Precision plan '{path}' has unexpected fields ({exc}).") from exc
 
 
-def _initializer_names(model: onnx.ModelProto) -> set[str]:
-    return {i.name for i in model.graph.initializer}
+def _module(node: ir.Node) -> str:
+    return node.metadata_props.get("adapter.module", "")
 
 
-def _module(node: onnx.NodeProto) -> str:
-    return next((p.value for p in node.metadata_props if p.key == "adapter.module"), "")
+def _constant_weight(node: ir.Node) -> bool:
+    """Whether input 1 of ``node`` is an initializer."""
+    return len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].is_initializer()
 
 
-def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[str, str]]:
+def candidate_nodes(model: ir.Model, mode: str) -> tuple[list[str], dict[str, str]]:
     """The nodes a mode lowers, and each one's module path.
 
     Weight-quantizing modes take MatMul/Gemm (and Conv for INT8/FP8) nodes whose weight is
     a constant; FP16 takes every node outside the keep-list.
     """
-    inits = _initializer_names(model)
-    tensors, used = {}, set()
-    if mode == "int8-dynamic":  # what unpack_attention.unpackable reads
-        tensors = {t.name: t for t in model.graph.initializer}
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     names, modules = [], {}
-    for node in model.graph.node:
+    for node in model.graph:
         if mode == "fp16":
             take = node.domain in ("", "ai.onnx") and node.op_type not in KEEP_FP32_OPS
         elif mode in ("int8", "fp8", "int8-dynamic", "int4-weight"):
@@ -161,9 +168,9 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
             standard = node.domain in ("", "ai.onnx") and node.op_type in ops
             fused = (
                 mode == "int8-dynamic" and node.domain == "com.microsoft" and node.op_type == "Attention"
-                and (not any(node.input[5:]) or unpack_attention.unpackable(node, tensors, used))
+                and (all(v is None for v in node.inputs[5:]) or unpack_attention.unpackable(node))
             )  # fmt: skip
-            take = (standard or fused) and len(node.input) > 1 and node.input[1] in inits
+            take = (standard or fused) and _constant_weight(node)
         else:
             take = False
         if take:
@@ -172,7 +179,7 @@ def candidate_nodes(model: onnx.ModelProto, mode: str) -> tuple[list[str], dict[
     return names, modules
 
 
-def fp16_overflow_overrides(model: onnx.ModelProto, ranges: dict, underflow_share: float = 0.01) -> dict[str, dict[str, Any]]:
+def fp16_overflow_overrides(model: ir.Model, ranges: dict, underflow_share: float = 0.01) -> dict[str, dict[str, Any]]:
     """Nodes that must stay out of FP16: producers and consumers of a tensor whose
     calibrated magnitude exceeds 65504, or with more than ``underflow_share`` of its
     non-zero values below FP16's smallest subnormal."""
@@ -183,14 +190,15 @@ def fp16_overflow_overrides(model: onnx.ModelProto, ranges: dict, underflow_shar
         elif stats.underflow_share > underflow_share:
             flagged[name] = f"FP16 underflow: {stats.underflow_share:.1%} of {name} would round to zero"
     overrides: dict[str, dict[str, Any]] = {}
-    for node in model.graph.node:
-        for tensor in list(node.output) + list(node.input):
+    for node in model.graph:
+        for value in list(node.outputs) + list(node.inputs):
+            tensor = value.name if value is not None else None
             if tensor in flagged and node.name not in overrides:
                 overrides[node.name] = {"reason": flagged[tensor], "module": _module(node), "tensor": tensor}
     return overrides
 
 
-def default_plan(model: onnx.ModelProto, mode: str, options: dict[str, Any] | None = None) -> PrecisionPlan:
+def default_plan(model: ir.Model, mode: str, options: dict[str, Any] | None = None) -> PrecisionPlan:
     """Every candidate node of ``mode`` lowered (no budget, no overflow check yet)."""
     nodes, modules = candidate_nodes(model, mode)
     return PrecisionPlan(mode=mode, nodes=nodes, modules=modules, options=dict(options or {}))
@@ -224,7 +232,8 @@ def _calibration_cache(model: onnx.ModelProto, samples, method: str, cache_dir: 
     return str(Path(cache_dir) / f"ort-calib-{key.hexdigest()[:24]}.json")
 
 
-def _quantize_static(model: onnx.ModelProto, plan: PrecisionPlan, samples, fp8: bool, cache_dir: Path | None) -> onnx.ModelProto:
+def _quantize_static(model: ir.Model, plan: PrecisionPlan, samples, fp8: bool, cache_dir: Path | None) -> ir.Model:
+    """ONNX Runtime's static QDQ quantizer (INT8 or FP8 E4M3); it reads and writes files."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = plan.options.get("calibrate_method", "minmax").lower()
@@ -234,39 +243,129 @@ def _quantize_static(model: onnx.ModelProto, plan: PrecisionPlan, samples, fp8: 
     if not samples:
         raise AdapterError(f"Static {plan.mode} quantization needs calibration samples.")
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+    proto = ir.serde.serialize_model(model)  # the boundary: the tool takes a file
     with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, src)
+        onnx.save(proto, src)
         quantize_static(
             str(src), str(dst), _Reader(samples), quant_format=QuantFormat.QDQ,
             per_channel=bool(plan.options.get("per_channel", not fp8)), activation_type=qtype, weight_type=qtype,
             nodes_to_quantize=plan.lowered, calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-            calibration_cache_path=_calibration_cache(model, samples, "distribution" if fp8 else method, cache_dir),
+            calibration_cache_path=_calibration_cache(proto, samples, "distribution" if fp8 else method, cache_dir),
         )  # fmt: skip
-        return onnx.load(str(dst))
+        return ir.serde.deserialize_model(onnx.load(str(dst)))
+
+
+def _quantize_int4(model: ir.Model, plan: PrecisionPlan, lowered: list[str]) -> ir.Model:
+    """ONNX Runtime's ``MatMulNBits`` quantizer (INT4 weight-only); it takes a ModelProto."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        ir.serde.serialize_model(model), bits=4, block_size=int(plan.options.get("block_size", 32)), is_symmetric=True,
+        accuracy_level=int(plan.options.get("accuracy_level", 4)), nodes_to_include=lowered,
+    )  # fmt: skip
+    quantizer.process()
+    return ir.serde.deserialize_model(quantizer.model.model)
+
+
+def _take_over(model: ir.Model, result: ir.Model) -> None:
+    """Make ``model`` (the object a pass was given) hold ``result``'s graph and fields."""
+    if result is model:
+        return
+    for attr in ("graph", "ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string", "device_configurations"):  # fmt: skip
+        setattr(model, attr, getattr(result, attr))
+    model.functions.clear()
+    model.functions.update(result.functions)
+    model.metadata_props.clear()
+    model.metadata_props.update(result.metadata_props)
+
+
+class ApplyPrecisionPlan(CountedPass):
+    """Realise a :class:`PrecisionPlan` on an FP32 ``onnx_ir`` model, in place.
+
+    FP16 is adapter's own conversion pass (:class:`~adapter.passes.float16.ConvertFloat`);
+    INT8 dynamic first unpacks masked Attention and smooths activations over onnx-ir, then
+    calls ONNX Runtime's quantizer; INT8/FP8 static and INT4 call ONNX Runtime's tools.
+    Those tools take and give a ModelProto (serialized here, at the call): their result
+    replaces the model's graph, so the :class:`onnx_ir.Model` object given is the one
+    changed (an in-place pass), while its graph object may be a new one.
+
+    ``samples`` calibrate static quantization (its ranges cached in ``cache_dir``) and
+    smoothing. What the tools reported (conversion counters, Attention nodes unpacked,
+    tensors smoothed) also goes into ``plan.measured``, as :func:`apply_plan` always did.
+
+    Counters: ``nodes_lowered`` (plan nodes run in the low precision in the graph; 0 for
+    FP32 and BF16, whose graph stays FP32), ``kept_fp32`` (the plan's overrides),
+    ``weights_7bit`` (INT8 dynamic MatMuls given 7-bit weights), ``smoothed_tensors`` and
+    ``attention_unpacked``.
+
+    Raises:
+        SourceError: The plan names nodes the model does not have, or an unknown mode.
+        AdapterError: A tool failed.
+    """
+
+    name = "apply-precision-plan"
+
+    def __init__(
+        self, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None, cache_dir: Path | None = None
+    ) -> None:
+        super().__init__()
+        self.plan, self.samples, self.cache_dir = plan, samples, cache_dir
+
+    def apply(self, model: ir.Model) -> dict[str, Any]:
+        plan = self.plan
+        present = {node.name for node in model.graph}
+        missing = [n for n in plan.nodes if n not in present]
+        if missing:
+            raise SourceError(
+                f"The precision plan names {len(missing)} node(s) the model does not have (e.g. {', '.join(missing[:3])}).",
+                "A plan only fits the model (and adapter version) it was made for.",
+            )
+        lowered = plan.lowered
+        counters = {"nodes_lowered": 0, "kept_fp32": len(plan.overrides), "weights_7bit": 0, "smoothed_tensors": 0, "attention_unpacked": 0}  # fmt: skip
+        if plan.mode in ("fp32", "bf16") or not lowered:
+            return counters
+        with _quiet_root_logger():
+            counters.update(_apply(model, plan, lowered, self.samples, self.cache_dir))
+        counters["nodes_lowered"] = len(lowered)
+        return counters
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """A clone of ``model`` that passes may change without changing ``model``.
+
+    ``ir.Model.clone`` copies graphs, nodes, values and shapes but shares each value's type
+    object (and the tensors): a pass that sets ``value.dtype`` (the FP16 conversion does)
+    would change the original's type too. Each value of the clone gets its own type here;
+    tensors stay shared (passes replace a ``const_value``, they do not write into one).
+    """
+    clone = model.clone()
+    graphs = [clone.graph, *clone.graph.subgraphs(), *clone.functions.values()]
+    for graph in graphs:
+        values = [*graph.inputs, *(o for n in graph for o in n.outputs)]
+        if isinstance(graph, ir.Graph):
+            values += graph.initializers.values()
+        for value in values:
+            if value.type is not None:
+                value.type = copy.deepcopy(value.type)
+    return clone
 
 
 def apply_plan(
-    model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None, cache_dir: Path | None = None
-) -> onnx.ModelProto:
+    model: ir.Model, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None, cache_dir: Path | None = None
+) -> ir.Model:
     """Realise a plan on an FP32 model; returns a new model (the input is not changed).
 
-    ``samples`` calibrate static quantization; its ranges are cached in ``cache_dir``.
+    :class:`ApplyPrecisionPlan` run on a :func:`clone_model` of ``model`` (which shares
+    its tensors): the plan search applies many plans to the same FP32 model.
 
     Raises:
         AdapterError: The plan's nodes are missing from the model, or a tool failed.
     """
-    missing = [n for n in plan.nodes if n not in {node.name for node in model.graph.node}]
-    if missing:
-        raise SourceError(
-            f"The precision plan names {len(missing)} node(s) the model does not have (e.g. {', '.join(missing[:3])}).",
-            "A plan only fits the model (and adapter version) it was made for.",
-        )
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    lowered = plan.lowered
-    with _quiet_root_logger():
-        return _apply(model, plan, lowered, samples, cache_dir)
+    result = clone_model(model)
+    ApplyPrecisionPlan(plan, samples, cache_dir)(result)
+    return result
 
 
 @contextlib.contextmanager
@@ -281,33 +380,27 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samples, cache_dir) -> onnx.ModelProto:
-    if plan.mode in ("fp32", "bf16") or not lowered:
-        return model
+def _apply(model: ir.Model, plan: PrecisionPlan, lowered: list[str], samples, cache_dir) -> dict[str, int]:
+    """Lower ``model`` in place; returns counters of what was done on the way."""
     try:
         if plan.mode == "fp16":
-            import onnx_ir as ir
-            graph = ir.serde.deserialize_model(model)
             conversion = ConvertFloat(ir.DataType.FLOAT16, KEEP_FP32_OPS, set(plan.overrides))
-            conversion(graph)
-            ir.passes.common.RemoveUnusedNodesPass()(graph)
+            conversion(model)
+            ir.passes.common.RemoveUnusedNodesPass()(model)
             plan.measured.setdefault("conversion", conversion.record.counters)
-            return ir.serde.serialize_model(graph)
+            return {}
         if plan.mode == "int8-dynamic":
-            model, lowered, renamed = _prepare_dynamic(model, plan, lowered, samples)
-            narrow = {renamed.get(n, n) for n in plan.options.get("narrow_weights", ())}
-            return _quantize_dynamic(model, lowered, bool(plan.options.get("per_channel", True)), narrow)
+            prepared, lowered, renamed, smoothed = _prepare_dynamic(model, plan, lowered, samples)
+            narrow = {renamed.get(n, n) for n in plan.options.get("narrow_weights", ())} & set(lowered)
+            per_channel = bool(plan.options.get("per_channel", True))
+            _take_over(model, _quantize_dynamic(prepared, lowered, per_channel, narrow))
+            return {"weights_7bit": len(narrow), "smoothed_tensors": smoothed, "attention_unpacked": len(renamed)}
         if plan.mode in ("int8", "fp8"):
-            return _quantize_static(model, plan, samples or [], plan.mode == "fp8", cache_dir)
+            _take_over(model, _quantize_static(model, plan, samples or [], plan.mode == "fp8", cache_dir))
+            return {}
         if plan.mode == "int4-weight":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            quantizer = MatMulNBitsQuantizer(
-                model, bits=4, block_size=int(plan.options.get("block_size", 32)), is_symmetric=True,
-                accuracy_level=int(plan.options.get("accuracy_level", 4)), nodes_to_include=lowered,
-            )  # fmt: skip
-            quantizer.process()
-            return quantizer.model.model
+            _take_over(model, _quantize_int4(model, plan, lowered))
+            return {}
     except AdapterError:
         raise
     except Exception as exc:
@@ -315,34 +408,42 @@ def _apply(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samp
     raise SourceError(f"Unknown precision mode '{plan.mode}'.", f"Use one of {', '.join(MODES)}.")
 
 
-def _prepare_dynamic(model: onnx.ModelProto, plan: PrecisionPlan, lowered: list[str], samples):
-    """The FP32 model INT8 dynamic quantizes: masked Attention unpacked, activations smoothed.
+def _prepare_dynamic(model: ir.Model, plan: PrecisionPlan, lowered: list[str], samples):
+    """The FP32 model INT8 dynamic quantizes: masked Attention unpacked (in ``model``,
+    in place), activations smoothed (a new model when any is).
 
-    Returns the model, the lowered node names in it, and the plan's renamed nodes.
+    Returns the model, the lowered node names in it, the plan's renamed nodes and the
+    count of smoothed tensors.
     """
     # Attention nodes with a mask bias: QKV MatMul + MultiHeadAttention, then the MatMul
     # is what gets quantized (and smoothed)
     wanted = set(lowered)
-    masked = [n.name for n in model.graph.node if n.name in wanted and n.op_type == "Attention" and any(n.input[5:])]
+    masked = [
+        n.name for n in model.graph
+        if n.name in wanted and n.op_type == "Attention" and any(v is not None for v in n.inputs[5:])
+    ]  # fmt: skip
     renamed = unpack_attention.unpack(model, masked)
     lowered = [renamed.get(name, name) for name in lowered]
     if renamed:
         plan.measured.setdefault("attention_unpacked", len(renamed))
     alpha = plan.options.get("smooth_alpha")
+    smoothed = 0
     if alpha and samples:  # SmoothQuant-style channel balancing (passes/smoothing.py)
         model, smoothed = smooth(model, lowered, samples, float(alpha))
         plan.measured.setdefault("smoothed_tensors", smoothed)
-    return model, lowered, renamed
+    return model, lowered, renamed, smoothed
 
 
-def _quantize_dynamic(model: onnx.ModelProto, lowered: list[str], per_channel: bool, narrow: set[str]) -> onnx.ModelProto:
+def _quantize_dynamic(model: ir.Model, lowered: list[str], per_channel: bool, narrow: set[str]) -> ir.Model:
     """ONNX Runtime's dynamic quantizer over ``lowered``: the ``narrow`` nodes with 7-bit
-    weights (its ``reduce_range``, see passes/saturation.py), the others with 8-bit."""
+    weights (its ``reduce_range``, see passes/saturation.py), the others with 8-bit.
+
+    The tool reads and writes files: the model is serialized here and the result read back."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="adapter-quant-") as tmp:
         src = Path(tmp) / "in.onnx"
-        onnx.save(model, src)
+        onnx.save(ir.serde.serialize_model(model), src)
         for step, reduce_range in enumerate((True, False)):  # the narrow nodes first, then the rest
             nodes = [n for n in lowered if (n in narrow) == reduce_range]
             if not nodes:
@@ -353,11 +454,11 @@ def _quantize_dynamic(model: onnx.ModelProto, lowered: list[str], per_channel: b
                 weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
             )  # fmt: skip
             src = dst
-        return onnx.load(str(src))
+        return ir.serde.deserialize_model(onnx.load(str(src)))
 
 
 def fit_weight_widths(
-    model: onnx.ModelProto, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]], probe: int = 16
+    model: ir.Model, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]], probe: int = 16
 ) -> dict[str, Any]:
     """Measure every lowered MatMul of an INT8 dynamic plan with 8-bit and with 7-bit
     weights on this machine's kernels (passes/saturation.py).
@@ -368,9 +469,7 @@ def fit_weight_widths(
     if plan.mode != "int8-dynamic" or not samples:
         return {"narrow": [], "errors": {}}
     with _quiet_root_logger():
-        prepared, names, renamed = _prepare_dynamic(
-            onnx.ModelProto.FromString(model.SerializeToString()), plan, plan.lowered, samples
-        )
+        prepared, names, renamed, _ = _prepare_dynamic(clone_model(model), plan, plan.lowered, samples)
         per_channel = bool(plan.options.get("per_channel", True))
         feeds = samples[:probe]
         eight = matmul_errors(prepared, _quantize_dynamic(prepared, names, per_channel, set()), names, feeds)
@@ -382,6 +481,6 @@ def fit_weight_widths(
     }
 
 
-def model_size(model: onnx.ModelProto) -> int:
+def model_size(model: ir.Model) -> int:
     """Bytes of the serialised model (weights included)."""
-    return model.ByteSize()
+    return ir.serde.serialize_model(model).ByteSize()

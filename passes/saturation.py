@@ -17,6 +17,9 @@ on calibration samples with the engine's own kernels, and compare each MatMul's 
 with the FP32 product of the same input activation (relative RMS error). A MatMul gets
 7-bit weights only where that error is smaller. On a VNNI CPU (``vpdpbusd`` accumulates
 in 32 bits) the 8-bit error is always the smaller, and nothing changes.
+
+Both models are ``onnx_ir`` models; the quantized one is serialized only for the ONNX
+Runtime session that measures it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from __future__ import annotations
 __all__ = ["matmul_errors", "narrower"]
 
 import numpy as np
-import onnx
+import onnx_ir as ir
+
 from adapter.passes.calibration import probe_session
-from onnx import numpy_helper
 
 
 def matmul_errors(
-    reference: onnx.ModelProto, quantized: onnx.ModelProto, nodes: list[str], samples: list[dict[str, np.ndarray]]
+    reference: ir.Model, quantized: ir.Model, nodes: list[str], samples: list[dict[str, np.ndarray]]
 ) -> dict[str, float]:
     """Relative RMS error of each quantized MatMul's output against its FP32 product.
 
@@ -46,20 +49,22 @@ def matmul_errors(
         Node name to ``||y_int8 - x W|| / ||x W||`` over all samples; nodes whose tensors
         the quantized model does not have are left out.
     """
-    inits = {t.name: t for t in reference.graph.initializer}
     wanted = set(nodes)
     pairs: dict[str, tuple[str, str, np.ndarray]] = {}
-    for node in reference.graph.node:
-        if node.name in wanted and node.op_type == "MatMul" and node.input[1] in inits:
-            weight = numpy_helper.to_array(inits[node.input[1]])
+    for node in reference.graph:
+        if node.name not in wanted or node.op_type != "MatMul" or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if x is not None and w is not None and w.is_initializer() and w.const_value is not None:
+            weight = w.const_value.numpy()
             if weight.ndim == 2:
-                pairs[node.name] = (node.input[0], node.output[0], weight.astype(np.float64))
+                pairs[node.name] = (x.name, node.outputs[0].name, weight.astype(np.float64))
     if not pairs or not samples:
         return {}
-    produced = {o for n in quantized.graph.node for o in n.output} | {i.name for i in quantized.graph.input}
+    produced = {o.name for n in quantized.graph for o in n.outputs} | {i.name for i in quantized.graph.inputs}
     pairs = {k: v for k, v in pairs.items() if v[0] in produced and v[1] in produced}
     names = sorted({t for x, y, _ in pairs.values() for t in (x, y)})
-    session = probe_session(quantized, names, optimize=True)
+    session = probe_session(quantized, names, optimize=True)  # serializes: ONNX Runtime runs a ModelProto
     sums = {k: [0.0, 0.0] for k in pairs}
     for feed in samples:
         values = dict(zip(names, session.run(names, feed)))

@@ -4,6 +4,8 @@ Sensitivity: lower one group (an ``nn.Module``'s candidate nodes) at a time and 
 the budget's score on held-out samples against the FP32 outputs. Search: lower every
 group, then keep the most sensitive groups in FP32 — the smallest such set that holds
 the budget, found by bisection over the sensitivity order and confirmed by measurement.
+
+Models are ``onnx_ir`` models; :func:`ort_runner` serializes one for ONNX Runtime's session.
 """
 
 from __future__ import annotations
@@ -17,26 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from adapter.passes.precision import PrecisionPlan, apply_plan
+import onnx_ir as ir
 
 from adapter.core.budget import Budget, output_metrics
+from adapter.passes.precision import PrecisionPlan, apply_plan
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 HINTS = {"bf16": "bf16", "fp16": "fp16"}
+"""Modes realised by a backend's precision hint rather than in the graph."""
 FITTED_MODES = {"int8", "fp8"}
 """Modes whose result depends on the calibration samples (so those cannot judge them)."""
-"""Modes realised by a backend's precision hint rather than in the graph."""
 
 
-def ort_runner(model: onnx.ModelProto, threads: int) -> Runner:
-    """An ONNX Runtime CPU session over an in-memory model (full graph optimisation)."""
+def ort_runner(model: ir.Model, threads: int) -> Runner:
+    """An ONNX Runtime CPU session over an in-memory model (full graph optimisation),
+    serialized for the session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return lambda feed: dict(zip(names, session.run(names, feed)))
 
@@ -45,11 +48,11 @@ def ort_runner(model: onnx.ModelProto, threads: int) -> Runner:
 class Evaluator:
     """Measures a candidate model against the FP32 model on held-out samples."""
 
-    fp32: onnx.ModelProto
+    fp32: ir.Model
     calibration: list[dict[str, np.ndarray]]
     held_out: list[dict[str, np.ndarray]]
     budget: Budget
-    make_runner: Callable[[onnx.ModelProto, str], Runner]
+    make_runner: Callable[[ir.Model, str], Runner]
     """Builds a runner for a model and a backend precision hint (fp32, bf16, fp16)."""
     cache_dir: Path | None = None
     """Where static quantization's calibration ranges are cached."""

@@ -12,25 +12,40 @@ a third of an encoder layer's matrix FLOPs -- stayed FP32 under INT8 dynamic.
 computation in ops the quantizer handles (the ``MatMul``) and the CPU provider runs
 (``MultiHeadAttention`` takes the bias and the additive mask). The FP32 result is the
 same to float rounding (asserted in ``tests/test_unpack_attention.py``).
+
+A pure graph rewrite over ``onnx_ir`` nodes; :class:`UnpackAttention` is the same as a pass.
 """
 
 from __future__ import annotations
 
-__all__ = ["unpackable", "unpack"]
+__all__ = ["UnpackAttention", "unpackable", "unpack"]
+
+from typing import Any
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+
+from adapter.passes.base import CountedPass
 
 _MHA_ATTRIBUTES = {"num_heads", "scale", "mask_filter_value"}
 """Attention attributes MultiHeadAttention takes over as they are."""
 
 
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def _inputs(node: ir.Node, count: int = 6) -> list[ir.Value | None]:
+    """The node's inputs padded with ``None`` (absent) to at least ``count``."""
+    return list(node.inputs) + [None] * (count - len(node.inputs))
 
 
-def unpackable(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], used: set[str]) -> bool:
+def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer input (None for anything else)."""
+    return value.const_value if value is not None and value.is_initializer() else None
+
+
+def _used(value: ir.Value) -> bool:
+    return bool(value.uses()) or value.is_graph_output()
+
+
+def unpackable(node: ir.Node) -> bool:
     """Whether ``node`` is an Attention :func:`unpack` can rewrite exactly.
 
     Needs: a constant 2-D ``[D, 3D]`` weight (and a constant ``[3D]`` bias if any), no
@@ -40,24 +55,57 @@ def unpackable(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], 
     """
     if node.domain != "com.microsoft" or node.op_type != "Attention":
         return False
-    inputs = list(node.input) + [""] * (6 - len(node.input))
-    if any(inputs[3:5]) or any(inputs[6:]) or any(o in used for o in node.output[1:]):
+    inputs = _inputs(node)
+    if any(v is not None for v in inputs[3:5]) or any(v is not None for v in inputs[6:]):
         return False
-    weight = initializers.get(inputs[1])
-    if weight is None or len(weight.dims) != 2 or weight.dims[1] != 3 * weight.dims[0]:
+    if any(_used(o) for o in node.outputs[1:]):
         return False
-    if inputs[2] and (inputs[2] not in initializers or list(initializers[inputs[2]].dims) != [weight.dims[1]]):
+    weight = _constant(inputs[1])
+    if weight is None or len(weight.shape) != 2 or weight.shape[1] != 3 * weight.shape[0]:
         return False
-    attributes = _attributes(node)
+    if inputs[2] is not None:
+        bias = _constant(inputs[2])
+        if bias is None or list(bias.shape) != [weight.shape[1]]:
+            return False
+    attributes = {name: attr.value for name, attr in node.attributes.items()}
     sizes = attributes.pop("qkv_hidden_sizes", None)
-    if sizes is not None and list(sizes) != [weight.dims[0]] * 3:
+    if sizes is not None and list(sizes) != [weight.shape[0]] * 3:
         return False
     if attributes.pop("unidirectional", 0) != 0:
         return False
     return set(attributes) <= _MHA_ATTRIBUTES
 
 
-def unpack(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+def _rewrite(graph: ir.Graph, node: ir.Node, stem: str) -> ir.Node:
+    """Replace ``node`` by MatMul -> Split -> MultiHeadAttention; returns the MatMul."""
+    inputs = _inputs(node)
+    hidden = int(inputs[1].const_value.shape[0])
+    sizes = ir.tensor(np.array([hidden] * 3, dtype=np.int64), name=f"{stem}/qkv_sizes")
+    sizes_value = ir.Value(name=sizes.name, type=ir.TensorType(sizes.dtype), shape=sizes.shape, const_value=sizes)
+    graph.register_initializer(sizes_value)
+    metadata = dict(node.metadata_props)
+    packed, q, k, v = (ir.Value(name=f"{stem}/{part}") for part in ("qkv", "q", "k", "v"))
+    matmul = ir.Node(
+        "", "MatMul", [inputs[0], inputs[1]], outputs=[packed], name=f"{stem}/qkv_MatMul", metadata_props=dict(metadata)
+    )
+    split = ir.Node(
+        "", "Split", [packed, sizes_value], [ir.AttrInt64("axis", -1)], outputs=[q, k, v],
+        name=f"{stem}/qkv_Split", metadata_props=dict(metadata),
+    )  # fmt: skip
+    # sorted by name, as onnx.helper.make_node writes them
+    attributes = [
+        ir.Attr(name, attr.type, attr.value) for name, attr in sorted(node.attributes.items()) if name in _MHA_ATTRIBUTES
+    ]
+    mha = ir.Node(
+        "com.microsoft", "MultiHeadAttention", [q, k, v, inputs[2], None, inputs[5]], attributes,
+        name=f"{stem}/MultiHeadAttention", metadata_props=dict(metadata),
+    )  # fmt: skip
+    # the MultiHeadAttention's output takes over the Attention's (its name, type and uses)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul, split, mha], [node.outputs[0]], [mha.outputs[0]])
+    return matmul
+
+
+def unpack(model: ir.Model, names: list[str]) -> dict[str, str]:
     """Rewrite the named unpackable Attention nodes in place; returns old name -> MatMul name.
 
     Nodes that are not unpackable are left alone (and not in the result). The new nodes
@@ -65,33 +113,30 @@ def unpack(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
     with the module they came from.
     """
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     wanted = set(names)
     renamed: dict[str, str] = {}
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if node.name not in wanted or not unpackable(node, initializers, used):
-            nodes.append(node)
+    for node in list(graph):
+        if node.name not in wanted or not unpackable(node):
             continue
-        inputs = list(node.input) + [""] * (6 - len(node.input))
-        hidden = initializers[inputs[1]].dims[0]
-        stem = node.name or f"attention_{len(renamed)}"
-        sizes = f"{stem}/qkv_sizes"
-        graph.initializer.append(numpy_helper.from_array(np.array([hidden] * 3, dtype=np.int64), sizes))
-        packed, q, k, v = (f"{stem}/{part}" for part in ("qkv", "q", "k", "v"))
-        matmul = helper.make_node("MatMul", [inputs[0], inputs[1]], [packed], name=f"{stem}/qkv_MatMul")
-        split = helper.make_node("Split", [packed, sizes], [q, k, v], name=f"{stem}/qkv_Split", axis=-1)
-        attributes = {k_: v_ for k_, v_ in _attributes(node).items() if k_ in _MHA_ATTRIBUTES}
-        mha = helper.make_node(
-            "MultiHeadAttention", [q, k, v, inputs[2], "", inputs[5]], [node.output[0]],
-            name=f"{stem}/MultiHeadAttention", domain="com.microsoft", **attributes,
-        )  # fmt: skip
-        for new in (matmul, split, mha):
-            new.metadata_props.extend(node.metadata_props)
-        nodes.extend((matmul, split, mha))
+        matmul = _rewrite(graph, node, node.name or f"attention_{len(renamed)}")
         renamed[node.name] = matmul.name
-    if renamed:
-        del graph.node[:]
-        graph.node.extend(nodes)
     return renamed
+
+
+class UnpackAttention(CountedPass):
+    """:func:`unpack` as a pass: the named Attention nodes (all with an ``attention_bias``
+    when ``names`` is None) rewritten as MatMul + Split + MultiHeadAttention."""
+
+    name = "unpack-attention"
+
+    def __init__(self, names: list[str] | None = None) -> None:
+        super().__init__()
+        self.names = names
+        self.renamed: dict[str, str] = {}
+
+    def apply(self, model: ir.Model) -> dict[str, Any]:
+        names = self.names
+        if names is None:
+            names = [n.name for n in model.graph if len(n.inputs) > 5 and n.inputs[5] is not None]
+        self.renamed = unpack(model, names)
+        return {"attention_unpacked": len(self.renamed)}

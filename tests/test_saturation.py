@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import onnxruntime as ort
-from adapter.passes.precision import PrecisionPlan, _quantize_dynamic, apply_plan, fit_weight_widths
-from adapter.passes.saturation import matmul_errors, narrower
 from onnx import TensorProto, helper, numpy_helper
 
+from adapter.passes.precision import PrecisionPlan, _quantize_dynamic, apply_plan, fit_weight_widths
+from adapter.passes.saturation import matmul_errors, narrower
 
-def _model() -> onnx.ModelProto:
+
+def _model() -> ir.Model:
     """Two MatMuls: ``loud`` reads sigmoid(x) (all positive: u8 values up to 255) with
     positive weights (near +127 once quantized); ``quiet`` reads x with signed weights whose
     quantized magnitudes stay small (one row sets every column's scale)."""
@@ -43,7 +44,7 @@ def _model() -> onnx.ModelProto:
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y_loud", "y_quiet")],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def _samples(n: int, seed: int):
@@ -68,13 +69,18 @@ def _kernel_saturates() -> bool:
     return not np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
 
 
-def _exact_int8_error(model: onnx.ModelProto, quantized: onnx.ModelProto, samples) -> float:
+def _session(model: ir.Model) -> ort.InferenceSession:
+    proto = ir.serde.serialize_model(model)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _exact_int8_error(model: ir.Model, quantized: ir.Model, samples) -> float:
     """Relative error of ``loud`` computed in exact arithmetic from the quantized weights
     (the ONNX DynamicQuantizeLinear formula for the activation)."""
-    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    inits = {name: v.const_value.numpy() for name, v in quantized.graph.initializers.items()}
     q_name = next(n for n, v in inits.items() if n.startswith("w_loud") and v.dtype == np.int8 and v.shape == (64, 16))
     scale = next(v for n, v in inits.items() if n.startswith("w_loud") and "scale" in n)
-    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w_loud")).astype(np.float64)
+    w = model.graph.initializers["w_loud"].const_value.numpy().astype(np.float64)
     err = ref = 0.0
     for feed in samples:
         s = 1.0 / (1.0 + np.exp(-feed["x"].astype(np.float64)))
@@ -115,7 +121,9 @@ def test_a_plan_with_narrow_weights_quantizes_those_with_7_bits_and_reproduces(t
     assert fit["narrow"] == [n for n, e in sorted(fit["errors"].items()) if e["int7"] < e["int8"]]
     plan.options["narrow_weights"] = ["loud"]
     quantized = apply_plan(model, plan, samples)
-    weights = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer if t.data_type == TensorProto.INT8}
+    weights = {
+        name: v.const_value.numpy() for name, v in quantized.graph.initializers.items() if v.const_value.dtype == ir.DataType.INT8
+    }
     loud = next(v for n, v in weights.items() if n.startswith("w_loud") and v.shape == (64, 16))
     quiet = next(v for n, v in weights.items() if n.startswith("w_quiet") and v.shape == (64, 16))
     assert np.abs(loud.astype(int)).max() <= 64  # 7-bit range (reduce_range)
@@ -123,9 +131,8 @@ def test_a_plan_with_narrow_weights_quantizes_those_with_7_bits_and_reproduces(t
     # the same plan gives the same model, and its outputs stay close to FP32 (7-bit or not)
     plan.save(tmp_path / "plan.json")
     again = apply_plan(model, PrecisionPlan.load(tmp_path / "plan.json"), samples)
-    assert again.SerializeToString() == quantized.SerializeToString()
-    run = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
-    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert ir.serde.serialize_model(again).SerializeToString() == ir.serde.serialize_model(quantized).SerializeToString()
+    run, ref = _session(quantized), _session(model)
     for feed in _samples(3, 9):
         got, want = run.run(["y_loud"], feed)[0], ref.run(["y_loud"], feed)[0]
         cos = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want)))

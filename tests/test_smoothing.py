@@ -4,13 +4,14 @@ it leaves alone what it must."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import onnxruntime as ort
-from adapter.passes.smoothing import smooth
 from onnx import TensorProto, helper, numpy_helper
 
+from adapter.passes.smoothing import smooth
 
-def _graph(outlier: float = 50.0, dynamic_weight: bool = False) -> onnx.ModelProto:
+
+def _graph(outlier: float = 50.0, dynamic_weight: bool = False) -> ir.Model:
     """x [B, 16] -> two MatMuls reading the same activation (one lowered, one kept) and a
     third whose weight is a graph input. Channel 0 of the activation is ``outlier`` times
     larger than the others."""
@@ -34,11 +35,12 @@ def _graph(outlier: float = 50.0, dynamic_weight: bool = False) -> onnx.ModelPro
         inputs.append(helper.make_tensor_value_info("wd", TensorProto.FLOAT, [16, 8]))
         outputs.append(helper.make_tensor_value_info("y3", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
-def _run(model: onnx.ModelProto, feed):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(model: ir.Model, feed):
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
 
 
@@ -51,10 +53,14 @@ def test_smoothing_inserts_one_divisor_and_keeps_the_function():
     model = _graph()
     smoothed, count = smooth(model, ["lowered"], _samples(8, 1))
     assert count == 1
-    ops = [n.op_type for n in smoothed.graph.node]
+    ops = [n.op_type for n in smoothed.graph]
     assert ops.count("Mul") == 2  # the model's own scale, plus one divisor
-    kept = next(n for n in smoothed.graph.node if n.name == "kept")
-    assert kept.input[0] == "a" and kept.input[1] == "w2"  # the FP32 MatMul still reads the original
+    kept = next(n for n in smoothed.graph if n.name == "kept")
+    assert [v.name for v in kept.inputs] == ["a", "w2"]  # the FP32 MatMul still reads the original
+    lowered = next(n for n in smoothed.graph if n.name == "lowered")
+    assert [v.name for v in lowered.inputs] == ["a_smoothed", "w1"]
+    assert [n.op_type for n in model.graph].count("Mul") == 1  # the model given is not changed
+    assert not np.array_equal(lowered.inputs[1].const_value.numpy(), model.graph.initializers["w1"].const_value.numpy())
     for feed in _samples(3, 7):  # fresh inputs: the same function
         want, got = _run(model, feed), _run(smoothed, feed)
         for name in want:
@@ -68,13 +74,13 @@ def test_smoothing_makes_int8_dynamic_more_accurate(tmp_path):
     calibration, fresh = _samples(16, 2), _samples(8, 3)
     smoothed, _ = smooth(model, ["lowered"], calibration)
 
-    def int8_error(m: onnx.ModelProto) -> float:
+    def int8_error(m: ir.Model) -> float:
         src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
-        onnx.save(m, src)
+        ir.save(m, src)
         quantize_dynamic(
             str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=["lowered"]
         )
-        quantized = onnx.load(str(dst))
+        quantized = ir.load(str(dst))
         errors = []
         for feed in fresh:
             want = _run(model, feed)["y1"]
@@ -90,7 +96,7 @@ def test_smoothing_leaves_non_constant_weights_and_empty_plans_alone():
     model = _graph(dynamic_weight=True)
     feed = _samples(4, 4, {"wd": np.ones((16, 8), np.float32)})
     smoothed, count = smooth(model, ["dynamic"], feed)
-    assert count == 0 and [n.op_type for n in smoothed.graph.node] == [n.op_type for n in model.graph.node]
+    assert count == 0 and [n.op_type for n in smoothed.graph] == [n.op_type for n in model.graph]
     assert smooth(model, [], feed)[1] == 0 and smooth(model, ["lowered"], [])[1] == 0
 
 
@@ -98,17 +104,16 @@ def test_smoothing_skips_activations_without_outlier_channels():
     """Channel maxima within 10x of each other: no divisor Mul (it would cost a pass over
     the tensor for no accuracy)."""
     smoothed, count = smooth(_graph(outlier=2.0), ["lowered"], _samples(8, 1))
-    assert count == 0 and [n.op_type for n in smoothed.graph.node].count("Mul") == 1
+    assert count == 0 and [n.op_type for n in smoothed.graph].count("Mul") == 1
 
 
 def test_the_smoothing_strength_is_chosen_by_measurement():
     """Under a budget, each strength's fully lowered plan is measured and the best kept:
     the scores are those the evaluator gives each plan, and smoothing beats none on an
     activation with an outlier channel."""
+    from adapter.core.budget import parse_budget
     from adapter.passes.precision import PrecisionPlan
     from adapter.passes.sensitivity import Evaluator, choose_option, ort_runner
-
-    from adapter.core.budget import parse_budget
 
     model = _graph(outlier=200.0)
     plan = PrecisionPlan(

@@ -10,21 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
+from adapter.backends import BACKENDS
 from adapter.core.budget import Budget, parse_budget
 from adapter.core.errors import AdapterError, SourceError
 from adapter.core.timing import median_ms, paired_median_ms
 from adapter.core.verify import Tolerance
+from adapter.passes.base import PassRecord
 from adapter.passes.calibration import collect_ranges, load_calibration, synthetic_calibration
 from adapter.passes.precision import (
     MODES,
+    ApplyPrecisionPlan,
     PrecisionPlan,
     apply_plan,
+    clone_model,
     default_plan,
     fit_weight_widths,
     fp16_overflow_overrides,
+    model_size,
 )
 from adapter.passes.sensitivity import HINTS, Evaluator, choose_option, ort_runner, search_plan
 
@@ -32,14 +36,6 @@ __all__ = ["PrecisionOptions", "PrecisionResult", "PrecisionBudgetError", "lower
 
 AUTO_ORDER = ("int8-dynamic", "int8", "int4-weight", "fp16", "bf16", "fp8")
 DEFAULT_AUTO_BUDGET = "cos>=0.999"
-_BACKEND_MODES = {
-    "onnxruntime": {"fp32", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight"},
-    "openvino": {"fp32", "bf16", "fp16", "int8"},
-    "tensorrt": {"fp32", "fp16", "bf16", "int8", "fp8"},  # explicit QDQ / cast graphs; TensorRT builds them
-    "migraphx": {"fp32", "fp16", "int8"},
-    "edge": {"fp32", "fp16", "int8", "int8-dynamic"},
-    "tvm": {"fp32"},
-}
 SMOOTH_ALPHA = 0.5
 """Migration strength of activation smoothing before INT8 dynamic (SmoothQuant's default),
 used as is without a budget."""
@@ -106,12 +102,14 @@ class PrecisionResult:
     warnings: list[str] = field(default_factory=list)
     budget: Budget | None = None
     held_out: list[dict[str, np.ndarray]] = field(default_factory=list)
+    record: PassRecord | None = None
+    """What :class:`ApplyPrecisionPlan` did to the chosen model (None when it stays FP32)."""
 
 
 def _allowed(mode: str, profile: Any, backend_name: str) -> str | None:
     """Why ``mode`` cannot be used with this target and backend (None when it can)."""
-    if mode not in _BACKEND_MODES.get(backend_name, {"fp32"}):
-        runs = sorted(b for b, modes in _BACKEND_MODES.items() if mode in modes)
+    if backend_name not in BACKENDS or mode not in BACKENDS[backend_name].PRECISIONS:
+        runs = sorted(name for name, backend in BACKENDS.items() if mode in backend.PRECISIONS)
         return (
             f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
         )
@@ -135,14 +133,14 @@ def _calibration(options: PrecisionOptions, imported, warnings: list[str]):
 
 
 def _mode_plan(
-    mode: str, fp32: onnx.ModelProto, calibration, options: PrecisionOptions, cache_dir: Path
+    mode: str, fp32: ir.Model, calibration, options: PrecisionOptions, cache_dir: Path
 ) -> PrecisionPlan:
     extra = {"calibrate_method": options.calibrate_method} if mode == "int8" else {}
     if mode == "int8-dynamic":
         extra["smooth_alpha"] = SMOOTH_ALPHA
     plan = default_plan(fp32, mode, extra)
     if mode == "fp16":
-        ranges = collect_ranges(fp32.SerializeToString(), calibration.samples, cache_dir)
+        ranges = collect_ranges(fp32, calibration.samples, cache_dir)
         plan.overrides.update(fp16_overflow_overrides(fp32, ranges))
     return plan
 
@@ -156,14 +154,13 @@ class _Backend:
         self.stand_in_note = ""
         """Set when the engines are built for another machine: what accuracy and speed were measured on."""
 
-    def engine(self, model: onnx.ModelProto, hint: str):
+    def engine(self, model: ir.Model, hint: str):
         folder = tempfile.TemporaryDirectory(prefix="adapter-candidate-")
         self._dirs.append(folder)
-        fields = self.backend.Options.__dataclass_fields__
-        opts = self.backend.Options.from_profile(self.profile, {"precision": hint} if "precision" in fields else {})
-        engine = self.backend.compile(
-            ir.serde.deserialize_model(model), self.profile, opts, self.specs, Path(folder.name)
-        )
+        takes_hint = "precision" in self.backend.BUILD_OPTIONS
+        opts = self.backend.Options.from_profile(self.profile, {"precision": hint} if takes_hint else {})
+        # a clone: backends may change the model they compile (their own passes)
+        engine = self.backend.compile(clone_model(model), self.profile, opts, self.specs, Path(folder.name))
         if not engine.runs_here:  # built for another machine: measure what runs the same graph here
             stand_in = engine.stand_in()
             if stand_in is None:
@@ -171,12 +168,12 @@ class _Backend:
             engine, self.stand_in_note = stand_in
         return engine
 
-    def runner(self, model: onnx.ModelProto, hint: str):
+    def runner(self, model: ir.Model, hint: str):
         if self.name == "onnxruntime":
             return ort_runner(model, self.profile.threads)
         return self.engine(model, hint).run
 
-    def against(self, model: onnx.ModelProto, hint: str, reference, feed) -> tuple[float, float]:
+    def against(self, model: ir.Model, hint: str, reference, feed) -> tuple[float, float]:
         """(model's ms, reference engine's ms), timed in rotating blocks on ``feed``."""
         engine = self.engine(model, hint)
         times = paired_median_ms(
@@ -197,7 +194,7 @@ def _fits_widths(plan: PrecisionPlan, loaded: PrecisionPlan | None, runner: _Bac
     return plan.mode == "int8-dynamic" and loaded is None and not runner.stand_in_note
 
 
-def _width_fitter(fp32: onnx.ModelProto, samples, record: dict, say: Callable[[str], None]):
+def _width_fitter(fp32: ir.Model, samples, record: dict, say: Callable[[str], None]):
     """A ``refine`` for :func:`choose_option`: fits ``narrow_weights`` to a trial plan
     (its smoothing changes the weights) and records the measured errors per strength."""
 
@@ -247,7 +244,7 @@ def lower_precision(
         return None
     warnings: list[str] = []
     budget: Budget | None = parse_budget(options.budget) if options.budget else None
-    fp32 = ir.serde.serialize_model(model)
+    fp32 = model  # stays as it is: every candidate is lowered on a clone of it
     loaded = PrecisionPlan.load(Path(options.plan)) if options.plan else None
     mode = loaded.mode if loaded else options.mode
     if mode == "auto" and budget is None:
@@ -255,7 +252,7 @@ def lower_precision(
         warnings.append(f"--precision auto without --accuracy-budget: using {DEFAULT_AUTO_BUDGET}.")
     candidates = [m for m in AUTO_ORDER if _allowed(m, profile, backend_name) is None] if mode == "auto" else [mode]
     why = _allowed(mode, profile, backend_name) if mode != "auto" else None
-    if why and not (mode == "fp16" and backend_name == "onnxruntime"):  # ORT emulates FP16 with Casts
+    if why and mode not in backend.EMULATES:  # e.g. ONNX Runtime runs FP16 through Casts
         raise SourceError(f"Cannot build a {mode} engine: {why}.", "Choose another --precision, --backend or --target.")
     calibration = _calibration(options, imported, warnings)
     calib_samples, held_out = calibration.split()
@@ -310,7 +307,9 @@ def lower_precision(
                 plan.measured = {"accuracy": figures, "budget_holds": holds}
             if widths:
                 plan.measured["weight_widths"] = widths[plan.options.get("smooth_alpha")]["errors"]
-            lowered = apply_plan(fp32, plan, calib_samples, cache_dir)
+            lowered = clone_model(fp32)
+            applied = ApplyPrecisionPlan(plan, calib_samples, cache_dir)
+            applied(lowered)
             latency, reference_ms = (
                 runner.against(lowered, HINTS.get(plan.mode, "fp32"), fp32_engine, feed) if holds else (None, None)
             )
@@ -328,6 +327,7 @@ def lower_precision(
                     "accuracy": plan.measured.get("accuracy"),
                     "_plan": plan,
                     "_model": lowered,
+                    "_record": applied.record,
                 }
             )
     finally:
@@ -358,6 +358,7 @@ def lower_precision(
                 "accuracy": None,
                 "_plan": fp32_plan,
                 "_model": fp32,
+                "_record": None,
             }
         ]
         trials += holding
@@ -384,7 +385,7 @@ def lower_precision(
         "accuracy": plan.measured.get("accuracy"), "budget_holds": plan.measured.get("budget_holds", True),
         "modules": modules, "kept_fp32": kept, "narrow_weights": _narrow(plan),
         "latency_ms": {"fp32": fp32_ms, "plan": latency}, "speedup_vs_fp32": fp32_ms / latency if latency else None,
-        "size_bytes": {"fp32": fp32.ByteSize(), "plan": lowered.ByteSize()},
+        "size_bytes": {"fp32": model_size(fp32), "plan": model_size(lowered)},
         "candidates": trials, "search": {"evaluations": evaluator.runs, "seconds": round(evaluator.seconds, 2)},
         "warnings": warnings,
     }  # fmt: skip
@@ -392,8 +393,8 @@ def lower_precision(
     # guard against broken engines (finite, broadly similar); the budget is judged on the
     # held-out samples against eager PyTorch.
     tolerance = Tolerance(atol=1e30, rtol=0.0, min_cosine=_MIN_COSINE.get(plan.mode, 0.9))
-    result = ir.serde.deserialize_model(lowered)
     final_budget = budget or parse_budget(f"cos>={_MIN_COSINE.get(plan.mode, 0.99)}")
     return PrecisionResult(
-        result, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings, final_budget, held_out
-    )
+        lowered, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings, final_budget, held_out,
+        chosen["_record"],
+    )  # fmt: skip
