@@ -133,6 +133,12 @@ def _serve(found: Path, output: Path, note: str, started: float) -> ConvertResul
     return ConvertResult(output, manifest, True, time.perf_counter() - started, note)
 
 
+def _precision_records(candidate: Candidate) -> list:
+    """The precision pass's record (its counters), when the candidate's precision was lowered."""
+    lowered = candidate.lowered
+    return [lowered.record] if lowered is not None and lowered.record is not None else []
+
+
 def convert(
     source: str,
     output: Path | str | None = None,
@@ -269,7 +275,7 @@ def convert(
                 "config": engine.config,
                 "candidates": [c.summary(c is best) for c in candidates],
             },
-            "passes": [r.to_json() for r in records + best.records],
+            "passes": [r.to_json() for r in records + best.records + _precision_records(best)],
             "graph": {"nodes": len(list(model.graph.all_nodes())), "opsets": dict(model.opset_imports)},
             "precision": lowered.report if lowered else {"mode": "fp32"},
             "inputs": [s.to_json() for s in engine.inputs],  # a fixed-shape build declares its shapes
