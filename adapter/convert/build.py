@@ -32,7 +32,7 @@ from adapter.backends import BACKENDS, auto_backends, get_backend
 from adapter.backends.base import EngineBase, fix_shapes, unsupported_nodes
 from adapter.convert.precision import PrecisionResult, lower_precision
 from adapter.core.errors import AdapterError, SourceError, UnsupportedOpsError
-from adapter.core.specs import Dim
+from adapter.core.specs import example_sizes
 from adapter.core.timing import block_samples, median_ms, time_cases
 from adapter.core.verify import verify, verify_budget
 from adapter.passes import build_pipeline, run_pipeline
@@ -222,12 +222,7 @@ def _shape_overrides(backend: Any, imported: Any, overrides: dict[str, Any]) -> 
     if "shapes" in fields:
         overrides.setdefault("shapes", {name: list(value.shape) for name, value in examples.items()})
     if "opt_dims" in fields:
-        sizes = {}
-        for spec in imported.inputs:
-            for axis, dim in enumerate(spec.shape):
-                if isinstance(dim, Dim) and spec.name in examples:
-                    sizes[dim.name] = int(examples[spec.name].shape[axis])
-        overrides.setdefault("opt_dims", sizes)
+        overrides.setdefault("opt_dims", example_sizes(imported.inputs, examples))
     return overrides
 
 

@@ -44,7 +44,7 @@ from adapter.convert.torch_export import (
 from adapter.core import reads as _reads
 from adapter.core import safety as _safety
 from adapter.core.errors import SourceError, UnsafeSourceError
-from adapter.core.specs import Dim, TensorSpec
+from adapter.core.specs import Dim, TensorSpec, spec_of
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 _MODULE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -292,19 +292,7 @@ def _torch_reference(module, output_names: list[str]):
 
 def _specs_from_graph(values, sym: dict[str, Dim]) -> list[TensorSpec]:
     by_name = {d.name: d for d in sym.values()}
-    specs = []
-    for value in values:
-        dims: list[int | Dim] = []
-        for d in value.shape or []:
-            if isinstance(d, int):
-                dims.append(d)
-            else:
-                label = str(d.value) if getattr(d, "value", None) is not None else "?"
-                dims.append(by_name.get(label, Dim(label)))
-        specs.append(
-            TensorSpec(value.name, value.dtype.numpy().name if value.dtype is not None else "float32", tuple(dims))
-        )
-    return specs
+    return [spec_of(value, by_name) for value in values]
 
 
 def import_torch(spec: str, kind: str, module, inputs, dynamic, digest: str, seconds: dict) -> ImportedModel:

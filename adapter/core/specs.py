@@ -6,7 +6,7 @@ either fixed sizes or named dynamic dims with an inclusive ``[min, max]`` range.
 
 from __future__ import annotations
 
-__all__ = ["Dim", "TensorSpec", "parse_dynamic", "DEFAULT_DIM_MAX", "check_inputs"]
+__all__ = ["Dim", "TensorSpec", "parse_dynamic", "DEFAULT_DIM_MAX", "check_inputs", "example_sizes", "spec_of"]
 
 import re
 from dataclasses import dataclass
@@ -151,3 +151,26 @@ def check_inputs(specs: list[TensorSpec], inputs: dict[str, np.ndarray]) -> dict
             "Expected: " + "; ".join(s.describe() for s in specs) + ".",
         )
     return {s.name: np.asarray(inputs[s.name], order="C") for s in specs}
+
+
+def spec_of(value, dims: dict[str, Dim]) -> TensorSpec:
+    """The spec of an ``onnx_ir`` graph value: symbolic dims by name from ``dims`` (a new
+    unbounded :class:`Dim` for a name not there, ``?`` for an anonymous one)."""
+    shape: list[int | Dim] = []
+    for d in value.shape or []:
+        if isinstance(d, int):
+            shape.append(d)
+        else:
+            label = str(d.value) if getattr(d, "value", None) is not None else "?"
+            shape.append(dims.get(label, Dim(label)))
+    return TensorSpec(value.name, value.dtype.numpy().name if value.dtype is not None else "float32", tuple(shape))
+
+
+def example_sizes(specs: list[TensorSpec], examples: dict[str, np.ndarray]) -> dict[str, int]:
+    """Each symbolic dim's size in the example inputs (dims of inputs not given are left out)."""
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, Dim) and spec.name in examples:
+                sizes[dim.name] = int(examples[spec.name].shape[axis])
+    return sizes

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from adapter.backends import get_backend
 from adapter.convert.importer import import_source, import_torch, prepare_source
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, VerificationError
-from adapter.core.specs import Dim, TensorSpec
+from adapter.core.specs import Dim, example_sizes, spec_of
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.sharding import (
     COLLECTIVES,
@@ -59,27 +58,6 @@ def rank_graphs(prepared, tp: int, say=lambda _m: None) -> list[Any]:
     return graphs
 
 
-def _sizes(specs, examples: dict[str, np.ndarray]) -> dict[str, int]:
-    sizes = {}
-    for spec in specs:
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, Dim) and spec.name in examples:
-                sizes[dim.name] = int(examples[spec.name].shape[axis])
-    return sizes
-
-
-def _spec(value: ir.Value, dims: dict[str, Any]):
-    shape = []
-    for d in value.shape or []:
-        if isinstance(d, int):
-            shape.append(d)
-        else:
-            name = str(d.value) if getattr(d, "value", None) is not None else "?"
-            shape.append(dims.get(name, Dim(name)))
-    dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
-    return TensorSpec(value.name, dtype, tuple(shape))
-
-
 def build_sharded(
     source: str,
     output: Path,
@@ -114,7 +92,7 @@ def build_sharded(
     run_pipeline(whole.model, build_pipeline(["canonicalize"]))
     graphs = rank_graphs(prepared, tp, say) if tp > 1 else [whole]
     dims = {d.name: d for s in whole.inputs for d in s.shape if isinstance(d, Dim)}
-    sizes = _sizes(whole.inputs, whole.example_inputs)
+    sizes = example_sizes(whole.inputs, whole.example_inputs)
     bounds = stage_bounds(graphs[0].model, pp, sizes)
     world = tp * pp
     output = Path(output)
@@ -159,8 +137,8 @@ def build_sharded(
                     segment = segment_model(model, indices, after)
                     folder = f"rank{rank}/seg{k}"
                     say(f"rank {rank}: compile segment {k} ({len(indices)} nodes)")
-                    ins = [_spec(v, dims) for v in segment.graph.inputs]
-                    outs = [_spec(v, dims) for v in segment.graph.outputs]
+                    ins = [spec_of(v, dims) for v in segment.graph.inputs]
+                    outs = [spec_of(v, dims) for v in segment.graph.outputs]
                     options = module.Options.from_profile(profile, {})
                     engine = module.compile(segment, profile, options, (ins, outs), staged / folder)
                     weights[rank] += sum(
