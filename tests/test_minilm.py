@@ -59,13 +59,14 @@ def test_convert_run_matches_eager(cli, tmp_path, eager, target):
         assert _cosine(got[name], want[name]) >= 0.99999, name
 
 
-def test_second_convert_is_a_cache_hit(cli, tmp_path, fresh_cache):
-    out = tmp_path / "m"
-    code, first, err = cli("convert", "adapter.zoo:minilm", "-o", out, "--no-bench")
-    assert code == 0 and "converted and verified" in first, err
-    code, second, err = cli("convert", "adapter.zoo:minilm", "-o", out, "--no-bench")
+def test_second_convert_is_a_cache_hit(cli, tmp_path):
+    """The README's command again is served from the engine cache. The host case above
+    converted MiniLM in this session, so the first call here is a hit too (run alone, it
+    converts); that each part of the key, changed alone, misses is test_atomic.py's."""
+    command = ("convert", "adapter.zoo:minilm", "--target", "host", "--no-bench")
+    code, first, err = cli(*command, "-o", tmp_path / "a")
+    assert code == 0 and ("converted and verified" in first or "cache hit" in first), err
+    code, second, err = cli(*command, "-o", tmp_path / "b")
     assert code == 0 and "cache hit" in second, err
-    code, third, err = cli("convert", "adapter.zoo:minilm", "-o", out, "--no-bench", "--atol", "2e-4")
-    assert code == 0 and "converted and verified" in third, err
-    code, info, err = cli("info", out)
+    code, info, err = cli("info", tmp_path / "b")
     assert code == 0 and "token_embeddings" in info and "Verification" in info

@@ -15,6 +15,7 @@ import onnx_ir as ir
 import pytest
 
 from adapter import profiles
+from adapter.convert.coverage import zoo_graphs
 from adapter.core.errors import AdapterError
 from adapter.op_library import node_cost
 from adapter.passes.sharding_plan import LINK_LATENCY, analyze, parse_cluster, plan_sharding
@@ -34,7 +35,8 @@ def _canonical(source):
 
 @pytest.fixture(scope="module")
 def minilm():
-    return _canonical("adapter.zoo:minilm")
+    """MiniLM's canonical graph (a copy of the one the op library's coverage exports once per session)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(zoo_graphs(("minilm",))["minilm"]["canonicalize"]))
 
 
 @pytest.fixture(scope="module")
