@@ -206,7 +206,7 @@ def compile(
         "files": files + [CACHE_DIR],
     }
     engine = Engine(workdir, specs[0], specs[1], config)
-    engine.config["executed_precision"] = str(engine.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    engine.config["executed_precision"] = engine.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     return engine
 
 

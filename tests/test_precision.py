@@ -75,9 +75,10 @@ def test_malformed_budget(cli, tmp_path, text, needle):
 def test_fp16_overflow_is_switched_to_fp32(tmp_path):
     """A planted activation above 1e5: FP16 keeps it in FP32 and verifies; the same graph
     lowered without switching gives inf under ONNX's reference semantics."""
-    from adapter.passes.precision import PrecisionPlan, apply_plan
     from models import overflow
     from onnx.reference import ReferenceEvaluator
+
+    from adapter.passes.precision import PrecisionPlan, apply_plan
 
     result = convert("models:overflow", tmp_path / "e", _opts(mode="fp16"))
     report = result.manifest["precision"]
@@ -92,15 +93,14 @@ def test_fp16_overflow_is_switched_to_fp32(tmp_path):
     assert np.isfinite(ReferenceEvaluator(fp32).run(None, feed)[0]).all()
     # now the same FP32 source lowered with the overflow overrides removed
     import onnx_ir as ir
-    from adapter.passes import build_pipeline, run_pipeline
 
     from adapter.convert.importer import import_source
+    from adapter.passes import build_pipeline, run_pipeline
 
     imported = import_source("models:overflow")
     run_pipeline(imported.model, build_pipeline("canonicalize"))
-    source = ir.serde.serialize_model(imported.model)
-    unswitched = apply_plan(source, PrecisionPlan(**{**plan.__dict__, "overrides": {}}))
-    assert not np.isfinite(ReferenceEvaluator(unswitched).run(None, feed)[0]).all()
+    unswitched = apply_plan(imported.model, PrecisionPlan(**{**plan.__dict__, "overrides": {}}))
+    assert not np.isfinite(ReferenceEvaluator(ir.serde.serialize_model(unswitched)).run(None, feed)[0]).all()
 
 
 def test_sensitivity_keeps_the_sensitive_layer(tmp_path, calib_dir):
@@ -204,8 +204,40 @@ def test_half_precision_on_a_decoder_lm(tmp_path, mode, backend):
 
 
 def test_bf16_on_onnxruntime_is_refused_with_the_alternative(cli, tmp_path):
-    code, _, err = cli("convert", "models:mlp", "--precision", "bf16", "-o", tmp_path / "o")
-    assert code == 2 and "openvino" in err
+    """ONNX Runtime builds no BF16 engine on any host: asked for one it is refused, naming
+    OpenVINO. With the host's default backend (auto) the outcome follows the host's class:
+    where the CPU computes BF16 natively (AVX512_BF16: Zen 4; AMX; the probe lists bf16)
+    OpenVINO builds and verifies it, the manifest recording ONNX Runtime's refusal; on
+    other hosts (AVX2, AVX-512 without BF16) OpenVINO is refused too, for the target."""
+    import re
+
+    from adapter.profiles import load_profile
+
+    def names_openvino(text: str) -> bool:
+        named = re.search(r"backend 'onnxruntime' does not run bf16 engines here \(backends that do: ([^)]*)\)", text)
+        return named is not None and "openvino" in named.group(1).split(", ")
+
+    code, _, err = cli("convert", "models:mlp", "--backend", "onnxruntime", "--precision", "bf16", "-o", tmp_path / "o")
+    assert code == 2 and names_openvino(err), err
+    assert not (tmp_path / "o").exists()
+
+    host = load_profile("host")
+    code, _, err = cli("convert", "models:mlp", "--precision", "bf16", "-o", tmp_path / "auto")
+    if "bf16" not in host.precisions:
+        assert code == 2 and names_openvino(err), err
+        assert f"target 'host' lists no bf16 support (it has {', '.join(host.precisions)})" in err, err
+        assert not (tmp_path / "auto").exists()
+        return
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    backend = manifest["backend"]
+    assert backend["name"] == "openvino" and backend["requested"] == "auto"
+    assert backend["config"]["precision"] == "bf16"
+    executed = backend["config"]["executed_precision"]
+    assert executed == "bf16", f"OpenVINO ran {executed}; host features {host.features}"
+    assert manifest["precision"]["mode"] == "bf16" and manifest["verification"]["passed"]
+    refused = {c["backend"]: c["problem"] for c in backend["candidates"] if not c["chosen"]}
+    assert names_openvino(refused["onnxruntime"] or ""), refused
 
 
 def test_auto_picks_a_candidate_that_holds(tmp_path, calib_dir):

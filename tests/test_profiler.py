@@ -94,13 +94,54 @@ def _attribution(run: dict) -> tuple[float, str]:
     )
 
 
-def test_module_sum_matches_end_to_end(ort_report):
+_ATTEMPTS = 3
+"""Profiles taken at most per batch size in test_module_sum_matches_end_to_end."""
+
+
+@pytest.fixture(scope="module")
+def single_thread_engine(tmp_path_factory) -> Path:
+    """tiny_bert for ONNX Runtime with one intra-op thread (see test_module_sum_matches_end_to_end)."""
+    out = tmp_path_factory.mktemp("profile-1-thread") / "engine"
+    options = ConvertOptions(
+        backend="onnxruntime", benchmark=False, verify_samples=0, backend_options=(("threads", 1),)
+    )
+    return convert(f"{__file__}:tiny_bert", out, options).path
+
+
+def test_module_sum_matches_end_to_end(single_thread_engine):
     """The issue's figure: per-module latencies sum to within 10% of the engine's end-to-end
-    latency timed without the profiler, at batch 4 and batch 1 (seq 128)."""
-    for run in ort_report[1].to_json()["runs"]:
-        ratio, figures = _attribution(run)
-        print(figures)
-        assert 0.9 <= ratio <= 1.1, figures
+    latency timed without the profiler, at batch 4 and batch 1 (seq 128).
+
+    A node's figure is its median over the profiled runs, the end-to-end one the median of
+    whole runs: they agree while runs are rarely disturbed, since a median drops each node's
+    disturbed runs and a whole run carries all of them. On the 2-core host with the engine's
+    2 threads: quiet (this test at real-time priority) 98.9-106.8% at batch 1, 101.3-101.6%
+    at batch 4; beside other test runs (load 3.5 on 2 cores) 46-78% at batch 1, no attempt
+    quiet, for a thread pool spanning every core waits on whichever thread another process
+    holds (batch 1: 8 ms quiet, 24-58 ms). So the engine here runs one thread (the profiler's
+    code is the same for any count), leaving other cores to the load. A batch size out of
+    bounds is profiled again, ``_ATTEMPTS`` profiles at most, and the least disturbed one is
+    judged, whatever its ratio: load only adds time, so that is the profile whose larger
+    figure (module sum or end-to-end) is smallest. Beside other test runs (load 1-4 on 2
+    cores), 16 runs of this test judged 94.4-103.1% at batch 4 and 94.0-103.0% at batch 1;
+    one, at load 3.3, failed (batch 1: three profiles, 64-89%): with more busy processes
+    than cores no comparison of wall-time medians holds 10%.
+    """
+    from adapter.profile.profiler import profile_artifact
+
+    def disturbance(run: dict) -> float:
+        return max(run["end_to_end_ms"], run["sum_of_modules_ms"])
+
+    manifest = json.loads((single_thread_engine / "manifest.json").read_text())
+    assert manifest["backend"]["config"]["threads"] == 1
+    for first in profile_artifact(single_thread_engine, [_BATCH, 1], _SEQ).to_json()["runs"]:
+        attempts = [first]
+        while len(attempts) < _ATTEMPTS and not 0.9 <= _attribution(attempts[-1])[0] <= 1.1:
+            attempts += profile_artifact(single_thread_engine, [first["batch"]], _SEQ).to_json()["runs"]
+        seen = [_attribution(run)[1] for run in attempts]
+        print("\n".join(seen))
+        ratio, figures = _attribution(min(attempts, key=disturbance))
+        assert 0.9 <= ratio <= 1.1, f"least disturbed: {figures}; all attempts: {seen}"
 
 
 def test_matmul_flops_are_2mnk(ort_report):
