@@ -212,11 +212,16 @@ class ProfileReport:
         Path(path).write_text(json.dumps(self.data, indent=2))
 
 
+_EXECUTED = {"bf16": "bf16", "f16": "fp16"}
+"""A backend's reported executed precision (element type names) to the mode whose peak applies."""
+
+
 def _precision(manifest: dict[str, Any], profile) -> str:
     mode = (manifest.get("precision") or {}).get("mode", "fp32")
-    executed = manifest["backend"]["config"].get("executed_precision") or manifest["backend"]["config"].get("precision")
-    if manifest["backend"]["name"] == "openvino" and executed in ("bf16", "f16"):
-        mode = {"bf16": "bf16", "f16": "fp16"}[executed]
+    # what the engine reported running (OpenVINO's inference precision, e.g. bf16 on AMX or
+    # AVX512_BF16 whatever the plan's mode) decides the roofline's peak
+    executed = manifest["backend"]["config"].get("executed_precision")
+    mode = _EXECUTED.get(executed, mode)
     key = _PRECISION_PEAK.get(mode, mode)
     return key if key in profile.peak_flops else "fp32"
 
