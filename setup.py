@@ -10,7 +10,7 @@ from setuptools import setup
 
 SUBPACKAGES = ("passes", "passes.fusion", "backends", "kernels", "op_library", "profiles")
 """Top-level folders installed as ``adapter.<name>``."""
-INNER = ("core", "convert", "bench", "profile", "runtime", "cli")
+INNER = ("core", "converter", "bench", "profile", "runtime", "cli")
 """Layers that live inside ``adapter/`` itself (see ARCHITECTURE.md)."""
 
 # Pinned: these are the versions the test-suite and the figures in the notes were

@@ -4,7 +4,7 @@ Public entry points: :func:`adapter.convert` and :func:`adapter.load`; the comma
 line is ``adapter`` (:mod:`adapter.cli.main`).
 """
 
-from adapter.convert.api import ConvertOptions, ConvertResult, convert, load
+from adapter.converter.api import ConvertOptions, ConvertResult, convert, load
 from adapter.core.errors import AdapterError
 from adapter.core.verify import Tolerance
 

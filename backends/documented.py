@@ -8,7 +8,7 @@ per-op notes that make support conditional on an input being a build-time consta
 TVM's list is read live from the installed frontend's converter map where TVM imports
 (:func:`tvm_live`); :data:`TVM_DOCUMENTED` is the fallback. ONNX Runtime and OpenVINO are
 never listed here: their answers come from the backends' own ``supports()``
-(see :mod:`adapter.convert.coverage`).
+(see :mod:`adapter.converter.coverage`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 
 import adapter
 from adapter import ConvertOptions, convert, load
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.precision import PrecisionOptions
 from adapter.core.timing import paired_median_ms
 
 torch.set_num_threads(len(os.sched_getaffinity(0)))  # every peer gets every CPU

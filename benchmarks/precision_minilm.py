@@ -25,7 +25,7 @@ import torch
 
 import adapter
 from adapter import ConvertOptions, convert, load
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.precision import PrecisionOptions
 from adapter.core.timing import block_samples, time_cases
 from adapter.zoo import minilm
 

@@ -5,7 +5,7 @@
                                  [--in-process] [--expect-refused MODEL@TARGET/BACKEND,...]
 
 Per cell (model x target/backend) this converts ``adapter.zoo:<model>`` with
-``adapter.convert.api.convert`` into ``<out>/<model>-<target>-<backend>`` (no latency measurement)
+``adapter.converter.api.convert`` into ``<out>/<model>-<target>-<backend>`` (no latency measurement)
 and records:
 
 - the outcome: ``ok``, ``refused`` (convert raised an ``AdapterError``; its message is kept:
@@ -159,7 +159,7 @@ def _eager_reference(model: str) -> tuple[dict[str, np.ndarray], dict[str, np.nd
     """The factory's example inputs (as convert sees them) and the eager outputs, by output name."""
     import torch
 
-    from adapter.convert.torch_export import broaden_examples, flatten_outputs, to_numpy
+    from adapter.converter.torch_export import broaden_examples, flatten_outputs, to_numpy
     from adapter.zoo import ZOO
 
     module, inputs, dynamic = ZOO[model]()
@@ -249,7 +249,7 @@ def _qemu(model: str, folder: Path, manifest: dict[str, Any], timeout: float) ->
 
 def run_cell(model: str, pair: str, out_root: Path, qemu: bool, use_cache: bool, qemu_timeout: float) -> dict:
     """Convert one model for one (target, backend) and check what came out; never raises."""
-    from adapter.convert.api import ConvertOptions, convert
+    from adapter.converter.api import ConvertOptions, convert
     from adapter.core.errors import AdapterError
 
     target, backend = pair.split("/")

@@ -18,8 +18,8 @@ PRELOAD = [
     "onnxscript",
     "onnxruntime",
     "adapter.cli.main",
-    "adapter.convert.api",
-    "adapter.convert.importer",
+    "adapter.converter.api",
+    "adapter.converter.importer",
     "adapter.backends.onnxruntime",
 ]
 

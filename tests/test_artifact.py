@@ -43,12 +43,12 @@ def test_second_convert_is_a_cache_hit_and_skips_export(tmp_path, monkeypatch):
     first = convert("models:mlp", tmp_path / "a", FAST)
     assert not first.cache_hit
 
-    import adapter.convert.api
+    import adapter.converter.api
 
     def no_export(*_a, **_k):
         raise AssertionError("a cache hit must not export again")
 
-    monkeypatch.setattr(adapter.convert.api, "import_source", no_export)
+    monkeypatch.setattr(adapter.converter.api, "import_source", no_export)
     again = convert("models:mlp", tmp_path / "a", FAST)
     assert again.cache_hit and "output folder" in again.cache_note
     elsewhere = convert("models:mlp", tmp_path / "b", FAST)
@@ -167,13 +167,13 @@ def test_repeat_convert_skips_the_factory_until_an_input_file_changes(tmp_path, 
     import torch
     from safetensors.torch import save_file
 
-    import adapter.convert.api
+    import adapter.converter.api
 
     spec = _weights_factory(tmp_path)
     first = convert(spec, tmp_path / "e", FAST)
     calls = []
-    real_prepare = adapter.convert.api.prepare_source
-    monkeypatch.setattr(adapter.convert.api, "prepare_source", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
+    real_prepare = adapter.converter.api.prepare_source
+    monkeypatch.setattr(adapter.converter.api, "prepare_source", lambda *a, **k: calls.append(1) or real_prepare(*a, **k))
     assert convert(spec, tmp_path / "e", FAST).cache_hit and not calls  # served from the index
 
     save_file({"weight": torch.zeros(2, 4), "bias": torch.ones(2)}, str(tmp_path / "model.safetensors"))

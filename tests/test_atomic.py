@@ -189,8 +189,8 @@ def _miss(source: str, out: Path, options: ConvertOptions, first_key: str) -> st
 
 
 def test_each_cache_key_part_changed_alone_misses(tmp_path, fresh_cache, factory):
-    import adapter.convert.api
-    from adapter.convert.precision import PrecisionOptions
+    import adapter.converter.api
+    from adapter.converter.precision import PrecisionOptions
     from adapter.core.verify import Tolerance
 
     spec = f"{factory}:make"
@@ -244,7 +244,7 @@ def test_each_cache_key_part_changed_alone_misses(tmp_path, fresh_cache, factory
     real_versions = artifact.library_versions
     patches = {
         "profile contents": (profile_type, "digest", lambda self: real_digest(self) + "-edited"),
-        "backend version": (adapter.convert.api.get_backend("onnxruntime"), "version", lambda: "0.0-test"),
+        "backend version": (adapter.converter.api.get_backend("onnxruntime"), "version", lambda: "0.0-test"),
         "library versions": (artifact, "library_versions", lambda extra=(): {**real_versions(extra), "onnx": "0.0"}),
         "adapter code": (artifact, "code_digest", lambda: "0" * 64),
     }
@@ -281,7 +281,7 @@ def test_precision_plan_file_contents_are_in_the_key(tmp_path, fresh_cache):
     """The same --precision-plan path with edited contents (one node kept in FP32) misses."""
     import json
 
-    from adapter.convert.precision import PrecisionOptions
+    from adapter.converter.precision import PrecisionOptions
 
     made = convert("models:mlp", tmp_path / "fp16", ConvertOptions(benchmark=False, precision=PrecisionOptions("fp16")))
     plan = tmp_path / "plan.json"

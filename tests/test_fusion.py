@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxscript.rewriter import RewriteRuleSet
 
-from adapter.convert.coverage import zoo_graphs
-from adapter.convert.importer import prepare_source
+from adapter.converter.coverage import zoo_graphs
+from adapter.converter.importer import prepare_source
 from adapter.passes import build_pipeline, fusion, run_pipeline
 from adapter.passes.fusion import (
     ConvBatchNormFusion,

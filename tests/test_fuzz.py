@@ -288,7 +288,7 @@ def mutated_onnx(draw) -> bytes:
 
 
 def _load_path(path: Path) -> None:
-    from adapter.convert.importer import import_source, prepare_source
+    from adapter.converter.importer import import_source, prepare_source
     from adapter.passes.pipeline import build_pipeline, run_pipeline
 
     prepared = prepare_source(str(path))
@@ -358,7 +358,7 @@ class EngineUnderTest:
 
 def build_engine(workdir: Path) -> EngineUnderTest:
     """Convert the seed MLP (dynamic batch, plus an int64 second input) to an ONNX Runtime artifact."""
-    from adapter.convert.api import ConvertOptions, convert, load
+    from adapter.converter.api import ConvertOptions, convert, load
 
     f32 = TensorProto.FLOAT
     w = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "w")

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from adapter import ConvertOptions, convert
-from adapter.convert.importer import import_source
+from adapter.converter.importer import import_source
 from adapter.core.specs import Dim, TensorSpec, parse_dynamic
 
 

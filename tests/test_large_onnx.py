@@ -52,7 +52,7 @@ import json, sys
 import onnx_ir as ir
 from adapter.core import safety as _safety
 from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
-from adapter.convert.importer import prepare_source
+from adapter.converter.importer import prepare_source
 from pathlib import Path
 
 
@@ -102,7 +102,7 @@ def test_source_over_2gib_is_vetted_and_hashed_without_loading_it(tmp_path):
 def test_external_data_path_end_to_end(tmp_path, monkeypatch, fresh_cache):
     import torch
 
-    import adapter.convert.api
+    import adapter.converter.api
     import adapter.core.onnx_io
 
     torch.manual_seed(0)  # weights above save_model's 1 KiB external-data threshold
@@ -115,7 +115,7 @@ def test_external_data_path_end_to_end(tmp_path, monkeypatch, fresh_cache):
     source.mkdir()
     program.save(str(source / "mlp.onnx"), external_data=True)
     monkeypatch.setattr(adapter.core.onnx_io, "PROTOBUF_SAFE_BYTES", 64)
-    monkeypatch.setattr(adapter.convert.api, "PROTOBUF_SAFE_BYTES", 64)
+    monkeypatch.setattr(adapter.converter.api, "PROTOBUF_SAFE_BYTES", 64)
     result = convert(str(source / "mlp.onnx"), tmp_path / "engine", ConvertOptions(benchmark=False))
     files = set(result.manifest["files"])
     assert any(name.endswith(".data") for name in files), files

@@ -58,7 +58,7 @@ def _own_imports(module: str, path: Path) -> list[tuple[str, bool, int]]:
 
 
 def _subpackage(module: str) -> str:
-    """``adapter.convert.build`` -> ``adapter.convert``; top-level modules are their own unit."""
+    """``adapter.converter.build`` -> ``adapter.converter``; top-level modules are their own unit."""
     return ".".join(module.split(".")[:2])
 
 
@@ -91,10 +91,10 @@ def test_the_contract_would_catch_an_upward_import(tmp_path):
     """The same run fails when core imports the convert layer (the check can fail)."""
     tree = _layout(tmp_path)
     errors = tree / "adapter" / "core" / "errors.py"
-    errors.write_text(errors.read_text() + "\nfrom adapter.convert import api  # noqa\n")
+    errors.write_text(errors.read_text() + "\nfrom adapter.converter import api  # noqa\n")
     result = _lint(tree)
     assert result.returncode != 0
-    assert "adapter.core is not allowed to import adapter.convert" in result.stdout
+    assert "adapter.core is not allowed to import adapter.converter" in result.stdout
 
 
 def test_own_imports_sit_at_module_top():
@@ -125,7 +125,7 @@ def test_no_cycle_between_subpackages():
     for node in sorted(edges):
         if node not in state:
             walk(node, [node])
-    assert {"adapter.core", "adapter.convert", "adapter.cli"} <= set(edges) | {"adapter.core"}
+    assert {"adapter.core", "adapter.converter", "adapter.cli"} <= set(edges) | {"adapter.core"}
 
 
 def test_adapter_top_level_is_small_and_files_are_short():

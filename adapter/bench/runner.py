@@ -57,9 +57,9 @@ from adapter.bench.history import History, default_history_path
 from adapter.bench.machine import _load_average, fingerprint, load_warnings, machine_differences
 from adapter.bench.stats import Verdict, judge, mad, robust_rsd
 from adapter.bench.suite import Case, Suite, load_suite
-from adapter.convert.api import ConvertOptions, convert, load
-from adapter.convert.importer import prepare_source, source_kind
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.api import ConvertOptions, convert, load
+from adapter.converter.importer import prepare_source, source_kind
+from adapter.converter.precision import PrecisionOptions
 from adapter.core.artifact import cache_root
 from adapter.core.errors import AdapterError, SourceError
 from adapter.core.specs import Dim, parse_dynamic

@@ -25,11 +25,11 @@ from adapter.cli.plan import plan
 from adapter.cli.profile import profile
 from adapter.cli.report import render_check, render_manifest, render_outputs, render_targets
 from adapter.cli.shard import shard
-from adapter.convert.api import ConvertOptions, load
-from adapter.convert.api import convert as run_convert
-from adapter.convert.check import check as run_check
-from adapter.convert.coverage import coverage, render
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.api import ConvertOptions, load
+from adapter.converter.api import convert as run_convert
+from adapter.converter.check import check as run_check
+from adapter.converter.coverage import coverage, render
+from adapter.converter.precision import PrecisionOptions
 from adapter.core.artifact import validate
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError
 from adapter.core.verify import Tolerance

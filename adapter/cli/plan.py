@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from adapter.convert.importer import import_source
+from adapter.converter.importer import import_source
 from adapter.passes.pipeline import build_pipeline, run_pipeline
 from adapter.passes.sharding_plan import parse_cluster, plan_sharding
 

@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from adapter.convert.importer import import_source, prepare_source
+from adapter.converter.importer import import_source, prepare_source
 from adapter.core.errors import AdapterError
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.sharding_plan import parse_cluster, plan_sharding

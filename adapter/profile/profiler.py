@@ -43,8 +43,8 @@ import onnx_ir as ir
 
 from adapter.backends import BACKENDS
 from adapter.backends.profiling import Capture as _Capture
-from adapter.convert.api import ConvertOptions, convert, default_output, load
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.api import ConvertOptions, convert, default_output, load
+from adapter.converter.precision import PrecisionOptions
 from adapter.core import artifact
 from adapter.core.artifact import cache_root
 from adapter.core.errors import AdapterError

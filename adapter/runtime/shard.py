@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from adapter.backends import get_backend
-from adapter.convert.importer import import_source, import_torch, prepare_source
+from adapter.converter.importer import import_source, import_torch, prepare_source
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, VerificationError
 from adapter.core.specs import Dim, example_sizes, spec_of
@@ -36,7 +36,7 @@ from adapter.runtime.launch import run_sharded
 def rank_graphs(prepared, tp: int, say=lambda _m: None) -> list[Any]:
     """Export each tensor-parallel rank's module (collectives as ``adapter.dist`` nodes), canonicalized.
 
-    ``prepared`` is an ``adapter.convert.importer.PreparedSource`` of a PyTorch source.
+    ``prepared`` is an ``adapter.converter.importer.PreparedSource`` of a PyTorch source.
     """
     if prepared.module is None:
         raise AdapterError(

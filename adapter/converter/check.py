@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapter.backends import BACKENDS, DEFAULT, get_backend
-from adapter.convert.build import AUTO, auto_candidates, base_passes, refused_nodes, run_backend_passes
-from adapter.convert.importer import import_source, prepare_source
+from adapter.converter.build import AUTO, auto_candidates, base_passes, refused_nodes, run_backend_passes
+from adapter.converter.importer import import_source, prepare_source
 from adapter.core.errors import AdapterError, UnsupportedOp
 from adapter.core.specs import parse_dynamic
 from adapter.passes import build_pipeline, run_pipeline

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from adapter.convert.imported import ImportedModel
-from adapter.convert.onnx_source import import_onnx, onnx_digest, source_files
-from adapter.convert.torch_export import (
+from adapter.converter.imported import ImportedModel
+from adapter.converter.onnx_source import import_onnx, onnx_digest, source_files
+from adapter.converter.torch_export import (
     broaden_examples,
     export_program,
     flatten_outputs,

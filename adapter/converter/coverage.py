@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from adapter.backends import BACKENDS, get_backend
 from adapter.backends.documented import DOCUMENTED
-from adapter.convert.importer import import_source
+from adapter.converter.importer import import_source
 from adapter.op_library import OPS, OpEntry, _key
 from adapter.passes import build_pipeline, run_pipeline
 

@@ -15,9 +15,17 @@ from typing import Any
 import onnx_ir as ir
 
 from adapter.backends import DEFAULT, get_backend
-from adapter.convert.build import AUTO, Candidate, auto_candidates, base_passes, build_candidate, choose, drop_workdirs
-from adapter.convert.importer import import_source, prepare_source
-from adapter.convert.precision import PrecisionOptions
+from adapter.converter.build import (
+    AUTO,
+    Candidate,
+    auto_candidates,
+    base_passes,
+    build_candidate,
+    choose,
+    drop_workdirs,
+)
+from adapter.converter.importer import import_source, prepare_source
+from adapter.converter.precision import PrecisionOptions
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, ArtifactError
 from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from adapter.backends import BACKENDS, auto_backends, get_backend
 from adapter.backends.base import EngineBase, fix_shapes, unsupported_nodes
-from adapter.convert.precision import PrecisionResult, lower_precision
+from adapter.converter.precision import PrecisionResult, lower_precision
 from adapter.core.errors import AdapterError, SourceError, UnsupportedOpsError
 from adapter.core.specs import example_sizes
 from adapter.core.timing import block_samples, median_ms, time_cases

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from adapter.convert.imported import ImportedModel
+from adapter.converter.imported import ImportedModel
 from adapter.core import safety as _safety
 from adapter.core.errors import SourceError
 from adapter.core.specs import DEFAULT_DIM_MAX, Dim, TensorSpec
