@@ -192,7 +192,7 @@ def test_tp2_pp2_four_processes(tmp_path):
 
 def test_all_gather_uneven_through_cli(tmp_path, cli):
     from adapter.cli.main import cli as group
-    from adapter.runtime.launch import launch
+    from adapter.cli.launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -280,7 +280,7 @@ def test_rank_hung(tmp_path, make, nproc, fault, expected):
 
 def test_nproc_mismatch_launches_nothing(tmp_path, cli):
     from adapter.cli.main import cli as group
-    from adapter.runtime.launch import launch
+    from adapter.cli.launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -310,7 +310,7 @@ def test_port_in_use(tmp_path):
 
 def test_multinode_prints_commands(tmp_path, cli):
     from adapter.cli.main import cli as group
-    from adapter.runtime.launch import launch
+    from adapter.cli.launch import launch
 
     if "launch" not in group.commands:
         group.add_command(launch)
