@@ -1,6 +1,6 @@
 """Child process: which nodes OpenVINO's ONNX frontend leaves unconverted.
 
-``python -m adapter.backends._openvino_probe MODEL.onnx`` prints one JSON line
+``python -P backends/_openvino_probe.py MODEL.onnx`` (it imports nothing of adapter's) prints one JSON line
 ``{"framework_nodes": [...]}``, or ``{"error": "..."}`` when the frontend rejects the
 file. It runs apart from adapter's process because the frontend is native code reading
 a user's model: a damaged file has crashed it (SIGSEGV), and that must end this probe,

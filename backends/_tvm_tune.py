@@ -1,6 +1,6 @@
 """MetaSchedule tuning of a fixed-shape ONNX graph, run in its own process.
 
-``python -m adapter.backends._tvm_tune MODEL.onnx TARGET_JSON TRIALS WORK_DIR`` imports the
+``python -P backends/_tvm_tune.py MODEL.onnx TARGET_JSON TRIALS WORK_DIR`` (nothing of adapter's) imports the
 graph with TVM's ONNX frontend and runs Relax's ``static_shape_tuning`` pipeline, which
 writes MetaSchedule's JSON database (workloads and tuning records) into WORK_DIR. The TVM
 backend then applies that database in its own process (``total_trials=0``). Tuning runs

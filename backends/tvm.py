@@ -239,7 +239,10 @@ def _tune(model_path: Path, target: dict[str, Any], trials: int, tuning_dir: Pat
 
     tuning_dir.mkdir(parents=True, exist_ok=True)
     spec = {k: v for k, v in target.items() if k != "host"}
-    command = [sys.executable, "-m", "adapter.backends._tvm_tune", str(model_path), json.dumps(spec), str(trials)]
+    # run as a script (-P: its folder, which holds a module named tvm, stays off sys.path),
+    # so the child imports TVM and onnx only, not adapter and torch
+    script = str(Path(__file__).with_name("_tvm_tune.py"))
+    command = [sys.executable, "-P", script, str(model_path), json.dumps(spec), str(trials)]
     # its own process group: MetaSchedule's builder/runner workers go with it on a timeout
     child = subprocess.Popen(
         [*command, str(tuning_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
