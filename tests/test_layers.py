@@ -88,13 +88,19 @@ def test_lint_imports_keeps_the_layers(tmp_path):
 
 
 def test_the_contract_would_catch_an_upward_import(tmp_path):
-    """The same run fails when core imports the convert layer (the check can fail)."""
+    """The same run fails when core or passes import the convert layer (the check can fail)."""
     tree = _layout(tmp_path)
     errors = tree / "adapter" / "core" / "errors.py"
     errors.write_text(errors.read_text() + "\nfrom adapter.converter import api  # noqa\n")
     result = _lint(tree)
     assert result.returncode != 0
     assert "adapter.core is not allowed to import adapter.converter" in result.stdout
+    # the folders installed as adapter.<name> are optional layers (absent from a plain checkout's
+    # adapter/): in the installed layout they exist and are checked
+    base = tree / "adapter" / "passes" / "base.py"
+    base.write_text(base.read_text() + "\nfrom adapter.converter import api  # noqa\n")
+    result = _lint(tree)
+    assert "adapter.passes is not allowed to import adapter.converter" in result.stdout
 
 
 def test_own_imports_sit_at_module_top():
