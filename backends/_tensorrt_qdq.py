@@ -9,13 +9,9 @@ __all__ = ["check_qdq", "fold_bias_dequantize", "qdq_problem", "quantized_type"]
 import numpy as np
 import onnx_ir as ir
 
-from adapter.backends._recipe import (
-    constant_of,
-)
+from adapter.backends._recipe import constant_of
 from adapter.backends.base import module_of
 from adapter.core.errors import UnsupportedOp
-
-_constant = constant_of
 
 
 def quantized_type(node: ir.Node) -> str:
@@ -48,14 +44,14 @@ def _weight_consumers(node: ir.Node) -> list[tuple[ir.Node, int]]:
 
 def _is_weight(node: ir.Node) -> bool:
     source = node.inputs[0]
-    if _constant(source) is not None:
+    if constant_of(source) is not None:
         return True
     producer = source.producer() if source is not None else None
     return (
         node.op_type == "DequantizeLinear"
         and producer is not None
         and producer.op_type == "QuantizeLinear"
-        and _constant(producer.inputs[0]) is not None
+        and constant_of(producer.inputs[0]) is not None
     )
 
 
@@ -110,14 +106,14 @@ def qdq_problem(node: ir.Node, model: ir.Model) -> str | None:
             f"block-wise {qtype} {op} (block_size {block.value}): "
             "TensorRT takes block quantization for INT4 weights only"
         )
-    scale = _constant(node.inputs[1])
+    scale = constant_of(node.inputs[1])
     if scale is None:
         return f"{op}'s scale '{node.inputs[1].name}' is computed at run time: TensorRT needs a constant scale"
     if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
         return f"{op}'s scale '{node.inputs[1].name}' has non-positive or non-finite values"
     zero_value = node.inputs[2] if len(node.inputs) > 2 else None
     if zero_value is not None:
-        zero = _constant(zero_value)
+        zero = constant_of(zero_value)
         if zero is None:
             return f"{op}'s zero-point '{zero_value.name}' is not a constant: TensorRT needs zero-point 0"
         if np.any(zero.astype(np.float32) != 0):
@@ -165,11 +161,11 @@ def fold_bias_dequantize(model: ir.Model) -> int:
     for node in list(graph):
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
-        source, scale = node.inputs[0], _constant(node.inputs[1])
-        data = _constant(source)
+        source, scale = node.inputs[0], constant_of(node.inputs[1])
+        data = constant_of(source)
         if data is None or scale is None or data.dtype != np.int32 or node.outputs[0].is_graph_output():
             continue
-        zero = _constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        zero = constant_of(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         values = data.astype(np.float32) - (zero.astype(np.float32) if zero is not None else np.float32(0))
         if scale.size > 1:
             axis = node.attributes.get("axis")

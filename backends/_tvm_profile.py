@@ -55,7 +55,7 @@ def capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callabl
             kernels[index].durations_us.append((t1 - t0) * 1e6)
             kernels[index].starts_us.append((t0 - started) * 1e6)
     note = "TVM kernels keep no link to ONNX nodes: FLOPs only for matmul kernels (from their arguments), no modules"
-    return Capture(kernels, [r[0] for r in runs], mapped=False, note=note)
+    return Capture(kernels, [r[0] for r in runs], note=note)
 
 
 def _no_instrument(*args) -> int:

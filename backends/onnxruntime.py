@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
-from adapter.backends.profiling import Capture, Kernel, blocks, run_windows
+from adapter.backends.profiling import Capture, Kernel, blocks
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import save_model
@@ -231,7 +231,9 @@ def capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callabl
             "Check that the artifact runs with `adapter run`.",
         ) from exc
     events = json.loads(trace.read_text())
-    windows = run_windows(events)[warmup:]
+    windows = sorted(  # each profiled run's (start, end) in the trace
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )[warmup:]
     nodes = sorted(
         (e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
         key=lambda e: e["ts"],

@@ -4,7 +4,7 @@ ONNX nodes and modules, costs them and places them on the roofline."""
 
 from __future__ import annotations
 
-__all__ = ["Capture", "Kernel", "blocks", "run_windows"]
+__all__ = ["Capture", "Kernel", "blocks"]
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +29,6 @@ class Kernel:
 class Capture:
     kernels: list[Kernel]
     totals_ms: list[float]
-    mapped: bool = True
     note: str = ""
     structure: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
     """ONNX Runtime: the graph it ran, node name to (input, output) tensor names."""
@@ -42,12 +41,10 @@ class Capture:
     by tensor names: ONNX Runtime), ``fused`` (each kernel's list of original node names:
     OpenVINO) or ``none`` (no link: TVM)."""
 
-
-def run_windows(events: list[dict]) -> list[tuple[float, float]]:
-    runs = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
-    )
-    return runs
+    @property
+    def mapped(self) -> bool:
+        """Whether kernels link to ONNX nodes (and so to modules)."""
+        return self.mapping != "none"
 
 
 def blocks(repeats: int, between: Callable[[], None], rounds: int = 5) -> Iterator[int]:

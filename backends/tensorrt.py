@@ -51,7 +51,6 @@ import onnx_ir as ir
 from adapter.backends import _tensorrt_scripts as scripts
 from adapter.backends._recipe import (
     check_onnx,
-    constant_of,
     cpu_stand_in,
     documented_support,
     prepare_graph,
@@ -185,7 +184,6 @@ def supports(node: ir.Node, model: ir.Model, profile: Any = None) -> Support:
 # ---------------------------------------------------------------- explicit quantization
 
 
-_constant = constant_of
 
 
 # ---------------------------------------------------------------- profiles and flags

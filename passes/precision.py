@@ -26,13 +26,11 @@ __all__ = [
     "fp16_overflow_overrides",
     "default_plan",
     "apply_plan",
-    "clone_model",
     "model_size",
     "fit_weight_widths",
 ]
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -332,38 +330,18 @@ class ApplyPrecisionPlan(CountedPass):
         return counters
 
 
-def clone_model(model: ir.Model) -> ir.Model:
-    """A clone of ``model`` that passes may change without changing ``model``.
-
-    ``ir.Model.clone`` copies graphs, nodes, values and shapes but shares each value's type
-    object (and the tensors): a pass that sets ``value.dtype`` (the FP16 conversion does)
-    would change the original's type too. Each value of the clone gets its own type here;
-    tensors stay shared (passes replace a ``const_value``, they do not write into one).
-    """
-    clone = model.clone()
-    graphs = [clone.graph, *clone.graph.subgraphs(), *clone.functions.values()]
-    for graph in graphs:
-        values = [*graph.inputs, *(o for n in graph for o in n.outputs)]
-        if isinstance(graph, ir.Graph):
-            values += graph.initializers.values()
-        for value in values:
-            if value.type is not None:
-                value.type = copy.deepcopy(value.type)
-    return clone
-
-
 def apply_plan(
     model: ir.Model, plan: PrecisionPlan, samples: list[dict[str, np.ndarray]] | None = None, cache_dir: Path | None = None
 ) -> ir.Model:
     """Realise a plan on an FP32 model; returns a new model (the input is not changed).
 
-    :class:`ApplyPrecisionPlan` run on a :func:`clone_model` of ``model`` (which shares
-    its tensors): the plan search applies many plans to the same FP32 model.
+    :class:`ApplyPrecisionPlan` run on a clone of ``model`` (which shares its tensors):
+    the plan search applies many plans to the same FP32 model.
 
     Raises:
         AdapterError: The plan's nodes are missing from the model, or a tool failed.
     """
-    result = clone_model(model)
+    result = model.clone()
     ApplyPrecisionPlan(plan, samples, cache_dir)(result)
     return result
 
@@ -469,7 +447,7 @@ def fit_weight_widths(
     if plan.mode != "int8-dynamic" or not samples:
         return {"narrow": [], "errors": {}}
     with _quiet_root_logger():
-        prepared, names, renamed, _ = _prepare_dynamic(clone_model(model), plan, plan.lowered, samples)
+        prepared, names, renamed, _ = _prepare_dynamic(model.clone(), plan, plan.lowered, samples)
         per_channel = bool(plan.options.get("per_channel", True))
         feeds = samples[:probe]
         eight = matmul_errors(prepared, _quantize_dynamic(prepared, names, per_channel, set()), names, feeds)

@@ -191,8 +191,8 @@ def test_tp2_pp2_four_processes(tmp_path):
 
 
 def test_all_gather_uneven_through_cli(tmp_path, cli):
-    from adapter.cli.main import cli as group
     from adapter.cli.launch import launch
+    from adapter.cli.main import cli as group
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -279,8 +279,8 @@ def test_rank_hung(tmp_path, make, nproc, fault, expected):
 
 
 def test_nproc_mismatch_launches_nothing(tmp_path, cli):
-    from adapter.cli.main import cli as group
     from adapter.cli.launch import launch
+    from adapter.cli.main import cli as group
 
     if "launch" not in group.commands:
         group.add_command(launch)
@@ -309,8 +309,8 @@ def test_port_in_use(tmp_path):
 
 
 def test_multinode_prints_commands(tmp_path, cli):
-    from adapter.cli.main import cli as group
     from adapter.cli.launch import launch
+    from adapter.cli.main import cli as group
 
     if "launch" not in group.commands:
         group.add_command(launch)

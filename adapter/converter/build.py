@@ -217,11 +217,11 @@ def _shape_overrides(backend: Any, imported: Any, overrides: dict[str, Any]) -> 
     ``shapes`` (fixed-shape builds such as TVM's): each input's example shape. ``opt_dims``
     (TensorRT's optimisation profiles): each dynamic dim's size in the examples.
     """
-    fields = backend.BUILD_OPTIONS
+    takes = backend.BUILD_OPTIONS
     examples = imported.example_inputs
-    if "shapes" in fields:
+    if "shapes" in takes:
         overrides.setdefault("shapes", {name: list(value.shape) for name, value in examples.items()})
-    if "opt_dims" in fields:
+    if "opt_dims" in takes:
         overrides.setdefault("opt_dims", example_sizes(imported.inputs, examples))
     return overrides
 

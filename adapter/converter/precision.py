@@ -24,7 +24,6 @@ from adapter.passes.precision import (
     ApplyPrecisionPlan,
     PrecisionPlan,
     apply_plan,
-    clone_model,
     default_plan,
     fit_weight_widths,
     fp16_overflow_overrides,
@@ -106,12 +105,12 @@ class PrecisionResult:
     """What :class:`ApplyPrecisionPlan` did to the chosen model (None when it stays FP32)."""
 
 
-def _allowed(mode: str, profile: Any, backend_name: str) -> str | None:
+def _allowed(mode: str, profile: Any, backend) -> str | None:
     """Why ``mode`` cannot be used with this target and backend (None when it can)."""
-    if backend_name not in BACKENDS or mode not in BACKENDS[backend_name].PRECISIONS:
-        runs = sorted(name for name, backend in BACKENDS.items() if mode in backend.PRECISIONS)
+    if mode not in backend.PRECISIONS:
+        runs = sorted(name for name, other in BACKENDS.items() if mode in other.PRECISIONS)
         return (
-            f"backend '{backend_name}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
+            f"backend '{backend.NAME}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
         )
     native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
     if native not in getattr(profile, "precisions", ()):
@@ -160,7 +159,7 @@ class _Backend:
         takes_hint = "precision" in self.backend.BUILD_OPTIONS
         opts = self.backend.Options.from_profile(self.profile, {"precision": hint} if takes_hint else {})
         # a clone: backends may change the model they compile (their own passes)
-        engine = self.backend.compile(clone_model(model), self.profile, opts, self.specs, Path(folder.name))
+        engine = self.backend.compile(model.clone(), self.profile, opts, self.specs, Path(folder.name))
         if not engine.runs_here:  # built for another machine: measure what runs the same graph here
             stand_in = engine.stand_in()
             if stand_in is None:
@@ -250,8 +249,8 @@ def lower_precision(
     if mode == "auto" and budget is None:
         budget = parse_budget(DEFAULT_AUTO_BUDGET)
         warnings.append(f"--precision auto without --accuracy-budget: using {DEFAULT_AUTO_BUDGET}.")
-    candidates = [m for m in AUTO_ORDER if _allowed(m, profile, backend_name) is None] if mode == "auto" else [mode]
-    why = _allowed(mode, profile, backend_name) if mode != "auto" else None
+    candidates = [m for m in AUTO_ORDER if _allowed(m, profile, backend) is None] if mode == "auto" else [mode]
+    why = _allowed(mode, profile, backend) if mode != "auto" else None
     if why and mode not in backend.EMULATES:  # e.g. ONNX Runtime runs FP16 through Casts
         raise SourceError(f"Cannot build a {mode} engine: {why}.", "Choose another --precision, --backend or --target.")
     calibration = _calibration(options, imported, warnings)
@@ -307,7 +306,7 @@ def lower_precision(
                 plan.measured = {"accuracy": figures, "budget_holds": holds}
             if widths:
                 plan.measured["weight_widths"] = widths[plan.options.get("smooth_alpha")]["errors"]
-            lowered = clone_model(fp32)
+            lowered = fp32.clone()
             applied = ApplyPrecisionPlan(plan, calib_samples, cache_dir)
             applied(lowered)
             latency, reference_ms = (
