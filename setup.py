@@ -10,7 +10,7 @@ from setuptools import setup
 
 SUBPACKAGES = ("passes", "passes.fusion", "backends", "kernels", "op_library", "profiles")
 """Top-level folders installed as ``adapter.<name>``."""
-INNER = ("core", "converter", "bench", "profile", "runtime", "cli")
+INNER = ("core", "converter", "bench", "profile", "runtime", "llm", "cli")
 """Layers that live inside ``adapter/`` itself (see ARCHITECTURE.md)."""
 
 # Pinned: these are the versions the test-suite and the figures in the notes were
@@ -32,6 +32,8 @@ INSTALL_REQUIRES = [
     "rich==15.0.0",
     # OpenVINO is a default CPU candidate of --backend auto (BF16/INT8 on x86), not an option.
     "openvino==2026.4.1",
+    # OpenVINO weight compression (weight-only INT8/INT4 of the generation engines)
+    "nncf==3.4.0",
     # profiler plots (heatmap, roofline) and bench suites (YAML)
     "matplotlib==3.11.2",
     "pyyaml==6.0.3",

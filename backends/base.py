@@ -4,7 +4,7 @@ answers, profile options and the engine's checked ``run``."""
 from __future__ import annotations
 
 __all__ = [
-    "BUILD_OPTIONS", "DEVICES", "Backend", "Support", "EngineBase", "check_backend", "fix_shapes", "unsupported_nodes",
+    "BUILD_OPTIONS", "DEVICES", "Backend", "DecoderBuilder", "DecoderSession", "Support", "EngineBase", "check_backend", "fix_shapes", "unsupported_nodes",
     "module_of", "profile_options", "threads_for", "require_module",
 ]  # fmt: skip
 
@@ -142,6 +142,10 @@ class Backend(Protocol):
     ``Engine.stand_in()`` (a GPU or ARM engine checked by a CPU run of the same graph)."""
     EXTRA: str
     """The pip extra that installs its SDK ("" when the core dependencies suffice)."""
+    DECODER: Any
+    """Generation with a KV cache (:class:`DecoderBuilder`: ``build`` an exported decoder into
+    an artifact folder, ``load`` a :class:`DecoderSession` from it), or None when the backend
+    builds no generation engines."""
     CAPTURE: Callable[..., Any] | None
     """Profiler hook: per-node timings from the backend's own profiler
     (``adapter.backends.profiling.Capture``), or None when it has none."""
@@ -161,6 +165,33 @@ class Backend(Protocol):
 
     def compile(self, model: ir.Model, profile: Any, options: Any, specs: Any, workdir: Path) -> EngineBase:
         """Build an engine from ``model`` into ``workdir``."""
+
+
+class DecoderSession(Protocol):
+    """One decoder engine's generation state: the KV cache of the running batch.
+
+    ``start`` sizes the cache for ``batch`` rows and up to ``capacity`` positions before
+    the first step; ``step`` runs the new tokens of every row (prefill: the prompt; decode:
+    one token each) and returns their logits (batch, seq, vocab) as float32, keeping the
+    cache inside the session.
+    """
+
+    def start(self, batch: int, capacity: int) -> None: ...
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray: ...
+
+
+class DecoderBuilder(Protocol):
+    """A backend's generation engines (the module in its ``DECODER``)."""
+
+    WEIGHTS: frozenset[str]
+    """Weight formats it builds: ``fp32``, ``bf16``, ``int8``, ``int4``."""
+
+    def build(self, model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        """Write the engine's files into ``workdir``; returns its config (files, settings)."""
+
+    def load(self, folder: Path, config: dict[str, Any], layout: Any) -> DecoderSession:
+        """Open a session over an engine ``build`` wrote."""
 
 
 def check_backend(backend: Any) -> list[str]:

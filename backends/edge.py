@@ -283,4 +283,5 @@ class Engine(EngineBase):
 
 
 CAPTURE = None
+DECODER = None  # no generation engines yet
 """The profiler hook (None: this backend's engines cannot be profiled per node)."""

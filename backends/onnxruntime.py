@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from adapter.backends import _ort_decoder
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 from adapter.backends.profiling import Capture, Kernel, blocks
 from adapter.core import safety as _safety
@@ -259,4 +260,5 @@ def capture(engine, feed, warmup: int, repeats: int, tmp: Path, between: Callabl
 
 
 CAPTURE = capture
+DECODER = _ort_decoder
 """The profiler hook: per-node timings from the backend's own profiler."""

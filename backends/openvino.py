@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends import _openvino_decoder
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 from adapter.backends.profiling import Capture, Kernel, blocks
 from adapter.core import safety as _safety
@@ -330,4 +331,5 @@ def _ov_totals(request, executions: dict[str, int], advance: bool = True) -> dic
 
 
 CAPTURE = capture
+DECODER = _openvino_decoder
 """The profiler hook: per-node timings from the backend's own profiler."""

@@ -459,4 +459,5 @@ class _PlanRunner:
 
 
 CAPTURE = None
+DECODER = None  # no generation engines yet
 """The profiler hook (None: this backend's engines cannot be profiled per node)."""

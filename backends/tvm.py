@@ -555,4 +555,5 @@ class Engine(EngineBase):
 
 
 CAPTURE = _tvm_profile.capture
+DECODER = None  # no generation engines yet
 """The profiler hook: per-node timings from the backend's own profiler."""

@@ -84,7 +84,7 @@ def _compile(model: ir.Model, profile: Any, options: _Options, specs, workdir: P
 def _toy() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         NAME="toy", PASSES=(), PRECISIONS=frozenset({"fp32"}), EMULATES=frozenset(), AUTO_KINDS=frozenset({"cpu"}),
-        FIXED_SHAPES=False, BUILD_OPTIONS=frozenset(), DEVICE="cpu", STAND_IN=False, EXTRA="", CAPTURE=None,
+        FIXED_SHAPES=False, BUILD_OPTIONS=frozenset(), DEVICE="cpu", STAND_IN=False, EXTRA="", CAPTURE=None, DECODER=None,
         Options=_Options, Engine=_Engine, version=lambda: onnx.__version__, require=lambda: None,
         supports=_supports, compile=_compile,
     )  # fmt: skip

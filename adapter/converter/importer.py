@@ -94,7 +94,7 @@ def _sha256_files(paths: list[Path], base: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def _load_factory(spec: str) -> Callable[[], Any]:
+def load_factory(spec: str) -> Callable[[], Any]:
     head, _, attr = spec.rpartition(":")
     if head.endswith(".py"):
         path = Path(head)
@@ -426,7 +426,7 @@ def prepare_source(
         reads = _reads.fingerprint([str(p) for p in files])
     else:
         with _reads.recording() as opened:
-            factory = _load_factory(spec)
+            factory = load_factory(spec)
             try:
                 with _safety.weights_only_loads():
                     result = factory()

@@ -1,0 +1,358 @@
+"""Convert a causal LM to a verified generation engine: export with the KV cache, build, verify.
+
+Flow: load (HF folder or factory) -> :func:`~adapter.llm.export.export_decoder` ->
+canonicalize -> per backend (ONNX Runtime, OpenVINO; ``auto`` builds both and keeps the
+faster decoder): weight format (``fp32``; ``int8``/``int4`` weight-only; ``bf16`` where
+the CPU computes it) -> verify against eager PyTorch -> artifact.
+
+Verification, always:
+* FP32 weights: prefill logits of a left-padded batch of two prompts and 4 teacher-forced
+  decode steps (max-abs, cosine), and greedy tokens over ``verify_steps`` steps equal to
+  transformers' own ``generate`` (no early stop);
+* reduced weights: next-token KL divergence to eager FP32 over every position of held-out
+  prompts (teacher-forced on eager's greedy continuation) against ``kl_budget``, and the
+  greedy-token agreement over those positions.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LLMOptions", "convert_causal_lm", "load_source"]
+
+import datetime as _dt
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from adapter.backends import auto_backends, get_backend
+from adapter.backends.base import threads_for
+from adapter.converter.api import ConvertResult, default_output
+from adapter.core import artifact
+from adapter.core.errors import AdapterError, SourceError, VerificationError
+from adapter.llm.export import DecoderLayout, eager_step, export_decoder
+from adapter.llm.families import CausalLM, factory_causal_lm, load_causal_lm
+from adapter.llm.generate import generate, left_pad
+from adapter.passes import build_pipeline, run_pipeline
+from adapter.passes.weight_only import WeightOnlyQuantize
+from adapter.profiles import load_profile
+
+from adapter.llm.engine import KIND
+WEIGHTS = ("fp32", "bf16", "int8", "int4")
+_DEFAULT_GROUP = {"onnxruntime": 32, "openvino": 128}
+_DEFAULT_SYMMETRIC = {"onnxruntime": True, "openvino": False}
+
+
+@dataclass(frozen=True)
+class LLMOptions:
+    """What shapes a generation engine."""
+
+    target: str = "host"
+    backend: str | None = None
+    """``onnxruntime``, ``openvino`` or None/``auto`` (both built and raced on decode speed)."""
+    weights: str = "fp32"
+    """fp32, bf16 (where the CPU computes it), int8 or int4 (weight-only)."""
+    group_size: int | None = None
+    """INT4 block size (32/64/128); None: the backend's usual (ONNX Runtime 32, OpenVINO 128)."""
+    symmetric: bool | None = None
+    """INT4/INT8 without zero points; None: the backend's usual (ONNX Runtime yes, OpenVINO no)."""
+    keep_fp32: tuple[str, ...] = ("lm_head",)
+    """Layers (name substrings) left unquantized."""
+    threads: int = 0
+    verify_steps: int = 32
+    kl_budget: float = 0.05
+    """Largest mean next-token KL divergence to FP32 a reduced-weight engine may have."""
+    max_abs: float = 1e-3
+    """FP32 engines: largest logits difference to eager."""
+    benchmark: bool = True
+
+
+def load_source(source: str) -> CausalLM:
+    """A causal LM from a Hugging Face folder or a factory.
+
+    Raises:
+        SourceError: Neither, or not a supported causal LM.
+    """
+    if Path(source).is_dir():
+        return load_causal_lm(source)
+    if ":" in source:
+        found = factory_causal_lm(source)
+        if found is not None:
+            return found
+    raise SourceError(
+        f"'{source}' is not a causal language model adapter can export with a KV cache.",
+        "Give a Hugging Face folder whose config names a ...ForCausalLM, or a factory returning one.",
+    )
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _prompts(layout: DecoderLayout, count: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    low = 3 if layout.vocab_size > 8 else 0  # keep clear of the usual special ids
+    return [rng.integers(low, layout.vocab_size, size=max(1, length - 3 * i)).tolist() for i in range(count)]
+
+
+def _eager_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def _compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
+    a, e = actual.astype(np.float64).ravel(), expected.astype(np.float64).ravel()
+    cos = float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e) + 1e-30))
+    return {"max_abs": float(np.abs(a - e).max()), "cosine": cos}
+
+
+def _worst(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {"max_abs": max(r["max_abs"] for r in rows), "cosine": min(r["cosine"] for r in rows)}
+
+
+def _steps_against_eager(session, model, layout: DecoderLayout) -> dict[str, Any]:
+    """Prefill a left-padded batch of two prompts, then 4 teacher-forced decode steps."""
+    prompts = _prompts(layout, 2, 9, seed=1)
+    ids, mask, positions = left_pad(prompts, layout.pad_token_id or 0)
+    session.start(len(prompts), ids.shape[1] + 5)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for name in layout.past_names():
+        feeds[name] = np.zeros(layout.cache_shape(len(prompts), 0), np.float32)
+    rows = []
+    for step in range(5):
+        expected = eager_step(model, feeds, layout)
+        actual = session.step(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"])
+        valid = feeds["attention_mask"][:, -actual.shape[1] :].astype(bool)  # padded rows' logits are free
+        rows.append(_compare(actual[valid], expected["logits"][valid]))
+        nxt = expected["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        feeds = {
+            "input_ids": nxt,
+            "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((2, 1), np.int64)], axis=1),
+            "position_ids": feeds["position_ids"][:, -1:] + 1,
+            **{p: expected[q] for p, q in zip(layout.past_names(), layout.present_names())},
+        }
+    return {"prefill": rows[0], "decode": _worst(rows[1:]), "decode_steps": len(rows) - 1}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _kl_against_eager(session, model, layout: DecoderLayout, steps: int) -> dict[str, Any]:
+    """Next-token KL to eager FP32 and greedy agreement, teacher-forced on eager's continuation."""
+    kls, agree, total = [], 0, 0
+    for prompt in _prompts(layout, 3, 12, seed=7):
+        sequence = prompt + _eager_greedy(model, prompt, steps)
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits[0].float().numpy()
+        session.start(1, len(sequence))
+        arr = np.array([sequence], np.int64)
+        actual = session.step(arr, np.ones_like(arr), np.arange(len(sequence))[None])[0]
+        p, q = _log_softmax(expected), _log_softmax(actual)
+        kls.append((np.exp(p) * (p - q)).sum(-1))
+        agree += int((expected.argmax(-1) == actual.argmax(-1)).sum())
+        total += len(sequence)
+    kl = np.concatenate(kls)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "greedy_agreement": agree / total, "positions": total}
+
+
+def verify_decoder(session, model, layout: DecoderLayout, weights: str, options: LLMOptions) -> dict[str, Any]:
+    """Check a decoder session against the eager model; raise when it misses the budget.
+
+    Raises:
+        VerificationError: FP32 logits off by more than ``max_abs``, greedy tokens that
+            differ, or a reduced-weight KL over ``kl_budget``.
+    """
+    if weights == "fp32":
+        report = _steps_against_eager(session, model, layout)
+        prompt = _prompts(layout, 1, 8, seed=3)[0]
+        expected = _eager_greedy(model, prompt, options.verify_steps)
+        got = generate(session, layout, [prompt], options.verify_steps, stop_at_eos=False).tokens[0]
+        first_diff = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        report["greedy"] = {"steps": options.verify_steps, "equal": got == expected, "first_difference": first_diff}
+        worst = max(report["prefill"]["max_abs"], report["decode"]["max_abs"])
+        report["passed"] = worst <= options.max_abs and got == expected
+        if not report["passed"]:
+            raise VerificationError(
+                f"The FP32 decoder differs from eager PyTorch: logits max-abs {worst:.2e} (bound "
+                f"{options.max_abs:.0e}); greedy tokens {'equal' if got == expected else f'differ from step {first_diff}'}.",
+                "Report the model's config; try the other backend with --backend.",
+            )
+        return report
+    report = _kl_against_eager(session, model, layout, min(options.verify_steps, 16))
+    report["kl_budget"] = options.kl_budget
+    report["passed"] = report["kl_mean"] <= options.kl_budget
+    if not report["passed"]:
+        raise VerificationError(
+            f"The {weights} decoder's next-token KL divergence to FP32 is {report['kl_mean']:.4f}, over the "
+            f"budget {options.kl_budget}.",
+            "Use a smaller --group-size, keep more layers FP32, or --weights int8.",
+        )
+    return report
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _settings(name: str, options: LLMOptions, profile) -> dict[str, Any]:
+    settings: dict[str, Any] = {"weights": options.weights, "threads": threads_for(options.threads, profile)}
+    if options.weights in ("int4", "int8"):
+        settings["block_size"] = options.group_size or _DEFAULT_GROUP.get(name, 128)
+        settings["symmetric"] = _DEFAULT_SYMMETRIC.get(name, True) if options.symmetric is None else options.symmetric
+    if name == "openvino" and options.weights == "fp32":
+        settings["kv_precision"] = "f32"  # exact FP32: OpenVINO would otherwise compress the cache
+    return settings
+
+
+def _candidates(options: LLMOptions, profile) -> list[str]:
+    if options.backend not in (None, "auto"):
+        names = [options.backend]
+    else:
+        names = auto_backends(profile)
+    usable = []
+    for name in names:
+        backend = get_backend(name)
+        if backend.DECODER is None:
+            if options.backend not in (None, "auto"):
+                raise AdapterError(
+                    f"The {name} backend builds no generation engines yet.",
+                    "Use --backend onnxruntime or --backend openvino.",
+                )
+            continue
+        if options.weights not in backend.DECODER.WEIGHTS:
+            if options.backend not in (None, "auto"):
+                raise AdapterError(
+                    f"The {name} backend builds no {options.weights} generation engines.",
+                    f"It builds {', '.join(sorted(backend.DECODER.WEIGHTS))}.",
+                )
+            continue
+        usable.append(name)
+    if not usable:
+        raise AdapterError(f"No backend builds {options.weights} generation engines for this target.")
+    return usable
+
+
+def _decode_speed(session, layout: DecoderLayout) -> dict[str, float]:
+    prompt = _prompts(layout, 1, min(32, layout.max_positions // 4), seed=11)[0]
+    run = generate(session, layout, [prompt], min(16, layout.max_positions // 4), stop_at_eos=False)
+    return {"ttft_ms": run.ttft_ms, "decode_tokens_per_s": run.decode_tokens_per_s, "prompt": len(prompt)}
+
+
+def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, workdir: Path, say) -> dict[str, Any]:
+    backend = get_backend(name)
+    backend.require()
+    decoder = backend.DECODER
+    settings = _settings(name, options, profile)
+    model = graph
+    records = []
+    if options.weights in decoder.QUANTIZE_IN_GRAPH:
+        say(f"quantize {options.weights} ({name})")
+        model = graph.clone()
+        quantize = WeightOnlyQuantize(
+            bits=4 if options.weights == "int4" else 8, block_size=settings["block_size"],
+            symmetric=settings["symmetric"], keep=options.keep_fp32,
+        )  # fmt: skip
+        quantize(model)
+        records.append(quantize.record.to_json())
+    if options.weights == "bf16" and "bf16" not in profile.precisions:
+        raise AdapterError(
+            f"Target '{profile.name}' has no native BF16 arithmetic (AVX512_BF16, AMX), so a BF16 engine would run emulated.",
+            "Use --weights fp32, int8 or int4 here.",
+        )
+    say(f"build {name}")
+    config = decoder.build(model, layout, workdir, settings)
+    session = decoder.load(workdir, config, layout)
+    say(f"verify {name}")
+    verification = verify_decoder(session, lm.model, layout, options.weights, options)
+    speed = _decode_speed(session, layout) if options.benchmark else None
+    return {"name": name, "version": backend.version(), "config": config, "verification": verification,
+            "speed": speed, "passes": records}  # fmt: skip
+
+
+def convert_causal_lm(
+    source: str | CausalLM,
+    output: Path | str | None = None,
+    options: LLMOptions = LLMOptions(),
+    progress: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert a causal LM to a verified generation engine artifact (see the module docstring).
+
+    Raises:
+        AdapterError: Any user-facing failure (unsupported family, export, verification).
+    """
+    say = progress or (lambda _stage: None)
+    started = time.perf_counter()
+    if options.weights not in WEIGHTS:
+        raise AdapterError(f"Unknown weight format '{options.weights}'.", f"Use one of {', '.join(WEIGHTS)}.")
+    profile = load_profile(options.target)
+    names = _candidates(options, profile)
+    say("load source")
+    lm = source if isinstance(source, CausalLM) else load_source(source)
+    spec = lm.source
+    output = Path(output) if output else default_output(spec, options.target)
+    say("export")
+    graph, layout, seconds = export_decoder(lm.model, lm.family)
+    say("passes")
+    records = run_pipeline(graph, build_pipeline(["canonicalize"]))
+    ir.external_data.load_to_model(graph)
+    with artifact.staging_dir(output) as staged:
+        built, errors = [], {}
+        for name in names:
+            workdir = staged if len(names) == 1 else staged / ".candidates" / name
+            try:
+                built.append((_build_one(name, graph, lm, layout, options, profile, workdir, say), workdir))
+            except AdapterError as exc:
+                if len(names) == 1:
+                    raise
+                errors[name] = str(exc)
+        if not built:
+            raise AdapterError("No backend built a verified generation engine: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        best, workdir = max(built, key=lambda b: (b[0]["speed"] or {}).get("decode_tokens_per_s", 0.0))
+        if workdir != staged:
+            for item in workdir.iterdir():
+                item.rename(staged / item.name)
+            import shutil
+
+            shutil.rmtree(staged / ".candidates", ignore_errors=True)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(str(staged / "tokenizer"))
+        manifest = {
+            "adapter_version": artifact.library_versions()["adapter"],
+            "kind": KIND,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "source": {"spec": spec, "kind": lm.kind, "family": lm.family},
+            "options": asdict(options),
+            "target": {"name": profile.name, "digest": profile.digest()},
+            "layout": layout.to_json(),
+            "backend": {
+                "name": best["name"],
+                "version": best["version"],
+                "config": best["config"],
+                "candidates": [
+                    {"name": b["name"], "chosen": b is best, "speed": b["speed"], "verification": b["verification"]}
+                    for b, _ in built
+                ] + [{"name": n, "chosen": False, "error": e} for n, e in errors.items()],
+            },
+            "passes": [r.to_json() for r in records] + best["passes"],
+            "weights": options.weights,
+            "verification": best["verification"],
+            "latency": best["speed"],
+            "timings_s": {**seconds, "total": time.perf_counter() - started},
+            "tokenizer": "tokenizer" if lm.tokenizer is not None else None,
+            "libraries": artifact.library_versions(),
+        }
+        artifact.write_manifest(staged, manifest)
+        artifact.publish(staged, output)
+    manifest = artifact.read_manifest(output)
+    return ConvertResult(output, manifest, False, time.perf_counter() - started)

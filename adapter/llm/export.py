@@ -1,0 +1,242 @@
+"""Export a causal LM with its KV cache as one ONNX graph (prefill and decode alike).
+
+The graph takes ``input_ids``, ``attention_mask`` (past + new tokens, 1 = attend, so a
+left-padded batch masks its padding), ``position_ids`` and, per layer,
+``past_key_values.<i>.key`` / ``.value`` of shape (batch, kv_heads, past, head_dim), and
+returns ``logits`` (batch, seq, vocab) and ``present.<i>.key`` / ``.value`` with
+``past + seq`` positions. The past may be empty (prefill), so one graph serves both
+phases; the names follow ONNX Runtime GenAI's. KV heads stay as the model caches them
+(GQA keeps its fewer KV heads; transformers' Falcon caches its KV heads already
+broadcast to the query heads, and the graph follows it).
+"""
+
+from __future__ import annotations
+
+__all__ = ["DecoderLayout", "export_decoder", "eager_step"]
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from transformers import DynamicCache
+
+from adapter.converter.torch_export import to_numpy, to_onnx
+from adapter.core.errors import ExportError
+from adapter.core.specs import DEFAULT_DIM_MAX
+
+_MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """What a generate runtime needs to know about an exported decoder graph."""
+
+    family: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        return (batch, self.kv_heads, length, self.head_dim)
+
+    def kv_bytes(self, batch: int, context: int, itemsize: int = 4) -> int:
+        """Bytes of the whole KV cache at ``batch`` x ``context`` positions."""
+        return 2 * self.num_layers * batch * self.kv_heads * context * self.head_dim * itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["eos_token_ids"] = list(self.eos_token_ids)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecoderLayout:
+        return cls(**{**data, "eos_token_ids": tuple(data.get("eos_token_ids", ()))})
+
+
+class _KVDecoder(torch.nn.Module):
+    """The causal LM with its cache as flat (key, value) tensors per layer."""
+
+    def __init__(self, model: torch.nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        cache = DynamicCache()
+        for index, (key, value) in enumerate(past_key_values):
+            cache.update(key, value, index)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        present = out.past_key_values
+        return {
+            "logits": out.logits,
+            "present": [(present.layers[i].keys, present.layers[i].values) for i in range(self.layers)],
+        }
+
+
+def _eos_ids(config) -> tuple[int, ...]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+def layout_of(model: torch.nn.Module, family: str) -> DecoderLayout:
+    """Read the cache layout from one eager step (heads as the model really caches them)."""
+    config = model.config
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True, return_dict=True)
+    layers = out.past_key_values.layers
+    _, kv_heads, _, head_dim = layers[0].keys.shape
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+    pad = getattr(config, "pad_token_id", None)
+    bos = getattr(config, "bos_token_id", None)
+    return DecoderLayout(
+        family=family,
+        num_layers=len(layers),
+        kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(out.logits.shape[-1]),
+        max_positions=int(max_positions),
+        bos_token_id=int(bos) if isinstance(bos, int) else None,
+        eos_token_ids=_eos_ids(config),
+        pad_token_id=int(pad) if isinstance(pad, int) else None,
+    )
+
+
+def _examples(layout: DecoderLayout, batch: int = 2, seq: int = 3, past: int = 5) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    shape = layout.cache_shape(batch, past)
+    return {
+        "input_ids": torch.randint(0, layout.vocab_size, (batch, seq), generator=generator),
+        "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
+        "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+        "past_key_values": [
+            (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+            for _ in range(layout.num_layers)
+        ],
+    }
+
+
+def _rename(model: ir.Model, layout: DecoderLayout, symbols: dict[str, str]) -> None:
+    inputs = list(model.graph.inputs)
+    names = ["input_ids", "attention_mask", "position_ids", *layout.past_names()]
+    outputs = list(model.graph.outputs)
+    out_names = ["logits", *layout.present_names()]
+    if len(inputs) != len(names) or len(outputs) != len(out_names):
+        raise ExportError(
+            f"The exported decoder has {len(inputs)} inputs and {len(outputs)} outputs; "
+            f"expected {len(names)} and {len(out_names)}."
+        )
+    taken = {v.name for n in model.graph.all_nodes() for v in n.outputs}
+    for value, name in [*zip(inputs, names), *zip(outputs, out_names)]:
+        if value.name != name and name in taken:
+            clash = next(v for n in model.graph.all_nodes() for v in n.outputs if v.name == name)
+            clash.name = f"{name}__inner"
+        value.name = name
+
+    def fix(value: ir.Value) -> None:
+        if value.shape is None:
+            return
+        dims = [symbols.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        fix(value)
+
+
+def _symbols(program) -> dict[str, str]:
+    """torch.export's symbols for the batch, sequence, past and total lengths, by meaning."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = {n.name: n for n in placeholders if n.name in set(program.graph_signature.user_inputs)}
+    wanted = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {1: "total"}}
+    found: dict[str, str] = {}
+    for name, axes in wanted.items():
+        value = user[name].meta["val"] if name in user else None
+        for axis, meaning in axes.items():
+            if value is not None and isinstance(value.shape[axis], torch.SymInt):
+                found[str(value.shape[axis].node.expr)] = meaning
+    past = next((n for key, n in user.items() if key.startswith("past_key_values")), None)
+    if past is not None and isinstance(past.meta["val"].shape[2], torch.SymInt):
+        found[str(past.meta["val"].shape[2].node.expr)] = "past"
+    return found
+
+
+def export_decoder(model: torch.nn.Module, family: str) -> tuple[ir.Model, DecoderLayout, dict[str, float]]:
+    """torch.export + the dynamo ONNX exporter of ``model`` with a dynamic KV cache.
+
+    Raises:
+        ExportError: torch.export or the exporter failed (first lines of the reason).
+    """
+    layout = layout_of(model, family)
+    wrapper = _KVDecoder(model, layout.num_layers).eval()
+    examples = _examples(layout)
+    dynamic = torch.export.Dim.DYNAMIC
+    cache_axes = ({0: dynamic, 2: dynamic}, {0: dynamic, 2: dynamic})
+    shapes = {
+        "input_ids": {0: dynamic, 1: dynamic},
+        "attention_mask": {0: dynamic, 1: dynamic},
+        "position_ids": {0: dynamic, 1: dynamic},
+        "past_key_values": [cache_axes for _ in range(layout.num_layers)],
+    }
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(wrapper, (), examples, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types
+        first = " ".join(str(exc).split())[:400]
+        raise ExportError(f"torch.export could not trace the {family} decoder with its KV cache: {first}") from exc
+    seconds["torch_export"] = time.perf_counter() - started
+    started = time.perf_counter()
+    onnx_model = to_onnx(program, examples)
+    seconds["onnx_export"] = time.perf_counter() - started
+    _rename(onnx_model, layout, _symbols(program))
+    return onnx_model, layout, seconds
+
+
+def eager_step(
+    model: torch.nn.Module, feeds: dict[str, np.ndarray], layout: DecoderLayout
+) -> dict[str, np.ndarray]:
+    """Run the eager model on one step's named feeds (the graph's inputs); outputs by graph name."""
+    past = [
+        (torch.from_numpy(feeds[f"past_key_values.{i}.key"]), torch.from_numpy(feeds[f"past_key_values.{i}.value"]))
+        for i in range(layout.num_layers)
+    ]
+    wrapper = _KVDecoder(model, layout.num_layers)
+    with torch.no_grad():
+        out = wrapper(
+            torch.from_numpy(feeds["input_ids"]),
+            torch.from_numpy(feeds["attention_mask"]),
+            torch.from_numpy(feeds["position_ids"]),
+            past,
+        )
+    result = {"logits": to_numpy(out["logits"])}
+    for i, (key, value) in enumerate(out["present"]):
+        result[f"present.{i}.key"], result[f"present.{i}.value"] = to_numpy(key), to_numpy(value)
+    return result
+
+
+DIM_LIMITS = {"batch": (1, _MAX_BATCH), "seq": (1, DEFAULT_DIM_MAX), "past": (0, DEFAULT_DIM_MAX)}

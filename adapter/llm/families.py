@@ -1,0 +1,207 @@
+"""Causal language models adapter can export with a KV cache: families, sources, tiny configs.
+
+A causal LM source is either a local Hugging Face folder whose ``config.json`` names a
+``...ForCausalLM`` (or ``GPT2LMHeadModel``) architecture of a supported family, with
+safetensors weights, or a factory ``file.py:fn`` / ``pkg.mod:fn`` returning such a model.
+Nothing is fetched from a hub; a folder's own code never runs (``trust_remote_code`` off).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FAMILIES", "CausalLM", "family_of_config", "is_causal_lm_source", "load_causal_lm", "tiny_config",
+    "tiny_model", "write_random_folder",
+]  # fmt: skip
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from adapter.converter.importer import load_factory
+from adapter.core import safety
+from adapter.core.errors import SourceError, UnsafeSourceError
+
+FAMILIES: dict[str, str] = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "phi3": "Phi3Config",
+    "gemma": "GemmaConfig",
+    "gpt2": "GPT2Config",
+    "falcon": "FalconConfig",
+}
+"""Hugging Face ``model_type`` of each supported decoder family, to its config class."""
+
+_TINY = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_TINY_EXTRA: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": None},
+    "qwen3": {"head_dim": 16},
+    "phi3": {"pad_token_id": 0},
+    "gemma": {"head_dim": 16},
+}
+
+
+@dataclass
+class CausalLM:
+    """A loaded causal LM: the eager model, its family and, where the folder has one, a tokenizer."""
+
+    model: torch.nn.Module
+    family: str
+    source: str
+    kind: str
+    tokenizer: Any = None
+
+
+def family_of_config(config: dict[str, Any]) -> str | None:
+    """The supported family a ``config.json`` describes as a causal LM, else None."""
+    archs = config.get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") or a == "GPT2LMHeadModel" for a in archs)
+    family = config.get("model_type")
+    return family if causal and family in FAMILIES else None
+
+
+def _config_json(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_causal_lm_source(source: str) -> bool:
+    """True for a folder whose config names a ``...ForCausalLM`` architecture (any family).
+
+    Unsupported families also answer True, so that loading them gives a clear refusal
+    instead of an encoder export of a decoder.
+    """
+    folder = Path(source)
+    if folder.is_dir():
+        config = _config_json(folder) or {}
+        return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures") or [])
+    return False
+
+
+def _is_causal_module(module: Any) -> bool:
+    return isinstance(module, transformers.PreTrainedModel) and isinstance(module, transformers.GenerationMixin)
+
+
+def factory_causal_lm(source: str) -> CausalLM | None:
+    """Run a factory; a causal LM (alone or first of a tuple) comes back wrapped, else None."""
+    try:
+        built = load_factory(source)()
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"The factory '{source}' failed: {type(exc).__name__}: {exc}") from exc
+    module = built[0] if isinstance(built, tuple) else built
+    if not _is_causal_module(module):
+        return None
+    family = module.config.model_type
+    if family not in FAMILIES:
+        raise SourceError(
+            f"The factory '{source}' returns a {type(module).__name__} (family '{family}'), which adapter "
+            "cannot export with a KV cache yet.",
+            f"Supported families: {', '.join(FAMILIES)}.",
+        )
+    return CausalLM(module.eval(), family, source, "factory", getattr(module, "tokenizer", None))
+
+
+def load_causal_lm(folder: Path | str) -> CausalLM:
+    """Load a Hugging Face causal LM folder offline from safetensors (no remote code).
+
+    Raises:
+        SourceError: No config, or a family adapter does not export.
+        UnsafeSourceError: No safetensors weights (pickled checkpoints are never opened).
+    """
+    folder = Path(folder)
+    config = _config_json(folder)
+    if config is None:
+        raise SourceError(f"Folder '{folder}' has no readable config.json, so it is not a Hugging Face model folder.")
+    family = family_of_config(config)
+    if family is None:
+        raise SourceError(
+            f"'{folder}' is a {', '.join(config.get('architectures') or ['?'])} (model_type "
+            f"'{config.get('model_type')}'), which adapter cannot export with a KV cache yet.",
+            f"Supported families: {', '.join(FAMILIES)}.",
+        )
+    if not list(folder.glob("*.safetensors")):
+        raise UnsafeSourceError(
+            f"Folder '{folder}' has no safetensors weights.",
+            "adapter loads Hugging Face weights only from safetensors; pickled checkpoints are never opened.",
+        )
+    transformers.utils.logging.disable_progress_bar()
+    with safety.weights_only_loads():
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                local_files_only=True,
+                use_safetensors=True,
+                trust_remote_code=False,
+                attn_implementation="eager",
+                dtype=torch.float32,
+            )
+        except Exception as exc:
+            raise SourceError(f"transformers could not load '{folder}': {str(exc).splitlines()[0][:300]}") from exc
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception:  # a model without a usable tokenizer still generates from token ids
+            tokenizer = None
+    return CausalLM(model.eval(), family, str(folder), "huggingface-folder", tokenizer)
+
+
+def tiny_config(family: str, **overrides: Any):
+    """A tiny random-weight config of ``family`` (2 layers, hidden 64, GQA 4:2 where it has GQA)."""
+    if family not in FAMILIES:
+        raise SourceError(f"Unknown decoder family '{family}'.", f"Known: {', '.join(FAMILIES)}.")
+    cls = getattr(transformers, FAMILIES[family])
+    if family == "gpt2":
+        base = {"vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
+        base.update(bos_token_id=1, eos_token_id=2)
+    elif family == "falcon":
+        base = {k: v for k, v in _TINY.items() if k not in ("intermediate_size", "num_key_value_heads")}
+        base.update(num_kv_heads=2, new_decoder_architecture=True, alibi=False)
+    else:
+        base = dict(_TINY, **_TINY_EXTRA.get(family, {}))
+    base.update(overrides)
+    return cls(**base)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random causal LM of ``family`` (fixed seed), eval mode, eager attention."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def write_random_folder(config, folder: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random-weight causal LM of ``config`` as a Hugging Face folder (safetensors).
+
+    Used by the benchmarks (a TinyLlama-1.1B-shaped model) and the tests; weights are
+    initialised by transformers' own init under ``seed``.
+    """
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config.architectures = [type(model).__name__]
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder

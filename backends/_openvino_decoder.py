@@ -1,0 +1,133 @@
+"""OpenVINO generation engines: a stateful model, the KV cache held inside OpenVINO.
+
+``build`` converts the exported decoder, turns each ``past``/``present`` pair into an
+internal state (``apply_make_stateful_transformation``, what OpenVINO GenAI runs), so a
+step takes only the new tokens, mask and positions, and OpenVINO keeps and grows the
+cache in its own buffers (its CPU plugin fuses the attention with the state as
+``ScaledDotProductAttentionWithKVCache``). Weight-only INT8/INT4 come from NNCF's
+``compress_weights`` on the OpenVINO model (group-wise, symmetric or not).
+"""
+
+from __future__ import annotations
+
+__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "OpenVINODecoder", "build", "load"]
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from adapter.core.errors import AdapterError, BackendUnavailableError
+from adapter.core.onnx_io import save_model
+
+MODEL_FILE = "decoder.xml"
+WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})
+QUANTIZE_IN_GRAPH = frozenset()
+_MODES = {("int4", True): "INT4_SYM", ("int4", False): "INT4_ASYM", ("int8", True): "INT8_SYM", ("int8", False): "INT8_ASYM"}
+
+
+def _reason(exc: Exception) -> str:
+    """OpenVINO's message without its source-location lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "src/" not in line]
+    return " ".join(lines)[:400] or type(exc).__name__
+
+
+def _compress(model, settings: dict[str, Any]):
+    try:
+        import nncf
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "OpenVINO's weight compression needs NNCF.", "Install it: pip install nncf==3.4.0."
+        ) from exc
+    mode = getattr(nncf.CompressWeightsMode, _MODES[(settings["weights"], bool(settings.get("symmetric", False)))])
+    group = int(settings.get("block_size", 128)) if settings["weights"] == "int4" else -1
+    kwargs: dict[str, Any] = {"mode": mode}
+    if settings["weights"] == "int4":
+        kwargs.update(group_size=group, ratio=float(settings.get("ratio", 1.0)))
+    return nncf.compress_weights(model, **kwargs)
+
+
+def _batch_sized_states(model, layout: Any) -> None:
+    """Start each cache state as zeros of (batch of ``input_ids``, kv_heads, 0, head_dim).
+
+    Without an initializer a state starts with batch 0, and the graph, which reads the
+    batch from the past cache's shape, would reshape the first step's tensors to batch 0.
+    """
+    import openvino.opset13 as ops
+
+    batch = ops.gather(ops.shape_of(model.input("input_ids"), "i64"), ops.constant(np.array([0], np.int64)), 0)
+    rest = ops.constant(np.array([layout.kv_heads, 0, layout.head_dim], np.int64))
+    shape = ops.concat([batch, rest], 0)
+    for op in model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            zero = ops.constant(np.array(0, dtype=np.float32)).output(0)
+            if op.get_output_element_type(0) != zero.get_element_type():
+                zero = ops.convert(zero, op.get_output_element_type(0)).output(0)
+            op.set_arguments([ops.broadcast(zero, shape)])
+    model.validate_nodes_and_infer_types()
+
+
+def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Convert to OpenVINO, make the cache a state, compress weights, save IR (xml + bin)."""
+    import openvino as ov
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="adapter-ov-llm-") as tmp:
+        onnx_path = Path(tmp) / "decoder.onnx"
+        save_model(model, onnx_path)
+        try:
+            ov_model = ov.convert_model(str(onnx_path))
+        except Exception as exc:
+            raise AdapterError(f"OpenVINO could not read the decoder: {_reason(exc)}") from exc
+    pairs = dict(zip(layout.past_names(), layout.present_names()))
+    apply_make_stateful_transformation(ov_model, pairs)
+    _batch_sized_states(ov_model, layout)
+    if settings.get("weights") in ("int8", "int4"):
+        ov_model = _compress(ov_model, settings)
+    ov.save_model(ov_model, str(workdir / MODEL_FILE), compress_to_fp16=False)
+    return {"model_file": MODEL_FILE, "files": [MODEL_FILE, "decoder.bin"], **settings}
+
+
+class OpenVINODecoder:
+    """A compiled stateful decoder with one infer request (the running batch's cache)."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], layout: Any) -> None:
+        import openvino as ov
+
+        properties = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": max(1, int(config.get("threads", 1))),
+            "INFERENCE_PRECISION_HINT": "bf16" if config.get("weights") == "bf16" else config.get("compute", "f32"),
+        }
+        if config.get("kv_precision"):
+            properties["KV_CACHE_PRECISION"] = config["kv_precision"]
+        path = Path(folder) / config["model_file"]
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        except Exception as exc:
+            raise AdapterError(f"OpenVINO could not compile '{path}': {_reason(exc)}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.layout = layout
+
+    def start(self, batch: int, capacity: int) -> None:
+        self.request.reset_state()
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        feed = {
+            "input_ids": np.ascontiguousarray(input_ids, np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
+            "position_ids": np.ascontiguousarray(position_ids, np.int64),
+        }
+        try:
+            self.request.infer(feed)
+        except Exception as exc:
+            raise AdapterError(f"OpenVINO failed in a decoder step: {_reason(exc)}") from exc
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+def load(folder: Path, config: dict[str, Any], layout: Any) -> OpenVINODecoder:
+    return OpenVINODecoder(folder, config, layout)

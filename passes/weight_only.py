@@ -1,0 +1,81 @@
+"""Weight-only quantization of a decoder's MatMuls to ``MatMulNBits`` (INT4 or INT8).
+
+ONNX Runtime's own quantizer (``MatMulNBitsQuantizer``) does the work: each MatMul whose
+second input is a constant weight becomes ``com.microsoft::MatMulNBits`` with block-wise
+scales (``block_size`` 32/64/128, symmetric or with zero points) and an accuracy level
+(4: INT8 activations, its fastest CPU kernels). Layers named in ``keep`` (the LM head,
+by default) stay FP32. The tool takes and gives a ModelProto; the result replaces the
+graph of the ``ir.Model`` given, so this is an in-place pass.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WeightOnlyQuantize", "matmul_weights"]
+
+import onnx_ir as ir
+
+from adapter.passes.base import CountedPass
+
+
+def matmul_weights(model: ir.Model) -> list[ir.Node]:
+    """MatMul nodes whose right-hand input is a constant 2-D weight."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is not None and weight.const_value is not None and len(weight.const_value.shape) == 2:
+            found.append(node)
+    return found
+
+
+class WeightOnlyQuantize(CountedPass):
+    """Quantize constant-weight MatMuls to ``MatMulNBits`` with ONNX Runtime's tool.
+
+    Args:
+        bits: 4 or 8.
+        block_size: Weights per scale along the input dimension.
+        symmetric: No zero points when True.
+        accuracy_level: ONNX Runtime's compute type for the activations (4 = INT8).
+        keep: Substrings of node or module names to leave in FP32 (``lm_head``).
+    """
+
+    name = "weight-only-quantize"
+
+    def __init__(
+        self, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
+        keep: tuple[str, ...] = ("lm_head",),
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.accuracy_level, self.keep = accuracy_level, keep
+
+    def _kept(self, node: ir.Node) -> bool:
+        names = (node.name or "", node.metadata_props.get("adapter.module", ""))
+        return any(k in name for k in self.keep for name in names)
+
+    def apply(self, model: ir.Model) -> dict[str, int]:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        candidates = matmul_weights(model)
+        for index, node in enumerate(candidates):  # the tool selects nodes by name
+            node.name = node.name or f"matmul_weight_{index}"
+        chosen = [n.name for n in candidates if not self._kept(n)]
+        kept = len(candidates) - len(chosen)
+        if not chosen:
+            return {"quantized": 0, "kept_fp32": kept}
+        quantizer = MatMulNBitsQuantizer(
+            ir.serde.serialize_model(model), bits=self.bits, block_size=self.block_size,
+            is_symmetric=self.symmetric, accuracy_level=self.accuracy_level, nodes_to_include=chosen,
+        )  # fmt: skip
+        quantizer.process()
+        result = ir.serde.deserialize_model(quantizer.model.model)
+        model.graph = result.graph
+        model.opset_imports.clear()
+        model.opset_imports.update(result.opset_imports)
+        done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
+        return {"quantized": done, "kept_fp32": kept + len(chosen) - done}
