@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "OpenVINODecoder", "build", "load"]
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,12 @@ from adapter.core.onnx_io import save_model
 MODEL_FILE = "decoder.xml"
 WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset()
-_MODES = {("int4", True): "INT4_SYM", ("int4", False): "INT4_ASYM", ("int8", True): "INT8_SYM", ("int8", False): "INT8_ASYM"}
+_MODES = {
+    ("int4", True): "INT4_SYM",
+    ("int4", False): "INT4_ASYM",
+    ("int8", True): "INT8_SYM",
+    ("int8", False): "INT8_ASYM",
+}
 
 
 def _reason(exc: Exception) -> str:
@@ -46,7 +52,14 @@ def _compress(model, settings: dict[str, Any]):
     kwargs: dict[str, Any] = {"mode": mode}
     if settings["weights"] == "int4":
         kwargs.update(group_size=group, ratio=float(settings.get("ratio", 1.0)))
-    return nncf.compress_weights(model, **kwargs)
+    nncf.set_log_level(logging.ERROR)  # its per-build statistics table is not the user's concern
+    try:
+        return nncf.compress_weights(model, **kwargs)
+    except Exception as exc:  # NNCF raises its own error types for bad group sizes and the like
+        raise AdapterError(
+            f"NNCF could not compress the decoder's weights to {settings['weights']}: {_reason(exc)}",
+            "Choose a group size that divides the hidden size (--group-size 32/64/128).",
+        ) from exc
 
 
 def _batch_sized_states(model, layout: Any) -> None:

@@ -20,6 +20,7 @@ from rich.markup import escape
 from adapter.backends import BACKENDS
 from adapter.cli.bench import bench
 from adapter.cli.console import err, out
+from adapter.cli.generate import convert_llm, generate, render_llm_manifest
 from adapter.cli.launch import launch
 from adapter.cli.plan import plan
 from adapter.cli.profile import profile
@@ -33,6 +34,8 @@ from adapter.converter.precision import PrecisionOptions
 from adapter.core.artifact import validate
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError
 from adapter.core.verify import Tolerance
+from adapter.llm.convert import WEIGHTS
+from adapter.llm.families import is_causal_lm_source
 from adapter.passes.precision import MODES
 from adapter.profiles import list_profiles, load_profile
 from adapter.profiles.probe import probe_host
@@ -146,6 +149,22 @@ def cli(debug: bool) -> None:
 @click.option("--no-cache", is_flag=True, help="Rebuild even if a cached engine matches.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency figures in the report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "text-generation", "forward"]),
+    default="auto",
+    show_default=True,
+    help="text-generation: a causal LM with a KV cache for `adapter generate`; auto: that for a Hugging Face "
+    "folder of a ...ForCausalLM, one forward pass otherwise.",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(WEIGHTS),
+    default=None,
+    help="Generation engines: fp32, bf16, or weight-only int8/int4 (implies --task text-generation).",
+)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None, help="INT4 weight group size.")
+@click.option("--symmetric/--asymmetric", default=None, help="INT4/INT8 weights without/with zero points.")
 def convert(
     source,
     target,
@@ -167,6 +186,10 @@ def convert(
     no_cache,
     no_bench,
     as_json,
+    task,
+    weights,
+    group_size,
+    symmetric,
 ):
     """Convert SOURCE to a verified engine for a target.
 
@@ -182,7 +205,12 @@ def convert(
       adapter convert model.py:make_model -t intel-xeon-spr --dynamic x:0=batch -o out/
       adapter convert model.onnx --json
       adapter convert adapter.zoo:minilm --precision auto --accuracy-budget 'cos>=0.995' --calib-text s.txt
+      adapter convert ./TinyLlama-folder --weights int4 --group-size 32   (then: adapter generate)
     """
+    if task == "text-generation" or weights or (task == "auto" and is_causal_lm_source(source)):
+        group = int(group_size) if group_size else None
+        convert_llm(source, output, target, backend, weights, group, symmetric, no_bench, as_json)
+        return
     options = ConvertOptions(
         target=target,
         backend=backend,
@@ -425,13 +453,15 @@ def info(artifact, as_json):
     manifest = validate(artifact)
     if as_json:
         _print_json(manifest)
+    elif manifest.get("kind") == "causal-lm":
+        render_llm_manifest(out, manifest)
     else:
         render_manifest(out, manifest)
 
 
 def _register_commands() -> None:
     """Commands kept in their own modules (each imports its heavy dependencies lazily)."""
-    for command in (profile, bench, plan, shard, launch):
+    for command in (profile, bench, plan, shard, launch, generate):
         cli.add_command(command)
 
 

@@ -311,5 +311,10 @@ def load(path: Path | str, check: bool = True):
     """
     path = Path(path)
     manifest = artifact.validate(path) if check else artifact.read_manifest(path)
+    if manifest.get("kind") == "causal-lm":
+        raise ArtifactError(
+            f"'{path}' is a generation engine (a causal LM with its KV cache), not a forward-pass engine.",
+            "Run it with `adapter generate`, or load it with adapter.load() / adapter.llm.engine.LLMEngine.",
+        )
     backend = get_backend(manifest["backend"]["name"])
     return backend.Engine.load(path)

@@ -34,6 +34,7 @@ from adapter.backends.base import threads_for
 from adapter.converter.api import ConvertResult, default_output
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, SourceError, VerificationError
+from adapter.llm.engine import KIND
 from adapter.llm.export import DecoderLayout, eager_step, export_decoder
 from adapter.llm.families import CausalLM, factory_causal_lm, load_causal_lm
 from adapter.llm.generate import generate, left_pad
@@ -41,7 +42,6 @@ from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.weight_only import WeightOnlyQuantize
 from adapter.profiles import load_profile
 
-from adapter.llm.engine import KIND
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
 _DEFAULT_GROUP = {"onnxruntime": 32, "openvino": 128}
 _DEFAULT_SYMMETRIC = {"onnxruntime": True, "openvino": False}
@@ -99,13 +99,17 @@ def _prompts(layout: DecoderLayout, count: int, length: int, seed: int) -> list[
 
 
 def _eager_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    """Greedy tokens of the eager model through transformers' own cache (no end-of-sequence stop)."""
+    from transformers import DynamicCache
+
+    cache, ids, tokens = DynamicCache(), torch.tensor([prompt]), []
     with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+        for _ in range(steps):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, return_dict=True)
+            cache = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 def _compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -164,7 +168,12 @@ def _kl_against_eager(session, model, layout: DecoderLayout, steps: int) -> dict
         agree += int((expected.argmax(-1) == actual.argmax(-1)).sum())
         total += len(sequence)
     kl = np.concatenate(kls)
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "greedy_agreement": agree / total, "positions": total}
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "greedy_agreement": agree / total,
+        "positions": total,
+    }
 
 
 def verify_decoder(session, model, layout: DecoderLayout, weights: str, options: LLMOptions) -> dict[str, Any]:
@@ -317,7 +326,9 @@ def convert_causal_lm(
                     raise
                 errors[name] = str(exc)
         if not built:
-            raise AdapterError("No backend built a verified generation engine: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+            raise AdapterError(
+                "No backend built a verified generation engine: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
+            )
         best, workdir = max(built, key=lambda b: (b[0]["speed"] or {}).get("decode_tokens_per_s", 0.0))
         if workdir != staged:
             for item in workdir.iterdir():
@@ -342,7 +353,8 @@ def convert_causal_lm(
                 "candidates": [
                     {"name": b["name"], "chosen": b is best, "speed": b["speed"], "verification": b["verification"]}
                     for b, _ in built
-                ] + [{"name": n, "chosen": False, "error": e} for n, e in errors.items()],
+                ]
+                + [{"name": n, "chosen": False, "error": e} for n, e in errors.items()],
             },
             "passes": [r.to_json() for r in records] + best["passes"],
             "weights": options.weights,

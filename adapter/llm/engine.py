@@ -26,7 +26,9 @@ class LLMEngine:
 
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
         if not is_llm_artifact(manifest):
-            raise ArtifactError(f"'{folder}' is not a generation engine.", "Convert a causal LM with `adapter convert`.")
+            raise ArtifactError(
+                f"'{folder}' is not a generation engine.", "Convert a causal LM with `adapter convert`."
+            )
         self.folder = Path(folder)
         self.manifest = manifest
         self.layout = DecoderLayout.from_json(manifest["layout"])

@@ -217,9 +217,7 @@ def export_decoder(model: torch.nn.Module, family: str) -> tuple[ir.Model, Decod
     return onnx_model, layout, seconds
 
 
-def eager_step(
-    model: torch.nn.Module, feeds: dict[str, np.ndarray], layout: DecoderLayout
-) -> dict[str, np.ndarray]:
+def eager_step(model: torch.nn.Module, feeds: dict[str, np.ndarray], layout: DecoderLayout) -> dict[str, np.ndarray]:
     """Run the eager model on one step's named feeds (the graph's inputs); outputs by graph name."""
     past = [
         (torch.from_numpy(feeds[f"past_key_values.{i}.key"]), torch.from_numpy(feeds[f"past_key_values.{i}.value"]))
