@@ -131,7 +131,7 @@ def _steps_against_eager(session, model, layout: DecoderLayout) -> dict[str, Any
     for name in layout.past_names():
         feeds[name] = np.zeros(layout.cache_shape(len(prompts), 0), np.float32)
     rows = []
-    for step in range(5):
+    for _ in range(5):
         expected = eager_step(model, feeds, layout)
         actual = session.step(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"])
         valid = feeds["attention_mask"][:, -actual.shape[1] :].astype(bool)  # padded rows' logits are free
