@@ -12,6 +12,8 @@ from __future__ import annotations
 
 __all__ = ["WeightOnlyQuantize", "matmul_weights"]
 
+import logging
+
 import onnx_ir as ir
 
 from adapter.passes.base import CountedPass
@@ -64,16 +66,17 @@ class WeightOnlyQuantize(CountedPass):
         candidates = matmul_weights(model)
         for index, node in enumerate(candidates):  # the tool selects nodes by name
             node.name = node.name or f"matmul_weight_{index}"
-        chosen = [n.name for n in candidates if not self._kept(n)]
-        kept = len(candidates) - len(chosen)
-        if not chosen:
-            return {"quantized": 0, "kept_fp32": kept}
+        kept = [n.name for n in candidates if self._kept(n)]
+        if len(kept) == len(candidates):
+            return {"quantized": 0, "kept_fp32": len(kept)}
+        # nodes_to_exclude, not nodes_to_include: ONNX Runtime 1.32's default algorithm ignores the latter
         quantizer = MatMulNBitsQuantizer(
             ir.serde.serialize_model(model), bits=self.bits, block_size=self.block_size,
-            is_symmetric=self.symmetric, accuracy_level=self.accuracy_level, nodes_to_include=chosen,
+            is_symmetric=self.symmetric, accuracy_level=self.accuracy_level, nodes_to_exclude=kept,
         )  # fmt: skip
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
         quantizer.process()
         result = ir.serde.deserialize_model(quantizer.model.model)
         model.graph = result.graph  # the opset imports live on the graph
         done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
-        return {"quantized": done, "kept_fp32": kept + len(chosen) - done}
+        return {"quantized": done, "kept_fp32": len(candidates) - done}

@@ -1,0 +1,193 @@
+"""Causal LMs: KV-cache export, decoder engines on ONNX Runtime and OpenVINO, generate.
+
+Every decoder family is exported once and built on both CPU backends; each engine's
+prefill and decode logits are compared to eager PyTorch and its greedy tokens over 32
+steps must equal the eager model's. Reduced weights are judged by next-token KL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adapter.backends import get_backend
+from adapter.core.errors import InputMismatchError, SourceError, VerificationError
+from adapter.llm.convert import LLMOptions, convert_causal_lm, verify_decoder
+from adapter.llm.engine import LLMEngine
+from adapter.llm.export import export_decoder
+from adapter.llm.families import FAMILIES, CausalLM, tiny_config, tiny_model, write_random_folder
+from adapter.llm.generate import Sampling, generate, left_pad
+from adapter.passes import build_pipeline, run_pipeline
+from adapter.passes.weight_only import WeightOnlyQuantize
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_greedy_equals_eager_on_both_backends(family, tmp_path):
+    lm = CausalLM(tiny_model(family), family, f"tiny-{family}", "factory")
+    result = convert_causal_lm(lm, tmp_path / family, LLMOptions(benchmark=False))
+    candidates = {c["name"]: c for c in result.manifest["backend"]["candidates"]}
+    assert set(candidates) == {"onnxruntime", "openvino"}, candidates
+    for name, cand in candidates.items():
+        assert "error" not in cand, (name, cand.get("error"))
+        report = cand["verification"]
+        assert report["greedy"] == {"steps": 32, "equal": True, "first_difference": None}, name
+        assert report["prefill"]["max_abs"] < 1e-4 and report["decode"]["max_abs"] < 1e-4, (name, report)
+        assert report["prefill"]["cosine"] > 0.99999, (name, report)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny Llama (GQA 4:2) exported once, canonicalized, for the engine tests."""
+    model = tiny_model("llama")
+    graph, layout, _ = export_decoder(model, "llama")
+    run_pipeline(graph, build_pipeline(["canonicalize"]))
+    return model, graph, layout
+
+
+def _session(backend, graph, layout, folder, **settings):
+    decoder = get_backend(backend).DECODER
+    config = decoder.build(graph, layout, folder, {"weights": "fp32", "threads": 1, **settings})
+    return decoder.load(folder, config, layout)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_left_padded_batch_equals_each_prompt_alone(llama, backend, tmp_path):
+    model, graph, layout = llama
+    session = _session(backend, graph, layout, tmp_path, kv_precision="f32")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    together = generate(session, layout, prompts, 12, stop_at_eos=False).tokens
+    alone = [generate(session, layout, [p], 12, stop_at_eos=False).tokens[0] for p in prompts]
+    assert together == alone
+
+
+def test_verification_catches_a_wrong_decoder(llama, tmp_path):
+    model, graph, layout = llama
+    session = _session("onnxruntime", graph, layout, tmp_path)
+
+    class Skewed:
+        """The real session with one logit raised after the prompt: greedy tokens change."""
+
+        def start(self, batch, capacity):
+            session.start(batch, capacity)
+
+        def step(self, ids, mask, positions):
+            logits = session.step(ids, mask, positions)
+            if ids.shape[1] == 1:
+                logits[..., 7] += 5.0
+            return logits
+
+    with pytest.raises(VerificationError, match="greedy tokens differ|max-abs"):
+        verify_decoder(Skewed(), model, layout, "fp32", LLMOptions())
+    report = verify_decoder(session, model, layout, "fp32", LLMOptions())
+    assert report["passed"] and report["greedy"]["equal"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "weights", "settings"),
+    [
+        ("onnxruntime", "int4", {"block_size": 32, "symmetric": True}),
+        ("onnxruntime", "int8", {"block_size": 32, "symmetric": True}),
+        ("openvino", "int4", {"block_size": 32, "symmetric": False}),
+    ],
+)
+def test_weight_only_engines_stay_within_the_kl_budget(llama, backend, weights, settings, tmp_path):
+    model, graph, layout = llama
+    decoder = get_backend(backend).DECODER
+    built = graph
+    if weights in decoder.QUANTIZE_IN_GRAPH:
+        built = graph.clone()
+        quantize = WeightOnlyQuantize(bits=4 if weights == "int4" else 8, block_size=32)
+        quantize(built)
+        counts = quantize.record.counters
+        assert counts["quantized"] == 14 and counts["kept_fp32"] == 1, counts  # 7 per layer; LM head kept
+        assert sum(n.op_type == "MatMulNBits" for n in built.graph) == 14
+    config = decoder.build(built, layout, tmp_path, {"weights": weights, "threads": 1, **settings})
+    session = decoder.load(tmp_path, config, layout)
+    report = verify_decoder(session, model, layout, weights, LLMOptions())
+    assert 0 < report["kl_mean"] <= 0.05, report  # quantized: not bit-exact, but close
+    assert report["greedy_agreement"] >= 0.6, report
+    with pytest.raises(VerificationError, match="KL divergence"):
+        verify_decoder(session, model, layout, weights, LLMOptions(kl_budget=report["kl_mean"] / 10))
+
+
+def test_sampling_is_seeded_and_reduces_to_greedy():
+    rng_logits = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+    greedy = rng_logits.argmax(-1)
+    from adapter.llm.generate import pick
+
+    assert (pick(rng_logits, Sampling(temperature=0.7, top_k=1), np.random.default_rng(1)) == greedy).all()
+    assert (pick(rng_logits, Sampling(temperature=0.7, top_p=1e-6), np.random.default_rng(1)) == greedy).all()
+    a = pick(rng_logits, Sampling(temperature=1.0, seed=3), np.random.default_rng(3))
+    b = pick(rng_logits, Sampling(temperature=1.0, seed=3), np.random.default_rng(3))
+    assert (a == b).all()
+    draws = np.stack([pick(rng_logits, Sampling(temperature=1.0), np.random.default_rng(s)) for s in range(40)])
+    assert len({tuple(d) for d in draws}) > 1  # sampling really samples
+
+
+def test_left_pad_masks_and_positions():
+    ids, mask, positions = left_pad([[4, 5, 6], [7]], pad=0)
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    return write_random_folder(tiny_config("qwen2"), tmp_path_factory.mktemp("hf") / "qwen2-tiny")
+
+
+def test_cli_converts_a_folder_and_generates(qwen_folder, tmp_path, cli):
+    out = tmp_path / "engine"
+    code, stdout, stderr = cli("convert", qwen_folder, "-b", "onnxruntime", "-o", out, "--no-bench")
+    assert code == 0, stderr
+    assert "greedy tokens over 32 steps equal" in " ".join(stdout.split())
+    code, stdout, stderr = cli("generate", out, "--prompt-ids", "5,6,7", "--prompt-ids", "9", "--max-new-tokens", "6", "--ignore-eos", "--json")  # fmt: skip
+    assert code == 0, stderr
+    data = json.loads(stdout)
+    assert [len(t) for t in data["tokens"]] == [6, 6] and data["prompt_lengths"] == [3, 1]
+    assert data["time_to_first_token_ms"] > 0 and data["decode_tokens_per_s"] > 0 and data["peak_rss_mb"] > 0
+    engine = LLMEngine.load(out)
+    model = tiny_model("qwen2")  # same seed and config: the folder's weights
+    from adapter.llm.convert import _eager_greedy
+
+    assert data["tokens"][0] == _eager_greedy(model, [5, 6, 7], 6)
+    assert engine.generate([[5, 6, 7]], max_new_tokens=6, stop_at_eos=False).tokens[0] == data["tokens"][0]
+    # bad input: one paragraph, non-zero exit, no traceback
+    for args, words in [
+        (["--prompt-ids", "5,999"], "outside the model's vocabulary"),
+        (["--prompt", "hello"], "no tokenizer"),
+        (["--prompt-ids", "5", "--max-new-tokens", "400"], "positions"),
+        (["--prompt-ids", "5,x"], "not a list of integers"),
+    ]:
+        code, stdout, stderr = cli("generate", out, *args)
+        text = " ".join(stderr.split())
+        assert code != 0 and words in text and "Traceback" not in text, (args, stderr)
+
+
+def test_unsupported_or_unsafe_folders_are_refused(qwen_folder, tmp_path, cli):
+    import shutil
+
+    from adapter.llm.families import load_causal_lm
+
+    other = tmp_path / "bloom"
+    shutil.copytree(qwen_folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps({**config, "model_type": "bloom", "architectures": ["BloomForCausalLM"]})
+    )
+    with pytest.raises(SourceError, match="cannot export with a KV cache"):
+        load_causal_lm(other)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(qwen_folder / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(SourceError, match="no safetensors"):
+        load_causal_lm(pickled)
+    code, _, stderr = cli("convert", other, "-o", tmp_path / "x")
+    assert code != 0 and "Supported families" in " ".join(stderr.split()) and "Traceback" not in stderr
+    with pytest.raises(InputMismatchError, match="at least one token"):
+        generate(None, None, [[]], 4)
