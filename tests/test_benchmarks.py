@@ -62,3 +62,25 @@ def test_compare_trials_short_run(tmp_path, capsys, monkeypatch):
     assert 0.05 < planted < 0.6, report["statistics"]["min"]
     (trial,) = report["cli"]
     assert trial["cli"] == [3 if trial["library"] == "regression" else 0, trial["library"]]
+
+
+def test_llm_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
+    """The LLM benchmark on a small Llama of the TinyLlama layout: every engine yields a row."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("llm_peers", None)
+    import llm_peers
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}  # fmt: skip
+    folder = llm_peers.make_tinyllama(tmp_path / "llama", **small)
+    out = tmp_path / "llm.json"
+    args = ["--model", str(folder), "--weights", "int4", "--backends", "onnxruntime", "--batches", "1,2",
+            "--prompt", "8", "--new", "4", "--rounds", "1", "--engines", str(tmp_path / "engines")]  # fmt: skip
+    assert llm_peers.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    engines = {r["engine"] for r in rows}
+    assert engines == {"adapter onnxruntime int4", "transformers eager float32", "transformers eager bfloat16"}
+    assert len(rows) == 6 and all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    sizes = {r["engine"]: r["weight_bytes"] for r in rows}
+    assert sizes["adapter onnxruntime int4"] < 0.5 * sizes["transformers eager float32"]  # INT4 blocks, FP32 LM head
+    assert "TTFT ms" in capsys.readouterr().out

@@ -15,11 +15,16 @@ import pytest
 import torch
 
 from adapter import ConvertOptions, convert, load
+from adapter.backends import _arm64
 from adapter.core.errors import AdapterError, InputMismatchError
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tvm") is None, reason="apache-tvm is not installed (pip install 'adapter[tvm]')"
 )
+ARM64_ROOTFS = _arm64.default_rootfs()
+"""The user's arm64 root filesystem, resolved at import: the tests here run with a fresh engine
+cache each (``_own_cache``), and resolved there it would be built anew (about a minute) every session."""
+ARM64_MISSING = _arm64.available()
 
 
 @pytest.fixture(autouse=True)
@@ -125,16 +130,14 @@ def test_aarch64_library_is_cross_compiled_for_arm(tmp_path):
 def test_aarch64_library_runs_under_qemu_and_matches_eager(tmp_path):
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.skip("aarch64-linux-gnu-g++ is not installed (apt-get install g++-aarch64-linux-gnu)")
-    from adapter.backends import _arm64
-
-    if _arm64.available() is not None:
-        pytest.skip(str(_arm64.available()))
+    if ARM64_MISSING is not None:
+        pytest.skip(str(ARM64_MISSING))
     _convert(tmp_path, "arm-cortex-a76")
     engine = load(tmp_path / "e")
     x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
     spec = {"kind": "tvm", "model": "lib.so", "inputs": engine.config["input_order"], "outputs": [o.name for o in engine.outputs]}
     info: dict = {}
-    (out,) = _arm64.run_artifact(_arm64.ensure_rootfs(), tmp_path / "e", spec, {"x": x}, info=info).values()
+    (out,) = _arm64.run_artifact(_arm64.ensure_rootfs(ARM64_ROOTFS), tmp_path / "e", spec, {"x": x}, info=info).values()
     assert info["machine"] == "aarch64"
     expected = _eager(x)
     cosine = float(np.dot(out.ravel(), expected.ravel()) / np.linalg.norm(out) / np.linalg.norm(expected))

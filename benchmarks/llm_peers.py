@@ -1,0 +1,195 @@
+"""adapter's generation engines against transformers eager, in one run on this machine.
+
+    python benchmarks/llm_peers.py --make-tinyllama build/tinyllama      # writes the random model once
+    python benchmarks/llm_peers.py --model build/tinyllama [--weights fp32,int8,int4]
+        [--backends onnxruntime,openvino] [--batches 1,4] [--prompt 128] [--new 128]
+        [--rounds 6] [--threads 2] [--json build/llm_peers.json]
+
+The model: a TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, 22 layers, 32
+heads, 4 KV heads, MLP 5632, vocabulary 32000), written as a Hugging Face folder; nothing
+comes from a hub. Engines: adapter's decoder per backend and weight format (converted once,
+cached in the output folder), transformers eager FP32 and BF16 (greedy, its own KV cache).
+Each round runs every engine once per batch size (rotating, so background load hits all
+alike); a row is the median over rounds of time to first token (prefill of the prompt)
+and decode tokens/s (new tokens after the first, over their time), with the weight bytes
+read per token over the host's probed memory bandwidth as the decode bound.
+
+Peers that need their own packages (ONNX Runtime GenAI, OpenVINO GenAI, CTranslate2,
+llama.cpp) are listed as not installed when they are absent; rows for them are not made up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapter.llm.convert import LLMOptions, convert_causal_lm
+from adapter.llm.engine import LLMEngine
+from adapter.llm.families import load_causal_lm, write_random_folder
+from adapter.profiles import load_profile
+
+TINYLLAMA = {
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+}  # fmt: skip
+PEER_PACKAGES = {
+    "onnxruntime-genai": "onnxruntime_genai",
+    "openvino-genai": "openvino_genai",
+    "ctranslate2": "ctranslate2",
+    "llama-cpp-python": "llama_cpp",
+}
+
+
+def make_tinyllama(folder: Path, **overrides) -> Path:
+    """Write the TinyLlama-shaped random model (BF16 on disk, like the published one)."""
+    from transformers import LlamaConfig
+
+    if (folder / "config.json").is_file():
+        return folder
+    config = LlamaConfig(**{**TINYLLAMA, **overrides})
+    return write_random_folder(config, folder, dtype=torch.bfloat16)
+
+
+def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, size=length).tolist() for _ in range(batch)]
+
+
+class Eager:
+    """transformers eager, greedy with its own DynamicCache."""
+
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        self.model = model.to(dtype)
+        self.name = f"transformers eager {str(dtype).removeprefix('torch.')}"
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
+        from transformers import DynamicCache
+
+        ids = torch.tensor(prompts)
+        mask = torch.ones_like(ids)
+        cache = DynamicCache()
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            first = time.perf_counter()
+            for _ in range(new - 1):
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                out = self.model(
+                    input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True
+                )
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            end = time.perf_counter()
+        return (first - start) * 1e3, (new - 1) * len(prompts) / (end - first)
+
+
+class Adapter:
+    def __init__(self, folder: Path, name: str) -> None:
+        self.engine = LLMEngine.load(folder)
+        self.name = name
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
+        result = self.engine.generate(prompts, max_new_tokens=new, stop_at_eos=False)
+        return result.ttft_ms, result.decode_tokens_per_s
+
+
+def _disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ".bin"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="Hugging Face causal-LM folder")
+    parser.add_argument("--make-tinyllama", type=Path, help="write the TinyLlama-shaped random model here and stop")
+    parser.add_argument("--weights", default="fp32,int8,int4")
+    parser.add_argument("--backends", default="onnxruntime,openvino")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--engines", type=Path, default=Path("build/llm-engines"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.make_tinyllama:
+        make_tinyllama(args.make_tinyllama)
+        print(f"wrote {args.make_tinyllama}")
+        return 0
+    if args.model is None:
+        parser.error("--model or --make-tinyllama is required")
+    torch.set_num_threads(args.threads)
+    profile = load_profile("host")
+    engines, sizes, converts = [], {}, {}
+    for backend in args.backends.split(","):
+        for weights in args.weights.split(","):
+            out = args.engines / f"{args.model.name}-{backend}-{weights}"
+            if not (out / "manifest.json").is_file():
+                started = time.perf_counter()
+                options = LLMOptions(backend=backend, weights=weights, threads=args.threads, benchmark=False)
+                convert_causal_lm(str(args.model), out, options)
+                converts[f"{backend} {weights}"] = time.perf_counter() - started
+            name = f"adapter {backend} {weights}"
+            engines.append(Adapter(out, name))
+            sizes[name] = _disk_bytes(out)
+    if not args.no_eager:
+        lm = load_causal_lm(args.model)
+        engines.append(Eager(lm.model, torch.float32))
+        params = sum(p.numel() for p in lm.model.parameters())
+        sizes[engines[-1].name] = params * 4
+        lm_bf16 = load_causal_lm(args.model)
+        engines.append(Eager(lm_bf16.model, torch.bfloat16))
+        sizes[engines[-1].name] = params * 2
+    vocab = engines[0].engine.layout.vocab_size if isinstance(engines[0], Adapter) else 32000
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            prompts = _prompts(vocab, batch, args.prompt)
+            for engine in engines:
+                samples.setdefault((engine.name, batch), []).append(engine.run(prompts, args.new))
+    bandwidth = profile.memory_bandwidth
+    rows = []
+    for (name, batch), runs in samples.items():
+        ttft = statistics.median(r[0] for r in runs)
+        tps = statistics.median(r[1] for r in runs)
+        bound = bandwidth / sizes[name] if sizes.get(name) else None  # tokens/s per row at batch 1
+        rows.append({
+            "engine": name, "batch": batch, "ttft_ms": ttft, "decode_tokens_per_s": tps,
+            "weight_bytes": sizes.get(name), "bandwidth_bound_tokens_per_s": bound,
+            "fraction_of_bound": (tps / batch) / bound if bound else None,
+        })  # fmt: skip
+    print(
+        f"{'engine':34s} {'batch':>5s} {'TTFT ms':>9s} {'decode tok/s':>12s} {'weights GB':>10s} {'bound tok/s':>11s} {'of bound':>8s}"
+    )
+    for row in rows:
+        print(
+            f"{row['engine']:34s} {row['batch']:5d} {row['ttft_ms']:9.1f} {row['decode_tokens_per_s']:12.2f} "
+            f"{(row['weight_bytes'] or 0) / 1e9:10.2f} {row['bandwidth_bound_tokens_per_s'] or 0:11.1f} "
+            f"{(row['fraction_of_bound'] or 0):8.0%}"
+        )
+    missing = [pkg for pkg, module in PEER_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"peers not installed here (no rows): {', '.join(missing)}")
+    result = {
+        "model": str(args.model), "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
+        "threads": args.threads, "memory_bandwidth": bandwidth, "rows": rows, "convert_seconds": converts,
+        "peers_not_installed": missing,
+    }  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
