@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--kl-budget", type=float, default=0.05, help="for the reduced-weight engines")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--eager", default="fp32,bf16", help="transformers eager precisions ('' for none)")
     parser.add_argument("--engines", type=Path, default=Path("build/llm-engines"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -130,26 +131,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model or --make-tinyllama is required")
     torch.set_num_threads(args.threads)
     profile = load_profile("host")
-    engines, sizes, converts = [], {}, {}
+    engines, sizes, converts, checks = [], {}, {}, {}
     for backend in args.backends.split(","):
         for weights in args.weights.split(","):
             out = args.engines / f"{args.model.name}-{backend}-{weights}"
             if not (out / "manifest.json").is_file():
                 started = time.perf_counter()
-                options = LLMOptions(backend=backend, weights=weights, threads=args.threads, benchmark=False)
+                options = LLMOptions(
+                    backend=backend, weights=weights, threads=args.threads, kl_budget=args.kl_budget, benchmark=False
+                )
                 convert_causal_lm(str(args.model), out, options)
                 converts[f"{backend} {weights}"] = time.perf_counter() - started
             name = f"adapter {backend} {weights}"
             engines.append(Adapter(out, name))
             sizes[name] = _disk_bytes(out)
-    if not args.no_eager:
-        lm = load_causal_lm(args.model)
-        engines.append(Eager(lm.model, torch.float32))
-        params = sum(p.numel() for p in lm.model.parameters())
-        sizes[engines[-1].name] = params * 4
-        lm_bf16 = load_causal_lm(args.model)
-        engines.append(Eager(lm_bf16.model, torch.bfloat16))
-        sizes[engines[-1].name] = params * 2
+            checks[name] = engines[-1].engine.manifest["verification"]
+    for precision in [p for p in args.eager.split(",") if p]:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        model = load_causal_lm(args.model).model
+        engines.append(Eager(model, dtype))
+        sizes[engines[-1].name] = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     vocab = engines[0].engine.layout.vocab_size if isinstance(engines[0], Adapter) else 32000
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for _ in range(args.rounds):
@@ -167,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             "engine": name, "batch": batch, "ttft_ms": ttft, "decode_tokens_per_s": tps,
             "weight_bytes": sizes.get(name), "bandwidth_bound_tokens_per_s": bound,
             "fraction_of_bound": (tps / batch) / bound if bound else None,
+            "kl_to_fp32": checks.get(name, {}).get("kl_mean"),
         })  # fmt: skip
     print(
-        f"{'engine':34s} {'batch':>5s} {'TTFT ms':>9s} {'decode tok/s':>12s} {'weights GB':>10s} {'bound tok/s':>11s} {'of bound':>8s}"
+        f"{'engine':34s} {'batch':>5s} {'TTFT ms':>9s} {'decode tok/s':>12s} {'weights GB':>10s} {'bound tok/s':>11s} {'of bound':>8s} {'KL':>8s}"
     )
     for row in rows:
         print(
             f"{row['engine']:34s} {row['batch']:5d} {row['ttft_ms']:9.1f} {row['decode_tokens_per_s']:12.2f} "
             f"{(row['weight_bytes'] or 0) / 1e9:10.2f} {row['bandwidth_bound_tokens_per_s'] or 0:11.1f} "
-            f"{(row['fraction_of_bound'] or 0):8.0%}"
+            f"{(row['fraction_of_bound'] or 0):8.0%} "
+            + (f"{row['kl_to_fp32']:8.4f}" if row["kl_to_fp32"] is not None else f"{'-':>8s}")
         )
     missing = [pkg for pkg, module in PEER_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:

@@ -40,13 +40,15 @@ class WeightOnlyQuantize(CountedPass):
         symmetric: No zero points when True.
         accuracy_level: ONNX Runtime's compute type for the activations (4 = INT8).
         keep: Substrings of node or module names to leave in FP32 (``lm_head``).
+        only: When given, quantize only the MatMuls whose names contain one of these
+            (a second run at other bits then takes the rest: mixed INT8/INT4 recipes).
     """
 
     name = "weight-only-quantize"
 
     def __init__(
         self, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
-        keep: tuple[str, ...] = ("lm_head",),
+        keep: tuple[str, ...] = ("lm_head",), only: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         if bits not in (4, 8):
@@ -54,11 +56,15 @@ class WeightOnlyQuantize(CountedPass):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
-        self.accuracy_level, self.keep = accuracy_level, keep
+        self.accuracy_level, self.keep, self.only = accuracy_level, keep, only
+
+    @staticmethod
+    def _matches(node: ir.Node, patterns: tuple[str, ...]) -> bool:
+        names = (node.name or "", node.metadata_props.get("adapter.module", ""))
+        return any(k in name for k in patterns for name in names)
 
     def _kept(self, node: ir.Node) -> bool:
-        names = (node.name or "", node.metadata_props.get("adapter.module", ""))
-        return any(k in name for k in self.keep for name in names)
+        return self._matches(node, self.keep) or bool(self.only) and not self._matches(node, self.only)
 
     def apply(self, model: ir.Model) -> dict[str, int]:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -78,5 +84,5 @@ class WeightOnlyQuantize(CountedPass):
         quantizer.process()
         result = ir.serde.deserialize_model(quantizer.model.model)
         model.graph = result.graph  # the opset imports live on the graph
-        done = sum(1 for n in model.graph if n.op_type == "MatMulNBits")
-        return {"quantized": done, "kept_fp32": len(candidates) - done}
+        left = len(matmul_weights(model))
+        return {"quantized": len(candidates) - left, "kept_fp32": left}

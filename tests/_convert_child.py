@@ -24,14 +24,15 @@ PRELOAD = [
 ]
 
 
-def run_cli(argv: list[str], cache: str, tests: str) -> None:
-    """The child's body: private cache, tests/ importable, output silenced, exit with main's code."""
+def run_cli(argv: list[str], cache: str, tests: str, log: str | None = None) -> None:
+    """The child's body: private cache, tests/ importable, output silenced (stderr to ``log`` when given),
+    exit with main's code."""
     os.environ["ADAPTER_CACHE_DIR"] = cache
     os.environ.pop("ADAPTER_DEBUG", None)
     sys.path.insert(0, tests)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
+    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if log else devnull, 2)
     from adapter.cli.main import main
 
     code = main(argv)

@@ -4,10 +4,15 @@ Each artifact is checked twice: its rank segments run in lock-step in one proces
 (collectives done with numpy), so a wrong split fails without any launcher; and the build
 itself runs every rank under ``torchrun`` with gloo (``build_sharded(verify=True)``) and
 compares with the unsharded engine (FP32 max-abs ≤ 1e-5) before publishing.
+
+The six builds here need six distinct exports (whole model and two tensor-parallel ranks, for
+GPT-2 and MiniLM) but would run fourteen: each export is done once, by the driver's own code
+on the first build that needs it, and later builds get a clone of it (``_exports_once``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from adapter.backends import get_backend
 from adapter.core.errors import AdapterError
 from adapter.core.specs import TensorSpec
 from adapter.passes.sharding import tensor_parallel_module
+from adapter.runtime import shard
 from adapter.runtime.shard import build_sharded
 
 
@@ -56,6 +62,42 @@ def unsharded(folder: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray
     manifest = json.loads((folder / "manifest.json").read_text())
     entry = {**manifest["unsharded"], "inputs": manifest["inputs"], "outputs": manifest["outputs"]}
     return _engine(folder, entry).run(feed)
+
+
+def _copy(imported):
+    return dataclasses.replace(imported, model=imported.model.clone())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _exports_once():
+    """Export each (source, tensor-parallel rank) once per module; every build gets its own clone.
+
+    The export is a function of the source (keyed by its content digest), so a build handed the
+    clone compiles, runs under torchrun and is compared exactly as with a fresh export; what
+    differs between the builds here (stage cuts, segments, microbatches, world size) all
+    happens after it. Each distinct export still runs the driver's own code (``import_source``,
+    ``rank_graphs`` and its same-graph-on-every-rank check) on its first use.
+    """
+    whole: dict = {}
+    ranks: dict = {}
+    real_import, real_ranks = shard.import_source, shard.rank_graphs
+
+    def import_source(prepared, *args, **kwargs):
+        key = (prepared.spec, prepared.digest)
+        if key not in whole:
+            whole[key] = real_import(prepared, *args, **kwargs)
+        return _copy(whole[key])
+
+    def rank_graphs(prepared, tp, *args, **kwargs):
+        key = (prepared.spec, prepared.digest, tp)
+        if key not in ranks:
+            ranks[key] = real_ranks(prepared, tp, *args, **kwargs)
+        return [_copy(g) for g in ranks[key]]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shard, "import_source", import_source)
+        patch.setattr(shard, "rank_graphs", rank_graphs)
+        yield
 
 
 def _build(tmp_path_factory, source: str, tp: int, pp: int, microbatches: int = 1):

@@ -87,7 +87,7 @@ def render_llm_manifest(console: Console, manifest: dict[str, Any], seconds: flo
     console.print(table)
 
 
-def convert_llm(source, output, target, backend, weights, group_size, symmetric, no_bench, as_json, seconds_out=None):
+def convert_llm(source, output, target, backend, weights, group_size, symmetric, kl_budget, no_bench, as_json):
     """The ``adapter convert`` path for causal LMs (called by the convert command)."""
     options = LLMOptions(
         target=target,
@@ -95,6 +95,7 @@ def convert_llm(source, output, target, backend, weights, group_size, symmetric,
         weights=weights or "fp32",
         group_size=group_size,
         symmetric=symmetric,
+        kl_budget=kl_budget,
         benchmark=not no_bench,
     )
     with err.status("converting…") as status:

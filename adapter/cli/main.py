@@ -165,6 +165,13 @@ def cli(debug: bool) -> None:
 )
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None, help="INT4 weight group size.")
 @click.option("--symmetric/--asymmetric", default=None, help="INT4/INT8 weights without/with zero points.")
+@click.option(
+    "--kl-budget",
+    type=click.FloatRange(0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Generation engines with reduced weights: the largest mean next-token KL divergence to FP32.",
+)
 def convert(
     source,
     target,
@@ -190,6 +197,7 @@ def convert(
     weights,
     group_size,
     symmetric,
+    kl_budget,
 ):
     """Convert SOURCE to a verified engine for a target.
 
@@ -209,7 +217,7 @@ def convert(
     """
     if task == "text-generation" or weights or (task == "auto" and is_causal_lm_source(source)):
         group = int(group_size) if group_size else None
-        convert_llm(source, output, target, backend, weights, group, symmetric, no_bench, as_json)
+        convert_llm(source, output, target, backend, weights, group, symmetric, kl_budget, no_bench, as_json)
         return
     options = ConvertOptions(
         target=target,

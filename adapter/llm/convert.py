@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = ["LLMOptions", "convert_causal_lm", "load_source"]
 
 import datetime as _dt
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from adapter.backends.base import threads_for
 from adapter.converter.api import ConvertResult, default_output
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, SourceError, VerificationError
+from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes, save_model
 from adapter.llm.engine import KIND
 from adapter.llm.export import DecoderLayout, eager_step, export_decoder
 from adapter.llm.families import CausalLM, factory_causal_lm, load_causal_lm
@@ -258,35 +260,89 @@ def _decode_speed(session, layout: DecoderLayout) -> dict[str, float]:
     return {"ttft_ms": run.ttft_ms, "decode_tokens_per_s": run.decode_tokens_per_s, "prompt": len(prompt)}
 
 
-def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, workdir: Path, say) -> dict[str, Any]:
-    backend = get_backend(name)
-    backend.require()
-    decoder = backend.DECODER
-    settings = _settings(name, options, profile)
-    model = graph
-    records = []
-    if options.weights in decoder.QUANTIZE_IN_GRAPH:
-        say(f"quantize {options.weights} ({name})")
-        model = graph.clone()
+def _widening(weights: str, layers: int) -> list[int]:
+    """Blocks kept INT8 at each end of the stack, in the order tried when INT4 misses the budget."""
+    half = layers // 2
+    return sorted({0, min(2, half), min(half, max(2, layers // 4))}) if weights == "int4" and layers > 1 else [0]
+
+
+def _block_patterns(layers: int, ends: int) -> tuple[str, ...]:
+    """Module-path pieces of the first and last ``ends`` decoder blocks (HF's ``layers.i`` / ``h.i``)."""
+    chosen = sorted(set(range(ends)) | set(range(layers - ends, layers)))
+    return tuple(p for i in chosen for p in (f"layers.{i}.", f".h.{i}."))
+
+
+def _quantized(
+    graph: ir.Model, options: LLMOptions, settings: dict[str, Any], layers: int, ends: int
+) -> tuple[ir.Model, list]:
+    """ONNX Runtime's weight-only quantization of a copy: the end blocks INT8 first, the rest at ``weights``."""
+    model, records = graph.clone(), []
+    steps = [(8, _block_patterns(layers, ends))] if ends else []
+    steps.append((4 if options.weights == "int4" else 8, ()))
+    for bits, only in steps:
         quantize = WeightOnlyQuantize(
-            bits=4 if options.weights == "int4" else 8, block_size=settings["block_size"],
-            symmetric=settings["symmetric"], keep=options.keep_fp32,
+            bits=bits, block_size=settings["block_size"], symmetric=settings["symmetric"],
+            keep=options.keep_fp32, only=only,
         )  # fmt: skip
         quantize(model)
         records.append(quantize.record.to_json())
+    return model, records
+
+
+def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, workdir: Path, say) -> dict[str, Any]:
+    """Build, load and verify one backend's decoder; INT4 that misses the KL budget is retried
+    with the first and last blocks in INT8 (wider each time), the sensitive ends of the stack."""
+    backend = get_backend(name)
+    backend.require()
+    decoder = backend.DECODER
     if options.weights == "bf16" and "bf16" not in profile.precisions:
         raise AdapterError(
             f"Target '{profile.name}' has no native BF16 arithmetic (AVX512_BF16, AMX), so a BF16 engine would run emulated.",
             "Use --weights fp32, int8 or int4 here.",
         )
-    say(f"build {name}")
-    config = decoder.build(model, layout, workdir, settings)
-    session = decoder.load(workdir, config, layout)
-    say(f"verify {name}")
-    verification = verify_decoder(session, lm.model, layout, options.weights, options)
-    speed = _decode_speed(session, layout) if options.benchmark else None
-    return {"name": name, "version": backend.version(), "config": config, "verification": verification,
-            "speed": speed, "passes": records}  # fmt: skip
+    attempts: list[dict[str, Any]] = []
+    ladder = _widening(options.weights, layout.num_layers)
+    for ends in ladder:
+        settings = _settings(name, options, profile)
+        model, records = graph, []
+        if options.weights in decoder.QUANTIZE_IN_GRAPH:
+            say(f"quantize {options.weights} ({name}{f', {ends} INT8 blocks at each end' if ends else ''})")
+            model, records = _quantized(graph, options, settings, layout.num_layers, ends)
+        elif ends:
+            settings["ratio"] = round(1 - 2 * ends / layout.num_layers, 3)  # NNCF picks the INT8 layers itself
+        settings["int8_end_blocks"] = ends
+        say(f"build {name}")
+        config = decoder.build(model, layout, workdir, settings)
+        del model
+        session = decoder.load(workdir, config, layout)
+        say(f"verify {name}")
+        try:
+            verification = verify_decoder(session, lm.model, layout, options.weights, options)
+        except VerificationError as exc:
+            if ends == ladder[-1] or options.weights == "fp32":
+                raise
+            attempts.append({"int8_end_blocks": ends, "error": str(exc)})
+            continue
+        verification["attempts"] = attempts
+        speed = _decode_speed(session, layout) if options.benchmark else None
+        return {"name": name, "version": backend.version(), "config": config, "verification": verification,
+                "speed": speed, "passes": records}  # fmt: skip
+    raise AssertionError("unreachable: the last rung raises")
+
+
+def _spill(graph: ir.Model, folder: Path) -> ir.Model:
+    """Above protobuf's limit, write the canonical graph to disk and reopen it mapped.
+
+    Constant folding made transposed copies of every weight; once they are on disk the
+    builds read them from the file (mapped) instead of holding a second copy of the model
+    beside the eager one that verification needs.
+    """
+    if initializer_bytes(graph) <= PROTOBUF_SAFE_BYTES:
+        ir.external_data.load_to_model(graph)
+        return graph
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(graph, folder / "canonical.onnx")
+    return ir.load(folder / "canonical.onnx")
 
 
 def convert_causal_lm(
@@ -314,8 +370,8 @@ def convert_causal_lm(
     graph, layout, seconds = export_decoder(lm.model, lm.family)
     say("passes")
     records = run_pipeline(graph, build_pipeline(["canonicalize"]))
-    ir.external_data.load_to_model(graph)
     with artifact.staging_dir(output) as staged:
+        graph = _spill(graph, staged / ".canonical")
         built, errors = [], {}
         for name in names:
             workdir = staged if len(names) == 1 else staged / ".candidates" / name
@@ -333,9 +389,9 @@ def convert_causal_lm(
         if workdir != staged:
             for item in workdir.iterdir():
                 item.rename(staged / item.name)
-            import shutil
-
             shutil.rmtree(staged / ".candidates", ignore_errors=True)
+        del graph
+        shutil.rmtree(staged / ".canonical", ignore_errors=True)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(str(staged / "tokenizer"))
         manifest = {
