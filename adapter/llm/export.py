@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
-from transformers import DynamicCache
 
 from adapter.converter.torch_export import to_numpy, to_onnx
 from adapter.core.errors import ExportError
@@ -77,6 +76,8 @@ class _KVDecoder(torch.nn.Module):
         self.layers = layers
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache  # heavy (~1.5 s); only an export or eager check needs it
+
         cache = DynamicCache()
         for index, (key, value) in enumerate(past_key_values):
             cache.update(key, value, index)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 from adapter.converter.importer import load_factory
 from adapter.core import safety
@@ -54,6 +53,14 @@ _TINY_EXTRA: dict[str, dict[str, Any]] = {
     "phi3": {"pad_token_id": 0},
     "gemma": {"head_dim": 16},
 }
+
+
+def _transformers():
+    """transformers, imported on first use: it costs ~1.5 s, and every ``adapter`` command
+    imports this module (the CLI registers ``generate``)."""
+    import transformers
+
+    return transformers
 
 
 @dataclass
@@ -99,6 +106,7 @@ def is_causal_lm_source(source: str) -> bool:
 
 
 def _is_causal_module(module: Any) -> bool:
+    transformers = _transformers()
     return isinstance(module, transformers.PreTrainedModel) and isinstance(module, transformers.GenerationMixin)
 
 
@@ -130,6 +138,7 @@ def load_causal_lm(folder: Path | str) -> CausalLM:
         SourceError: No config, or a family adapter does not export.
         UnsafeSourceError: No safetensors weights (pickled checkpoints are never opened).
     """
+    transformers = _transformers()
     folder = Path(folder)
     config = _config_json(folder)
     if config is None:
@@ -170,6 +179,7 @@ def load_causal_lm(folder: Path | str) -> CausalLM:
 
 def tiny_config(family: str, **overrides: Any):
     """A tiny random-weight config of ``family`` (2 layers, hidden 64, GQA 4:2 where it has GQA)."""
+    transformers = _transformers()
     if family not in FAMILIES:
         raise SourceError(f"Unknown decoder family '{family}'.", f"Known: {', '.join(FAMILIES)}.")
     cls = getattr(transformers, FAMILIES[family])
@@ -187,6 +197,7 @@ def tiny_config(family: str, **overrides: Any):
 
 def tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A tiny random causal LM of ``family`` (fixed seed), eval mode, eager attention."""
+    transformers = _transformers()
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -199,6 +210,7 @@ def write_random_folder(config, folder: Path | str, seed: int = 0, dtype: torch.
     Used by the benchmarks (a TinyLlama-1.1B-shaped model) and the tests; weights are
     initialised by transformers' own init under ``seed``.
     """
+    transformers = _transformers()
     folder = Path(folder)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
