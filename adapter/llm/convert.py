@@ -35,7 +35,6 @@ from adapter.backends.base import threads_for
 from adapter.converter.api import ConvertResult, default_output
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, SourceError, VerificationError
-from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes, save_model
 from adapter.llm.engine import KIND
 from adapter.llm.export import DecoderLayout, eager_step, export_decoder
 from adapter.llm.families import CausalLM, factory_causal_lm, load_causal_lm
@@ -330,21 +329,6 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
     raise AssertionError("unreachable: the last rung raises")
 
 
-def _spill(graph: ir.Model, folder: Path) -> ir.Model:
-    """Above protobuf's limit, write the canonical graph to disk and reopen it mapped.
-
-    Constant folding made transposed copies of every weight; once they are on disk the
-    builds read them from the file (mapped) instead of holding a second copy of the model
-    beside the eager one that verification needs.
-    """
-    if initializer_bytes(graph) <= PROTOBUF_SAFE_BYTES:
-        ir.external_data.load_to_model(graph)
-        return graph
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(graph, folder / "canonical.onnx")
-    return ir.load(folder / "canonical.onnx")
-
-
 def convert_causal_lm(
     source: str | CausalLM,
     output: Path | str | None = None,
@@ -371,7 +355,7 @@ def convert_causal_lm(
     say("passes")
     records = run_pipeline(graph, build_pipeline(["canonicalize"]))
     with artifact.staging_dir(output) as staged:
-        graph = _spill(graph, staged / ".canonical")
+        ir.external_data.load_to_model(graph)
         built, errors = [], {}
         for name in names:
             workdir = staged if len(names) == 1 else staged / ".candidates" / name
@@ -390,8 +374,6 @@ def convert_causal_lm(
             for item in workdir.iterdir():
                 item.rename(staged / item.name)
             shutil.rmtree(staged / ".candidates", ignore_errors=True)
-        del graph
-        shutil.rmtree(staged / ".canonical", ignore_errors=True)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(str(staged / "tokenizer"))
         manifest = {
