@@ -75,8 +75,8 @@ class WeightOnlyQuantize(CountedPass):
         kept = [n.name for n in candidates if self._kept(n)]
         if len(kept) == len(candidates):
             return {"quantized": 0, "kept_fp32": len(kept)}
-        # the tool reads weights from the ModelProto (a spilled model's external files are relative
-        # to a folder it does not know), so they come into memory first
+        # the tool reads weights from the ModelProto; weights still in external files (relative
+        # to a folder the tool does not know) come into memory first
         ir.external_data.load_to_model(model)
         # nodes_to_exclude, not nodes_to_include: ONNX Runtime 1.32's default algorithm ignores the latter
         quantizer = MatMulNBitsQuantizer(
