@@ -10,7 +10,7 @@ cache in its own buffers (its CPU plugin fuses the attention with the state as
 
 from __future__ import annotations
 
-__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "OpenVINODecoder", "build", "load"]
+__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "build", "load"]
 
 import logging
 import tempfile
@@ -26,6 +26,8 @@ from adapter.core.onnx_io import save_model
 MODEL_FILE = "decoder.xml"
 WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset()
+WEIGHT_DEFAULTS = {"block_size": 128, "symmetric": False}
+"""Usual INT4/INT8 settings (optimum-intel's INT4 default: group 128, asymmetric)."""
 _MODES = {
     ("int4", True): "INT4_SYM",
     ("int4", False): "INT4_ASYM",
@@ -116,8 +118,10 @@ class OpenVINODecoder:
             "INFERENCE_NUM_THREADS": max(1, int(config.get("threads", 1))),
             "INFERENCE_PRECISION_HINT": "bf16" if config.get("weights") == "bf16" else config.get("compute", "f32"),
         }
-        if config.get("kv_precision"):
-            properties["KV_CACHE_PRECISION"] = config["kv_precision"]
+        # exact FP32 engines keep an FP32 cache: OpenVINO would otherwise compress it
+        kv_precision = config.get("kv_precision") or ("f32" if config.get("weights") == "fp32" else None)
+        if kv_precision:
+            properties["KV_CACHE_PRECISION"] = kv_precision
         path = Path(folder) / config["model_file"]
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", properties)

@@ -11,7 +11,7 @@ fusion, not done yet). Weight-only INT4/INT8 arrive already in the graph as
 
 from __future__ import annotations
 
-__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "OrtDecoder", "build", "load"]
+__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
 
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ MODEL_FILE = "decoder.onnx"
 WEIGHTS = frozenset({"fp32", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset({"int8", "int4"})
 """Weight formats the driver realises in the ONNX graph (``MatMulNBits``) before ``build``."""
+WEIGHT_DEFAULTS = {"block_size": 32, "symmetric": True}
+"""Usual INT4/INT8 settings (ONNX Runtime GenAI's builder uses block 32, symmetric)."""
 
 
 def _options(threads: int):

@@ -186,6 +186,10 @@ class DecoderBuilder(Protocol):
 
     WEIGHTS: frozenset[str]
     """Weight formats it builds: ``fp32``, ``bf16``, ``int8``, ``int4``."""
+    QUANTIZE_IN_GRAPH: frozenset[str]
+    """Of those, the ones the driver realises in the ONNX graph before ``build``."""
+    WEIGHT_DEFAULTS: dict[str, Any]
+    """Usual ``block_size`` and ``symmetric`` of its INT4/INT8 weights."""
 
     def build(self, model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         """Write the engine's files into ``workdir``; returns its config (files, settings)."""

@@ -35,6 +35,7 @@ from adapter.backends.base import threads_for
 from adapter.converter.api import ConvertResult, default_output
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, SourceError, VerificationError
+from adapter.core.verify import Tolerance, compare
 from adapter.llm.engine import KIND
 from adapter.llm.export import DecoderLayout, eager_step, export_decoder
 from adapter.llm.families import CausalLM, factory_causal_lm, load_causal_lm
@@ -44,8 +45,6 @@ from adapter.passes.weight_only import WeightOnlyQuantize
 from adapter.profiles import load_profile
 
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
-_DEFAULT_GROUP = {"onnxruntime": 32, "openvino": 128}
-_DEFAULT_SYMMETRIC = {"onnxruntime": True, "openvino": False}
 
 
 @dataclass(frozen=True)
@@ -114,9 +113,8 @@ def _eager_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list
 
 
 def _compare(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
-    a, e = actual.astype(np.float64).ravel(), expected.astype(np.float64).ravel()
-    cos = float(a @ e / (np.linalg.norm(a) * np.linalg.norm(e) + 1e-30))
-    return {"max_abs": float(np.abs(a - e).max()), "cosine": cos}
+    result = compare(actual, expected, Tolerance())
+    return {"max_abs": result["max_abs"], "cosine": result["cosine"]}
 
 
 def _worst(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -218,10 +216,9 @@ def verify_decoder(session, model, layout: DecoderLayout, weights: str, options:
 def _settings(name: str, options: LLMOptions, profile) -> dict[str, Any]:
     settings: dict[str, Any] = {"weights": options.weights, "threads": threads_for(options.threads, profile)}
     if options.weights in ("int4", "int8"):
-        settings["block_size"] = options.group_size or _DEFAULT_GROUP.get(name, 128)
-        settings["symmetric"] = _DEFAULT_SYMMETRIC.get(name, True) if options.symmetric is None else options.symmetric
-    if name == "openvino" and options.weights == "fp32":
-        settings["kv_precision"] = "f32"  # exact FP32: OpenVINO would otherwise compress the cache
+        usual = get_backend(name).DECODER.WEIGHT_DEFAULTS
+        settings["block_size"] = options.group_size or usual["block_size"]
+        settings["symmetric"] = usual["symmetric"] if options.symmetric is None else options.symmetric
     return settings
 
 

@@ -74,12 +74,15 @@ class CausalLM:
     tokenizer: Any = None
 
 
+def _names_causal_lm(config: dict[str, Any]) -> bool:
+    """The config's architectures include a causal LM (``...ForCausalLM``, ``...LMHeadModel``)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
 def family_of_config(config: dict[str, Any]) -> str | None:
     """The supported family a ``config.json`` describes as a causal LM, else None."""
-    archs = config.get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") or a == "GPT2LMHeadModel" for a in archs)
     family = config.get("model_type")
-    return family if causal and family in FAMILIES else None
+    return family if _names_causal_lm(config) and family in FAMILIES else None
 
 
 def _config_json(folder: Path) -> dict[str, Any] | None:
@@ -100,8 +103,7 @@ def is_causal_lm_source(source: str) -> bool:
     """
     folder = Path(source)
     if folder.is_dir():
-        config = _config_json(folder) or {}
-        return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures") or [])
+        return _names_causal_lm(_config_json(folder) or {})
     return False
 
 
