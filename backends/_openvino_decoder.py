@@ -10,7 +10,7 @@ cache in its own buffers (its CPU plugin fuses the attention with the state as
 
 from __future__ import annotations
 
-__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "build", "load"]
+__all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "build", "load"]
 
 import logging
 import tempfile
@@ -26,6 +26,8 @@ from adapter.core.onnx_io import save_model
 MODEL_FILE = "decoder.xml"
 WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset()
+PASSES: tuple[str, ...] = ()
+"""None: OpenVINO fuses scaled-dot-product attention and the stateful cache itself."""
 WEIGHT_DEFAULTS = {"block_size": 128, "symmetric": False}
 """Usual INT4/INT8 settings (optimum-intel's INT4 default: group 128, asymmetric)."""
 _MODES = {

@@ -1,17 +1,22 @@
 """ONNX Runtime generation engines: the exported decoder run step by step with I/O binding.
 
-Each step binds the token ids, mask and positions from numpy and the previous step's
-``present`` OrtValues as this step's ``past`` inputs, so the cache never leaves ONNX
-Runtime's memory and is never copied into numpy; only the logits are read back. The
-graph concatenates past and new positions, so ONNX Runtime allocates each step's
-present tensors from its arena (the fixed-capacity cache needs the GroupQueryAttention
-fusion, not done yet). Weight-only INT4/INT8 arrive already in the graph as
-``MatMulNBits`` (the driver runs ONNX Runtime's quantizer before ``build``).
+The graph arrives through the ``fusion-ort-decoder`` pipeline (``PASSES``): RMSNorm with
+its residual add, rotary embedding and each layer's attention become ONNX Runtime's fused
+ops, and where every layer's attention fits, ``GroupQueryAttention`` over a KV buffer
+(``kv_cache: shared``). Then ``start`` allocates each layer's key and value buffer once,
+for the whole batch and context, and every step binds the same buffer as the layer's
+``past`` input and ``present`` output, so ONNX Runtime writes the new positions in place:
+no cache tensor is allocated or copied per token, and only the logits come back to numpy.
+A graph whose attention did not fuse (``kv_cache: concat``) runs as exported: each step
+binds the previous step's ``present`` OrtValues as its ``past`` (never copied into numpy),
+and ONNX Runtime allocates the longer ``present`` from its arena. Weight-only INT4/INT8
+arrive already in the graph as ``MatMulNBits`` (the driver runs ONNX Runtime's quantizer
+after the passes, before ``build``).
 """
 
 from __future__ import annotations
 
-__all__ = ["WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
+__all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
 
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,8 @@ from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import save_model
 
 MODEL_FILE = "decoder.onnx"
+PASSES = ("fusion-ort-decoder",)
+"""Pipelines the driver runs on its copy of the canonical decoder graph before quantizing."""
 WEIGHTS = frozenset({"fp32", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset({"int8", "int4"})
 """Weight formats the driver realises in the ONNX graph (``MatMulNBits``) before ``build``."""
@@ -46,8 +53,9 @@ def _options(threads: int):
 def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Save the (possibly weight-quantized) decoder graph; the session opens at load."""
     workdir.mkdir(parents=True, exist_ok=True)
+    shared = any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in model.graph)
     files = save_model(model, workdir / MODEL_FILE)
-    return {"model_file": MODEL_FILE, "files": files, **settings}
+    return {"model_file": MODEL_FILE, "files": files, "kv_cache": "shared" if shared else "concat", **settings}
 
 
 class OrtDecoder:
@@ -69,30 +77,44 @@ class OrtDecoder:
         self.ort = ort
         self.layout = layout
         self.past_names = layout.past_names()
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.present_names = layout.present_names()
+        self.shared = config.get("kv_cache") == "shared"
+        self.arrays: list[np.ndarray] = []
         self.cache: list[Any] = []
         self.capacity = 0
 
     def start(self, batch: int, capacity: int) -> None:
-        empty = np.zeros(self.layout.cache_shape(batch, 0), np.float32)
-        self.cache = [self.ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+        """Allocate the cache: ``capacity`` positions per row (shared) or an empty past (concat)."""
+        shape = self.layout.cache_shape(batch, capacity if self.shared else 0)
+        # one array per layer and part: an OrtValue from numpy wraps the array's memory
+        self.arrays = [np.zeros(shape, np.float32) for _ in self.past_names]
+        self.cache = [self.ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
         self.capacity = capacity
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if self.shared and attention_mask.shape[1] > self.capacity:
+            raise AdapterError(
+                f"The decoder step needs {attention_mask.shape[1]} cache positions; start() allocated {self.capacity}.",
+                "Start the generation with the whole context (prompt + new tokens) as its capacity.",
+            )
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        for name, value in zip(self.past_names, self.cache):
-            binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
+        binding.bind_output("logits", "cpu")
+        for past, present, value in zip(self.past_names, self.present_names, self.cache):
+            binding.bind_ortvalue_input(past, value)
+            if self.shared:  # the same buffer in and out: the kernel writes the new positions in place
+                binding.bind_ortvalue_output(present, value)
+            else:
+                binding.bind_output(present, "cpu")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise AdapterError(f"ONNX Runtime failed in a decoder step: {str(exc).splitlines()[0][:400]}") from exc
         outputs = binding.get_outputs()
-        self.cache = outputs[1:]
+        if not self.shared:
+            self.cache = outputs[1:]
         return outputs[0].numpy()
 
 

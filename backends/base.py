@@ -184,6 +184,8 @@ class DecoderSession(Protocol):
 class DecoderBuilder(Protocol):
     """A backend's generation engines (the module in its ``DECODER``)."""
 
+    PASSES: tuple[str, ...]
+    """Pass pipelines (``adapter.passes``) run on its copy of the canonical decoder graph."""
     WEIGHTS: frozenset[str]
     """Weight formats it builds: ``fp32``, ``bf16``, ``int8``, ``int4``."""
     QUANTIZE_IN_GRAPH: frozenset[str]

@@ -30,6 +30,7 @@ PASSES: dict[str, Callable[[], CountedPass]] = {
     "fuse-ort-rotary": fusion.OrtRotaryFusion,
     "fuse-ort-attention": fusion.OrtAttentionFusion,
     "fuse-ort-gelu": fusion.OrtGeluFusion,
+    "fuse-ort-gqa": fusion.OrtGroupQueryAttentionFusion,
 }
 """Every pass by the name pipelines and profiles use."""
 
@@ -54,6 +55,16 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "lift-constants",
         "topological-sort",
     ),
+    "fusion-ort-decoder": (
+        "fuse-ort-normalization",
+        "fuse-ort-rotary",
+        "fuse-ort-attention",
+        "fuse-ort-gqa",
+        "dead-code-elimination",
+        "constant-folding",
+        "lift-constants",
+        "topological-sort",
+    ),
     "fusion-standard": (
         "fuse-conv-batchnorm",
         "fuse-layer-norm",
@@ -68,7 +79,10 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 ``fusion-ort`` and ``fusion-standard`` expect a canonicalized graph (list them after
 ``canonicalize``): ``fusion-ort`` writes ONNX Runtime's ``com.microsoft`` fused ops (and
 folds what the fusions left constant, such as Attention's concatenated Q/K/V weights),
-``fusion-standard`` stays in the standard domain (OpenVINO and other runtimes)."""
+``fusion-standard`` stays in the standard domain (OpenVINO and other runtimes).
+``fusion-ort-decoder`` is ONNX Runtime's for an exported decoder with a KV cache
+(``adapter.llm``): normalization, rotary and attention fusions, then each layer's cache
+concatenation and attention to one ``GroupQueryAttention`` over a shared buffer."""
 
 
 def build_pipeline(names: Sequence[str] | str) -> list[CountedPass]:

@@ -8,12 +8,13 @@ steps must equal the eager model's. Reduced weights are judged by next-token KL.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from adapter.backends import get_backend
-from adapter.core.errors import InputMismatchError, SourceError, VerificationError
+from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
 from adapter.llm.convert import LLMOptions, convert_causal_lm, verify_decoder
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import export_decoder
@@ -34,6 +35,10 @@ def test_family_greedy_equals_eager_on_both_backends(family, tmp_path):
     result = convert_causal_lm(lm, tmp_path / family, LLMOptions(benchmark=False))
     candidates = {c["name"]: c for c in result.manifest["backend"]["candidates"]}
     assert set(candidates) == {"onnxruntime", "openvino"}, candidates
+    # ONNX Runtime's engine writes the cache in place wherever every layer's attention fused
+    # (GroupQueryAttention); Falcon's and GPT-2's attention does not fuse yet (no MultiHeadAttention)
+    kv_cache = "concat" if family in ("falcon", "gpt2") else "shared"
+    assert candidates["onnxruntime"]["config"]["kv_cache"] == kv_cache, candidates["onnxruntime"]["config"]
     for name, cand in candidates.items():
         assert "error" not in cand, (name, cand.get("error"))
         report = cand["verification"]
@@ -51,20 +56,60 @@ def llama():
     return model, graph, layout
 
 
-def _session(backend, graph, layout, folder, **settings):
+def _session(backend, graph, layout, folder, passes=False, **settings):
+    """A decoder session over ``graph`` as exported, or after the backend's own passes."""
     decoder = get_backend(backend).DECODER
+    if passes:
+        graph = graph.clone()
+        run_pipeline(graph, build_pipeline(list(decoder.PASSES)))
     config = decoder.build(graph, layout, folder, {"weights": "fp32", "threads": 1, **settings})
     return decoder.load(folder, config, layout)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_left_padded_batch_equals_each_prompt_alone(llama, backend, tmp_path):
+@pytest.mark.parametrize(("backend", "passes"), [("onnxruntime", False), ("onnxruntime", True), ("openvino", False)])
+def test_left_padded_batch_equals_each_prompt_alone(llama, backend, passes, tmp_path):
     model, graph, layout = llama
-    session = _session(backend, graph, layout, tmp_path, kv_precision="f32")
+    session = _session(backend, graph, layout, tmp_path, passes=passes, kv_precision="f32")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
     together = generate(session, layout, prompts, 12, stop_at_eos=False).tokens
     alone = [generate(session, layout, [p], 12, stop_at_eos=False).tokens[0] for p in prompts]
     assert together == alone
+
+
+def test_gqa_fusion_writes_the_cache_in_place_and_keeps_the_numbers(llama, tmp_path):
+    """fusion-ort-decoder: per layer one GroupQueryAttention over the past buffer; the engine
+    allocates each layer's cache once and every step writes into it; logits equal the
+    unfused graph's at every valid position of a left-padded batch, steps after steps."""
+    model, graph, layout = llama
+    fused = graph.clone()
+    records = {r.name: r for r in run_pipeline(fused, build_pipeline(["fusion-ort-decoder"]))}
+    assert records["fuse-ort-gqa"].counters == {"gqa": 2, "past_shape_reads": 2}
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in fused.graph)
+    assert ops["com.microsoft::GroupQueryAttention"] == 2 and ops["com.microsoft::RotaryEmbedding"] == 4
+    assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 4 and "com.microsoft::MultiHeadAttention" not in ops
+    pasts = {v.name for v in fused.graph.inputs if v.name.startswith("past_key_values")}
+    assert all(u.op_type == "GroupQueryAttention" for v in fused.graph.inputs if v.name in pasts for u, _ in v.uses())
+
+    plain = _session("onnxruntime", graph, layout, tmp_path / "plain")
+    shared = _session("onnxruntime", fused, layout, tmp_path / "fused")
+    assert shared.shared and not plain.shared
+    ids, mask, positions = left_pad([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]], 0)
+    plain.start(2, 16)
+    shared.start(2, 16)
+    buffers = [v.data_ptr() for v in shared.cache]
+    assert len(set(buffers)) == 2 * layout.num_layers  # one buffer per layer and part
+    for _ in range(5):
+        want, got = plain.step(ids, mask, positions), shared.step(ids, mask, positions)
+        valid = mask[:, -got.shape[1] :].astype(bool)
+        assert np.abs(got[valid] - want[valid]).max() < 1e-5
+        ids = want[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        assert [v.data_ptr() for v in shared.cache] == buffers  # written in place, never reallocated
+    assert np.abs(shared.arrays[0][:, :, : mask.shape[1] - 1]).max() > 0  # the positions so far, in the buffer
+    assert not shared.arrays[0][:, :, mask.shape[1] :].any()  # the rest still free
+    with pytest.raises(AdapterError, match="cache positions"):
+        shared.step(ids, np.ones((2, 17), np.int64), positions)
 
 
 def test_verification_catches_a_wrong_decoder(llama, tmp_path):

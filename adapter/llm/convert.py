@@ -268,20 +268,27 @@ def _block_patterns(layers: int, ends: int) -> tuple[str, ...]:
     return tuple(p for i in chosen for p in (f"layers.{i}.", f".h.{i}."))
 
 
-def _quantized(
-    graph: ir.Model, options: LLMOptions, settings: dict[str, Any], layers: int, ends: int
+def _for_backend(
+    graph: ir.Model, decoder, options: LLMOptions, settings: dict[str, Any], layers: int, ends: int
 ) -> tuple[ir.Model, list]:
-    """ONNX Runtime's weight-only quantization of a copy: the end blocks INT8 first, the rest at ``weights``."""
-    model, records = graph.clone(), []
+    """The backend's graph: its passes, then ONNX Runtime's weight-only quantization (the end
+    blocks INT8 first, the rest at ``weights``), on a copy that shares the canonical weights."""
+    quantize = options.weights in decoder.QUANTIZE_IN_GRAPH
+    if not decoder.PASSES and not quantize:
+        return graph, []
+    model = graph.clone()
+    records = [r.to_json() for r in run_pipeline(model, build_pipeline(list(decoder.PASSES)))] if decoder.PASSES else []
+    if not quantize:
+        return model, records
     steps = [(8, _block_patterns(layers, ends))] if ends else []
     steps.append((4 if options.weights == "int4" else 8, ()))
     for bits, only in steps:
-        quantize = WeightOnlyQuantize(
+        quantize_pass = WeightOnlyQuantize(
             bits=bits, block_size=settings["block_size"], symmetric=settings["symmetric"],
             keep=options.keep_fp32, only=only,
         )  # fmt: skip
-        quantize(model)
-        records.append(quantize.record.to_json())
+        quantize_pass(model)
+        records.append(quantize_pass.record.to_json())
     return model, records
 
 
@@ -300,11 +307,12 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
     ladder = _widening(options.weights, layout.num_layers)
     for ends in ladder:
         settings = _settings(name, options, profile)
-        model, records = graph, []
         if options.weights in decoder.QUANTIZE_IN_GRAPH:
-            say(f"quantize {options.weights} ({name}{f', {ends} INT8 blocks at each end' if ends else ''})")
-            model, records = _quantized(graph, options, settings, layout.num_layers, ends)
-        elif ends:
+            say(f"passes and {options.weights} ({name}{f', {ends} INT8 blocks at each end' if ends else ''})")
+        elif decoder.PASSES:
+            say(f"passes ({name})")
+        model, records = _for_backend(graph, decoder, options, settings, layout.num_layers, ends)
+        if ends and options.weights not in decoder.QUANTIZE_IN_GRAPH:
             settings["ratio"] = round(1 - 2 * ends / layout.num_layers, 3)  # NNCF picks the INT8 layers itself
         settings["int8_end_blocks"] = ends
         say(f"build {name}")
