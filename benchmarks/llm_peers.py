@@ -14,8 +14,10 @@ alike); a row is the median over rounds of time to first token (prefill of the p
 and decode tokens/s (new tokens after the first, over their time), with the weight bytes
 read per token over the host's probed memory bandwidth as the decode bound.
 
-Peers that need their own packages (ONNX Runtime GenAI, OpenVINO GenAI, CTranslate2,
-llama.cpp) are listed as not installed when they are absent; rows for them are not made up.
+ONNX Runtime GenAI (``pip install onnxruntime-genai==0.18.0``) runs when installed: its
+model builder converts the same folder (INT4 and FP32, cached beside adapter's engines).
+The other peers (OpenVINO GenAI, CTranslate2, llama.cpp) are listed as not installed when
+they are absent, or as not wired in yet when they are; rows for them are not made up.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +51,7 @@ PEER_PACKAGES = {
     "ctranslate2": "ctranslate2",
     "llama-cpp-python": "llama_cpp",
 }
+WIRED = {"onnxruntime-genai"}
 
 
 def make_tinyllama(folder: Path, **overrides) -> Path:
@@ -103,6 +107,47 @@ class Adapter:
         return result.ttft_ms, result.decode_tokens_per_s
 
 
+class OrtGenAI:
+    """ONNX Runtime GenAI: its own model builder (local folder, CPU) and its greedy generator.
+
+    The builder runs once per precision (``int4``: block 32, accuracy level 4, its CPU
+    defaults; ``fp32``); the session threads are set in the ``genai_config.json`` it writes.
+    """
+
+    def __init__(self, model: Path, out: Path, precision: str, threads: int) -> None:
+        import onnxruntime_genai as og
+
+        if not (out / "genai_config.json").is_file():
+            command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
+                       "-p", precision, "-e", "cpu", "-c", str(out.parent / "ort-genai-cache")]  # fmt: skip
+            started = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            self.convert_seconds = time.perf_counter() - started
+        config_path = out / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+        config_path.write_text(json.dumps(config, indent=2))
+        self.og = og
+        self.model = og.Model(str(out))
+        self.folder = out
+        self.name = f"onnxruntime-genai {precision}"
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompts[0]) + new, do_sample=False, batch_size=len(prompts))
+        generator = og.Generator(self.model, params)
+        start = time.perf_counter()
+        generator.append_tokens(np.array(prompts, np.int32))
+        generator.generate_next_token()
+        first = time.perf_counter()
+        for _ in range(new - 1):
+            generator.generate_next_token()
+        end = time.perf_counter()
+        return (first - start) * 1e3, (new - 1) * len(prompts) / (end - first)
+
+
 def _disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ".bin"))
 
@@ -120,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kl-budget", type=float, default=0.05, help="for the reduced-weight engines")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--eager", default="fp32,bf16", help="transformers eager precisions ('' for none)")
+    parser.add_argument("--ort-genai", default="int4,fp32", help="ONNX Runtime GenAI precisions ('' for none)")
     parser.add_argument("--engines", type=Path, default=Path("build/llm-engines"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -146,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             engines.append(Adapter(out, name))
             sizes[name] = _disk_bytes(out)
             checks[name] = engines[-1].engine.manifest["verification"]
+    for precision in [p for p in args.ort_genai.split(",") if p]:
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            break
+        peer = OrtGenAI(args.model, args.engines / f"{args.model.name}-ort-genai-{precision}", precision, args.threads)
+        engines.append(peer)
+        sizes[peer.name] = _disk_bytes(peer.folder)
+        if hasattr(peer, "convert_seconds"):
+            converts[peer.name] = peer.convert_seconds
     for precision in [p for p in args.eager.split(",") if p]:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         model = load_causal_lm(args.model).model
@@ -181,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             + (f"{row['kl_to_fp32']:8.4f}" if row["kl_to_fp32"] is not None else f"{'-':>8s}")
         )
     missing = [pkg for pkg, module in PEER_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    unwired = [pkg for pkg in PEER_PACKAGES if pkg not in missing and pkg not in WIRED]
     if missing:
         print(f"peers not installed here (no rows): {', '.join(missing)}")
+    if unwired:
+        print(f"peers installed but not wired into this script yet (no rows): {', '.join(unwired)}")
     result = {
         "model": str(args.model), "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
         "threads": args.threads, "memory_bandwidth": bandwidth, "rows": rows, "convert_seconds": converts,

@@ -39,7 +39,8 @@ class WeightOnlyQuantize(CountedPass):
         block_size: Weights per scale along the input dimension.
         symmetric: No zero points when True.
         accuracy_level: ONNX Runtime's compute type for the activations (4 = INT8).
-        keep: Substrings of node or module names to leave in FP32 (``lm_head``).
+        keep: Substrings of node or module names to leave in FP32 (``lm_head``). Weights
+            shorter than ``block_size`` along K are always left.
         only: When given, quantize only the MatMuls whose names contain one of these
             (a second run at other bits then takes the rest: mixed INT8/INT4 recipes).
     """
@@ -64,6 +65,10 @@ class WeightOnlyQuantize(CountedPass):
         return any(k in name for k in patterns for name in names)
 
     def _kept(self, node: ir.Node) -> bool:
+        # a weight shorter than one block along K is no layer's projection: the rotary
+        # embedding's positions x inverse frequencies (K = 1) after fuse-ort-rotary
+        if node.inputs[1].const_value.shape[0] < self.block_size:
+            return True
         return self._matches(node, self.keep) or bool(self.only) and not self._matches(node, self.only)
 
     def apply(self, model: ir.Model) -> dict[str, int]:

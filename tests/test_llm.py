@@ -15,7 +15,7 @@ import pytest
 
 from adapter.backends import get_backend
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
-from adapter.llm.convert import LLMOptions, convert_causal_lm, verify_decoder
+from adapter.llm.convert import LLMOptions, backend_graph, convert_causal_lm, verify_decoder
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import export_decoder
 from adapter.llm.families import FAMILIES, CausalLM, tiny_config, tiny_model, write_random_folder
@@ -160,6 +160,29 @@ def test_weight_only_engines_stay_within_the_kl_budget(llama, backend, weights, 
     assert report["greedy_agreement"] >= 0.6, report
     with pytest.raises(VerificationError, match="KL divergence"):
         verify_decoder(session, model, layout, weights, LLMOptions(kl_budget=report["kl_mean"] / 10))
+
+
+def test_int4_recipe_on_the_fused_onnxruntime_graph(llama, tmp_path):
+    """The driver's ONNX Runtime INT4 graph: fused (GroupQueryAttention, shared cache), every
+    block INT4, the LM head INT8, the rotary frequencies untouched; within the KL budget."""
+    model, graph, layout = llama
+    decoder = get_backend("onnxruntime").DECODER
+    settings = {"block_size": 32, "symmetric": True}
+    built, records = backend_graph(graph, decoder, LLMOptions(weights="int4"), settings, layout.num_layers, 0)
+    assert built is not graph and sum(n.op_type == "MatMulNBits" for n in graph.graph) == 0  # a copy
+    bits = Counter(n.attributes["bits"].value for n in built.graph if n.op_type == "MatMulNBits")
+    assert bits == {4: 14, 8: 1}, bits
+    head = [n for n in built.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 8]
+    assert head[0].attributes["N"].value == layout.vocab_size  # the 8-bit one is the LM head
+    rotary = [n for n in built.graph if n.op_type == "MatMul"]
+    assert len(rotary) == 1 and rotary[0].inputs[1].const_value.shape[0] == 1  # positions x inverse frequencies
+    assert [r["counters"]["quantized"] for r in records if r["name"] == "weight-only-quantize"] == [1, 14]
+    config = decoder.build(built, layout, tmp_path, {"weights": "int4", "threads": 1, **settings})
+    assert config["kv_cache"] == "shared"
+    report = verify_decoder(decoder.load(tmp_path, config, layout), model, layout, "int4", LLMOptions())
+    assert 0 < report["kl_mean"] <= 0.05 and report["greedy_agreement"] >= 0.6, report
+    fp32_head, _ = backend_graph(graph, decoder, LLMOptions(weights="int4", head_int8=False), settings, 2, 0)
+    assert Counter(n.op_type for n in fp32_head.graph)["MatMul"] == 2  # the head stays FP32 when asked
 
 
 def test_sampling_is_seeded_and_reduces_to_greedy():
