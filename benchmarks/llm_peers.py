@@ -54,14 +54,33 @@ PEER_PACKAGES = {
 WIRED = {"onnxruntime-genai"}
 
 
+def _word_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer over ``vocab`` made-up words (``w3`` ...), saved in ``folder``.
+
+    The random model has no real tokenizer and none may be downloaded; the peers' converters
+    (ONNX Runtime GenAI's builder) load one from the folder, and text prompts need one.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    wrapped.save_pretrained(str(folder))
+
+
 def make_tinyllama(folder: Path, **overrides) -> Path:
-    """Write the TinyLlama-shaped random model (BF16 on disk, like the published one)."""
+    """Write the TinyLlama-shaped random model (BF16 on disk, like the published one) and a
+    word-level tokenizer beside it."""
     from transformers import LlamaConfig
 
-    if (folder / "config.json").is_file():
-        return folder
     config = LlamaConfig(**{**TINYLLAMA, **overrides})
-    return write_random_folder(config, folder, dtype=torch.bfloat16)
+    if not (folder / "config.json").is_file():
+        write_random_folder(config, folder, dtype=torch.bfloat16)
+    if not (folder / "tokenizer.json").is_file():
+        _word_tokenizer(folder, config.vocab_size)
+    return folder
 
 
 def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
@@ -121,7 +140,9 @@ class OrtGenAI:
             command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "ort-genai-cache")]  # fmt: skip
             started = time.perf_counter()
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"ONNX Runtime GenAI's builder failed:\n{done.stderr[-2000:]}")
             self.convert_seconds = time.perf_counter() - started
         config_path = out / "genai_config.json"
         config = json.loads(config_path.read_text())
