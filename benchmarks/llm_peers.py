@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter.llm.convert import LLMOptions, convert_causal_lm
+from adapter.llm.convert import LLMOptions, convert_causal_lm, kl_against_eager
 from adapter.llm.engine import LLMEngine
 from adapter.llm.families import load_causal_lm, write_random_folder
 from adapter.profiles import load_profile
@@ -154,6 +154,16 @@ class OrtGenAI:
         self.folder = out
         self.name = f"onnxruntime-genai {precision}"
 
+    def start(self, batch: int, capacity: int) -> None:
+        """The DecoderSession protocol, for adapter's own KL check on this engine."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=capacity, do_sample=False, batch_size=batch)
+        self.generator = self.og.Generator(self.model, params)
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.generator.append_tokens(ids.astype(np.int32))
+        return np.asarray(self.generator.get_output("logits"), np.float32)
+
     def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
         og = self.og
         params = og.GeneratorParams(self.model)
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     engines, sizes, converts, checks = [], {}, {}, {}
     for backend in args.backends.split(","):
         for weights in args.weights.split(","):
-            out = args.engines / f"{args.model.name}-{backend}-{weights}"
+            budget = "" if args.kl_budget == 0.05 else f"-kl{args.kl_budget:g}"
+            out = args.engines / f"{args.model.name}-{backend}-{weights}{budget}"
             if not (out / "manifest.json").is_file():
                 started = time.perf_counter()
                 options = LLMOptions(
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 convert_causal_lm(str(args.model), out, options)
                 converts[f"{backend} {weights}"] = time.perf_counter() - started
-            name = f"adapter {backend} {weights}"
+            name = f"adapter {backend} {weights}" + (f" (KL budget {args.kl_budget:g})" if budget else "")
             engines.append(Adapter(out, name))
             sizes[name] = _disk_bytes(out)
             checks[name] = engines[-1].engine.manifest["verification"]
@@ -218,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             break
         peer = OrtGenAI(args.model, args.engines / f"{args.model.name}-ort-genai-{precision}", precision, args.threads)
         engines.append(peer)
+        if precision != "fp32":  # its next-token KL to FP32 eager, on the prompts adapter's check uses
+            lm = load_causal_lm(args.model)
+            layout = next((e.engine.layout for e in engines if isinstance(e, Adapter)), None)
+            if layout is not None:
+                checks[peer.name] = kl_against_eager(peer, lm.model.float(), layout, 16)
+            del lm
         sizes[peer.name] = _disk_bytes(peer.folder)
         if hasattr(peer, "convert_seconds"):
             converts[peer.name] = peer.convert_seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -75,12 +76,18 @@ def test_llm_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
     folder = llm_peers.make_tinyllama(tmp_path / "llama", **small)
     out = tmp_path / "llm.json"
     args = ["--model", str(folder), "--weights", "int4", "--backends", "onnxruntime", "--batches", "1,2",
-            "--prompt", "8", "--new", "4", "--rounds", "1", "--engines", str(tmp_path / "engines")]  # fmt: skip
+            "--prompt", "8", "--new", "4", "--rounds", "1", "--engines", str(tmp_path / "engines"),
+            "--ort-genai", "int4"]  # fmt: skip
     assert llm_peers.main([*args, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     engines = {r["engine"] for r in rows}
-    assert engines == {"adapter onnxruntime int4", "transformers eager float32", "transformers eager bfloat16"}
-    assert len(rows) == 6 and all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    expected = {"adapter onnxruntime int4", "transformers eager float32", "transformers eager bfloat16"}
+    if importlib.util.find_spec("onnxruntime_genai") is not None:  # the dev extra installs it
+        expected.add("onnxruntime-genai int4")
+        peer = [r for r in rows if r["engine"] == "onnxruntime-genai int4"]
+        assert all(r["kl_to_fp32"] > 0 for r in peer), peer  # its KL, measured by adapter's own check
+    assert engines == expected
+    assert len(rows) == 2 * len(expected) and all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     int4 = [r for r in rows if r["engine"] == "adapter onnxruntime int4"]
     assert all(0 < r["kl_to_fp32"] <= 0.05 and r["weight_bytes"] > 0 for r in int4), int4  # verified, and reported
     assert "TTFT ms" in capsys.readouterr().out

@@ -155,7 +155,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _kl_against_eager(session, model, layout: DecoderLayout, steps: int) -> dict[str, Any]:
+def kl_against_eager(session, model, layout: DecoderLayout, steps: int) -> dict[str, Any]:
     """Next-token KL to eager FP32 and greedy agreement, teacher-forced on eager's continuation."""
     kls, agree, total = [], 0, 0
     for prompt in _prompts(layout, 3, 12, seed=7):
@@ -202,7 +202,7 @@ def verify_decoder(session, model, layout: DecoderLayout, weights: str, options:
                 "Report the model's config; try the other backend with --backend.",
             )
         return report
-    report = _kl_against_eager(session, model, layout, min(options.verify_steps, 16))
+    report = kl_against_eager(session, model, layout, min(options.verify_steps, 16))
     report["kl_budget"] = options.kl_budget
     report["passed"] = report["kl_mean"] <= options.kl_budget
     if not report["passed"]:
