@@ -54,7 +54,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     """Save the (possibly weight-quantized) decoder graph; the session opens at load."""
     workdir.mkdir(parents=True, exist_ok=True)
     shared = any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in model.graph)
-    files = save_model(model, workdir / MODEL_FILE)
+    files = save_model(model, workdir / MODEL_FILE, external=True)  # mapped at load: no second copy
     return {"model_file": MODEL_FILE, "files": files, "kv_cache": "shared" if shared else "concat", **settings}
 
 

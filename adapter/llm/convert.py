@@ -400,7 +400,8 @@ def convert_causal_lm(
                 "version": best["version"],
                 "config": best["config"],
                 "candidates": [
-                    {"name": b["name"], "chosen": b is best, "speed": b["speed"], "verification": b["verification"]}
+                    {"name": b["name"], "chosen": b is best, "config": b["config"], "speed": b["speed"],
+                     "verification": b["verification"]}  # fmt: skip
                     for b, _ in built
                 ]
                 + [{"name": n, "chosen": False, "error": e} for n, e in errors.items()],
