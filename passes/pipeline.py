@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from adapter.core.errors import PassFailedError
-from adapter.passes import canonicalize, fusion
+from adapter.passes import canonicalize, fusion, kv_cache, packing
 from adapter.passes.base import CountedPass, PassRecord
 
 PASSES: dict[str, Callable[[], CountedPass]] = {
@@ -30,7 +30,8 @@ PASSES: dict[str, Callable[[], CountedPass]] = {
     "fuse-ort-rotary": fusion.OrtRotaryFusion,
     "fuse-ort-attention": fusion.OrtAttentionFusion,
     "fuse-ort-gelu": fusion.OrtGeluFusion,
-    "fuse-ort-gqa": fusion.OrtGroupQueryAttentionFusion,
+    "fuse-ort-gqa": kv_cache.OrtGroupQueryAttentionFusion,
+    "pack-sibling-matmuls": packing.PackSiblingMatMuls,
 }
 """Every pass by the name pipelines and profiles use."""
 
@@ -60,6 +61,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "fuse-ort-rotary",
         "fuse-ort-attention",
         "fuse-ort-gqa",
+        "pack-sibling-matmuls",
         "dead-code-elimination",
         "constant-folding",
         "lift-constants",
@@ -82,7 +84,8 @@ folds what the fusions left constant, such as Attention's concatenated Q/K/V wei
 ``fusion-standard`` stays in the standard domain (OpenVINO and other runtimes).
 ``fusion-ort-decoder`` is ONNX Runtime's for an exported decoder with a KV cache
 (``adapter.llm``): normalization, rotary and attention fusions, then each layer's cache
-concatenation and attention to one ``GroupQueryAttention`` over a shared buffer."""
+concatenation and attention to one ``GroupQueryAttention`` over a shared buffer, and the
+projections of one input (Q/K/V, gate/up) packed into one ``MatMul``."""
 
 
 def build_pipeline(names: Sequence[str] | str) -> list[CountedPass]:

@@ -77,13 +77,16 @@ def test_left_padded_batch_equals_each_prompt_alone(llama, backend, passes, tmp_
 
 
 def test_gqa_fusion_writes_the_cache_in_place_and_keeps_the_numbers(llama, tmp_path):
-    """fusion-ort-decoder: per layer one GroupQueryAttention over the past buffer; the engine
+    """fusion-ort-decoder: per layer one GroupQueryAttention over the past buffer and packed
+    projections; the engine
     allocates each layer's cache once and every step writes into it; logits equal the
     unfused graph's at every valid position of a left-padded batch, steps after steps."""
     model, graph, layout = llama
     fused = graph.clone()
     records = {r.name: r for r in run_pipeline(fused, build_pipeline(["fusion-ort-decoder"]))}
     assert records["fuse-ort-gqa"].counters == {"gqa": 2, "past_shape_reads": 2}
+    # per block: Q/K/V and gate/up, each one MatMul + Split (the numbers below cover it too)
+    assert records["pack-sibling-matmuls"].counters == {"packed": 4, "matmuls_merged": 10}
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in fused.graph)
     assert ops["com.microsoft::GroupQueryAttention"] == 2 and ops["com.microsoft::RotaryEmbedding"] == 4
     assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 4 and "com.microsoft::MultiHeadAttention" not in ops
@@ -171,12 +174,12 @@ def test_int4_recipe_on_the_fused_onnxruntime_graph(llama, tmp_path):
     built, records = backend_graph(graph, decoder, LLMOptions(weights="int4"), settings, layout.num_layers, 0)
     assert built is not graph and sum(n.op_type == "MatMulNBits" for n in graph.graph) == 0  # a copy
     bits = Counter(n.attributes["bits"].value for n in built.graph if n.op_type == "MatMulNBits")
-    assert bits == {4: 14, 8: 1}, bits
+    assert bits == {4: 8, 8: 1}, bits  # per block: packed Q/K/V, output, packed gate/up, down
     head = [n for n in built.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].value == 8]
     assert head[0].attributes["N"].value == layout.vocab_size  # the 8-bit one is the LM head
     rotary = [n for n in built.graph if n.op_type == "MatMul"]
     assert len(rotary) == 1 and rotary[0].inputs[1].const_value.shape[0] == 1  # positions x inverse frequencies
-    assert [r["counters"]["quantized"] for r in records if r["name"] == "weight-only-quantize"] == [1, 14]
+    assert [r["counters"]["quantized"] for r in records if r["name"] == "weight-only-quantize"] == [1, 8]
     config = decoder.build(built, layout, tmp_path, {"weights": "int4", "threads": 1, **settings})
     assert config["kv_cache"] == "shared"
     report = verify_decoder(decoder.load(tmp_path, config, layout), model, layout, "int4", LLMOptions())

@@ -30,7 +30,6 @@ __all__ = [
     "OrtGeluFusion",
     "OrtRotaryFusion",
     "OrtAttentionFusion",
-    "OrtGroupQueryAttentionFusion",
 ]
 
 from collections.abc import Sequence
@@ -42,7 +41,6 @@ import onnx_ir as ir
 from adapter.passes.base import CountedPass
 from adapter.passes.fusion import attention, conv, gelu, gemm, normalization, rotary
 from adapter.passes.fusion._engine import Stage, apply_stages, explain_misses, onnx_opset
-from adapter.passes.fusion.kv_cache import OrtGroupQueryAttentionFusion
 
 
 @dataclass(frozen=True)
