@@ -165,10 +165,8 @@ class OrtGenAI:
         return np.asarray(self.generator.get_output("logits"), np.float32)
 
     def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
-        og = self.og
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(prompts[0]) + new, do_sample=False, batch_size=len(prompts))
-        generator = og.Generator(self.model, params)
+        self.start(len(prompts), len(prompts[0]) + new)
+        generator = self.generator
         start = time.perf_counter()
         generator.append_tokens(np.array(prompts, np.int32))
         generator.generate_next_token()
@@ -224,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             engines.append(Adapter(out, name))
             sizes[name] = _disk_bytes(out)
             checks[name] = engines[-1].engine.manifest["verification"]
-    for precision in [p for p in args.ort_genai.split(",") if p]:
-        if importlib.util.find_spec("onnxruntime_genai") is None:
-            break
+    installed = importlib.util.find_spec("onnxruntime_genai") is not None
+    for precision in [p for p in args.ort_genai.split(",") if p and installed]:
         peer = OrtGenAI(args.model, args.engines / f"{args.model.name}-ort-genai-{precision}", precision, args.threads)
         engines.append(peer)
         if precision != "fp32":  # its next-token KL to FP32 eager, on the prompts adapter's check uses

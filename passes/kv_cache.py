@@ -109,18 +109,18 @@ class OrtGroupQueryAttentionFusion(CountedPass):
 
     # --- rewriting -------------------------------------------------------------------------
 
-    def _lengths(self, graph: ir.Graph, batch_name: str) -> tuple[list[ir.Node], dict[str, ir.Value]]:
+    def _lengths(self, graph: ir.Graph) -> tuple[list[ir.Node], dict[str, ir.Value]]:
         """Nodes computing T (int32 scalar), seqlens_k (int32 [B]) and the past length (int64 [1])."""
         ids = next(v for v in graph.inputs if v.name == self.input_ids)
         mask = next(v for v in graph.inputs if v.name == self.attention_mask)
         nodes: list[ir.Node] = []
 
         def add(op: str, inputs: list, **attrs: Any) -> ir.Value:
-            node = ir.node(op, inputs, attributes=attrs or None, name=f"{batch_name}_{op.lower()}_{len(nodes)}")
+            node = ir.node(op, inputs, attributes=attrs or None, name=f"kv_{op.lower()}_{len(nodes)}")
             nodes.append(node)
             return node.outputs[0]
 
-        one_node, one = _const(f"{batch_name}_one_i32", np.array(1, np.int32))
+        one_node, one = _const("kv_one_i32", np.array(1, np.int32))
         nodes.append(one_node)
         total_1d = add("Shape", [mask], start=1, end=2)
         seq_1d = add("Shape", [ids], start=1, end=2)
@@ -174,7 +174,7 @@ class OrtGroupQueryAttentionFusion(CountedPass):
                 return {"gqa": 0, "refused": f"{past.name} has no static (heads, head_dim): {past.shape}"}
 
         first = graph.node(0)
-        length_nodes, lengths = self._lengths(graph, "kv")
+        length_nodes, lengths = self._lengths(graph)
         graph.insert_before(first, length_nodes)
         for index, (read, past) in enumerate(shape_reads):
             self._rewrite_shape_read(graph, read, past, lengths, f"kv_past_shape_{index}")

@@ -40,37 +40,26 @@ class PackSiblingMatMuls(CountedPass):
 
     def apply(self, model: ir.Model) -> dict[str, Any]:
         graph = model.graph
-        groups: dict[int, list[tuple[ir.Node, np.ndarray]]] = defaultdict(list)
+        groups: dict[tuple[int, int, Any], list[tuple[ir.Node, np.ndarray]]] = defaultdict(list)
         for node in graph:
             weight = _weight(node)
             if weight is not None and node.inputs[0] is not None:
-                groups[id(node.inputs[0])].append((node, weight))
-        packed = matmuls = 0
-        for members in groups.values():
-            by_shape: dict[tuple[int, Any], list[tuple[ir.Node, np.ndarray]]] = defaultdict(list)
-            for node, weight in members:
-                by_shape[(weight.shape[0], weight.dtype)].append((node, weight))
-            for siblings in by_shape.values():
-                if len(siblings) < 2:
-                    continue
-                self._pack(graph, siblings)
-                packed += 1
-                matmuls += len(siblings)
-        return {"packed": packed, "matmuls_merged": matmuls}
+                groups[(id(node.inputs[0]), weight.shape[0], weight.dtype)].append((node, weight))
+        packs = [siblings for siblings in groups.values() if len(siblings) > 1]
+        for siblings in packs:
+            self._pack(graph, siblings)
+        return {"packed": len(packs), "matmuls_merged": sum(len(s) for s in packs)}
 
     @staticmethod
     def _pack(graph: ir.Graph, siblings: list[tuple[ir.Node, np.ndarray]]) -> None:
         first = siblings[0][0]
         base = first.name or "matmul"
-        weight = ir.Value(name=f"{base}_packed_weight", const_value=ir.tensor(np.concatenate([w for _, w in siblings], axis=1)))
-        weight.shape = ir.Shape(weight.const_value.shape)
-        weight.type = ir.TensorType(weight.const_value.dtype)
+        weight = ir.val(f"{base}_packed_weight", const_value=ir.tensor(np.concatenate([w for _, w in siblings], axis=1)))
+        sizes = ir.val(f"{base}_packed_sizes", const_value=ir.tensor(np.array([w.shape[1] for _, w in siblings], np.int64)))
         graph.register_initializer(weight)
+        graph.register_initializer(sizes)
         matmul = ir.node("MatMul", [first.inputs[0], weight], name=f"{base}_packed")
         matmul.metadata_props.update(first.metadata_props)
-        sizes = ir.Value(name=f"{base}_packed_sizes", const_value=ir.tensor(np.array([w.shape[1] for _, w in siblings], np.int64)))
-        sizes.shape, sizes.type = ir.Shape([len(siblings)]), ir.TensorType(ir.DataType.INT64)
-        graph.register_initializer(sizes)
         split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(siblings),
                         name=f"{base}_packed_split")  # fmt: skip
         # the packed pair goes where the earliest sibling was, so every user stays after it

@@ -272,30 +272,45 @@ def _block_patterns(layers: int, ends: int) -> tuple[str, ...]:
     return tuple(p for i in chosen for p in (f"layers.{i}.", f".h.{i}."))
 
 
-def backend_graph(
-    graph: ir.Model, decoder, options: LLMOptions, settings: dict[str, Any], layers: int, ends: int
-) -> tuple[ir.Model, list]:
-    """The backend's graph: its passes, then ONNX Runtime's weight-only quantization (the end
-    blocks INT8 first, the rest at ``weights``), on a copy that shares the canonical weights."""
-    quantize = options.weights in decoder.QUANTIZE_IN_GRAPH
-    if not decoder.PASSES and not quantize:
+def _backend_passes(graph: ir.Model, decoder) -> tuple[ir.Model, list]:
+    """The backend's own passes on a copy that shares the canonical weights (the graph itself
+    when it has none)."""
+    if not decoder.PASSES:
         return graph, []
     model = graph.clone()
-    records = [r.to_json() for r in run_pipeline(model, build_pipeline(list(decoder.PASSES)))] if decoder.PASSES else []
-    if not quantize:
-        return model, records
+    return model, [r.to_json() for r in run_pipeline(model, build_pipeline(list(decoder.PASSES)))]
+
+
+def _weight_quantized(
+    model: ir.Model, decoder, options: LLMOptions, settings: dict[str, Any], layers: int, ends: int
+) -> tuple[ir.Model, list]:
+    """ONNX Runtime's weight-only quantization of a copy: the end blocks (and an INT4 engine's
+    LM head) INT8 first, the rest at ``weights``; ``model`` itself when the backend quantizes."""
+    if options.weights not in decoder.QUANTIZE_IN_GRAPH:
+        return model, []
+    model, records = model.clone(), []
     head = ("lm_head",) if options.weights == "int4" and options.head_int8 else ()
     keep = tuple(k for k in options.keep_fp32 if k not in head)
     wider = (_block_patterns(layers, ends) if ends else ()) + head
     steps = [(8, wider)] if wider else []
     steps.append((4 if options.weights == "int4" else 8, ()))
     for bits, only in steps:
-        quantize_pass = WeightOnlyQuantize(
+        quantize = WeightOnlyQuantize(
             bits=bits, block_size=settings["block_size"], symmetric=settings["symmetric"], keep=keep, only=only,
         )  # fmt: skip
-        quantize_pass(model)
-        records.append(quantize_pass.record.to_json())
+        quantize(model)
+        records.append(quantize.record.to_json())
     return model, records
+
+
+def backend_graph(
+    graph: ir.Model, decoder, options: LLMOptions, settings: dict[str, Any], layers: int, ends: int
+) -> tuple[ir.Model, list]:
+    """The backend's graph: its passes, then ONNX Runtime's weight-only quantization, on
+    copies that share the canonical weights."""
+    model, records = _backend_passes(graph, decoder)
+    model, quantized = _weight_quantized(model, decoder, options, settings, layers, ends)
+    return model, records + quantized
 
 
 def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, workdir: Path, say) -> dict[str, Any]:
@@ -309,15 +324,17 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
             f"Target '{profile.name}' has no native BF16 arithmetic (AVX512_BF16, AMX), so a BF16 engine would run emulated.",
             "Use --weights fp32, int8 or int4 here.",
         )
+    if decoder.PASSES:
+        say(f"passes ({name})")
+    passed, pass_records = _backend_passes(graph, decoder)  # once: every rung quantizes this graph
     attempts: list[dict[str, Any]] = []
     ladder = _widening(options.weights, layout.num_layers)
     for ends in ladder:
         settings = _settings(name, options, profile)
         if options.weights in decoder.QUANTIZE_IN_GRAPH:
-            say(f"passes and {options.weights} ({name}{f', {ends} INT8 blocks at each end' if ends else ''})")
-        elif decoder.PASSES:
-            say(f"passes ({name})")
-        model, records = backend_graph(graph, decoder, options, settings, layout.num_layers, ends)
+            say(f"quantize {options.weights} ({name}{f', {ends} INT8 blocks at each end' if ends else ''})")
+        model, records = _weight_quantized(passed, decoder, options, settings, layout.num_layers, ends)
+        records = pass_records + records
         if ends and options.weights not in decoder.QUANTIZE_IN_GRAPH:
             settings["ratio"] = round(1 - 2 * ends / layout.num_layers, 3)  # NNCF picks the INT8 layers itself
         settings["int8_end_blocks"] = ends
