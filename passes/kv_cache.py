@@ -51,12 +51,36 @@ def _const(name: str, array: np.ndarray) -> tuple[ir.Node, ir.Value]:
 
 
 class _Match:
-    """One layer's attention as found: the MultiHeadAttention and its two cache Concats."""
+    """One layer's attention as found: the MultiHeadAttention and where its cache comes from.
 
-    def __init__(self, attention: ir.Node, key_concat: ir.Node, value_concat: ir.Node) -> None:
+    Either the exporter's form (``key_concat`` / ``value_concat``: ``Concat(past, new)``
+    graph outputs re-laid out into the attention's key and value), or a MultiHeadAttention
+    that took the past in itself (onnxscript's ``mha`` rule, e.g. GPT-2): ``past`` and
+    ``present`` are then its own inputs 6-7 and outputs 1-2, and its key/value are new only.
+    """
+
+    def __init__(self, attention: ir.Node, key_concat: ir.Node | None = None, value_concat: ir.Node | None = None):
         self.attention = attention
         self.key_concat = key_concat
         self.value_concat = value_concat
+
+    @property
+    def own_past(self) -> bool:
+        return self.key_concat is None
+
+    def pasts(self) -> tuple[ir.Value, ir.Value]:
+        if self.own_past:
+            return self.attention.inputs[6], self.attention.inputs[7]
+        return self.key_concat.inputs[0], self.value_concat.inputs[0]
+
+    def presents(self) -> tuple[ir.Value, ir.Value]:
+        if self.own_past:
+            return self.attention.outputs[1], self.attention.outputs[2]
+        return self.key_concat.outputs[0], self.value_concat.outputs[0]
+
+    def readers(self) -> list[ir.Node]:
+        """The nodes allowed to read a past input besides ``Shape``."""
+        return [self.attention] if self.own_past else [self.key_concat, self.value_concat]
 
 
 class OrtGroupQueryAttentionFusion(CountedPass):
@@ -99,8 +123,17 @@ class OrtGroupQueryAttentionFusion(CountedPass):
             if node.op_type != "MultiHeadAttention" or node.domain != "com.microsoft":
                 continue
             inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
-            if any(inputs[i] is not None for i in (3, 4, 6, 7)):
-                return [], f"{node.name}: MultiHeadAttention with a bias, key padding mask or its own past"
+            if inputs[3] is not None or inputs[4] is not None:
+                return [], f"{node.name}: MultiHeadAttention with a bias or a key padding mask"
+            if inputs[6] is not None or inputs[7] is not None:
+                outputs = list(node.outputs)
+                if not (
+                    inputs[6] in graph.inputs and inputs[7] in graph.inputs and len(outputs) == 3
+                    and outputs[1] in graph.outputs and outputs[2] in graph.outputs
+                ):  # fmt: skip
+                    return [], f"{node.name}: MultiHeadAttention whose past/present are not the graph's cache"
+                matches.append(_Match(node))
+                continue
             key, value = self._cache_concat(inputs[1], graph), self._cache_concat(inputs[2], graph)
             if key is None or value is None:
                 return [], f"{node.name}: its key/value are not a layer's concatenated cache"
@@ -159,14 +192,15 @@ class OrtGroupQueryAttentionFusion(CountedPass):
         matches, reason = self._matches(graph)
         if reason is not None or not matches:
             return {"gqa": 0, "refused": reason or "no MultiHeadAttention over a KV cache"}
-        fused_pasts = {id(m.key_concat.inputs[0]) for m in matches} | {id(m.value_concat.inputs[0]) for m in matches}
+        fused_pasts = {id(past) for m in matches for past in m.pasts()}
         pasts = [v for v in graph.inputs if id(v) in fused_pasts]
+        readers = {id(node) for m in matches for node in m.readers()}
         shape_reads = []
         for past in pasts:
             for user, _ in past.uses():
                 if user.op_type == "Shape" and user.domain == "":
                     shape_reads.append((user, past))
-                elif not any(user is m.key_concat or user is m.value_concat for m in matches):
+                elif id(user) not in readers:
                     return {"gqa": 0, "refused": f"{past.name} is read by {user.op_type} '{user.name}'"}
         for past in pasts:
             dims = past.shape.dims if past.shape is not None else ()
@@ -204,12 +238,16 @@ class OrtGroupQueryAttentionFusion(CountedPass):
         ir.convenience.replace_nodes_and_values(graph, read, [read], new_nodes, [read.outputs[0]], [cut.outputs[0]])
 
     def _fuse(self, graph: ir.Graph, match: _Match, lengths: dict[str, ir.Value]) -> None:
-        attention, key_concat, value_concat = match.attention, match.key_concat, match.value_concat
-        past_key, past_value = key_concat.inputs[0], value_concat.inputs[0]
+        attention = match.attention
+        past_key, past_value = match.pasts()
         base = attention.name or past_key.name
-        key_nodes, key = self._bsd(f"{base}_key", key_concat.inputs[1])
-        value_nodes, value = self._bsd(f"{base}_value", value_concat.inputs[1])
-        inputs = list(attention.inputs) + [None] * (6 - len(attention.inputs))
+        inputs = list(attention.inputs) + [None] * (8 - len(attention.inputs))
+        if match.own_past:  # key and value are already the new positions in (B, S, kv heads * D)
+            layout_nodes, key, value = [], inputs[1], inputs[2]
+        else:
+            key_nodes, key = self._bsd(f"{base}_key", match.key_concat.inputs[1])
+            value_nodes, value = self._bsd(f"{base}_value", match.value_concat.inputs[1])
+            layout_nodes = [*key_nodes, *value_nodes]
         attrs: dict[str, Any] = {
             "num_heads": attention.attributes.get_int("num_heads"),
             "kv_num_heads": past_key.shape.dims[1],
@@ -224,11 +262,10 @@ class OrtGroupQueryAttentionFusion(CountedPass):
              None, None, None, self._bias(inputs[5])],
             attributes=attrs, domain="com.microsoft", num_outputs=3, name=f"{base}_gqa",
         )  # fmt: skip
-        graph.insert_before(attention, [*key_nodes, *value_nodes, gqa])
+        graph.insert_before(attention, [*layout_nodes, gqa])
         out, present_key, present_value = gqa.outputs
         ir.convenience.replace_all_uses_with(attention.outputs[0], out)
-        for concat, present in ((key_concat, present_key), (value_concat, present_value)):
-            old = concat.outputs[0]
+        for old, present in zip(match.presents(), (present_key, present_value)):
             index = next(i for i, v in enumerate(graph.outputs) if v is old)
             name, dims = old.name, list(old.shape.dims) if old.shape is not None else None
             old.name = None

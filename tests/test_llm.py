@@ -11,13 +11,15 @@ import json
 from collections import Counter
 
 import numpy as np
+import onnx_ir as ir
+import onnxruntime
 import pytest
 
 from adapter.backends import get_backend
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
 from adapter.llm.convert import LLMOptions, backend_graph, convert_causal_lm, verify_decoder
 from adapter.llm.engine import LLMEngine
-from adapter.llm.export import export_decoder
+from adapter.llm.export import eager_step, export_decoder
 from adapter.llm.families import FAMILIES, CausalLM, tiny_config, tiny_model, write_random_folder
 from adapter.llm.generate import Sampling, generate, left_pad
 from adapter.passes import build_pipeline, run_pipeline
@@ -35,16 +37,42 @@ def test_family_greedy_equals_eager_on_both_backends(family, tmp_path):
     result = convert_causal_lm(lm, tmp_path / family, LLMOptions(benchmark=False))
     candidates = {c["name"]: c for c in result.manifest["backend"]["candidates"]}
     assert set(candidates) == {"onnxruntime", "openvino"}, candidates
-    # ONNX Runtime's engine writes the cache in place wherever every layer's attention fused
-    # (GroupQueryAttention); Falcon's and GPT-2's attention does not fuse yet (no MultiHeadAttention)
-    kv_cache = "concat" if family in ("falcon", "gpt2") else "shared"
-    assert candidates["onnxruntime"]["config"]["kv_cache"] == kv_cache, candidates["onnxruntime"]["config"]
+    # every family's attention fuses to GroupQueryAttention, so ONNX Runtime's engine writes
+    # the cache in place (GPT-2's through MultiHeadAttention's own past, the others' through
+    # the exporter's concatenation)
+    assert candidates["onnxruntime"]["config"]["kv_cache"] == "shared", candidates["onnxruntime"]["config"]
     for name, cand in candidates.items():
         assert "error" not in cand, (name, cand.get("error"))
         report = cand["verification"]
         assert report["greedy"] == {"steps": 32, "equal": True, "first_difference": None}, name
         assert report["prefill"]["max_abs"] < 1e-4 and report["decode"]["max_abs"] < 1e-4, (name, report)
         assert report["prefill"]["cosine"] > 0.99999, (name, report)
+
+
+def test_falcon_caches_its_kv_heads_not_the_broadcast():
+    """Falcon-40B/180B-style attention (4 query heads over 2 KV heads here): transformers'
+    eager cache holds 4 broadcast heads, the exported graph's cache only the 2 KV heads,
+    and its logits and presents equal eager PyTorch's (on the KV heads)."""
+    model = tiny_model("falcon", num_hidden_layers=1)
+    graph, layout, _ = export_decoder(model, "falcon")
+    assert layout.kv_heads == 2 and model.config.num_attention_heads == 4
+    past = next(v for v in graph.graph.inputs if v.name == "past_key_values.0.key")
+    present = next(v for v in graph.graph.outputs if v.name == "present.0.key")
+    assert past.shape[1] == 2 and present.shape[1] == 2, (past.shape, present.shape)
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(3, layout.vocab_size, (2, 3)).astype(np.int64),
+        "attention_mask": np.ones((2, 8), np.int64),
+        "position_ids": np.tile(np.arange(5, 8), (2, 1)).astype(np.int64),
+    }
+    for name in layout.past_names():
+        feeds[name] = rng.standard_normal(layout.cache_shape(2, 5)).astype(np.float32)
+    session = onnxruntime.InferenceSession(ir.serde.serialize_model(graph).SerializeToString())
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    expected = eager_step(model, feeds, layout)
+    for name in ("logits", *layout.present_names()):
+        assert got[name].shape == expected[name].shape, name
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
 @pytest.fixture(scope="module")

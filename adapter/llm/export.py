@@ -5,17 +5,25 @@ left-padded batch masks its padding), ``position_ids`` and, per layer,
 ``past_key_values.<i>.key`` / ``.value`` of shape (batch, kv_heads, past, head_dim), and
 returns ``logits`` (batch, seq, vocab) and ``present.<i>.key`` / ``.value`` with
 ``past + seq`` positions. The past may be empty (prefill), so one graph serves both
-phases; the names follow ONNX Runtime GenAI's. KV heads stay as the model caches them
-(GQA keeps its fewer KV heads; transformers' Falcon caches its KV heads already
-broadcast to the query heads, and the graph follows it).
+phases; the names follow ONNX Runtime GenAI's. The cache holds the KV heads only
+(grouped-query attention keeps its fewer KV heads). transformers' Falcon with the new
+decoder architecture (Falcon-40B/180B) caches its keys and values after broadcasting them
+to every query head (232 heads instead of 8 for Falcon-180B, a 29x larger cache); its
+attention is exported through :func:`_falcon_gqa_forward`, which caches the KV heads and
+repeats them after the cache, as Llama does. The eager model stays transformers' own:
+:func:`eager_step` broadcasts the graph's cache to it and takes the KV heads back.
 """
 
 from __future__ import annotations
 
 __all__ = ["DecoderLayout", "export_decoder", "eager_step"]
 
+import contextlib
+import math
 import time
+import types
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,6 +104,65 @@ class _KVDecoder(torch.nn.Module):
         }
 
 
+def _falcon_groups(model: torch.nn.Module) -> int:
+    """Query heads per KV head where transformers caches Falcon's keys broadcast to every
+    query head (new decoder architecture, rotary), else 1 (the cache is as exported)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "falcon" or not config.new_decoder_architecture or config.alibi:
+        return 1
+    return config.num_attention_heads // config.num_kv_heads
+
+
+def _falcon_gqa_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, **kwargs):
+    """FalconAttention (new decoder architecture, rotary) caching its KV heads, not the broadcast.
+
+    Same arithmetic as transformers' eager path: the fused projection holds, per KV head,
+    ``groups`` query heads then one key and one value head; query head ``kv * groups + j``
+    attends with KV head ``kv``, which ``repeat`` after the cache reproduces.
+    """
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    fused = self.query_key_value(hidden_states)
+    batch, length, _ = fused.shape
+    groups = self.num_heads // self.num_kv_heads
+    qkv = fused.view(batch, length, self.num_kv_heads, groups + 2, self.head_dim)
+    query = qkv[:, :, :, :groups].reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+    key = qkv[:, :, :, groups].transpose(1, 2)
+    value = qkv[:, :, :, groups + 1].transpose(1, 2)
+    cos, sin = kwargs["position_embeddings"]
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    total = key.shape[2]
+    key = key[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
+    value = value[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
+    key = key.reshape(batch, self.num_heads, total, self.head_dim)
+    value = value.reshape(batch, self.num_heads, total, self.head_dim)
+    scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(self.head_dim)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=hidden_states.dtype)
+    out = torch.matmul(probs, value).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+    return self.dense(out), None
+
+
+@contextlib.contextmanager
+def _kv_heads_cached(model: torch.nn.Module) -> Iterator[None]:
+    """While exporting: Falcon's attention caches its KV heads (see the module's docstring)."""
+    patched = []
+    if _falcon_groups(model) > 1:
+        from transformers.models.falcon.modeling_falcon import FalconAttention
+
+        patched = [m for m in model.modules() if isinstance(m, FalconAttention)]
+    for module in patched:
+        module.forward = types.MethodType(_falcon_gqa_forward, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def _eos_ids(config) -> tuple[int, ...]:
     eos = getattr(config, "eos_token_id", None)
     if eos is None:
@@ -109,7 +176,8 @@ def layout_of(model: torch.nn.Module, family: str) -> DecoderLayout:
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True, return_dict=True)
     layers = out.past_key_values.layers
-    _, kv_heads, _, head_dim = layers[0].keys.shape
+    _, cached_heads, _, head_dim = layers[0].keys.shape
+    kv_heads = cached_heads // _falcon_groups(model)
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
     pad = getattr(config, "pad_token_id", None)
     bos = getattr(config, "bos_token_id", None)
@@ -163,7 +231,9 @@ def _rename(model: ir.Model, layout: DecoderLayout, symbols: dict[str, str]) -> 
         dims = [symbols.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape]
         value.shape = ir.Shape(dims)
 
-    for value in [*model.graph.inputs, *model.graph.outputs]:
+    # every value, not only the interface: a symbol named two ways (torch.export's ``s17`` inside,
+    # ``batch`` on the inputs) keeps the fusion rules' shape checks from seeing one batch
+    for value in [*model.graph.inputs, *(v for n in model.graph.all_nodes() for v in n.outputs)]:
         fix(value)
 
 
@@ -204,7 +274,7 @@ def export_decoder(model: torch.nn.Module, family: str) -> tuple[ir.Model, Decod
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _kv_heads_cached(model):
             warnings.simplefilter("ignore")
             program = torch.export.export(wrapper, (), examples, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types
@@ -219,9 +289,17 @@ def export_decoder(model: torch.nn.Module, family: str) -> tuple[ir.Model, Decod
 
 
 def eager_step(model: torch.nn.Module, feeds: dict[str, np.ndarray], layout: DecoderLayout) -> dict[str, np.ndarray]:
-    """Run the eager model on one step's named feeds (the graph's inputs); outputs by graph name."""
+    """Run the eager model on one step's named feeds (the graph's inputs); outputs by graph name.
+
+    Where transformers caches broadcast KV heads (Falcon), the graph's KV-head cache is
+    broadcast on the way in and the KV heads are taken back from the eager presents.
+    """
+    groups = _falcon_groups(model)
     past = [
-        (torch.from_numpy(feeds[f"past_key_values.{i}.key"]), torch.from_numpy(feeds[f"past_key_values.{i}.value"]))
+        tuple(
+            torch.from_numpy(feeds[f"past_key_values.{i}.{part}"]).repeat_interleave(groups, dim=1)
+            for part in ("key", "value")
+        )
         for i in range(layout.num_layers)
     ]
     wrapper = _KVDecoder(model, layout.num_layers)
@@ -234,7 +312,8 @@ def eager_step(model: torch.nn.Module, feeds: dict[str, np.ndarray], layout: Dec
         )
     result = {"logits": to_numpy(out["logits"])}
     for i, (key, value) in enumerate(out["present"]):
-        result[f"present.{i}.key"], result[f"present.{i}.value"] = to_numpy(key), to_numpy(value)
+        result[f"present.{i}.key"] = to_numpy(key[:, ::groups].contiguous())
+        result[f"present.{i}.value"] = to_numpy(value[:, ::groups].contiguous())
     return result
 
 
