@@ -37,7 +37,7 @@ import torch
 
 from adapter.llm.convert import LLMOptions, convert_causal_lm, kl_against_eager
 from adapter.llm.engine import LLMEngine
-from adapter.llm.families import load_causal_lm, write_random_folder
+from adapter.llm.families import load_causal_lm, write_random_folder, write_word_tokenizer
 from adapter.profiles import load_profile
 
 TINYLLAMA = {
@@ -54,22 +54,6 @@ PEER_PACKAGES = {
 WIRED = {"onnxruntime-genai"}
 
 
-def _word_tokenizer(folder: Path, vocab: int) -> None:
-    """A word-level tokenizer over ``vocab`` made-up words (``w3`` ...), saved in ``folder``.
-
-    The random model has no real tokenizer and none may be downloaded; the peers' converters
-    (ONNX Runtime GenAI's builder) load one from the folder, and text prompts need one.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    wrapped.save_pretrained(str(folder))
-
-
 def make_tinyllama(folder: Path, **overrides) -> Path:
     """Write the TinyLlama-shaped random model (BF16 on disk, like the published one) and a
     word-level tokenizer beside it."""
@@ -79,7 +63,7 @@ def make_tinyllama(folder: Path, **overrides) -> Path:
     if not (folder / "config.json").is_file():
         write_random_folder(config, folder, dtype=torch.bfloat16)
     if not (folder / "tokenizer.json").is_file():
-        _word_tokenizer(folder, config.vocab_size)
+        write_word_tokenizer(folder, config.vocab_size)
     return folder
 
 

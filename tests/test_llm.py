@@ -8,6 +8,8 @@ steps must equal the eager model's. Reduced weights are judged by next-token KL.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -20,7 +22,14 @@ from adapter.core.errors import AdapterError, InputMismatchError, SourceError, V
 from adapter.llm.convert import LLMOptions, backend_graph, convert_causal_lm, verify_decoder
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import eager_step, export_decoder
-from adapter.llm.families import FAMILIES, CausalLM, tiny_config, tiny_model, write_random_folder
+from adapter.llm.families import (
+    FAMILIES,
+    CausalLM,
+    tiny_config,
+    tiny_model,
+    write_random_folder,
+    write_word_tokenizer,
+)
 from adapter.llm.generate import Sampling, generate, left_pad
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.weight_only import WeightOnlyQuantize
@@ -239,7 +248,10 @@ def test_left_pad_masks_and_positions():
 
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
-    return write_random_folder(tiny_config("qwen2"), tmp_path_factory.mktemp("hf") / "qwen2-tiny")
+    config = tiny_config("qwen2")
+    folder = write_random_folder(config, tmp_path_factory.mktemp("hf") / "qwen2-tiny")
+    write_word_tokenizer(folder, config.vocab_size)
+    return folder
 
 
 def test_cli_converts_a_folder_and_generates(qwen_folder, tmp_path, cli):
@@ -258,10 +270,33 @@ def test_cli_converts_a_folder_and_generates(qwen_folder, tmp_path, cli):
 
     assert data["tokens"][0] == _eager_greedy(model, [5, 6, 7], 6)
     assert engine.generate([[5, 6, 7]], max_new_tokens=6, stop_at_eos=False).tokens[0] == data["tokens"][0]
+    # text through the bundled tokenizer, in a process that never imports torch
+    script = (
+        "import json, sys\n"
+        "from adapter.llm.engine import LLMEngine\n"
+        f"engine = LLMEngine.load({str(out)!r})\n"
+        "run = engine.generate(texts=['w5 w6 w7'], max_new_tokens=6, stop_at_eos=False)\n"
+        "print(json.dumps({'ids': engine.encode(['w5 w6 w7']), 'tokens': run.tokens, "
+        "'text': engine.decode(run.tokens[0]), 'torch': 'torch' in sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    light = json.loads(done.stdout)
+    assert not light["torch"], light
+    # the Rust tokenizer alone gives what transformers' tokenizer of the engine's folder gives
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    ids = reference("w5 w6 w7")["input_ids"]
+    assert light["ids"] == [ids] and len(ids) > 0, (light, ids)
+    assert light["tokens"][0] == engine.generate([ids], max_new_tokens=6, stop_at_eos=False).tokens[0]
+    assert light["text"] == reference.decode(light["tokens"][0], skip_special_tokens=True), light
+    engine.manifest["tokenizer"], engine._tokenizer = None, None
+    with pytest.raises(InputMismatchError, match="no tokenizer"):
+        engine.encode(["w5"])
     # bad input: one paragraph, non-zero exit, no traceback
     for args, words in [
         (["--prompt-ids", "5,999"], "outside the model's vocabulary"),
-        (["--prompt", "hello"], "no tokenizer"),
         (["--prompt-ids", "5", "--max-new-tokens", "400"], "positions"),
         (["--prompt-ids", "5,x"], "not a list of integers"),
     ]:

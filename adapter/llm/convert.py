@@ -37,9 +37,10 @@ from adapter.core import artifact
 from adapter.core.errors import AdapterError, SourceError, VerificationError
 from adapter.core.verify import Tolerance, compare
 from adapter.llm.engine import KIND
-from adapter.llm.export import DecoderLayout, eager_step, export_decoder
+from adapter.llm.export import eager_step, export_decoder
 from adapter.llm.families import CausalLM, factory_causal_lm, load_causal_lm
 from adapter.llm.generate import generate, left_pad
+from adapter.llm.layout import DecoderLayout
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.weight_only import WeightOnlyQuantize
 from adapter.profiles import load_profile
@@ -357,6 +358,24 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
     raise AssertionError("unreachable: the last rung raises")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _bundle_tokenizer(lm: CausalLM, folder: Path) -> None:
+    """The source folder's tokenizer files as they are (regular files inside the folder; no
+    transformers round trip, which may rebuild a tokenizer from the config's family), else
+    the loaded tokenizer saved by transformers."""
+    source = Path(lm.source)
+    if lm.kind == "huggingface-folder" and (source / "tokenizer.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in _TOKENIZER_FILES:
+            path = source / name
+            if path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(source.resolve()):
+                shutil.copyfile(path, folder / name)
+        return
+    lm.tokenizer.save_pretrained(str(folder))
+
+
 def convert_causal_lm(
     source: str | CausalLM,
     output: Path | str | None = None,
@@ -403,7 +422,7 @@ def convert_causal_lm(
                 item.rename(staged / item.name)
             shutil.rmtree(staged / ".candidates", ignore_errors=True)
         if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(str(staged / "tokenizer"))
+            _bundle_tokenizer(lm, staged / "tokenizer")
         manifest = {
             "adapter_version": artifact.library_versions()["adapter"],
             "kind": KIND,

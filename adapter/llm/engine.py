@@ -11,8 +11,8 @@ from typing import Any
 from adapter.backends import get_backend
 from adapter.core import artifact
 from adapter.core.errors import ArtifactError, InputMismatchError
-from adapter.llm.export import DecoderLayout
 from adapter.llm.generate import Generation, Sampling, generate
+from adapter.llm.layout import DecoderLayout
 
 KIND = "causal-lm"
 
@@ -49,18 +49,29 @@ class LLMEngine:
         """The bundled tokenizer (loaded on first use), or None."""
         name = self.manifest.get("tokenizer")
         if self._tokenizer is None and name:
-            from transformers import AutoTokenizer
+            fast = self.folder / name / "tokenizer.json"
+            if fast.is_file():
+                # the Rust tokenizer alone: transformers would import torch (~0.3 GB resident) into
+                # a process that only generates
+                from tokenizers import Tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder / name), local_files_only=True)
+                self._tokenizer = Tokenizer.from_file(str(fast))
+            else:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder / name), local_files_only=True)
         return self._tokenizer
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.tokenizer is None:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise InputMismatchError(
                 "This engine has no tokenizer (its source folder had none), so it takes token ids only.",
                 "Give --prompt-ids 1,2,3 instead of --prompt.",
             )
-        return [self.tokenizer(text)["input_ids"] for text in texts]
+        if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+            return [e.ids for e in tokenizer.encode_batch(texts)]
+        return [tokenizer(text)["input_ids"] for text in texts]
 
     def decode(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)

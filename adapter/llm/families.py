@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "FAMILIES", "CausalLM", "family_of_config", "is_causal_lm_source", "load_causal_lm", "tiny_config",
-    "tiny_model", "write_random_folder",
+    "tiny_model", "write_random_folder", "write_word_tokenizer",
 ]  # fmt: skip
 
 import json
@@ -204,6 +204,26 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     config = tiny_config(family, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+def write_word_tokenizer(folder: Path | str, vocab: int) -> Path:
+    """Save a word-level tokenizer over ``vocab`` made-up words in ``folder``: ``<unk>`` 0,
+    ``<s>`` 1, ``</s>`` 2, then ``w3`` ... ``w{vocab-1}`` (text ``"w5 w9"`` is ids 5, 9).
+
+    Random models have no real tokenizer and none may be downloaded; text prompts and the
+    peers' converters (ONNX Runtime GenAI's builder) need one.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    transformers = _transformers()
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wrapped = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    wrapped.save_pretrained(str(folder))
+    return Path(folder)
 
 
 def write_random_folder(config, folder: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
