@@ -4,8 +4,9 @@ ONNX Runtime's own quantizer (``MatMulNBitsQuantizer``) does the work: each MatM
 second input is a constant weight becomes ``com.microsoft::MatMulNBits`` with block-wise
 scales (``block_size`` 32/64/128, symmetric or with zero points) and an accuracy level
 (4: INT8 activations, its fastest CPU kernels). Layers named in ``keep`` (the LM head,
-by default) stay FP32. The tool takes and gives a ModelProto; the result replaces the
-graph of the ``ir.Model`` given, so this is an in-place pass.
+by default) stay FP32. The tool takes and gives a ModelProto: it runs on one MatMul at a
+time (a one-node model holding that weight only), and its MatMulNBits replaces the MatMul
+in the ``ir.Model`` given, so memory grows by one weight, never by a copy of the model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ __all__ = ["WeightOnlyQuantize", "matmul_weights"]
 
 import logging
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 
 from adapter.passes.base import CountedPass
@@ -71,26 +74,61 @@ class WeightOnlyQuantize(CountedPass):
             return True
         return self._matches(node, self.keep) or bool(self.only) and not self._matches(node, self.only)
 
-    def apply(self, model: ir.Model) -> dict[str, int]:
+    def _quantized(self, name: str, weight: np.ndarray) -> tuple[dict[str, int], list[ir.Value]]:
+        """ONNX Runtime's quantizer on one MatMul: a one-node model holding only this weight
+        (the whole graph as one ModelProto would hold a second copy of every weight), its
+        MatMulNBits' attributes and constant inputs back."""
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        candidates = matmul_weights(model)
-        for index, node in enumerate(candidates):  # the tool selects nodes by name
-            node.name = node.name or f"matmul_weight_{index}"
-        kept = [n.name for n in candidates if self._kept(n)]
-        if len(kept) == len(candidates):
-            return {"quantized": 0, "kept_fp32": len(kept)}
-        # the tool reads weights from the ModelProto; weights still in external files (relative
-        # to a folder the tool does not know) come into memory first
-        ir.external_data.load_to_model(model)
-        # nodes_to_exclude, not nodes_to_include: ONNX Runtime 1.32's default algorithm ignores the latter
-        quantizer = MatMulNBitsQuantizer(
-            ir.serde.serialize_model(model), bits=self.bits, block_size=self.block_size,
-            is_symmetric=self.symmetric, accuracy_level=self.accuracy_level, nodes_to_exclude=kept,
+        k, n = weight.shape
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
+        one = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [onnx.helper.make_node("MatMul", ["A", name], ["Y"], name="matmul")], "one",
+                [onnx.helper.make_tensor_value_info("A", dtype, ["m", k])],
+                [onnx.helper.make_tensor_value_info("Y", dtype, ["m", n])],
+                [onnx.numpy_helper.from_array(weight, name)],
+            ),
+            opset_imports=[onnx.helper.make_opsetid("", 21)],
         )  # fmt: skip
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        quantizer = MatMulNBitsQuantizer(
+            one, bits=self.bits, block_size=self.block_size, is_symmetric=self.symmetric,
+            accuracy_level=self.accuracy_level,
+        )  # fmt: skip
         quantizer.process()
-        result = ir.serde.deserialize_model(quantizer.model.model)
-        model.graph = result.graph  # the opset imports live on the graph
+        (node,) = quantizer.model.model.graph.node
+        if node.op_type != "MatMulNBits":
+            raise RuntimeError(f"ONNX Runtime's quantizer left '{name}' as {node.op_type}")
+        tensors = {t.name: t for t in quantizer.model.model.graph.initializer}
+        attributes = {a.name: a.i for a in node.attribute}  # K, N, bits, block_size, accuracy_level
+        constants = [ir.val(tensors[i].name, const_value=ir.tensor(onnx.numpy_helper.to_array(tensors[i])))
+                     for i in node.input[1:] if i]  # fmt: skip
+        return attributes, constants
+
+    def apply(self, model: ir.Model) -> dict[str, int]:
+        candidates = matmul_weights(model)
+        for index, node in enumerate(candidates):  # named for the records and the keep/only patterns
+            node.name = node.name or f"matmul_weight_{index}"
+        chosen = [n for n in candidates if not self._kept(n)]
+        if not chosen:
+            return {"quantized": 0, "kept_fp32": len(candidates)}
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        model.opset_imports.setdefault("com.microsoft", 1)
+        done: dict[str, tuple[dict[str, int], list[ir.Value]]] = {}  # a weight shared by MatMuls once
+        for node in chosen:
+            weight = node.inputs[1]
+            if weight.name not in done:
+                # one weight in memory at a time (an external weight is read from its file here)
+                done[weight.name] = self._quantized(weight.name, weight.const_value.numpy())
+                for value in done[weight.name][1]:
+                    model.graph.register_initializer(value)
+            attributes, constants = done[weight.name]
+            packed = ir.node(
+                "MatMulNBits", [node.inputs[0], *constants], attributes, domain="com.microsoft",
+                name=node.name, metadata_props=dict(node.metadata_props),
+            )  # fmt: skip
+            ir.convenience.replace_nodes_and_values(model.graph, node, [node], [packed], node.outputs, packed.outputs)
+            if not weight.uses() and weight.name in model.graph.initializers:
+                del model.graph.initializers[weight.name]
         left = len(matmul_weights(model))
         return {"quantized": len(candidates) - left, "kept_fp32": left}

@@ -350,6 +350,7 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
             if ends == ladder[-1] or options.weights == "fp32":
                 raise
             attempts.append({"int8_end_blocks": ends, "error": str(exc)})
+            del session  # the next rung's build must not sit beside this engine's weights
             continue
         verification["attempts"] = attempts
         speed = _decode_speed(session, layout) if options.benchmark else None
