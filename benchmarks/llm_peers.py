@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-tinyllama", type=Path, help="write the TinyLlama-shaped random model here and stop")
     parser.add_argument("--weights", default="fp32,int8,int4")
     parser.add_argument("--backends", default="onnxruntime,openvino")
+    parser.add_argument(
+        "--pairs",
+        default="",
+        help="backend:weights pairs instead of every --backends x --weights (onnxruntime:int4,openvino:bf16)",
+    )
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
@@ -191,21 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     profile = load_profile("host")
     engines, sizes, converts, checks = [], {}, {}, {}
-    for backend in args.backends.split(","):
-        for weights in args.weights.split(","):
-            budget = "" if args.kl_budget == 0.05 else f"-kl{args.kl_budget:g}"
-            out = args.engines / f"{args.model.name}-{backend}-{weights}{budget}"
-            if not (out / "manifest.json").is_file():
-                started = time.perf_counter()
-                options = LLMOptions(
-                    backend=backend, weights=weights, threads=args.threads, kl_budget=args.kl_budget, benchmark=False
-                )
-                convert_causal_lm(str(args.model), out, options)
-                converts[f"{backend} {weights}"] = time.perf_counter() - started
-            name = f"adapter {backend} {weights}" + (f" (KL budget {args.kl_budget:g})" if budget else "")
-            engines.append(Adapter(out, name))
-            sizes[name] = _disk_bytes(out)
-            checks[name] = engines[-1].engine.manifest["verification"]
+    pairs = [tuple(p.split(":", 1)) for p in args.pairs.split(",") if p] or [
+        (b, w) for b in args.backends.split(",") for w in args.weights.split(",")
+    ]
+    for backend, weights in pairs:
+        budget = "" if args.kl_budget == 0.05 else f"-kl{args.kl_budget:g}"
+        out = args.engines / f"{args.model.name}-{backend}-{weights}{budget}"
+        if not (out / "manifest.json").is_file():
+            started = time.perf_counter()
+            options = LLMOptions(
+                backend=backend, weights=weights, threads=args.threads, kl_budget=args.kl_budget, benchmark=False
+            )
+            convert_causal_lm(str(args.model), out, options)
+            converts[f"{backend} {weights}"] = time.perf_counter() - started
+        name = f"adapter {backend} {weights}" + (f" (KL budget {args.kl_budget:g})" if budget else "")
+        engines.append(Adapter(out, name))
+        sizes[name] = _disk_bytes(out)
+        checks[name] = engines[-1].engine.manifest["verification"]
     installed = importlib.util.find_spec("onnxruntime_genai") is not None
     for precision in [p for p in args.ort_genai.split(",") if p and installed]:
         peer = OrtGenAI(args.model, args.engines / f"{args.model.name}-ort-genai-{precision}", precision, args.threads)

@@ -18,6 +18,7 @@ PRELOAD = [
     "onnxscript",
     "onnxruntime",
     "adapter.cli.main",
+    "adapter.cli.commands",
     "adapter.converter.api",
     "adapter.converter.importer",
     "adapter.backends.onnxruntime",

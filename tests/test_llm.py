@@ -270,18 +270,23 @@ def test_cli_converts_a_folder_and_generates(qwen_folder, tmp_path, cli):
 
     assert data["tokens"][0] == _eager_greedy(model, [5, 6, 7], 6)
     assert engine.generate([[5, 6, 7]], max_new_tokens=6, stop_at_eos=False).tokens[0] == data["tokens"][0]
-    # text through the bundled tokenizer, in a process that never imports torch
+    # text through the bundled tokenizer, in processes that never import torch: the API's,
+    # and the command line's (which loads only the command it runs)
+    report = tmp_path / "light.json"
     script = (
         "import json, sys\n"
         "from adapter.llm.engine import LLMEngine\n"
+        "from adapter.cli.main import main\n"
         f"engine = LLMEngine.load({str(out)!r})\n"
         "run = engine.generate(texts=['w5 w6 w7'], max_new_tokens=6, stop_at_eos=False)\n"
-        "print(json.dumps({'ids': engine.encode(['w5 w6 w7']), 'tokens': run.tokens, "
-        "'text': engine.decode(run.tokens[0]), 'torch': 'torch' in sys.modules}))\n"
+        f"code = main(['generate', {str(out)!r}, '--prompt', 'w5 w6 w7', '--max-new-tokens', '6', '--ignore-eos', '--json'])\n"
+        f"open({str(report)!r}, 'w').write(json.dumps({{'ids': engine.encode(['w5 w6 w7']), 'tokens': run.tokens, "
+        "'text': engine.decode(run.tokens[0]), 'code': code, 'torch': 'torch' in sys.modules}))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    light = json.loads(done.stdout)
+    light = json.loads(report.read_text())
+    assert light["code"] == 0 and json.loads(done.stdout)["tokens"] == light["tokens"], done.stdout
     assert not light["torch"], light
     # the Rust tokenizer alone gives what transformers' tokenizer of the engine's folder gives
     from transformers import AutoTokenizer

@@ -1,13 +1,14 @@
-"""``adapter generate`` and the causal-LM side of ``adapter convert``.
+"""``adapter generate``, and the report of a causal-LM engine.
 
-Registered on the main CLI with ``cli.add_command(generate)``; errors are
+Loaded by the main CLI when invoked; it imports no torch (generating needs none, and torch
+holds ~0.3 GB resident). Errors are
 :class:`adapter.core.errors.AdapterError` and reach ``adapter.cli.main.main``, which prints
 them as one paragraph.
 """
 
 from __future__ import annotations
 
-__all__ = ["generate", "convert_llm", "render_llm_manifest", "parse_ids"]
+__all__ = ["generate", "render_llm_manifest", "parse_ids"]
 
 import json
 from pathlib import Path
@@ -20,7 +21,6 @@ from rich.table import Table
 
 from adapter.cli.console import err, out
 from adapter.core.errors import InputMismatchError
-from adapter.llm.convert import LLMOptions, convert_causal_lm
 from adapter.llm.engine import LLMEngine
 from adapter.llm.generate import Sampling
 
@@ -85,28 +85,6 @@ def render_llm_manifest(console: Console, manifest: dict[str, Any], seconds: flo
             _fmt(speed.get("decode_tokens_per_s"), 4), result,
         )  # fmt: skip
     console.print(table)
-
-
-def convert_llm(source, output, target, backend, weights, group_size, symmetric, kl_budget, no_bench, as_json):
-    """The ``adapter convert`` path for causal LMs (called by the convert command)."""
-    options = LLMOptions(
-        target=target,
-        backend=backend,
-        weights=weights or "fp32",
-        group_size=group_size,
-        symmetric=symmetric,
-        kl_budget=kl_budget,
-        benchmark=not no_bench,
-    )
-    with err.status("converting…") as status:
-        result = convert_causal_lm(source, output, options, progress=lambda s: status.update(f"{s}…"))
-    if as_json:
-        out.print_json(
-            json.dumps({"artifact": str(result.path), "seconds": result.seconds, "manifest": result.manifest})
-        )
-        return
-    out.print(f"[bold green]converted and verified[/]: {result.path}")
-    render_llm_manifest(out, result.manifest, result.seconds)
 
 
 @click.command()
