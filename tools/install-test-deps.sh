@@ -23,3 +23,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 pip install -q -e '.[dev]'
+# The emulated arm64 machine's root filesystem (debootstrap, then numpy/onnxruntime/apache-tvm
+# installed inside it under qemu), built once into adapter's cache: the edge and TVM aarch64
+# tests run artifacts in it. A failure here is not fatal: those tests build it or say why.
+if [ "$(id -u)" -eq 0 ] && command -v qemu-aarch64 >/dev/null && command -v debootstrap >/dev/null; then
+  python -c "from adapter.backends._arm64 import ensure_rootfs; ensure_rootfs(say=lambda m: None)" \
+    || echo "install-test-deps: the arm64 root filesystem did not build; the arm64 tests will retry and say why." >&2
+fi
