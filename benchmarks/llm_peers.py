@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             converts[f"{backend} {weights}"] = time.perf_counter() - started
         name = f"adapter {backend} {weights}" + (f" (KL budget {args.kl_budget:g})" if budget else "")
         engines.append(Adapter(out, name))
-        sizes[name] = _disk_bytes(out)
+        # bytes read per token: a BF16 engine is saved in FP32 and computes on BF16 copies
+        sizes[name] = _disk_bytes(out) // (2 if weights == "bf16" else 1)
         checks[name] = engines[-1].engine.manifest["verification"]
     installed = importlib.util.find_spec("onnxruntime_genai") is not None
     for precision in [p for p in args.ort_genai.split(",") if p and installed]:
