@@ -113,6 +113,43 @@ def test_left_padded_batch_equals_each_prompt_alone(llama, backend, passes, tmp_
     assert together == alone
 
 
+def test_openvino_keeps_the_cache_as_state_and_fuses_norm_and_rotary(llama, tmp_path):
+    """OpenVINO's decoder: the past is no input (ReadValue/Assign per layer and part, the CPU
+    plugin's MemoryInput/MemoryOutput), RMSNorm and rotary fused by the plugin (RMS, RoPE: its
+    x86-64 kernels need AVX2, which every CI class has); its steps equal eager PyTorch's
+    logits. Attention is not fused (no ScaledAttn): the exporter's shape arithmetic around
+    it keeps OpenVINO's SDPA pattern from matching."""
+    import openvino as ov
+
+    model, graph, layout = llama
+    session = _session("openvino", graph, layout, tmp_path, kv_precision="f32")
+    names = {p.get_any_name() for p in session.compiled.inputs}
+    assert names == {"input_ids", "attention_mask", "position_ids"}, names
+    saved = ov.Core().read_model(str(tmp_path / "decoder.xml"))
+    ops = Counter(op.get_type_name() for op in saved.get_ordered_ops())
+    assert ops["ReadValue"] == ops["Assign"] == 2 * layout.num_layers, ops
+    runtime = Counter(op.get_rt_info()["layerType"].astype(str) for op in session.compiled.get_runtime_model().get_ordered_ops())
+    assert runtime["MemoryInput"] == runtime["MemoryOutput"] == 2 * layout.num_layers, runtime
+    assert runtime["RMS"] == 2 * layout.num_layers + 1 and runtime["RoPE"] == 2 * layout.num_layers, runtime
+    ids, mask, positions = left_pad([[5, 6, 7, 8, 9], [20, 21]], 0)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for name in layout.past_names():
+        feeds[name] = np.zeros(layout.cache_shape(2, 0), np.float32)
+    session.start(2, 16)
+    for _ in range(3):
+        got = session.step(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"])
+        want = eager_step(model, feeds, layout)
+        valid = feeds["attention_mask"][:, -got.shape[1] :].astype(bool)
+        assert np.abs(got[valid] - want["logits"][valid]).max() < 1e-4
+        nxt = want["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        feeds = {
+            "input_ids": nxt,
+            "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((2, 1), np.int64)], axis=1),
+            "position_ids": feeds["position_ids"][:, -1:] + 1,
+            **{p: want[q] for p, q in zip(layout.past_names(), layout.present_names())},
+        }
+
+
 def test_gqa_fusion_writes_the_cache_in_place_and_keeps_the_numbers(llama, tmp_path):
     """fusion-ort-decoder: per layer one GroupQueryAttention over the past buffer and packed
     projections; the engine
