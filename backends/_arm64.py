@@ -70,7 +70,7 @@ QEMU 7.2 (cosine 0.54 against numpy; right with sve=off) -- a Pi 5 has no SVE an
 QEMU_CPUS = ("cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1", "a64fx", "max")
 """CPU models QEMU 7.2's qemu-aarch64 knows (``qemu-aarch64 -cpu help``)."""
 
-_KINDS = ("ort", "tvm")
+_KINDS = ("ort", "tvm", "ort-generate")
 _TAIL_LINES = 15
 
 
@@ -408,8 +408,10 @@ def run_artifact(
     Args:
         rootfs: A root filesystem from :func:`ensure_rootfs`.
         folder: The engine's folder (copied into the root's /tmp for the run).
-        spec: ``{"kind": "ort" | "tvm", "model": file relative to folder, "inputs": names in
-            call order, "outputs": names}``.
+        spec: ``{"kind": "ort" | "tvm" | "ort-generate", "model": file relative to folder,
+            "inputs": names in call order, "outputs": names}``; ``ort-generate`` (a decoder,
+            greedy) also takes ``"generate": {"past": names, "present": names, "cache":
+            [kv_heads, head_dim], "steps": new tokens}`` and one input, the prompt's ids.
         inputs: Arrays by input name.
         timeout: Seconds before the emulator is killed.
         cpu: QEMU CPU model to emulate (one of :data:`QEMU_CPUS`); the Pi 5's core by default.
@@ -435,7 +437,7 @@ def run_artifact(
         shutil.copytree(folder, work / "engine", symlinks=False)
         np.savez(work / "inputs.npz", **{f"i{k}": np.asarray(inputs[name]) for k, name in enumerate(names)})
         job = {"kind": spec["kind"], "model": str(Path("engine") / spec["model"]), "inputs": names,
-               "outputs": list(spec.get("outputs", []))}
+               "outputs": list(spec.get("outputs", [])), "generate": spec.get("generate")}
         (work / "job.json").write_text(json.dumps(job))
         shutil.copy2(RUNNER, work / "runner.py")
         cmd = _emulated(rootfs, str(work / "runner.py"), str(work), cpu=cpu)

@@ -2,7 +2,9 @@
 
 Usage: ``python3 runner.py WORKDIR``. WORKDIR holds ``job.json`` (kind, model, input and
 output names), ``inputs.npz`` (arrays ``i0``, ``i1``, ... in call order) and the engine's
-files. Writes ``machine.json`` (what machine this ran on) first, then ``out.npz`` (arrays
+files. Kind ``ort-generate`` runs a decoder greedily instead: ``i0`` is the prompt's token
+ids, ``job["generate"]`` names the cache inputs/outputs and gives its shape and the number
+of new tokens; the output is those tokens. Writes ``machine.json`` (what machine this ran on) first, then ``out.npz`` (arrays
 ``o0``, ``o1``, ...) with ``outputs.json`` naming them. This file must not import adapter.
 """
 
@@ -48,6 +50,33 @@ def _run_ort(model: Path, names: list[str], args: list[np.ndarray], outputs: lis
     return session.run(wanted, dict(zip(names, args))), wanted
 
 
+def _generate_ort(model: Path, job: dict, prompt: np.ndarray) -> tuple[list, list[str]]:
+    """Greedy decoding, one sequence, the cache concatenated by the graph (past -> present)."""
+    import onnxruntime as ort
+
+    spec = job["generate"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    heads, head_dim = spec["cache"]
+    past = {name: np.zeros((1, heads, 0, head_dim), np.float32) for name in spec["past"]}
+    ids = prompt.astype(np.int64)[None]
+    tokens: list[int] = []
+    for _ in range(int(spec["steps"])):
+        length = sum(len(t) for t in (prompt, tokens))
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, length), np.int64),
+            "position_ids": np.arange(length - ids.shape[1], length, dtype=np.int64)[None],
+            **past,
+        }
+        logits, *present = session.run(["logits", *spec["present"]], feed)
+        tokens.append(int(logits[0, -1].argmax()))
+        past = dict(zip(spec["past"], present))
+        ids = np.array([[tokens[-1]]], np.int64)
+    return [np.array(tokens, np.int64)], ["tokens"]
+
+
 def _run_tvm(model: Path, args: list[np.ndarray], outputs: list[str]) -> tuple[list, list[str]]:
     import tvm
     from tvm import relax
@@ -74,6 +103,11 @@ def main(work: Path) -> int:
 
         machine["onnxruntime"] = onnxruntime.__version__
         arrays, names = _run_ort(model, job["inputs"], args, job["outputs"])
+    elif job["kind"] == "ort-generate":
+        import onnxruntime
+
+        machine["onnxruntime"] = onnxruntime.__version__
+        arrays, names = _generate_ort(model, job, args[0])
     elif job["kind"] == "tvm":
         import tvm
 

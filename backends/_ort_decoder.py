@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,13 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
 class OrtDecoder:
     """An ONNX Runtime session over the decoder graph and the running batch's cache."""
 
-    def __init__(self, folder: Path, config: dict[str, Any], layout: Any) -> None:
+    def __init__(
+        self, folder: Path, config: dict[str, Any], layout: Any, vet: Callable[[Path], Any] = _safety.check_onnx_file
+    ) -> None:
         import onnxruntime as ort
 
         path = Path(folder) / config["model_file"]
-        _safety.check_onnx_file(path)
+        vet(path)  # an ONNX file's graph and external data locations, or an ORT-format file's header
         try:
             self.session = ort.InferenceSession(
                 str(path), _options(config.get("threads", 1)), providers=["CPUExecutionProvider"]

@@ -15,7 +15,10 @@ runs through :meth:`Engine.stand_in`, an ONNX Runtime CPU session over the same
 
 from __future__ import annotations
 
-__all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine", "HostEngine"]
+__all__ = [
+    "NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine", "HostEngine", "DECODER",
+    "generate_arm64",
+]  # fmt: skip
 
 import os
 import shutil
@@ -31,6 +34,7 @@ import onnx_ir as ir
 
 from adapter.backends import _arm64
 from adapter.backends import onnxruntime as ort_backend
+from adapter.backends._ort_decoder import OrtDecoder
 from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import initializer_bytes, save_model
@@ -155,17 +159,13 @@ def check_ort_file(path: Path) -> None:
                            "Rebuild the engine with the edge backend.")
 
 
-def compile(
-    model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path
-) -> Engine:
-    """Convert the model to ORT format for the profile's platform; keep the ``.ort`` and operator config."""
-    _check_options(options)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def _to_ort(model: ir.Model, workdir: Path, name: str, options: Options) -> tuple[int, str]:
+    """Save ``model``, convert it to ``workdir/name`` (ORT format) and write the operator
+    configuration beside it; return the ONNX bytes and the name the tool gave the config."""
     scratch = Path(tempfile.mkdtemp(prefix=".edge-", dir=workdir))
     try:
         onnx_files = save_model(model, scratch / "model.onnx")
-        onnx_bytes = sum((scratch / name).stat().st_size for name in onnx_files)
+        onnx_bytes = sum((scratch / f).stat().st_size for f in onnx_files)
         _convert(scratch / "model.onnx", scratch / "out", options)
         converted = sorted((scratch / "out").glob("*.ort"))
         configs = sorted((scratch / "out").glob("*.config"))
@@ -175,11 +175,21 @@ def compile(
                                f"Check the onnxruntime version ({version()}).")
         check_ort_file(converted[0])
         (scratch / "out" / CONFIG_FILE).write_text(_relative_config(configs[0].read_text()))
-        tool_config_name = configs[0].name
-        os.replace(converted[0], workdir / ORT_FILE)
+        os.replace(converted[0], workdir / name)
         os.replace(scratch / "out" / CONFIG_FILE, workdir / CONFIG_FILE)
+        return onnx_bytes, configs[0].name
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def compile(
+    model: ir.Model, profile: Any, options: Options, specs: tuple[list[TensorSpec], list[TensorSpec]], workdir: Path
+) -> Engine:
+    """Convert the model to ORT format for the profile's platform; keep the ``.ort`` and operator config."""
+    _check_options(options)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_bytes, tool_config_name = _to_ort(model, workdir, ORT_FILE, options)
     ops = [line for line in (workdir / CONFIG_FILE).read_text().splitlines() if line and not line.startswith("#")]
     config: dict[str, Any] = {
         **asdict(options),
@@ -283,5 +293,61 @@ class Engine(EngineBase):
 
 
 CAPTURE = None
-DECODER = None  # no generation engines yet
 """The profiler hook (None: this backend's engines cannot be profiled per node)."""
+
+DECODER_FILE = "decoder.ort"
+
+
+class _Decoder:
+    """Generation engines for ARM boards (the ``DecoderBuilder`` contract).
+
+    The exported decoder as it is (plain ONNX ops; the graph concatenates each layer's past
+    and new keys/values into ``present``), weight-only INT4/INT8 as ``MatMulNBits``,
+    converted to the ORT format like the encoders. On this machine the same ``.ort`` file
+    runs as the stand-in (:class:`~adapter.backends._ort_decoder.OrtDecoder`, cache
+    ``concat``); :func:`generate_arm64` decodes with it on the emulated ARM64 machine.
+    """
+
+    PASSES: tuple[str, ...] = ()
+    WEIGHTS = frozenset({"fp32", "int8", "int4"})
+    QUANTIZE_IN_GRAPH = frozenset({"int8", "int4"})
+    WEIGHT_DEFAULTS = {"block_size": 32, "symmetric": True}
+
+    @staticmethod
+    def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _to_ort(model, workdir, DECODER_FILE, Options())
+        return {"model_file": DECODER_FILE, "files": [DECODER_FILE, CONFIG_FILE], "kv_cache": "concat",
+                "arch": _ARCH["arm"], **settings}  # fmt: skip
+
+    @staticmethod
+    def load(folder: Path, config: dict[str, Any], layout: Any) -> OrtDecoder:
+        return OrtDecoder(folder, config, layout, vet=check_ort_file)
+
+
+DECODER = _Decoder
+
+
+def generate_arm64(
+    folder: Path,
+    config: dict[str, Any],
+    layout: Any,
+    prompt: list[int],
+    steps: int,
+    rootfs: Path | None = None,
+    timeout: float = 600,
+    info: dict[str, Any] | None = None,
+) -> list[int]:
+    """Greedy tokens of an edge decoder engine on the emulated ARM64 machine (slow; for checks)."""
+    spec = {
+        "kind": "ort-generate",
+        "model": config["model_file"],
+        "inputs": ["prompt"],
+        "outputs": ["tokens"],
+        "generate": {"past": layout.past_names(), "present": layout.present_names(),
+                     "cache": [layout.kv_heads, layout.head_dim], "steps": int(steps)},
+    }  # fmt: skip
+    root = _arm64.ensure_rootfs(rootfs)
+    out = _arm64.run_artifact(root, Path(folder), spec, {"prompt": np.asarray(prompt, np.int64)}, timeout, info=info)
+    return [int(t) for t in out["tokens"]]

@@ -17,9 +17,9 @@ import onnx_ir as ir
 import onnxruntime
 import pytest
 
-from adapter.backends import get_backend
+from adapter.backends import _arm64, edge, get_backend
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
-from adapter.llm.convert import LLMOptions, backend_graph, convert_causal_lm, verify_decoder
+from adapter.llm.convert import LLMOptions, _eager_greedy, backend_graph, convert_causal_lm, verify_decoder
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import eager_step, export_decoder
 from adapter.llm.families import (
@@ -35,6 +35,8 @@ from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.weight_only import WeightOnlyQuantize
 
 pytestmark = pytest.mark.slow
+
+ARM64_ROOTFS = _arm64.default_rootfs()  # the user's cache, resolved before conftest's per-session one
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -82,6 +84,29 @@ def test_falcon_caches_its_kv_heads_not_the_broadcast():
     for name in ("logits", *layout.present_names()):
         assert got[name].shape == expected[name].shape, name
         np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.arm64
+@pytest.mark.skipif(_arm64.available() is not None, reason=str(_arm64.available()))
+def test_edge_decoder_generates_on_emulated_arm64_as_eager(tmp_path):
+    """The Raspberry Pi 5 profile's edge backend: its ORT-format decoder is verified through
+    its x86 stand-in, then decodes 32 greedy tokens on the emulated ARM64 machine equal to
+    eager PyTorch's."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    lm = CausalLM(model, "llama", "tiny-llama", "factory")
+    result = convert_causal_lm(lm, tmp_path / "e", LLMOptions(target="arm-cortex-a76", backend="edge", benchmark=False))
+    backend = result.manifest["backend"]
+    assert backend["name"] == "edge" and backend["config"]["kv_cache"] == "concat", backend
+    assert backend["config"]["model_file"] == "decoder.ort" and backend["config"]["arch"] == "aarch64"
+    assert result.manifest["verification"]["greedy"]["equal"], result.manifest["verification"]
+    engine = LLMEngine.load(tmp_path / "e")
+    prompt = [5, 6, 7, 8, 9]
+    info: dict = {}
+    on_arm = edge.generate_arm64(tmp_path / "e", backend["config"], engine.layout, prompt, 32,
+                                 rootfs=ARM64_ROOTFS, info=info)  # fmt: skip
+    assert info["machine"] == "aarch64" and info["onnxruntime"] == edge.version(), info
+    assert on_arm == _eager_greedy(model, prompt, 32)
+    assert on_arm == engine.generate([prompt], max_new_tokens=32, stop_at_eos=False).tokens[0]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from adapter.backends import auto_backends, get_backend
+from adapter.backends import BACKENDS, auto_backends, get_backend
 from adapter.backends.base import threads_for
 from adapter.converter.api import ConvertResult, default_output
 from adapter.core import artifact
@@ -239,7 +239,9 @@ def _candidates(options: LLMOptions, profile) -> list[str]:
             if options.backend not in (None, "auto"):
                 raise AdapterError(
                     f"The {name} backend builds no generation engines yet.",
-                    "Use --backend onnxruntime or --backend openvino.",
+                    "Use "
+                    + " or ".join(f"--backend {n}" for n, b in BACKENDS.items() if b.DECODER is not None)
+                    + ".",
                 )
             continue
         if options.weights not in backend.DECODER.WEIGHTS:
@@ -350,7 +352,7 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
             if ends == ladder[-1] or options.weights == "fp32":
                 raise
             attempts.append({"int8_end_blocks": ends, "error": str(exc)})
-            del session  # the next rung's build must not sit beside this engine's weights
+            session = None  # the next rung's build must not sit beside this engine's weights
             continue
         verification["attempts"] = attempts
         speed = _decode_speed(session, layout) if options.benchmark else None
