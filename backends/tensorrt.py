@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends import _tensorrt_decoder
 from adapter.backends import _tensorrt_scripts as scripts
 from adapter.backends._recipe import (
     check_onnx,
@@ -459,5 +460,6 @@ class _PlanRunner:
 
 
 CAPTURE = None
-DECODER = None  # no generation engines yet
 """The profiler hook (None: this backend's engines cannot be profiled per node)."""
+DECODER = _tensorrt_decoder
+"""Generation engines: the decoder's TensorRT recipe with KV-cache optimization profiles."""

@@ -109,6 +109,36 @@ def test_edge_decoder_generates_on_emulated_arm64_as_eager(tmp_path):
     assert on_arm == engine.generate([prompt], max_new_tokens=32, stop_at_eos=False).tokens[0]
 
 
+def test_tensorrt_decoder_recipe_has_kv_profiles_and_matches_eager(tmp_path):
+    """The H100 profile's TensorRT decoder: a standard-domain decoder.onnx (GQA kept: 2 KV
+    heads in the profiles), two optimization profiles over the context (any step, prefill),
+    build.py/build.sh, and its stand-in (ONNX Runtime CPU over the same file) equal to eager."""
+    import onnx
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    lm = CausalLM(model, "llama", "tiny-llama", "factory")
+    options = LLMOptions(target="nvidia-h100", backend="tensorrt", benchmark=False)
+    result = convert_causal_lm(lm, tmp_path / "e", options)
+    config = result.manifest["backend"]["config"]
+    assert result.manifest["backend"]["name"] == "tensorrt" and not config["engine_built"], config
+    assert result.manifest["verification"]["greedy"]["equal"], result.manifest["verification"]
+    proto = onnx.load(str(tmp_path / "e" / "decoder.onnx"))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    layout = LLMEngine.load(tmp_path / "e").layout
+    profiles = json.loads((tmp_path / "e" / "profiles.json").read_text())["profiles"]
+    assert len(profiles) == 2
+    context = layout.max_positions
+    step, prefill = (p["inputs"] for p in profiles)
+    for name in layout.past_names():
+        assert step[name]["min"] == [1, 2, 0, layout.head_dim] and step[name]["max"] == [8, 2, context - 1, layout.head_dim]
+        assert prefill[name]["max"][2] == 0
+    assert step["input_ids"]["opt"] == [1, 1] and prefill["input_ids"]["max"] == [8, context]
+    for phase in (step, prefill):  # the mask spans past + new at the opt shapes
+        assert phase["attention_mask"]["opt"][1] == phase["input_ids"]["opt"][1] + phase["past_key_values.0.key"]["opt"][2]
+    assert all(f"{name}:" in " ".join(config["trtexec"]) for name in layout.past_names())
+    assert "--minShapes=" in " ".join(config["trtexec"])
+
+
 @pytest.fixture(scope="module")
 def llama():
     """A tiny Llama (GQA 4:2) exported once, canonicalized, for the engine tests."""

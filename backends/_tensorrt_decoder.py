@@ -1,0 +1,128 @@
+"""TensorRT generation engines: the decoder's TensorRT-ready ONNX and its build recipe.
+
+``build`` writes ``decoder.onnx`` (standard domain only, opset at most the parser's, the
+cache concatenated in the graph: ``past_key_values.<i>.*`` in, ``present.<i>.*`` out) with
+``profiles.json``, ``build.py``, ``build.sh`` and ``README.md`` from the encoder recipe's
+generator. The KV inputs get two optimization profiles over one context window:
+
+* profile 0, any step (the decode loop's shapes are its opt): new tokens 1..context,
+  past 0..context-1, the mask's total length 1..context;
+* profile 1, prefill: the prompt 1..context with an empty past.
+
+trtexec takes one profile, so ``build.sh`` builds profile 0, which covers both phases;
+``build.py`` builds both. TensorRT's runtime cannot be installed on this machine, so no
+plan is built here and the session is ONNX Runtime's CPU provider over the same
+``decoder.onnx`` (:class:`~adapter.backends._ort_decoder.OrtDecoder`, cache ``concat``):
+verification checks the graph TensorRT would build, not the GPU's numerics.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "decoder_profiles", "build", "load"]
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from adapter.backends import _tensorrt_scripts as scripts
+from adapter.backends._ort_decoder import OrtDecoder
+from adapter.backends._recipe import check_onnx, prepare_graph, standard_domain_problems, write_atomic
+from adapter.core.errors import UnsupportedOpsError
+from adapter.core.onnx_io import save_model
+
+MODEL_FILE = "decoder.onnx"
+PROFILES_FILE = "profiles.json"
+BUILD_FILE = "build.py"
+SHELL_FILE = "build.sh"
+README_FILE = "README.md"
+PASSES: tuple[str, ...] = ()
+"""None: TensorRT fuses itself, and its parser reads the standard domain only."""
+WEIGHTS = frozenset({"fp32"})
+"""FP32 graphs; TensorRT's weight-only INT4 (blocked DequantizeLinear) is not written yet."""
+QUANTIZE_IN_GRAPH: frozenset[str] = frozenset()
+WEIGHT_DEFAULTS = {"block_size": 128, "symmetric": True}
+MAX_BATCH = 8
+"""The profiles' largest batch."""
+OPT_PROMPT = 128
+OPT_PAST = 256
+
+
+def _input(dims: list[str | int], low: list[int], opt: list[int], high: list[int]) -> dict[str, Any]:
+    names = [d if isinstance(d, str) else None for d in dims]
+    return {"dtype": None, "dynamic": any(names), "dims": names, "min": low, "opt": opt, "max": high}
+
+
+def decoder_profiles(layout: Any, max_batch: int = MAX_BATCH, context: int | None = None) -> dict[str, Any]:
+    """``profiles.json`` for a decoder: per profile and input, min/opt/max shapes (see the module)."""
+    context = int(context or layout.max_positions)
+    opt_batch = 1
+    heads, head = layout.kv_heads, layout.head_dim
+    prompt = min(OPT_PROMPT, context)
+    past = min(OPT_PAST, context - 1)
+
+    def step(seq: tuple[int, int, int], cache: tuple[int, int, int]) -> dict[str, Any]:
+        total = tuple(max(1, s + c) for s, c in zip(seq, cache))
+        total = (total[0], total[1], min(context, total[2]))
+        entry = {
+            "input_ids": _input(["batch", "sequence"], [1, seq[0]], [opt_batch, seq[1]], [max_batch, seq[2]]),
+            "attention_mask": _input(["batch", "total"], [1, total[0]], [opt_batch, total[1]], [max_batch, total[2]]),
+            "position_ids": _input(["batch", "sequence"], [1, seq[0]], [opt_batch, seq[1]], [max_batch, seq[2]]),
+        }
+        for name in layout.past_names():
+            entry[name] = _input(
+                ["batch", heads, "past", head],
+                [1, heads, cache[0], head], [opt_batch, heads, cache[1], head], [max_batch, heads, cache[2], head],
+            )  # fmt: skip
+        for spec in entry.values():
+            spec["dtype"] = "float32"
+        for name in ("input_ids", "attention_mask", "position_ids"):
+            entry[name]["dtype"] = "int64"
+        return {"inputs": entry}
+
+    return {
+        "profiles": [step((1, 1, context), (0, past, context - 1)), step((1, prompt, context), (0, 0, 0))],
+        "dims": {"batch": {"min": 1, "opt": opt_batch, "max": max_batch}, "context": context},
+    }
+
+
+def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write the TensorRT-ready decoder and its recipe (see the module); returns the config.
+
+    Raises:
+        UnsupportedOpsError: Nodes outside the standard domain (TensorRT's parser reads no other).
+    """
+    graph = prepare_graph(model)
+    refused = standard_domain_problems(graph, "TensorRT's ONNX parser reads the standard domain only")
+    if refused:
+        raise UnsupportedOpsError("tensorrt", refused, "Build this decoder with another backend (--backend).")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = save_model(graph, workdir / MODEL_FILE)
+    check_onnx(workdir / MODEL_FILE)
+    profiles = decoder_profiles(layout)
+    recipe = scripts.BuildSettings(MODEL_FILE, (), False, 3, 0, False, profiles)
+    note = (
+        "No TensorRT engine was built: TensorRT's runtime is not installed here. Build it on the target "
+        f"with: python {BUILD_FILE} (both profiles) or the trtexec line in {SHELL_FILE} (profile 0)."
+    )
+    write_atomic(workdir / PROFILES_FILE, json.dumps(profiles, indent=2) + "\n")
+    write_atomic(workdir / BUILD_FILE, scripts.build_script(recipe))
+    write_atomic(workdir / SHELL_FILE, scripts.shell_script(recipe))
+    (workdir / SHELL_FILE).chmod(0o755)
+    write_atomic(workdir / README_FILE, scripts.readme(recipe, note))
+    return {
+        "model_file": MODEL_FILE,
+        "files": [*files, PROFILES_FILE, BUILD_FILE, SHELL_FILE, README_FILE],
+        "kv_cache": "concat",
+        "engine_built": False,
+        "trtexec": scripts.trtexec_args(recipe),
+        "note": note,
+        **settings,
+    }
+
+
+def load(folder: Path, config: dict[str, Any], layout: Any) -> OrtDecoder:
+    """ONNX Runtime's CPU provider over ``decoder.onnx``: the stand-in for the GPU engine."""
+    return OrtDecoder(folder, config, layout)
