@@ -58,11 +58,12 @@ EXTRAS = {
         "apache-tvm==0.27.0.post1",
         "psutil==7.2.2",
         "nvidia-cuda-cuobjdump==13.2.86",
-        # the LLM benchmark's ONNX Runtime GenAI peer (benchmarks/llm_peers.py, its smoke test)
+        # the LLM benchmark's ONNX Runtime GenAI and CTranslate2 peers (benchmarks/llm_peers.py, its smoke test)
         "onnxruntime-genai==0.18.0",
+        "ctranslate2==4.8.5",
     ],
     # peers of benchmarks/llm_peers.py that install from PyPI beside the pinned onnxruntime
-    "peers": ["onnxruntime-genai==0.18.0"],
+    "peers": ["onnxruntime-genai==0.18.0", "ctranslate2==4.8.5"],
 }
 
 setup(

@@ -16,8 +16,10 @@ read per token over the host's probed memory bandwidth as the decode bound.
 
 ONNX Runtime GenAI (``pip install onnxruntime-genai==0.18.0``) runs when installed: its
 model builder converts the same folder (INT4 and FP32, cached beside adapter's engines).
-The other peers (OpenVINO GenAI, CTranslate2, llama.cpp) are listed as not installed when
-they are absent, or as not wired in yet when they are; rows for them are not made up.
+CTranslate2 (``pip install ctranslate2==4.8.5``) runs when installed: its Transformers
+converter writes INT8 and BF16 models of the same folder. The other peers (OpenVINO GenAI,
+llama.cpp) are listed as not installed when they are absent, or as not wired in yet when
+they are; rows for them are not made up.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ PEER_PACKAGES = {
     "ctranslate2": "ctranslate2",
     "llama-cpp-python": "llama_cpp",
 }
-WIRED = {"onnxruntime-genai"}
+WIRED = {"onnxruntime-genai", "ctranslate2"}
 
 
 def make_tinyllama(folder: Path, **overrides) -> Path:
@@ -161,6 +163,55 @@ class OrtGenAI:
         return (first - start) * 1e3, (new - 1) * len(prompts) / (end - first)
 
 
+class CTranslate2:
+    """CTranslate2: its Transformers converter (``--quantization int8|bfloat16``) and its
+    Generator, greedy (``sampling_topk=1``), every row run to ``new`` tokens (no end token).
+
+    Time to first token is the first step callback; decode tok/s counts the remaining steps
+    of all rows over their time. It takes token strings: ids map through its vocabulary.
+    """
+
+    def __init__(self, model: Path, out: Path, compute: str, threads: int) -> None:
+        import ctranslate2
+
+        if not (out / "model.bin").is_file():
+            command = [sys.executable, "-m", "ctranslate2.converters.transformers", "--model", str(model),
+                       "--output_dir", str(out), "--quantization", compute, "--force"]  # fmt: skip
+            started = time.perf_counter()
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"CTranslate2's converter failed:\n{done.stderr[-2000:]}")
+            self.convert_seconds = time.perf_counter() - started
+        self.vocab = json.loads((out / "vocabulary.json").read_text())
+        self.generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
+        self.folder = out
+        self.name = f"ctranslate2 {compute}"
+
+    def start(self, batch: int, capacity: int) -> None:
+        """The DecoderSession protocol (whole sequences only), for adapter's own KL check."""
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        logits = self.generator.forward_batch([[self.vocab[int(i)] for i in row] for row in ids])
+        return np.asarray(logits, np.float32)
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
+        tokens = [[self.vocab[i] for i in p] for p in prompts]
+        first: list[float] = []
+
+        def step(result) -> bool:
+            if not first:
+                first.append(time.perf_counter())
+            return False
+
+        start = time.perf_counter()
+        self.generator.generate_batch(
+            tokens, max_length=new, min_length=new, end_token=[], sampling_topk=1,
+            include_prompt_in_result=False, callback=step,
+        )  # fmt: skip
+        end = time.perf_counter()
+        return (first[0] - start) * 1e3, (new - 1) * len(prompts) / (end - first[0])
+
+
 def _disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ".bin"))
 
@@ -184,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--eager", default="fp32,bf16", help="transformers eager precisions ('' for none)")
     parser.add_argument("--ort-genai", default="int4,fp32", help="ONNX Runtime GenAI precisions ('' for none)")
+    parser.add_argument(
+        "--ctranslate2", default="int8,bfloat16", help="CTranslate2 compute types ('' for none; runs when installed)"
+    )
     parser.add_argument("--engines", type=Path, default=Path("build/llm-engines"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -227,6 +281,22 @@ def main(argv: list[str] | None = None) -> int:
         sizes[peer.name] = _disk_bytes(peer.folder)
         if hasattr(peer, "convert_seconds"):
             converts[peer.name] = peer.convert_seconds
+    if importlib.util.find_spec("ctranslate2") is not None:
+        for compute in [c for c in args.ctranslate2.split(",") if c]:
+            try:
+                peer = CTranslate2(args.model, args.engines / f"{args.model.name}-ct2-{compute}", compute, args.threads)
+            except ValueError as exc:  # a compute type its CPU build lacks (bfloat16 on its x86 wheels)
+                print(f"ctranslate2 {compute}: no row ({exc})")
+                continue
+            engines.append(peer)
+            sizes[peer.name] = _disk_bytes(peer.folder) // (2 if compute == "bfloat16" else 1)
+            layout = next((e.engine.layout for e in engines if isinstance(e, Adapter)), None)
+            if layout is not None:  # its next-token KL to FP32 eager, on the prompts adapter's check uses
+                lm = load_causal_lm(args.model)
+                checks[peer.name] = kl_against_eager(peer, lm.model.float(), layout, 16)
+                del lm
+            if hasattr(peer, "convert_seconds"):
+                converts[peer.name] = peer.convert_seconds
     for precision in [p for p in args.eager.split(",") if p]:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         model = load_causal_lm(args.model).model
