@@ -26,8 +26,11 @@ from adapter.core.onnx_io import save_model
 MODEL_FILE = "decoder.xml"
 WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset()
-PASSES: tuple[str, ...] = ()
-"""None: OpenVINO fuses scaled-dot-product attention and the stateful cache itself."""
+PASSES = ("fusion-ov-decoder",)
+"""Attention as ONNX ``Attention`` (OpenVINO's ScaledDotProductAttention): with the
+``beam_idx`` gather on each state (:func:`_beam_gathers`), the CPU plugin then fuses the
+state, its concatenation and the attention into one node that keeps the cache itself."""
+BEAM_INPUT = "beam_idx"
 WEIGHT_DEFAULTS = {"block_size": 128, "symmetric": False}
 """Usual INT4/INT8 settings (optimum-intel's INT4 default: group 128, asymmetric)."""
 _MODES = {
@@ -86,6 +89,36 @@ def _batch_sized_states(model, layout: Any) -> None:
     model.validate_nodes_and_infer_types()
 
 
+def _beam_gathers(model) -> int:
+    """Read each cache state through ``Gather(state, beam_idx, axis 0)`` (a new int32 input).
+
+    OpenVINO's CPU plugin fuses ``ReadValue -> Gather(beam_idx) -> Concat -> SDPA`` (the
+    stateful models optimum-intel exports) into attention over a cache it holds and grows
+    in place; without the gather it decomposes the SDPA into MatMul/Softmax (measured,
+    OpenVINO 2026.4). The engine feeds ``beam_idx = 0..batch-1`` (rows keep their cache).
+    Returns how many states got one.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    beam = ops.parameter([-1], ov.Type.i32, name=BEAM_INPUT)
+    beam.output(0).get_tensor().set_names({BEAM_INPUT})
+    count = 0
+    for op in model.get_ops():
+        if op.get_type_name() != "ReadValue":
+            continue
+        users = list(op.output(0).get_target_inputs())
+        gathered = ops.gather(op.output(0), beam, ops.constant(np.array(0, np.int64)))
+        for user in users:
+            if user.get_node().get_type_name() != "ShapeOf":  # shapes read the state's own batch
+                user.replace_source_output(gathered.output(0))
+        count += 1
+    if count:
+        model.add_parameters([beam])
+        model.validate_nodes_and_infer_types()
+    return count
+
+
 def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Convert to OpenVINO, make the cache a state, compress weights, save IR (xml + bin)."""
     import openvino as ov
@@ -104,6 +137,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     pairs = dict(zip(layout.past_names(), layout.present_names()))
     apply_make_stateful_transformation(ov_model, pairs)
     _batch_sized_states(ov_model, layout)
+    _beam_gathers(ov_model)
     if settings.get("weights") in ("int8", "int4"):
         ov_model = _compress(ov_model, settings)
     ov.save_model(ov_model, str(workdir / MODEL_FILE), compress_to_fp16=False)
@@ -133,6 +167,7 @@ class OpenVINODecoder:
             raise AdapterError(f"OpenVINO could not compile '{path}': {_reason(exc)}") from exc
         self.request = self.compiled.create_infer_request()
         self.layout = layout
+        self.beam = any(BEAM_INPUT in p.get_names() for p in self.compiled.inputs)
 
     def start(self, batch: int, capacity: int) -> None:
         self.request.reset_state()
@@ -143,6 +178,8 @@ class OpenVINODecoder:
             "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
             "position_ids": np.ascontiguousarray(position_ids, np.int64),
         }
+        if self.beam:
+            feed[BEAM_INPUT] = np.arange(input_ids.shape[0], dtype=np.int32)
         try:
             self.request.infer(feed)
         except Exception as exc:

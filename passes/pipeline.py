@@ -29,6 +29,7 @@ PASSES: dict[str, Callable[[], CountedPass]] = {
     "fuse-ort-skip-layer-norm": fusion.OrtSkipLayerNormFusion,
     "fuse-ort-rotary": fusion.OrtRotaryFusion,
     "fuse-ort-attention": fusion.OrtAttentionFusion,
+    "fuse-ov-attention": fusion.OpenVINOAttentionFusion,
     "fuse-ort-gelu": fusion.OrtGeluFusion,
     "fuse-ort-gqa": kv_cache.OrtGroupQueryAttentionFusion,
     "pack-sibling-matmuls": packing.PackSiblingMatMuls,
@@ -65,6 +66,11 @@ PIPELINES: dict[str, tuple[str, ...]] = {
         "dead-code-elimination",
         "constant-folding",
         "lift-constants",
+        "topological-sort",
+    ),
+    "fusion-ov-decoder": (
+        "fuse-ov-attention",
+        "dead-code-elimination",
         "topological-sort",
     ),
     "fusion-standard": (

@@ -158,7 +158,9 @@ def _session(backend, graph, layout, folder, passes=False, **settings):
     return decoder.load(folder, config, layout)
 
 
-@pytest.mark.parametrize(("backend", "passes"), [("onnxruntime", False), ("onnxruntime", True), ("openvino", False)])
+@pytest.mark.parametrize(
+    ("backend", "passes"), [("onnxruntime", False), ("onnxruntime", True), ("openvino", False), ("openvino", True)]
+)
 def test_left_padded_batch_equals_each_prompt_alone(llama, backend, passes, tmp_path):
     model, graph, layout = llama
     session = _session(backend, graph, layout, tmp_path, passes=passes, kv_precision="f32")
@@ -177,15 +179,17 @@ def test_openvino_keeps_the_cache_as_state_and_fuses_norm_and_rotary(llama, tmp_
     import openvino as ov
 
     model, graph, layout = llama
-    session = _session("openvino", graph, layout, tmp_path, kv_precision="f32")
+    session = _session("openvino", graph, layout, tmp_path, passes=True, kv_precision="f32")
     names = {p.get_any_name() for p in session.compiled.inputs}
-    assert names == {"input_ids", "attention_mask", "position_ids"}, names
+    assert names == {"input_ids", "attention_mask", "position_ids", "beam_idx"}, names
     saved = ov.Core().read_model(str(tmp_path / "decoder.xml"))
     ops = Counter(op.get_type_name() for op in saved.get_ordered_ops())
     assert ops["ReadValue"] == ops["Assign"] == 2 * layout.num_layers, ops
     runtime = Counter(op.get_rt_info()["layerType"].astype(str) for op in session.compiled.get_runtime_model().get_ordered_ops())
     assert runtime["MemoryInput"] == runtime["MemoryOutput"] == 2 * layout.num_layers, runtime
     assert runtime["RMS"] == 2 * layout.num_layers + 1 and runtime["RoPE"] == 2 * layout.num_layers, runtime
+    # fuse-ov-attention + the beam gathers: one attention node per layer over the cache it keeps
+    assert runtime["ScaledDotProductAttention"] == layout.num_layers and not runtime["Softmax"], runtime
     ids, mask, positions = left_pad([[5, 6, 7, 8, 9], [20, 21]], 0)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     for name in layout.past_names():

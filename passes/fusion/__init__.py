@@ -30,6 +30,7 @@ __all__ = [
     "OrtGeluFusion",
     "OrtRotaryFusion",
     "OrtAttentionFusion",
+    "OpenVINOAttentionFusion",
 ]
 
 from collections.abc import Sequence
@@ -141,6 +142,20 @@ class OrtRotaryFusion(FusionPass):
 
     name = "fuse-ort-rotary"
     STAGES = rotary.ORT_STAGES
+
+
+class OpenVINOAttentionFusion(FusionPass):
+    """Eager attention to ONNX ``Attention`` (opset 23), which OpenVINO reads as its
+    ScaledDotProductAttention; the model's standard opset becomes 23 where any fused."""
+
+    name = "fuse-ov-attention"
+    STAGES = attention.OV_STAGES
+
+    def apply(self, model: ir.Model) -> dict[str, Any]:
+        counts = super().apply(model)
+        if counts.get("sdpa_to_onnx_attention"):
+            model.opset_imports[""] = max(23, model.opset_imports.get("", 0))
+        return counts
 
 
 class OrtAttentionFusion(FusionPass):

@@ -20,7 +20,7 @@ into ``Attention``. What this file adds, because the stock rules miss the zoo's 
 
 from __future__ import annotations
 
-__all__ = ["ORT_STAGES", "drop_equal_qkv_sizes", "rules"]
+__all__ = ["ORT_STAGES", "OV_STAGES", "StandardAttention", "drop_equal_qkv_sizes", "rules"]
 
 import numpy as np
 import onnx_ir as ir
@@ -32,7 +32,7 @@ from onnxscript.rewriter.ort_fusions import mha_scale as ort_mha_scale
 from onnxscript.rewriter.ort_fusions import sdpa as ort_sdpa
 from onnxscript.rewriter.ort_fusions import sdpa_via_mha as ort_sdpa_via_mha
 
-from adapter.passes.fusion._engine import Stage, dims, named, rule_set, same_dim
+from adapter.passes.fusion._engine import FUSION_DOMAIN, Stage, dims, named, rule_set, same_dim
 
 
 class MaskAddReassociation(RewriteRuleClassBase):
@@ -161,9 +161,45 @@ def _mha_rules() -> list:
     return [CheckedMultiHeadAttention.rule("mha", **params) for params in variants]
 
 
+class StandardAttention(RewriteRuleClassBase):
+    """The intermediate ``SDPA`` to ONNX's own ``Attention`` (opset 23) for OpenVINO.
+
+    OpenVINO's ONNX frontend reads ``Attention`` as its ``ScaledDotProductAttention``. The
+    query gets a static head count (a ``Reshape`` to ``[B, H, S, D]``: rotary leaves it
+    dynamic). Keys and values stay as the exporter repeats them for grouped-query attention
+    (Unsqueeze/Expand/Reshape after the cache's Concat): that is the form OpenVINO's CPU
+    plugin fuses with the stateful cache; ``Attention``'s own KV-head broadcast (a Tile) is
+    not (measured, OpenVINO 2026.4).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("sdpa_to_onnx_attention")
+
+    def pattern(self, op, query, key, value, mask):
+        return op.SDPA(query, key, value, mask, _domain=FUSION_DOMAIN, _outputs=["attention"])
+
+    def check(self, context, query, key, value, mask, attention, **_) -> MatchResult:
+        result = MatchResult()
+        if attention.producer().attributes.get_string("key_format", "BHSd") != "BHSd":
+            return result.fail("Key is not [B, H, S, D].", key)
+        shape = dims(key)
+        if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+            return result.fail("Head count or head size is not static.", key)
+        return result
+
+    def rewrite(self, op, query, key, value, mask, attention, **_):
+        scale = attention.producer().attributes.get_float("scale", None)
+        _, heads, _, size = dims(key)
+        shape = op.Constant(value=ir.tensor(np.array([0, heads, -1, size], np.int64)))
+        extra = {} if scale is None else {"scale": scale}
+        return op.Attention(op.Reshape(query, shape), key, value, mask, **extra)
+
+
+_SDPA = _FunctionSDPA.rule()
+
 ORT_STAGES = (
     Stage((MaskAddReassociation.rule(),), shape_inference=True),
-    Stage((_FunctionSDPA.rule(),)),
+    Stage((_SDPA,)),
     Stage(tuple(_mha_rules())),
     Stage(named("mha_scale", ort_mha_scale._mha_scale_rules.rules)),
     Stage(named("mha_bias", ort_mha_bias.mha_bias_rules.rules)),
@@ -172,7 +208,10 @@ ORT_STAGES = (
 )
 """The ONNX Runtime attention chain, in order (``sdpa_via_mha`` takes SDPA left unclaimed)."""
 
-rules = rule_set(ORT_STAGES)
+OV_STAGES = (Stage((_SDPA,)), Stage((StandardAttention.rule(),)))
+"""OpenVINO's: eager attention to ONNX ``Attention`` (its ScaledDotProductAttention)."""
+
+rules = rule_set(ORT_STAGES, OV_STAGES)
 
 
 def drop_equal_qkv_sizes(model: ir.Model) -> int:
