@@ -63,7 +63,7 @@ def _generate_ort(model: Path, job: dict, prompt: np.ndarray) -> tuple[list, lis
     ids = prompt.astype(np.int64)[None]
     tokens: list[int] = []
     for _ in range(int(spec["steps"])):
-        length = sum(len(t) for t in (prompt, tokens))
+        length = len(prompt) + len(tokens)
         feed = {
             "input_ids": ids,
             "attention_mask": np.ones((1, length), np.int64),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 __all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "decoder_profiles", "build", "load"]
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +27,11 @@ import onnx_ir as ir
 
 from adapter.backends import _tensorrt_scripts as scripts
 from adapter.backends._ort_decoder import OrtDecoder
-from adapter.backends._recipe import check_onnx, prepare_graph, standard_domain_problems, write_atomic
+from adapter.backends._recipe import check_onnx, prepare_graph, standard_domain_problems
 from adapter.core.errors import UnsupportedOpsError
 from adapter.core.onnx_io import save_model
 
 MODEL_FILE = "decoder.onnx"
-PROFILES_FILE = "profiles.json"
-BUILD_FILE = "build.py"
-SHELL_FILE = "build.sh"
-README_FILE = "README.md"
 PASSES: tuple[str, ...] = ()
 """None: TensorRT fuses itself, and its parser reads the standard domain only."""
 WEIGHTS = frozenset({"fp32"})
@@ -49,41 +44,37 @@ OPT_PROMPT = 128
 OPT_PAST = 256
 
 
-def _input(dims: list[str | int], low: list[int], opt: list[int], high: list[int]) -> dict[str, Any]:
+def _input(dtype: str, dims: list[str | int], low: list[int], opt: list[int], high: list[int]) -> dict[str, Any]:
     names = [d if isinstance(d, str) else None for d in dims]
-    return {"dtype": None, "dynamic": any(names), "dims": names, "min": low, "opt": opt, "max": high}
+    return {"dtype": dtype, "dynamic": any(names), "dims": names, "min": low, "opt": opt, "max": high}
 
 
 def decoder_profiles(layout: Any, max_batch: int = MAX_BATCH, context: int | None = None) -> dict[str, Any]:
     """``profiles.json`` for a decoder: per profile and input, min/opt/max shapes (see the module)."""
     context = int(context or layout.max_positions)
-    opt_batch = 1
     heads, head = layout.kv_heads, layout.head_dim
     prompt = min(OPT_PROMPT, context)
     past = min(OPT_PAST, context - 1)
 
     def step(seq: tuple[int, int, int], cache: tuple[int, int, int]) -> dict[str, Any]:
-        total = tuple(max(1, s + c) for s, c in zip(seq, cache))
-        total = (total[0], total[1], min(context, total[2]))
+        """One profile from the (min, opt, max) new positions and cached positions."""
+        total = (max(1, seq[0] + cache[0]), seq[1] + cache[1], min(context, seq[2] + cache[2]))
+        tokens = _input("int64", ["batch", "sequence"], [1, seq[0]], [1, seq[1]], [max_batch, seq[2]])
         entry = {
-            "input_ids": _input(["batch", "sequence"], [1, seq[0]], [opt_batch, seq[1]], [max_batch, seq[2]]),
-            "attention_mask": _input(["batch", "total"], [1, total[0]], [opt_batch, total[1]], [max_batch, total[2]]),
-            "position_ids": _input(["batch", "sequence"], [1, seq[0]], [opt_batch, seq[1]], [max_batch, seq[2]]),
+            "input_ids": tokens,
+            "attention_mask": _input("int64", ["batch", "total"], [1, total[0]], [1, total[1]], [max_batch, total[2]]),
+            "position_ids": dict(tokens),
         }
         for name in layout.past_names():
             entry[name] = _input(
-                ["batch", heads, "past", head],
-                [1, heads, cache[0], head], [opt_batch, heads, cache[1], head], [max_batch, heads, cache[2], head],
+                "float32", ["batch", heads, "past", head],
+                [1, heads, cache[0], head], [1, heads, cache[1], head], [max_batch, heads, cache[2], head],
             )  # fmt: skip
-        for spec in entry.values():
-            spec["dtype"] = "float32"
-        for name in ("input_ids", "attention_mask", "position_ids"):
-            entry[name]["dtype"] = "int64"
         return {"inputs": entry}
 
     return {
         "profiles": [step((1, 1, context), (0, past, context - 1)), step((1, prompt, context), (0, 0, 0))],
-        "dims": {"batch": {"min": 1, "opt": opt_batch, "max": max_batch}, "context": context},
+        "dims": {"batch": {"min": 1, "opt": 1, "max": max_batch}, "context": context},
     }
 
 
@@ -105,16 +96,11 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     recipe = scripts.BuildSettings(MODEL_FILE, (), False, 3, 0, False, profiles)
     note = (
         "No TensorRT engine was built: TensorRT's runtime is not installed here. Build it on the target "
-        f"with: python {BUILD_FILE} (both profiles) or the trtexec line in {SHELL_FILE} (profile 0)."
+        f"with: python {scripts.BUILD_FILE} (both profiles) or the trtexec line in {scripts.SHELL_FILE} (profile 0)."
     )
-    write_atomic(workdir / PROFILES_FILE, json.dumps(profiles, indent=2) + "\n")
-    write_atomic(workdir / BUILD_FILE, scripts.build_script(recipe))
-    write_atomic(workdir / SHELL_FILE, scripts.shell_script(recipe))
-    (workdir / SHELL_FILE).chmod(0o755)
-    write_atomic(workdir / README_FILE, scripts.readme(recipe, note))
     return {
         "model_file": MODEL_FILE,
-        "files": [*files, PROFILES_FILE, BUILD_FILE, SHELL_FILE, README_FILE],
+        "files": [*files, *scripts.write_recipe(workdir, recipe, note)],
         "kv_cache": "concat",
         "engine_built": False,
         "trtexec": scripts.trtexec_args(recipe),

@@ -8,15 +8,22 @@ same build with ``trtexec``.
 
 from __future__ import annotations
 
-__all__ = ["BuildSettings", "build_script", "trtexec_args", "shell_script", "readme"]
+__all__ = ["BuildSettings", "build_script", "trtexec_args", "shell_script", "readme", "write_recipe"]
 
 import json
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from adapter.backends._recipe import write_atomic
 
 PLAN_FILE = "model.plan"
 TIMING_CACHE_FILE = "timing.cache"
+PROFILES_FILE = "profiles.json"
+BUILD_FILE = "build.py"
+SHELL_FILE = "build.sh"
+README_FILE = "README.md"
 
 _TRTEXEC_PRECISION = {"FP16": "--fp16", "BF16": "--bf16", "INT8": "--int8", "FP8": "--fp8"}
 """Builder flag to trtexec switch (TF32 is on by default in both; ``--noTF32`` turns it off)."""
@@ -213,3 +220,14 @@ def readme(settings: BuildSettings, note: str) -> str:
         f"workspace {settings.workspace_mib or 'default'} MiB.\n\n"
         f"Optimization profiles:\n\n```json\n{shapes}\n```\n"
     )
+
+
+def write_recipe(workdir: Path, settings: BuildSettings, note: str) -> list[str]:
+    """Write ``profiles.json``, ``build.py``, ``build.sh`` (executable) and ``README.md``
+    into ``workdir`` atomically; return their names."""
+    write_atomic(workdir / PROFILES_FILE, json.dumps(settings.profiles, indent=2) + "\n")
+    write_atomic(workdir / BUILD_FILE, build_script(settings))
+    write_atomic(workdir / SHELL_FILE, shell_script(settings))
+    (workdir / SHELL_FILE).chmod(0o755)
+    write_atomic(workdir / README_FILE, readme(settings, note))
+    return [PROFILES_FILE, BUILD_FILE, SHELL_FILE, README_FILE]

@@ -38,7 +38,6 @@ __all__ = [
 
 import functools
 import importlib.util
-import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -56,7 +55,6 @@ from adapter.backends._recipe import (
     documented_support,
     prepare_graph,
     standard_domain_problems,
-    write_atomic,
 )
 from adapter.backends._tensorrt_qdq import check_qdq, fold_bias_dequantize, qdq_problem, quantized_type
 from adapter.backends.base import EngineBase, Support, profile_options, unsupported_nodes
@@ -78,10 +76,9 @@ DEVICE = "gpu"
 STAND_IN = True
 EXTRA = "tensorrt"
 MODEL_FILE = "model.onnx"
-PROFILES_FILE = "profiles.json"
-BUILD_FILE = "build.py"
-SHELL_FILE = "build.sh"
-README_FILE = "README.md"
+PROFILES_FILE, BUILD_FILE, SHELL_FILE, README_FILE = (
+    scripts.PROFILES_FILE, scripts.BUILD_FILE, scripts.SHELL_FILE, scripts.README_FILE
+)  # fmt: skip
 PLAN_FILE = scripts.PLAN_FILE
 TIMING_CACHE_FILE = scripts.TIMING_CACHE_FILE
 
@@ -301,12 +298,7 @@ def compile(
     )
     reason = "building was turned off (build=never)" if options.build == "never" else _unavailable()
     note = _note(reason) if reason else "The TensorRT engine model.plan was built here."
-    write_atomic(workdir / PROFILES_FILE, json.dumps(profiles, indent=2) + "\n")
-    write_atomic(workdir / BUILD_FILE, scripts.build_script(settings))
-    write_atomic(workdir / SHELL_FILE, scripts.shell_script(settings))
-    (workdir / SHELL_FILE).chmod(0o755)
-    write_atomic(workdir / README_FILE, scripts.readme(settings, note))
-    files += [PROFILES_FILE, BUILD_FILE, SHELL_FILE, README_FILE]
+    files += scripts.write_recipe(workdir, settings, note)
     config: dict[str, Any] = {
         **asdict(options),
         "builder_flags": list(flags),

@@ -268,19 +268,24 @@ def main(argv: list[str] | None = None) -> int:
         # bytes read per token: a BF16 engine is saved in FP32 and computes on BF16 copies
         sizes[name] = _disk_bytes(out) // (2 if weights == "bf16" else 1)
         checks[name] = engines[-1].engine.manifest["verification"]
+    layout = next((e.engine.layout for e in engines if isinstance(e, Adapter)), None)
+
+    def add_peer(peer, weight_bytes: int, kl: bool) -> None:
+        """A peer's row: its engine, weight bytes, convert time and (reduced weights, where an
+        adapter engine gives the layout) its next-token KL to FP32 eager by adapter's own check."""
+        engines.append(peer)
+        sizes[peer.name] = weight_bytes
+        if kl and layout is not None:
+            lm = load_causal_lm(args.model)
+            checks[peer.name] = kl_against_eager(peer, lm.model.float(), layout, 16)
+            del lm
+        if hasattr(peer, "convert_seconds"):
+            converts[peer.name] = peer.convert_seconds
+
     installed = importlib.util.find_spec("onnxruntime_genai") is not None
     for precision in [p for p in args.ort_genai.split(",") if p and installed]:
         peer = OrtGenAI(args.model, args.engines / f"{args.model.name}-ort-genai-{precision}", precision, args.threads)
-        engines.append(peer)
-        if precision != "fp32":  # its next-token KL to FP32 eager, on the prompts adapter's check uses
-            lm = load_causal_lm(args.model)
-            layout = next((e.engine.layout for e in engines if isinstance(e, Adapter)), None)
-            if layout is not None:
-                checks[peer.name] = kl_against_eager(peer, lm.model.float(), layout, 16)
-            del lm
-        sizes[peer.name] = _disk_bytes(peer.folder)
-        if hasattr(peer, "convert_seconds"):
-            converts[peer.name] = peer.convert_seconds
+        add_peer(peer, _disk_bytes(peer.folder), kl=precision != "fp32")
     if importlib.util.find_spec("ctranslate2") is not None:
         for compute in [c for c in args.ctranslate2.split(",") if c]:
             try:
@@ -288,15 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:  # a compute type its CPU build lacks (bfloat16 on its x86 wheels)
                 print(f"ctranslate2 {compute}: no row ({exc})")
                 continue
-            engines.append(peer)
-            sizes[peer.name] = _disk_bytes(peer.folder) // (2 if compute == "bfloat16" else 1)
-            layout = next((e.engine.layout for e in engines if isinstance(e, Adapter)), None)
-            if layout is not None:  # its next-token KL to FP32 eager, on the prompts adapter's check uses
-                lm = load_causal_lm(args.model)
-                checks[peer.name] = kl_against_eager(peer, lm.model.float(), layout, 16)
-                del lm
-            if hasattr(peer, "convert_seconds"):
-                converts[peer.name] = peer.convert_seconds
+            add_peer(peer, _disk_bytes(peer.folder) // (2 if compute == "bfloat16" else 1), kl=True)
     for precision in [p for p in args.eager.split(",") if p]:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         model = load_causal_lm(args.model).model
