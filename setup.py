@@ -46,6 +46,9 @@ EXTRAS = {
     # TensorRT's wheels fetch their runtime from NVIDIA's own index at install time;
     # the backend writes a TensorRT-ready ONNX plus the build recipe where it is absent.
     "tensorrt": ["tensorrt==10.16.1.11"],
+    # llama.cpp's decoders (backends/llamacpp.py): builds from source (~4 min on 2 cores);
+    # tools/install-test-deps.sh builds it without the AMX kernels (see there why)
+    "llamacpp": ["llama-cpp-python==0.3.36", "gguf==0.19.0"],
     "dev": [
         "pytest==9.0.3",
         "pytest-benchmark==5.2.3",
@@ -61,6 +64,9 @@ EXTRAS = {
         # the LLM benchmark's ONNX Runtime GenAI and CTranslate2 peers (benchmarks/llm_peers.py, its smoke test)
         "onnxruntime-genai==0.18.0",
         "ctranslate2==4.8.5",
+        # the llama.cpp backend and the benchmark's llama.cpp peer
+        "llama-cpp-python==0.3.36",
+        "gguf==0.19.0",
     ],
     # peers of benchmarks/llm_peers.py that install from PyPI beside the pinned onnxruntime
     "peers": ["onnxruntime-genai==0.18.0", "ctranslate2==4.8.5"],

@@ -9,7 +9,7 @@ Adding a backend is one new module plus its import and :func:`register` line bel
 
 from __future__ import annotations
 
-from adapter.backends import edge, migraphx, onnxruntime, openvino, tensorrt, tvm
+from adapter.backends import edge, llamacpp, migraphx, onnxruntime, openvino, tensorrt, tvm
 from adapter.backends.base import Backend, check_backend
 from adapter.core.errors import BackendUnavailableError
 
@@ -60,3 +60,4 @@ register(tvm)
 register(tensorrt)
 register(migraphx)
 register(edge)
+register(llamacpp)

@@ -10,7 +10,7 @@ cache in its own buffers (its CPU plugin fuses the attention with the state as
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "build", "load"]
 
 import logging
 import tempfile
@@ -24,6 +24,9 @@ from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.onnx_io import save_model
 
 MODEL_FILE = "decoder.xml"
+SOURCE = "graph"
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+"""Joins the generation race wherever the target lists the backend."""
 WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset()
 PASSES = ("fusion-ov-decoder",)
@@ -172,7 +175,9 @@ class OpenVINODecoder:
     def start(self, batch: int, capacity: int) -> None:
         self.request.reset_state()
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
+    ) -> np.ndarray:
         feed = {
             "input_ids": np.ascontiguousarray(input_ids, np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, np.int64),
@@ -184,7 +189,8 @@ class OpenVINODecoder:
             self.request.infer(feed)
         except Exception as exc:
             raise AdapterError(f"OpenVINO failed in a decoder step: {_reason(exc)}") from exc
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        logits = self.request.get_output_tensor(0).data
+        return np.array(logits[:, -1:] if last_only else logits, dtype=np.float32, copy=True)
 
 
 def load(folder: Path, config: dict[str, Any], layout: Any) -> OpenVINODecoder:

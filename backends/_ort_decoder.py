@@ -16,7 +16,7 @@ after the passes, before ``build``).
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
 
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +32,9 @@ from adapter.core.onnx_io import save_model
 MODEL_FILE = "decoder.onnx"
 PASSES = ("fusion-ort-decoder",)
 """Pipelines the driver runs on its copy of the canonical decoder graph before quantizing."""
+SOURCE = "graph"
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+"""Joins the generation race wherever the target lists the backend."""
 WEIGHTS = frozenset({"fp32", "int8", "int4"})
 QUANTIZE_IN_GRAPH = frozenset({"int8", "int4"})
 """Weight formats the driver realises in the ONNX graph (``MatMulNBits``) before ``build``."""
@@ -94,7 +97,9 @@ class OrtDecoder:
         self.cache = [self.ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
         self.capacity = capacity
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
+    ) -> np.ndarray:
         if self.shared and attention_mask.shape[1] > self.capacity:
             raise AdapterError(
                 f"The decoder step needs {attention_mask.shape[1]} cache positions; start() allocated {self.capacity}.",
@@ -118,7 +123,8 @@ class OrtDecoder:
         outputs = binding.get_outputs()
         if not self.shared:
             self.cache = outputs[1:]
-        return outputs[0].numpy()
+        logits = outputs[0].numpy()
+        return logits[:, -1:] if last_only else logits
 
 
 def load(folder: Path, config: dict[str, Any], layout: Any) -> OrtDecoder:

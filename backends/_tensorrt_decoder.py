@@ -18,7 +18,7 @@ verification checks the graph TensorRT would build, not the GPU's numerics.
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "decoder_profiles", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "decoder_profiles", "build", "load"]
 
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ from adapter.core.onnx_io import save_model
 MODEL_FILE = "decoder.onnx"
 PASSES: tuple[str, ...] = ()
 """None: TensorRT fuses itself, and its parser reads the standard domain only."""
+SOURCE = "graph"
+AUTO_KINDS = frozenset({"cpu", "gpu"})
+"""Joins the generation race wherever the target lists the backend."""
 WEIGHTS = frozenset({"fp32"})
 """FP32 graphs; TensorRT's weight-only INT4 (blocked DequantizeLinear) is not written yet."""
 QUANTIZE_IN_GRAPH: frozenset[str] = frozenset()

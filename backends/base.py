@@ -173,12 +173,15 @@ class DecoderSession(Protocol):
     ``start`` sizes the cache for ``batch`` rows and up to ``capacity`` positions before
     the first step; ``step`` runs the new tokens of every row (prefill: the prompt; decode:
     one token each) and returns their logits (batch, seq, vocab) as float32, keeping the
-    cache inside the session.
+    cache inside the session; with ``last_only`` only each row's last position (batch, 1,
+    vocab), which an engine may then skip computing for the others.
     """
 
     def start(self, batch: int, capacity: int) -> None: ...
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray: ...
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
+    ) -> np.ndarray: ...
 
 
 class DecoderBuilder(Protocol):
@@ -186,6 +189,13 @@ class DecoderBuilder(Protocol):
 
     PASSES: tuple[str, ...]
     """Pass pipelines (``adapter.passes``) run on its copy of the canonical decoder graph."""
+    SOURCE: str
+    """What ``build`` takes: ``graph`` (its copy of the exported decoder, an ``ir.Model``) or
+    ``weights`` (the :class:`~adapter.llm.families.CausalLM`: an engine that brings its own
+    graph per architecture, like llama.cpp, needs only the weights and the config)."""
+    AUTO_KINDS: frozenset[str]
+    """Target kinds on which its generation engines join ``--backend auto`` (when the target
+    lists the backend); the backend's own ``AUTO_KINDS`` is about engines from ONNX graphs."""
     WEIGHTS: frozenset[str]
     """Weight formats it builds: ``fp32``, ``bf16``, ``int8``, ``int4``."""
     QUANTIZE_IN_GRAPH: frozenset[str]
@@ -193,8 +203,9 @@ class DecoderBuilder(Protocol):
     WEIGHT_DEFAULTS: dict[str, Any]
     """Usual ``block_size`` and ``symmetric`` of its INT4/INT8 weights."""
 
-    def build(self, model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-        """Write the engine's files into ``workdir``; returns its config (files, settings)."""
+    def build(self, model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+        """Write the engine's files into ``workdir`` from ``model`` (see ``SOURCE``); returns
+        its config (files, settings)."""
 
     def load(self, folder: Path, config: dict[str, Any], layout: Any) -> DecoderSession:
         """Open a session over an engine ``build`` wrote."""
@@ -221,6 +232,10 @@ def check_backend(backend: Any) -> list[str]:
         problems.append("every BUILD_OPTIONS entry must be a field of Options")
     if not (isinstance(backend.Engine, type) and issubclass(backend.Engine, EngineBase)):
         problems.append("Engine must subclass adapter.backends.base.EngineBase")
+    if backend.DECODER is not None:
+        problems += [f"DECODER lacks {name}" for name in _DECODER_MEMBERS if not hasattr(backend.DECODER, name)]
+        if hasattr(backend.DECODER, "SOURCE") and backend.DECODER.SOURCE not in DECODER_SOURCES:
+            problems.append(f"DECODER.SOURCE must be one of {DECODER_SOURCES}")
     return problems
 
 
@@ -284,6 +299,8 @@ class EngineBase(abc.ABC):
         return cls(Path(folder), inputs, outputs, manifest["backend"]["config"])
 
 
+DECODER_SOURCES = ("graph", "weights")
+_DECODER_MEMBERS = (*DecoderBuilder.__annotations__, "build", "load")
 _MEMBERS = tuple(
     name for name in (*Backend.__annotations__, "version", "require", "supports", "compile") if not name.startswith("_")
 )

@@ -309,6 +309,8 @@ class _Decoder:
     """
 
     PASSES: tuple[str, ...] = ()
+    SOURCE = "graph"
+    AUTO_KINDS = frozenset({"cpu", "gpu"})
     WEIGHTS = frozenset({"fp32", "int8", "int4"})
     QUANTIZE_IN_GRAPH = frozenset({"int8", "int4"})
     WEIGHT_DEFAULTS = {"block_size": 32, "symmetric": True}

@@ -17,9 +17,11 @@ read per token over the host's probed memory bandwidth as the decode bound.
 ONNX Runtime GenAI (``pip install onnxruntime-genai==0.18.0``) runs when installed: its
 model builder converts the same folder (INT4 and FP32, cached beside adapter's engines).
 CTranslate2 (``pip install ctranslate2==4.8.5``) runs when installed: its Transformers
-converter writes INT8 and BF16 models of the same folder. The other peers (OpenVINO GenAI,
-llama.cpp) are listed as not installed when they are absent, or as not wired in yet when
-they are; rows for them are not made up.
+converter writes INT8 and BF16 models of the same folder. llama.cpp (``pip install
+llama-cpp-python==0.3.36 gguf==0.19.0``) runs when installed: Q4_0 and Q8_0 by its own
+quantizer, batch 1 through its ``Llama`` API (see :class:`LlamaCpp`). OpenVINO GenAI is
+listed as not installed when it is absent, or as not wired in yet when it is; rows for it
+are not made up.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapter.backends._llamacpp_decoder import write_gguf
 from adapter.llm.convert import LLMOptions, convert_causal_lm, kl_against_eager
 from adapter.llm.engine import LLMEngine
+from adapter.llm.export import layout_of
 from adapter.llm.families import load_causal_lm, write_random_folder, write_word_tokenizer
 from adapter.profiles import load_profile
 
@@ -53,7 +57,7 @@ PEER_PACKAGES = {
     "ctranslate2": "ctranslate2",
     "llama-cpp-python": "llama_cpp",
 }
-WIRED = {"onnxruntime-genai", "ctranslate2"}
+WIRED = {"onnxruntime-genai", "ctranslate2", "llama-cpp-python"}
 
 
 def make_tinyllama(folder: Path, **overrides) -> Path:
@@ -212,8 +216,73 @@ class CTranslate2:
         return (first[0] - start) * 1e3, (new - 1) * len(prompts) / (end - first[0])
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's own ``Llama`` API, batch 1 (that API runs one
+    sequence), greedy over its ``eval``; its GGUF quantized by llama.cpp's own quantizer
+    with that type's defaults (``Q4_0``, ``Q4_K_M``, ``Q8_0``, ``BF16``).
+
+    llama.cpp's converter (``convert_hf_to_gguf.py``, not installed by the wheel) refuses
+    this model's word-level tokenizer, so the FP32 GGUF it quantizes is written by adapter's
+    GGUF writer (the same tensors and hyperparameters; ids in, ids out).
+    """
+
+    TYPES = {"q4_0": 2, "q4_k_m": 15, "q8_0": 7, "bf16": 32}
+
+    def __init__(self, model: Path, out: Path, kind: str, threads: int) -> None:
+        import ctypes
+
+        import llama_cpp
+
+        path = out / "model.gguf"
+        if not path.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            lm = load_causal_lm(model)
+            full = out / "f32.gguf"
+            write_gguf(lm.model.float(), lm.family, layout_of(lm.model, lm.family), full)
+            del lm
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = self.TYPES[kind], threads
+            if llama_cpp.llama_model_quantize(str(full).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+                raise SystemExit(f"llama.cpp's quantizer failed for {kind}")
+            full.unlink()
+            self.convert_seconds = time.perf_counter() - started
+        self.llama_cpp, self.path, self.threads = llama_cpp, path, threads
+        self.llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)  # fmt: skip
+        self.folder = out
+        self.batches = {1}
+        self.name = f"llama.cpp {kind.upper()}"
+
+    def start(self, batch: int, capacity: int) -> None:
+        """The DecoderSession protocol (whole sequences, batch 1), for adapter's own KL check."""
+        if not hasattr(self, "scorer"):
+            self.scorer = self.llama_cpp.Llama(str(self.path), n_ctx=1024, n_threads=self.threads, logits_all=True,
+                                               verbose=False)  # fmt: skip
+        self.scorer.reset()
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self.scorer.eval(ids[0].tolist())
+        return np.asarray(self.scorer.scores[: ids.shape[1]], np.float32)[None]
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
+        llm = self.llm
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompts[0])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        end = time.perf_counter()
+        return (first - start) * 1e3, (new - 1) / (end - first)
+
+
 def _disk_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ".bin"))
+    return sum(
+        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ".bin", ".gguf")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-genai", default="int4,fp32", help="ONNX Runtime GenAI precisions ('' for none)")
     parser.add_argument(
         "--ctranslate2", default="int8,bfloat16", help="CTranslate2 compute types ('' for none; runs when installed)"
+    )
+    parser.add_argument(
+        "--llama-cpp", default="q4_0,q8_0", help="llama.cpp quantization types ('' for none; runs when installed)"
     )
     parser.add_argument("--engines", type=Path, default=Path("build/llm-engines"))
     parser.add_argument("--json", type=Path, default=None)
@@ -294,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ctranslate2 {compute}: no row ({exc})")
                 continue
             add_peer(peer, _disk_bytes(peer.folder) // (2 if compute == "bfloat16" else 1), kl=True)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        for kind in [k for k in args.llama_cpp.split(",") if k]:
+            peer = LlamaCpp(args.model, args.engines / f"{args.model.name}-llama.cpp-{kind}", kind, args.threads)
+            add_peer(peer, _disk_bytes(peer.folder), kl=True)
     for precision in [p for p in args.eager.split(",") if p]:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         model = load_causal_lm(args.model).model
@@ -305,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = _prompts(vocab, batch, args.prompt)
             for engine in engines:
+                if batch not in getattr(engine, "batches", {batch}):
+                    continue  # llama-cpp-python's Llama API runs one sequence
                 samples.setdefault((engine.name, batch), []).append(engine.run(prompts, args.new))
     bandwidth = profile.memory_bandwidth
     rows = []

@@ -238,6 +238,7 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
         "backends": {
             "onnxruntime": {"providers": ["CPUExecutionProvider"]},
             "openvino": {"device": "CPU"},
+            "llamacpp": {},
             "tvm": {"target": target},
         },
         "sources": [

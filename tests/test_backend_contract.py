@@ -18,7 +18,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from adapter import backends
-from adapter.backends import BACKENDS, register
+from adapter.backends import BACKENDS, llamacpp, register
 from adapter.backends.base import Backend, EngineBase, Support, check_backend, profile_options
 from adapter.core.onnx_io import save_model
 
@@ -26,7 +26,7 @@ PROFILES = Path(backends.__file__).resolve().parent.parent / "profiles"
 
 
 def test_every_registered_backend_meets_the_contract():
-    assert list(BACKENDS) == ["onnxruntime", "openvino", "tvm", "tensorrt", "migraphx", "edge"]
+    assert list(BACKENDS) == ["onnxruntime", "openvino", "tvm", "tensorrt", "migraphx", "edge", "llamacpp"]
     for name, backend in BACKENDS.items():
         assert isinstance(backend, Backend), name
         assert check_backend(backend) == [], name
@@ -41,6 +41,15 @@ def test_a_backend_missing_part_of_the_contract_is_refused():
     with pytest.raises(TypeError, match="DEVICE must be one of.*AUTO_KINDS must be"):
         register(wrong)
     assert "half" not in BACKENDS and "toy" not in BACKENDS
+
+
+def test_a_decoder_missing_part_of_its_contract_is_refused():
+    builder = types.SimpleNamespace(**{k: v for k, v in vars(llamacpp.DECODER).items() if k != "AUTO_KINDS"})
+    incomplete = types.SimpleNamespace(**{**vars(_toy()), "DECODER": builder})
+    assert check_backend(incomplete) == ["DECODER lacks AUTO_KINDS"]
+    odd = types.SimpleNamespace(**{**vars(builder), "AUTO_KINDS": frozenset(), "SOURCE": "tensors"})
+    wrong = types.SimpleNamespace(**{**vars(_toy()), "DECODER": odd})
+    assert check_backend(wrong) == ["DECODER.SOURCE must be one of ('graph', 'weights')"]
 
 
 # --------------------------------------------------------------------------- the toy backend

@@ -7,6 +7,7 @@ steps must equal the eager model's. Reduced weights are judged by next-token KL.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from adapter.passes.weight_only import WeightOnlyQuantize
 
 pytestmark = pytest.mark.slow
 
+LLAMACPP_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+"""The families the llama.cpp backend writes as GGUF."""
 ARM64_ROOTFS = _arm64.default_rootfs()  # the user's cache, resolved before conftest's per-session one
 
 
@@ -47,7 +50,14 @@ def test_family_greedy_equals_eager_on_both_backends(family, tmp_path):
     lm = CausalLM(tiny_model(family, **layers), family, f"tiny-{family}", "factory")
     result = convert_causal_lm(lm, tmp_path / family, LLMOptions(benchmark=False))
     candidates = {c["name"]: c for c in result.manifest["backend"]["candidates"]}
+    llamacpp = candidates.pop("llamacpp", None)  # in the race where llama-cpp-python is installed
     assert set(candidates) == {"onnxruntime", "openvino"}, candidates
+    if llamacpp is not None and family not in LLAMACPP_FAMILIES:
+        assert f"not '{family}'" in llamacpp["error"], llamacpp
+    elif llamacpp is not None:
+        candidates["llamacpp"] = llamacpp  # its FP32 GGUF engine holds to the same numbers
+    if family in LLAMACPP_FAMILIES and importlib.util.find_spec("llama_cpp") is not None:
+        assert llamacpp is not None and "error" not in llamacpp, llamacpp
     # every family's attention fuses to GroupQueryAttention, so ONNX Runtime's engine writes
     # the cache in place (GPT-2's through MultiHeadAttention's own past, the others' through
     # the exporter's concatenation)

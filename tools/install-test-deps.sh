@@ -22,6 +22,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
 fi
+# llama-cpp-python compiles llama.cpp; its CMake default (GGML_NATIVE) turns on every ISA
+# extension the compiler sees, AMX included, and on the AMX hosts seen here (KVM guests)
+# ggml's AMX kernels stop the process with SIGILL at the first tile load. So the ISA list
+# is given explicitly from this CPU's flags, AMX left out (CMAKE_ARGS set by you wins).
+if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ] && [ -r /proc/cpuinfo ]; then
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  isa=(-DGGML_NATIVE=OFF)
+  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+              avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    case "$flags" in *" ${pair%%:*} "*) isa+=("-DGGML_${pair#*:}=ON") ;; *) isa+=("-DGGML_${pair#*:}=OFF") ;; esac
+  done
+  export CMAKE_ARGS="${isa[*]}"
+fi
 pip install -q -e '.[dev]'
 # The emulated arm64 machine's root filesystem (debootstrap, then numpy/onnxruntime/apache-tvm
 # installed inside it under qemu), built once into adapter's cache: the edge and TVM aarch64

@@ -118,7 +118,7 @@ def check(
     run_pipeline(imported.model, build_pipeline(base_passes(profile)))
     results: list[BackendCheck] = []
     # The target's other backends are asked too, only to suggest one that runs a refused node.
-    spare = [n for n in getattr(profile, "backends", {}) if n in BACKENDS and n not in names]
+    spare = [n for n in getattr(profile, "backends", {}) if n in BACKENDS and n not in names and BACKENDS[n].PRECISIONS]
     for name in names + spare:
         found = BackendCheck(name)
         try:

@@ -16,7 +16,7 @@ Verification, always:
 
 from __future__ import annotations
 
-__all__ = ["LLMOptions", "convert_causal_lm", "load_source"]
+__all__ = ["LLMOptions", "convert_causal_lm", "decoder_backends", "load_source"]
 
 import datetime as _dt
 import shutil
@@ -30,11 +30,11 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from adapter.backends import BACKENDS, auto_backends, get_backend
+from adapter.backends import BACKENDS, get_backend
 from adapter.backends.base import threads_for
 from adapter.converter.api import ConvertResult, default_output
 from adapter.core import artifact
-from adapter.core.errors import AdapterError, SourceError, VerificationError
+from adapter.core.errors import AdapterError, BackendUnavailableError, SourceError, VerificationError
 from adapter.core.verify import Tolerance, compare
 from adapter.llm.engine import KIND
 from adapter.llm.export import eager_step, export_decoder
@@ -228,12 +228,15 @@ def _settings(name: str, options: LLMOptions, profile) -> dict[str, Any]:
 
 
 def _candidates(options: LLMOptions, profile) -> list[str]:
-    if options.backend not in (None, "auto"):
-        names = [options.backend]
-    else:
-        names = auto_backends(profile)
+    explicit = options.backend not in (None, "auto")
+    names = [options.backend] if explicit else decoder_backends(profile)
     usable = []
     for name in names:
+        if not explicit:
+            try:
+                get_backend(name)
+            except BackendUnavailableError:
+                continue  # an optional engine (llama.cpp) not installed here: the race goes on without it
         backend = get_backend(name)
         if backend.DECODER is None:
             if options.backend not in (None, "auto"):
@@ -255,6 +258,16 @@ def _candidates(options: LLMOptions, profile) -> list[str]:
     if not usable:
         raise AdapterError(f"No backend builds {options.weights} generation engines for this target.")
     return usable
+
+
+def decoder_backends(profile) -> list[str]:
+    """The backends ``--backend auto`` races for generation on ``profile``: those the target
+    lists whose generation engines join auto on its kind (``DECODER.AUTO_KINDS``)."""
+    kind = getattr(profile, "kind", "cpu")
+    return [
+        n for n in getattr(profile, "backends", {})
+        if n in BACKENDS and BACKENDS[n].DECODER is not None and kind in BACKENDS[n].DECODER.AUTO_KINDS
+    ]  # fmt: skip
 
 
 def _decode_speed(session, layout: DecoderLayout) -> dict[str, float]:
@@ -329,16 +342,23 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
         )
     if decoder.PASSES:
         say(f"passes ({name})")
-    passed, pass_records = _backend_passes(graph, decoder)  # once: every rung quantizes this graph
+    if decoder.SOURCE == "weights":  # the engine brings its own graph: it takes the eager weights
+        passed, pass_records = lm, []
+    else:
+        passed, pass_records = _backend_passes(graph, decoder)  # once: every rung quantizes this graph
     attempts: list[dict[str, Any]] = []
     ladder = _widening(options.weights, layout.num_layers)
     for ends in ladder:
         settings = _settings(name, options, profile)
         if options.weights in decoder.QUANTIZE_IN_GRAPH:
             say(f"quantize {options.weights} ({name}{f', {ends} INT8 blocks at each end' if ends else ''})")
-        model, records = _weight_quantized(passed, decoder, options, settings, layout.num_layers, ends)
+        if decoder.SOURCE == "weights":
+            model, records = passed, []
+            settings["head_int8"] = options.head_int8
+        else:
+            model, records = _weight_quantized(passed, decoder, options, settings, layout.num_layers, ends)
         records = pass_records + records
-        if ends and options.weights not in decoder.QUANTIZE_IN_GRAPH:
+        if ends and options.weights not in decoder.QUANTIZE_IN_GRAPH and decoder.SOURCE == "graph":
             settings["ratio"] = round(1 - 2 * ends / layout.num_layers, 3)  # NNCF picks the INT8 layers itself
         settings["int8_end_blocks"] = ends
         say(f"build {name}")

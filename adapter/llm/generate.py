@@ -140,7 +140,7 @@ def generate(
     eos = set(layout.eos_token_ids) if stop_at_eos else set()
     started = time.perf_counter()
     session.start(batch, context)
-    logits = session.step(ids, mask, positions)
+    logits = session.step(ids, mask, positions, last_only=True)
     first = time.perf_counter()
     tokens: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(batch, bool)
@@ -157,7 +157,7 @@ def generate(
         if done.all() or step == max_new_tokens - 1:
             break
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits = session.step(chosen[:, None].astype(np.int64), mask, next_pos[:, None])
+        logits = session.step(chosen[:, None].astype(np.int64), mask, next_pos[:, None], last_only=True)
         next_pos = next_pos + 1
         steps += 1
     ended = time.perf_counter()
