@@ -11,7 +11,7 @@ model's weights and config (``SOURCE = "weights"``) rather than the exported ONN
   Reduced weights then come from llama.cpp's own quantizer (``llama_model_quantize``):
   ``int4`` is Q4_0 (block 32, one scale per block; Q4_1 with an offset when asymmetric),
   ``int8`` Q8_0, ``bf16`` BF16; an INT4 engine's embedding table, its LM head
-  (``head_int8``) and its end blocks (``int8_end_blocks``, the driver's widening ladder)
+  (``head_int8``) and the blocks the driver's widening ladder names (``int8_blocks``)
   are Q8_0.
 * ``load`` maps the GGUF (llama.cpp's loader mmaps it) and ``start`` sizes one context for
   the batch (one sequence per row, ``capacity`` cells each; FP32 cache cells for FP32
@@ -147,7 +147,7 @@ def write_gguf(model: Any, family: str, layout: Any, path: Path) -> None:
     writer.close()
 
 
-def _quantize(source: Path, target: Path, settings: dict[str, Any], layers: int) -> None:
+def _quantize(source: Path, target: Path, settings: dict[str, Any]) -> None:
     """llama.cpp's quantizer: the file type of ``settings["weights"]``, Q8_0 where widened."""
     llama_cpp = _sdk()
     _quiet(llama_cpp)
@@ -164,10 +164,9 @@ def _quantize(source: Path, target: Path, settings: dict[str, Any], layers: int)
         params.token_embedding_type = _Q8_0  # as ONNX Runtime's engines keep it wide: one row read per token
         if settings.get("head_int8", True):
             params.output_tensor_type = _Q8_0
-        ends = int(settings.get("int8_end_blocks", 0))
-        if ends:
-            chosen = sorted(set(range(ends)) | set(range(layers - ends, layers)))
-            keep = [(rf"blk\.({'|'.join(map(str, chosen))})\.".encode(), _Q8_0)]
+        blocks = [int(b) for b in settings.get("int8_blocks", ())]
+        if blocks:
+            keep = [(rf"blk\.({'|'.join(map(str, blocks))})\.".encode(), _Q8_0)]
     if keep:
         array = (llama_cpp.llama_model_tensor_override * (len(keep) + 1))()
         for i, (pattern, kind) in enumerate(keep):
@@ -191,7 +190,7 @@ def build(model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> d
         full = workdir / "model-f32.gguf.tmp"
         try:
             write_gguf(model.model, model.family, layout, full)
-            _quantize(full, target, settings, layout.num_layers)
+            _quantize(full, target, settings)
         finally:
             full.unlink(missing_ok=True)
     return {"model_file": MODEL_FILE, "files": [MODEL_FILE], "kv_cache": "llama.cpp", **settings}

@@ -19,9 +19,9 @@ model builder converts the same folder (INT4 and FP32, cached beside adapter's e
 CTranslate2 (``pip install ctranslate2==4.8.5``) runs when installed: its Transformers
 converter writes INT8 and BF16 models of the same folder. llama.cpp (``pip install
 llama-cpp-python==0.3.36 gguf==0.19.0``) runs when installed: Q4_0 and Q8_0 by its own
-quantizer, batch 1 through its ``Llama`` API (see :class:`LlamaCpp`). OpenVINO GenAI is
-listed as not installed when it is absent, or as not wired in yet when it is; rows for it
-are not made up.
+quantizer, batch 1 through its ``Llama`` API (see :class:`LlamaCpp`). OpenVINO GenAI runs
+from its own environment when ``--ov-genai-python`` exists (see :class:`OpenVINOGenAI`).
+Peers that are absent get no rows; rows are not made up.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ PEER_PACKAGES = {
     "ctranslate2": "ctranslate2",
     "llama-cpp-python": "llama_cpp",
 }
-WIRED = {"onnxruntime-genai", "ctranslate2", "llama-cpp-python"}
+WIRED = {"onnxruntime-genai", "ctranslate2", "llama-cpp-python", "openvino-genai"}
 
 
 def make_tinyllama(folder: Path, **overrides) -> Path:
@@ -279,6 +279,45 @@ class LlamaCpp:
         return (first - start) * 1e3, (new - 1) / (end - first)
 
 
+class OpenVINOGenAI:
+    """OpenVINO GenAI's ``LLMPipeline`` over optimum-intel's export (``--weight-format int4``:
+    its INT4 default, asymmetric group 128 with some layers INT8; ``int8``), in a worker
+    process (:mod:`_ov_genai_worker`) run by the Python of its own environment, because
+    optimum-intel pins an older transformers than adapter's::
+
+        python -m venv build/ovgenai-venv
+        build/ovgenai-venv/bin/pip install torch==2.13.0 "optimum-intel[openvino]==2.2.0" \
+            openvino-genai==2026.4.1.0 openvino==2026.4.1 nncf==3.4.0
+        build/ovgenai-venv/bin/pip uninstall -y torchvision   # PyPI's does not import beside torch 2.13
+
+    No KL row: the pipeline returns tokens, not logits.
+    """
+
+    def __init__(self, python: Path, model: Path, out: Path, weight_format: str, threads: int) -> None:
+        if not (out / "openvino_model.xml").is_file():
+            command = [str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model),
+                       "--task", "text-generation-with-past", "--weight-format", weight_format, str(out)]  # fmt: skip
+            started = time.perf_counter()
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"optimum-intel's export failed:\n{done.stderr[-2000:]}")
+            self.convert_seconds = time.perf_counter() - started
+        worker = Path(__file__).resolve().parent / "_ov_genai_worker.py"
+        self.process = subprocess.Popen(
+            [str(python), str(worker), str(out), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        if "ready" not in json.loads(self.process.stdout.readline() or "{}"):
+            raise SystemExit("OpenVINO GenAI's worker did not start (see its error above)")
+        self.folder = out
+        self.name = f"openvino-genai {weight_format}"
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, float]:
+        self.process.stdin.write(json.dumps({"prompts": prompts, "new": new}) + "\n")
+        self.process.stdin.flush()
+        reply = json.loads(self.process.stdout.readline())
+        return reply["ttft_ms"], reply["decode_tokens_per_s"]
+
+
 def _disk_bytes(folder: Path) -> int:
     return sum(
         p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ".bin", ".gguf")
@@ -306,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-genai", default="int4,fp32", help="ONNX Runtime GenAI precisions ('' for none)")
     parser.add_argument(
         "--ctranslate2", default="int8,bfloat16", help="CTranslate2 compute types ('' for none; runs when installed)"
+    )
+    parser.add_argument("--ov-genai", default="int4,int8", help="OpenVINO GenAI weight formats ('' for none)")
+    parser.add_argument(
+        "--ov-genai-python",
+        type=Path,
+        default=Path("build/ovgenai-venv/bin/python"),
+        help="Python of the environment with optimum-intel and openvino-genai (see OpenVINOGenAI)",
     )
     parser.add_argument(
         "--llama-cpp", default="q4_0,q8_0", help="llama.cpp quantization types ('' for none; runs when installed)"
@@ -366,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ctranslate2 {compute}: no row ({exc})")
                 continue
             add_peer(peer, _disk_bytes(peer.folder) // (2 if compute == "bfloat16" else 1), kl=True)
+    if args.ov_genai and args.ov_genai_python.is_file():
+        for weight_format in [w for w in args.ov_genai.split(",") if w]:
+            out = args.engines / f"{args.model.name}-ov-genai-{weight_format}"
+            add_peer(OpenVINOGenAI(args.ov_genai_python, args.model, out, weight_format, args.threads),
+                     _disk_bytes(out), kl=False)  # fmt: skip
     if importlib.util.find_spec("llama_cpp") is not None:
         for kind in [k for k in args.llama_cpp.split(",") if k]:
             peer = LlamaCpp(args.model, args.engines / f"{args.model.name}-llama.cpp-{kind}", kind, args.threads)
@@ -406,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{(row['fraction_of_bound'] or 0):8.0%} "
             + (f"{row['kl_to_fp32']:8.4f}" if row["kl_to_fp32"] is not None else f"{'-':>8s}")
         )
-    missing = [pkg for pkg, module in PEER_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    missing = [
+        pkg for pkg, module in PEER_PACKAGES.items()
+        if importlib.util.find_spec(module) is None and not (pkg == "openvino-genai" and args.ov_genai_python.is_file())
+    ]  # fmt: skip
     unwired = [pkg for pkg in PEER_PACKAGES if pkg not in missing and pkg not in WIRED]
     if missing:
         print(f"peers not installed here (no rows): {', '.join(missing)}")

@@ -77,7 +77,7 @@ def test_llm_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "llm.json"
     args = ["--model", str(folder), "--weights", "int4", "--backends", "onnxruntime", "--batches", "1,2",
             "--prompt", "8", "--new", "4", "--rounds", "1", "--engines", str(tmp_path / "engines"),
-            "--ort-genai", "int4"]  # fmt: skip
+            "--ort-genai", "int4", "--llama-cpp", "q4_0", "--ov-genai", ""]  # fmt: skip
     assert llm_peers.main([*args, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     engines = {r["engine"] for r in rows}
@@ -88,8 +88,14 @@ def test_llm_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
         assert all(r["kl_to_fp32"] > 0 for r in peer), peer  # its KL, measured by adapter's own check
     if importlib.util.find_spec("ctranslate2") is not None:  # the dev extra installs it; its x86 wheel has no BF16
         expected.add("ctranslate2 int8")
-    assert engines == expected
-    assert len(rows) == 2 * len(expected) and all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    single = set()  # engines with batch-1 rows only
+    if importlib.util.find_spec("llama_cpp") is not None:  # the dev extra builds it; its Llama API runs one sequence
+        single.add("llama.cpp Q4_0")
+        peer = [r for r in rows if r["engine"] == "llama.cpp Q4_0"]
+        assert [r["batch"] for r in peer] == [1] and all(r["kl_to_fp32"] > 0 for r in peer), peer
+    assert engines == expected | single
+    assert len(rows) == 2 * len(expected) + len(single)
+    assert all(r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     int4 = [r for r in rows if r["engine"] == "adapter onnxruntime int4"]
     assert all(0 < r["kl_to_fp32"] <= 0.05 and r["weight_bytes"] > 0 for r in int4), int4  # verified, and reported
     assert "TTFT ms" in capsys.readouterr().out

@@ -40,7 +40,7 @@ def _types(path) -> dict[str, str]:
 def test_int4_is_q4_0_with_q8_0_head_and_widened_ends_within_the_kl_budget(llama4, tmp_path):
     lm, layout = llama4
     settings = {"weights": "int4", "threads": 1, "block_size": 32, "symmetric": True, "head_int8": True}
-    config = DECODER.build(lm, layout, tmp_path, {**settings, "int8_end_blocks": 1})
+    config = DECODER.build(lm, layout, tmp_path, {**settings, "int8_blocks": [0, 3]})
     types = _types(tmp_path / config["model_file"])
     assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0", types
     for block, kind in ((0, "Q8_0"), (1, "Q4_0"), (2, "Q4_0"), (3, "Q8_0")):

@@ -20,7 +20,14 @@ import pytest
 
 from adapter.backends import _arm64, edge, get_backend
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
-from adapter.llm.convert import LLMOptions, _eager_greedy, backend_graph, convert_causal_lm, verify_decoder
+from adapter.llm.convert import (
+    LLMOptions,
+    _eager_greedy,
+    _widening,
+    backend_graph,
+    convert_causal_lm,
+    verify_decoder,
+)
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import eager_step, export_decoder
 from adapter.llm.families import (
@@ -314,7 +321,7 @@ def test_int4_recipe_on_the_fused_onnxruntime_graph(llama, tmp_path):
     model, graph, layout = llama
     decoder = get_backend("onnxruntime").DECODER
     settings = {"block_size": 32, "symmetric": True}
-    built, records = backend_graph(graph, decoder, LLMOptions(weights="int4"), settings, layout.num_layers, 0)
+    built, records = backend_graph(graph, decoder, LLMOptions(weights="int4"), settings)
     assert built is not graph and sum(n.op_type == "MatMulNBits" for n in graph.graph) == 0  # a copy
     bits = Counter(n.attributes["bits"].value for n in built.graph if n.op_type == "MatMulNBits")
     assert bits == {4: 8, 8: 1}, bits  # per block: packed Q/K/V, output, packed gate/up, down
@@ -327,8 +334,14 @@ def test_int4_recipe_on_the_fused_onnxruntime_graph(llama, tmp_path):
     assert config["kv_cache"] == "shared"
     report = verify_decoder(decoder.load(tmp_path, config, layout), model, layout, "int4", LLMOptions())
     assert 0 < report["kl_mean"] <= 0.05 and report["greedy_agreement"] >= 0.6, report
-    fp32_head, _ = backend_graph(graph, decoder, LLMOptions(weights="int4", head_int8=False), settings, 2, 0)
+    fp32_head, _ = backend_graph(graph, decoder, LLMOptions(weights="int4", head_int8=False), settings)
     assert Counter(n.op_type for n in fp32_head.graph)["MatMul"] == 2  # the head stays FP32 when asked
+
+
+def test_int4_widening_tries_the_first_blocks_before_both_ends():
+    assert _widening("int4", 22) == [(), (0, 1), (0, 1, 20, 21), (0, 1, 2, 3, 4, 17, 18, 19, 20, 21)]
+    assert _widening("int4", 2) == [(), (0,), (0, 1)]
+    assert _widening("int8", 22) == [()] and _widening("int4", 1) == [()]
 
 
 def test_sampling_is_seeded_and_reduces_to_greedy():
