@@ -50,26 +50,51 @@ def _reason(exc: Exception) -> str:
     return " ".join(lines)[:400] or type(exc).__name__
 
 
-def _compress(model, settings: dict[str, Any]):
+def _compress(model, settings: dict[str, Any], wider: list[str], rest: list[str]):
+    """NNCF's weight compression; an INT4 engine's ``wider`` MatMuls (by name) go INT8 first,
+    then the ``rest`` INT4 (NNCF keeps the LM head and the embedding INT8 itself)."""
     try:
         import nncf
     except ImportError as exc:
         raise BackendUnavailableError(
             "OpenVINO's weight compression needs NNCF.", "Install it: pip install nncf==3.4.0."
         ) from exc
-    mode = getattr(nncf.CompressWeightsMode, _MODES[(settings["weights"], bool(settings.get("symmetric", False)))])
-    group = int(settings.get("block_size", 128)) if settings["weights"] == "int4" else -1
-    kwargs: dict[str, Any] = {"mode": mode}
+    symmetric = bool(settings.get("symmetric", False))
+    mode = getattr(nncf.CompressWeightsMode, _MODES[(settings["weights"], symmetric)])
+    steps: list[dict[str, Any]] = []
+    if settings["weights"] == "int4" and wider:
+        steps.append({"mode": getattr(nncf.CompressWeightsMode, _MODES[("int8", symmetric)]),
+                      "ignored_scope": nncf.IgnoredScope(names=rest, validate=False)})  # fmt: skip
+    step: dict[str, Any] = {"mode": mode}
     if settings["weights"] == "int4":
-        kwargs.update(group_size=group, ratio=float(settings.get("ratio", 1.0)))
+        step.update(group_size=int(settings.get("block_size", 128)), ratio=1.0)
+        if wider:
+            step["ignored_scope"] = nncf.IgnoredScope(names=wider, validate=False)
+    steps.append(step)
     nncf.set_log_level(logging.ERROR)  # its per-build statistics table is not the user's concern
     try:
-        return nncf.compress_weights(model, **kwargs)
+        for kwargs in steps:
+            model = nncf.compress_weights(model, **kwargs)
+        return model
     except Exception as exc:  # NNCF raises its own error types for bad group sizes and the like
         raise AdapterError(
             f"NNCF could not compress the decoder's weights to {settings['weights']}: {_reason(exc)}",
             "Choose a group size that divides the hidden size (--group-size 32/64/128).",
         ) from exc
+
+
+def _weight_matmuls(model: ir.Model, blocks: list[int]) -> tuple[list[str], list[str]]:
+    """Names of the MatMuls over constant weights in decoder ``blocks`` (their module path,
+    HF's ``layers.i`` / ``h.i``), and of the others; OpenVINO keeps ONNX node names."""
+    pieces = tuple(p for i in blocks for p in (f"layers.{i}.", f".h.{i}."))
+    wider, rest = [], []
+    for node in model.graph:
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if weight is None or weight.const_value is None or not node.name:
+            continue
+        module = node.metadata_props.get("adapter.module", "")
+        (wider if pieces and any(p in module for p in pieces) else rest).append(node.name)
+    return wider, rest
 
 
 def _batch_sized_states(model, layout: Any) -> None:
@@ -128,6 +153,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     from openvino._offline_transformations import apply_make_stateful_transformation
 
     workdir.mkdir(parents=True, exist_ok=True)
+    wider, rest = _weight_matmuls(model, list(settings.get("int8_blocks", ())))
     with tempfile.TemporaryDirectory(prefix="adapter-ov-llm-") as tmp:
         onnx_path = Path(tmp) / "decoder.onnx"
         save_model(model, onnx_path, external=True)
@@ -142,7 +168,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     _batch_sized_states(ov_model, layout)
     _beam_gathers(ov_model)
     if settings.get("weights") in ("int8", "int4"):
-        ov_model = _compress(ov_model, settings)
+        ov_model = _compress(ov_model, settings, wider, rest)
     ov.save_model(ov_model, str(workdir / MODEL_FILE), compress_to_fp16=False)
     return {"model_file": MODEL_FILE, "files": [MODEL_FILE, "decoder.bin"], **settings}
 

@@ -73,8 +73,10 @@ def make_tinyllama(folder: Path, **overrides) -> Path:
     return folder
 
 
-def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
-    rng = np.random.default_rng(0)
+def _prompts(vocab: int, batch: int, length: int, round_: int) -> list[list[int]]:
+    """New prompts every round: an engine that caches prefixes (OpenVINO GenAI's pipeline
+    does) must not see the same prompt twice."""
+    rng = np.random.default_rng([round_, batch])
     return [rng.integers(3, vocab, size=length).tolist() for _ in range(batch)]
 
 
@@ -428,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes[engines[-1].name] = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     vocab = engines[0].engine.layout.vocab_size if isinstance(engines[0], Adapter) else 32000
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for batch in [int(b) for b in args.batches.split(",")]:
-            prompts = _prompts(vocab, batch, args.prompt)
+            prompts = _prompts(vocab, batch, args.prompt, round_)
             for engine in engines:
                 if batch not in getattr(engine, "batches", {batch}):
                     continue  # llama-cpp-python's Llama API runs one sequence

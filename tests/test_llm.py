@@ -315,6 +315,41 @@ def test_weight_only_engines_stay_within_the_kl_budget(llama, backend, weights, 
         verify_decoder(session, model, layout, weights, LLMOptions(kl_budget=report["kl_mean"] / 10))
 
 
+def _weight_types(path) -> dict[str, str]:
+    """Each MatMul's weight element type in an OpenVINO IR (through its decompression ops)."""
+    import openvino as ov
+
+    types = {}
+    for op in ov.Core().read_model(str(path)).get_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() != "Constant" and node.get_input_size():
+            node = node.input_value(0).get_node()
+        types[op.get_friendly_name()] = node.get_output_element_type(0).get_type_name()
+    return types
+
+
+def test_openvino_int4_keeps_the_widened_blocks_int8(llama, tmp_path):
+    """The widening ladder's blocks reach OpenVINO: NNCF compresses block 0's MatMuls to
+    INT8 and block 1's to INT4 (named through the ONNX node names OpenVINO keeps)."""
+    model, graph, layout = llama
+    decoder = get_backend("openvino").DECODER
+    settings = {"weights": "int4", "threads": 1, "block_size": 32, "symmetric": False, "int8_blocks": [0]}
+    config = decoder.build(graph, layout, tmp_path, settings)
+    types = _weight_types(tmp_path / config["model_file"])
+    modules = {
+        n.name: n.metadata_props.get("adapter.module", "")
+        for n in graph.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+    }  # fmt: skip
+    block0 = {types[n] for n, m in modules.items() if "layers.0." in m}
+    block1 = {types[n] for n, m in modules.items() if "layers.1." in m and "down_proj" not in m}
+    # (NNCF keeps the graph's last MatMul over a weight, here block 1's down_proj, at 8 bits itself)
+    assert block0 == {"u8"} and block1 == {"u4"}, (block0, block1)
+    report = verify_decoder(decoder.load(tmp_path, config, layout), model, layout, "int4", LLMOptions())
+    assert 0 < report["kl_mean"] <= 0.05, report
+
+
 def test_int4_recipe_on_the_fused_onnxruntime_graph(llama, tmp_path):
     """The driver's ONNX Runtime INT4 graph: fused (GroupQueryAttention, shared cache), every
     block INT4, the LM head INT8, the rotary frequencies untouched; within the KL budget."""

@@ -372,8 +372,6 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
         else:
             model, records = _weight_quantized(passed, decoder, options, settings, blocks)
         records = pass_records + records
-        if blocks and options.weights not in decoder.QUANTIZE_IN_GRAPH and decoder.SOURCE == "graph":
-            settings["ratio"] = round(1 - len(blocks) / layout.num_layers, 3)  # NNCF picks the INT8 layers itself
         settings["int8_blocks"] = list(blocks)
         say(f"build {name}")
         config = decoder.build(model, layout, workdir, settings)
