@@ -275,8 +275,8 @@ def test_verification_catches_a_wrong_decoder(llama, tmp_path):
         def start(self, batch, capacity):
             session.start(batch, capacity)
 
-        def step(self, ids, mask, positions):
-            logits = session.step(ids, mask, positions)
+        def step(self, ids, mask, positions, last_only=False):
+            logits = session.step(ids, mask, positions, last_only=last_only)
             if ids.shape[1] == 1:
                 logits[..., 7] += 5.0
             return logits

@@ -193,14 +193,17 @@ def _share(covered: int, total: int) -> dict[str, Any]:
 def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The op × backend matrix and per-backend coverage shares over the zoo.
 
-    ``backends`` defaults to every registered backend (``adapter.backends.BACKENDS``).
+    ``backends`` defaults to every registered backend that builds engines from ONNX graphs
+    (``adapter.backends.BACKENDS`` with any ``PRECISIONS``; llama.cpp runs its own graphs).
     Computed once per process and arguments (asking the live backends about every node of
     every zoo graph takes over a minute); each call gets its own copy.
 
     Returns:
         ``{"models", "backends": {name: {...shares, missing}}, "ops": [row, ...], "missing_entries": [...]}``.
     """
-    return copy.deepcopy(_coverage(tuple(models), tuple(BACKENDS if backends is None else backends)))
+    if backends is None:
+        backends = tuple(name for name, backend in BACKENDS.items() if backend.PRECISIONS)
+    return copy.deepcopy(_coverage(tuple(models), tuple(backends)))
 
 
 @functools.cache
