@@ -28,7 +28,7 @@ from adapter.profiles.schema import HOST, Profile
 
 __all__ = ["default_cache_dir", "probe_host"]
 
-_CACHE_VERSION = 2  # 2: default_backend auto, openvino listed, bf16 peak only where native
+_CACHE_VERSION = 3  # 2: default_backend auto, openvino listed, bf16 peak only where native; 3: llamacpp listed
 _MATMUL_N = 2048
 _COPY_BYTES = 256 * 2**20
 _REPEATS = 5
