@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from adapter.core.errors import AdapterError, BackendUnavailableError
+from adapter.core.mapped import release_mapped
 
 MODEL_FILE = "model.gguf"
 PASSES: tuple[str, ...] = ()
@@ -211,6 +212,7 @@ class LlamaCppDecoder:
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise AdapterError(f"llama.cpp could not load '{path}'.", "Rebuild the engine with adapter convert.")
+        release_mapped(path)  # the repacked weights are llama.cpp's own copy; the rest pages back in
         self.layout = layout
         self.threads = int(config.get("threads", 1)) or 1
         self.fp32 = config.get("weights") == "fp32"

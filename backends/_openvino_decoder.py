@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from adapter.core.errors import AdapterError, BackendUnavailableError
+from adapter.core.mapped import release_mapped
 from adapter.core.onnx_io import save_model
 
 MODEL_FILE = "decoder.xml"
@@ -195,6 +196,8 @@ class OpenVINODecoder:
         except Exception as exc:
             raise AdapterError(f"OpenVINO could not compile '{path}': {_reason(exc)}") from exc
         self.request = self.compiled.create_infer_request()
+        self.weights_file = path.with_suffix(".bin")
+        self.steps = 0
         self.layout = layout
         self.beam = any(BEAM_INPUT in p.get_names() for p in self.compiled.inputs)
 
@@ -215,6 +218,11 @@ class OpenVINODecoder:
             self.request.infer(feed)
         except Exception as exc:
             raise AdapterError(f"OpenVINO failed in a decoder step: {_reason(exc)}") from exc
+        self.steps += 1
+        if self.steps == 2:
+            # the plugin has made its own copy of the weights by its first prefill and decode
+            # (it packs them at first use); the mapped IR's pages go back to the kernel
+            release_mapped(self.weights_file)
         logits = self.request.get_output_tensor(0).data
         return np.array(logits[:, -1:] if last_only else logits, dtype=np.float32, copy=True)
 

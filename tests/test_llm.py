@@ -20,6 +20,7 @@ import pytest
 
 from adapter.backends import _arm64, edge, get_backend
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
+from adapter.core.mapped import mapped_resident_bytes
 from adapter.llm.convert import (
     LLMOptions,
     _eager_greedy,
@@ -348,6 +349,17 @@ def test_openvino_int4_keeps_the_widened_blocks_int8(llama, tmp_path):
     assert block0 == {"u8"} and block1 == {"u4"}, (block0, block1)
     report = verify_decoder(decoder.load(tmp_path, config, layout), model, layout, "int4", LLMOptions())
     assert 0 < report["kl_mean"] <= 0.05, report
+
+
+def test_openvino_engine_hands_back_its_mapped_weights_after_the_first_steps(llama, tmp_path):
+    """Once the CPU plugin has packed its own copy of the weights (first prefill and decode),
+    the mapped IR's pages are released; generating goes on with the same tokens."""
+    model, graph, layout = llama
+    session = _session("openvino", graph, layout, tmp_path, passes=True)
+    weights = tmp_path / "decoder.bin"
+    first = generate(session, layout, [[5, 6, 7, 8]], 6, stop_at_eos=False).tokens
+    assert mapped_resident_bytes(weights) <= weights.stat().st_size // 2, (mapped_resident_bytes(weights), weights)
+    assert generate(session, layout, [[5, 6, 7, 8]], 6, stop_at_eos=False).tokens == first
 
 
 def test_int4_recipe_on_the_fused_onnxruntime_graph(llama, tmp_path):

@@ -142,6 +142,7 @@ def generate(
             out.print(f"[bold]{row}[/]: {escape(shown)}")
     err.print(
         f"{engine.backend}: time to first token {result.ttft_ms:.1f} ms, decode {result.decode_tokens_per_s:.1f} "
-        f"tokens/s over {result.decode_steps} steps x {len(ids)} rows, peak RSS {result.peak_rss_mb:.0f} MiB",
+        f"tokens/s over {result.decode_steps} steps x {len(ids)} rows, RSS {result.rss_mb:.0f} MiB at the end "
+        f"(peak {result.peak_rss_mb:.0f} MiB, loading included)",
         highlight=False,
     )

@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +43,9 @@ class Generation:
     decode_steps: int
     total_ms: float
     peak_rss_mb: float
+    """The process's peak resident memory so far (loading the engine included)."""
+    rss_mb: float = 0.0
+    """Resident memory when the generation ended (after loading's transient copies are gone)."""
     finished: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -53,6 +57,7 @@ class Generation:
             "decode_steps": self.decode_steps,
             "total_ms": round(self.total_ms, 3),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "rss_mb": round(self.rss_mb, 1),
             "finished": self.finished,
         }
 
@@ -93,6 +98,15 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    """Resident memory now (Linux's /proc; the peak elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return _peak_rss_mb()
+    return pages * resource.getpagesize() / 2**20
 
 
 def generate(
@@ -170,5 +184,6 @@ def generate(
         decode_steps=steps,
         total_ms=(ended - started) * 1e3,
         peak_rss_mb=_peak_rss_mb(),
+        rss_mb=_rss_mb(),
         finished=["eos" if d else "length" for d in done],
     )

@@ -1,0 +1,70 @@
+"""Resident pages of a memory-mapped engine file, and handing them back to the kernel.
+
+OpenVINO's CPU plugin and llama.cpp both map an engine's weight file, then copy the
+weights they compute with into their own layouts while loading. The mapping stays, and
+every page loading read stays resident with it: TinyLlama's INT4 OpenVINO engine keeps
+843 MB of its 852 MB IR file resident beside the plugin's own 950 MB copy. Once loading
+is done those pages are read again only for the few weights used as they are, so
+:func:`release_mapped` drops them (``madvise(MADV_DONTNEED)``); a page that is read later
+comes back from the file. Only read-only mappings are touched: a private mapping's
+dropped page is re-read from the file, which is what it held.
+"""
+
+from __future__ import annotations
+
+__all__ = ["mapped_resident_bytes", "release_mapped"]
+
+import ctypes
+import ctypes.util
+import sys
+from pathlib import Path
+
+_MADV_DONTNEED = 4
+_MAPS = Path("/proc/self/maps")
+_SMAPS = Path("/proc/self/smaps")
+
+
+def _regions(path: Path) -> list[tuple[int, int]]:
+    """Read-only mappings of ``path`` in this process (empty where /proc is absent)."""
+    target = str(Path(path).resolve())
+    found = []
+    try:
+        lines = _MAPS.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target and "w" not in parts[1]:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            found.append((start, end))
+    return found
+
+
+def release_mapped(path: Path) -> int:
+    """Drop the resident pages of this process's read-only mappings of ``path``.
+
+    Returns the number of mappings released (0 off Linux, or when nothing maps the file).
+    """
+    regions = _regions(path)
+    if not regions or not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(libc.madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in regions)
+
+
+def mapped_resident_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    target = str(Path(path).resolve())
+    total, inside = 0, False
+    try:
+        lines = _SMAPS.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) == 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total

@@ -1,0 +1,38 @@
+"""Handing an engine file's mapped pages back to the kernel (adapter.core.mapped)."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import numpy as np
+import pytest
+
+from adapter.core.mapped import mapped_resident_bytes, release_mapped
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
+
+
+def test_release_drops_resident_pages_and_reads_come_back_from_the_file(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, 16 * 2**20, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = np.frombuffer(mapped, np.uint8)
+        assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read
+        assert mapped_resident_bytes(path) >= 15 * 2**20
+        assert release_mapped(path) == 1
+        assert mapped_resident_bytes(path) <= 2**20
+        np.testing.assert_array_equal(view, data)  # paged back in from the file, unchanged
+        assert mapped_resident_bytes(path) >= 15 * 2**20
+        del view
+
+
+def test_writable_mappings_and_unmapped_files_are_left_alone(tmp_path):
+    path = tmp_path / "state.bin"
+    path.write_bytes(bytes(2**20))
+    assert release_mapped(path) == 0  # nothing maps it
+    with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as mapped:
+        mapped[:4] = b"abcd"
+        assert release_mapped(path) == 0  # writable: its pages may hold writes
+        assert mapped[:4] == b"abcd"
