@@ -333,10 +333,11 @@ def _weight_types(path) -> dict[str, str]:
 
 def test_openvino_int4_keeps_the_widened_blocks_int8(llama, tmp_path):
     """The widening ladder's blocks reach OpenVINO: NNCF compresses block 0's MatMuls to
-    INT8 and block 1's to INT4 (named through the ONNX node names OpenVINO keeps)."""
+    INT8 and block 1's to INT4 (named through the ONNX node names OpenVINO keeps); the
+    engine quantizes activations in the weights' group size."""
     model, graph, layout = llama
     decoder = get_backend("openvino").DECODER
-    settings = {"weights": "int4", "threads": 1, "block_size": 32, "symmetric": False, "int8_blocks": [0]}
+    settings = {"weights": "int4", "threads": 1, "block_size": 64, "symmetric": False, "int8_blocks": [0]}
     config = decoder.build(graph, layout, tmp_path, settings)
     types = _weight_types(tmp_path / config["model_file"])
     modules = {
@@ -347,7 +348,10 @@ def test_openvino_int4_keeps_the_widened_blocks_int8(llama, tmp_path):
     block1 = {types[n] for n, m in modules.items() if "layers.1." in m and "down_proj" not in m}
     # (NNCF keeps the graph's last MatMul over a weight, here block 1's down_proj, at 8 bits itself)
     assert block0 == {"u8"} and block1 == {"u4"}, (block0, block1)
-    report = verify_decoder(decoder.load(tmp_path, config, layout), model, layout, "int4", LLMOptions())
+    session = decoder.load(tmp_path, config, layout)
+    # activations are quantized on the fly in the weights' group size (the plugin's default is 32)
+    assert session.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 64
+    report = verify_decoder(session, model, layout, "int4", LLMOptions())
     assert 0 < report["kl_mean"] <= 0.05, report
 
 
