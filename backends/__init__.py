@@ -13,7 +13,7 @@ from adapter.backends import edge, llamacpp, migraphx, onnxruntime, openvino, te
 from adapter.backends.base import Backend, check_backend
 from adapter.core.errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "DEFAULT", "Backend", "auto_backends", "get_backend", "register"]
+__all__ = ["BACKENDS", "DEFAULT", "Backend", "auto_backends", "get_backend", "graph_backends", "register"]
 
 BACKENDS: dict[str, Backend] = {}
 """Backend name to its module (or object), in registration order."""
@@ -45,6 +45,12 @@ def get_backend(name: str) -> Backend:
     backend = BACKENDS[name]
     backend.require()
     return backend
+
+
+def graph_backends() -> list[str]:
+    """The backends that build engines from ONNX graphs (any ``PRECISIONS``); llama.cpp, which
+    runs its own graphs and builds generation engines only, is not one."""
+    return [name for name, backend in BACKENDS.items() if backend.PRECISIONS]
 
 
 def auto_backends(profile) -> list[str]:

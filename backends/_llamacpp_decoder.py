@@ -25,6 +25,7 @@ from __future__ import annotations
 __all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "LlamaCppDecoder", "build", "load"]
 
 import ctypes
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -52,24 +53,14 @@ _FTYPE = {"fp32": 0, "bf16": 32, "int8": 7, ("int4", True): 2, ("int4", False): 
 _Q8_0 = 8
 
 
-def _sdk():
+def _module(name: str):
+    """llama-cpp-python (``llama_cpp``) or ``gguf``, or the error naming the extra."""
     try:
-        import llama_cpp
+        return importlib.import_module(name)
     except ImportError as exc:
         raise BackendUnavailableError(
-            "The llama.cpp backend needs llama-cpp-python.", "Install it: pip install -e '.[llamacpp]'."
+            f"The llama.cpp backend needs the {name} package.", "Install it: pip install -e '.[llamacpp]'."
         ) from exc
-    return llama_cpp
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "The llama.cpp backend writes GGUF with the gguf package.", "Install it: pip install -e '.[llamacpp]'."
-        ) from exc
-    return gguf
 
 
 def _rope_theta(config: Any) -> float:
@@ -98,7 +89,7 @@ def write_gguf(model: Any, family: str, layout: Any, path: Path) -> None:
             f"The llama.cpp backend maps {', '.join(sorted(_ARCHES))} models, not '{family}'.",
             "Use --backend onnxruntime or openvino for this model.",
         )
-    gguf = _gguf()
+    gguf = _module("gguf")
     arch, reorder = _ARCHES[family]
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -150,7 +141,7 @@ def write_gguf(model: Any, family: str, layout: Any, path: Path) -> None:
 
 def _quantize(source: Path, target: Path, settings: dict[str, Any]) -> None:
     """llama.cpp's quantizer: the file type of ``settings["weights"]``, Q8_0 where widened."""
-    llama_cpp = _sdk()
+    llama_cpp = _module("llama_cpp")
     _quiet(llama_cpp)
     weights = settings["weights"]
     if weights == "int4" and int(settings.get("block_size", 32)) != 32:
@@ -160,19 +151,17 @@ def _quantize(source: Path, target: Path, settings: dict[str, Any]) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _FTYPE[(weights, bool(settings.get("symmetric", True)))] if weights == "int4" else _FTYPE[weights]
     params.nthread = int(settings.get("threads", 1)) or 1
-    keep = []  # NUL-terminated (pattern, type) overrides; kept alive until the call returns
+    blocks = [int(b) for b in settings.get("int8_blocks", ())] if weights == "int4" else []
     if weights == "int4":
         params.token_embedding_type = _Q8_0  # as ONNX Runtime's engines keep it wide: one row read per token
         if settings.get("head_int8", True):
             params.output_tensor_type = _Q8_0
-        blocks = [int(b) for b in settings.get("int8_blocks", ())]
-        if blocks:
-            keep = [(rf"blk\.({'|'.join(map(str, blocks))})\.".encode(), _Q8_0)]
-    if keep:
-        array = (llama_cpp.llama_model_tensor_override * (len(keep) + 1))()
-        for i, (pattern, kind) in enumerate(keep):
-            array[i].pattern, array[i].type = pattern, kind
-        params.tt_overrides = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    # one (pattern, type) override and the NUL entry that ends the list; alive until the call returns
+    overrides = (llama_cpp.llama_model_tensor_override * 2)()
+    if blocks:
+        overrides[0].pattern = rf"blk\.({'|'.join(map(str, blocks))})\.".encode()
+        overrides[0].type = _Q8_0
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise AdapterError(f"llama.cpp's quantizer failed to write {weights} weights.")
 
@@ -201,7 +190,7 @@ class LlamaCppDecoder:
     """A llama.cpp model and one context sized for the running batch."""
 
     def __init__(self, folder: Path, config: dict[str, Any], layout: Any) -> None:
-        llama_cpp = _sdk()
+        llama_cpp = _module("llama_cpp")
         self.lib = llama_cpp
         path = Path(folder) / config["model_file"]
         if not path.is_file():

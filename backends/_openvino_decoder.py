@@ -89,12 +89,11 @@ def _weight_matmuls(model: ir.Model, blocks: list[int]) -> tuple[list[str], list
     HF's ``layers.i`` / ``h.i``), and of the others; OpenVINO keeps ONNX node names."""
     pieces = tuple(p for i in blocks for p in (f"layers.{i}.", f".h.{i}."))
     wider, rest = [], []
-    for node in model.graph:
+    for node in model.graph:  # (adapter.passes' matmul_weights is a sibling layer's, not importable here)
         weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
-        if weight is None or weight.const_value is None or not node.name:
-            continue
-        module = node.metadata_props.get("adapter.module", "")
-        (wider if pieces and any(p in module for p in pieces) else rest).append(node.name)
+        if weight is not None and weight.const_value is not None and node.name:
+            module = node.metadata_props.get("adapter.module", "")
+            (wider if any(p in module for p in pieces) else rest).append(node.name)
     return wider, rest
 
 

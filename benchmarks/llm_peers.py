@@ -80,6 +80,15 @@ def _prompts(vocab: int, batch: int, length: int, round_: int) -> list[list[int]
     return [rng.integers(3, vocab, size=length).tolist() for _ in range(batch)]
 
 
+def _convert(command: list[str], what: str) -> float:
+    """Run a peer's own converter once; its seconds (its stderr's tail when it fails)."""
+    started = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
 class Eager:
     """transformers eager, greedy with its own DynamicCache."""
 
@@ -131,11 +140,7 @@ class OrtGenAI:
         if not (out / "genai_config.json").is_file():
             command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
                        "-p", precision, "-e", "cpu", "-c", str(out.parent / "ort-genai-cache")]  # fmt: skip
-            started = time.perf_counter()
-            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"ONNX Runtime GenAI's builder failed:\n{done.stderr[-2000:]}")
-            self.convert_seconds = time.perf_counter() - started
+            self.convert_seconds = _convert(command, "ONNX Runtime GenAI's builder")
         config_path = out / "genai_config.json"
         config = json.loads(config_path.read_text())
         options = config["model"]["decoder"].setdefault("session_options", {})
@@ -183,11 +188,7 @@ class CTranslate2:
         if not (out / "model.bin").is_file():
             command = [sys.executable, "-m", "ctranslate2.converters.transformers", "--model", str(model),
                        "--output_dir", str(out), "--quantization", compute, "--force"]  # fmt: skip
-            started = time.perf_counter()
-            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"CTranslate2's converter failed:\n{done.stderr[-2000:]}")
-            self.convert_seconds = time.perf_counter() - started
+            self.convert_seconds = _convert(command, "CTranslate2's converter")
         self.vocab = json.loads((out / "vocabulary.json").read_text())
         self.generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
         self.folder = out
@@ -299,11 +300,7 @@ class OpenVINOGenAI:
         if not (out / "openvino_model.xml").is_file():
             command = [str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(model),
                        "--task", "text-generation-with-past", "--weight-format", weight_format, str(out)]  # fmt: skip
-            started = time.perf_counter()
-            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"optimum-intel's export failed:\n{done.stderr[-2000:]}")
-            self.convert_seconds = time.perf_counter() - started
+            self.convert_seconds = _convert(command, "optimum-intel's export")
         worker = Path(__file__).resolve().parent / "_ov_genai_worker.py"
         self.process = subprocess.Popen(
             [str(python), str(worker), str(out), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapter.backends import BACKENDS, DEFAULT, get_backend
+from adapter.backends import DEFAULT, get_backend, graph_backends
 from adapter.converter.build import AUTO, auto_candidates, base_passes, refused_nodes, run_backend_passes
 from adapter.converter.importer import import_source, prepare_source
 from adapter.core.errors import AdapterError, UnsupportedOp
@@ -118,7 +118,8 @@ def check(
     run_pipeline(imported.model, build_pipeline(base_passes(profile)))
     results: list[BackendCheck] = []
     # The target's other backends are asked too, only to suggest one that runs a refused node.
-    spare = [n for n in getattr(profile, "backends", {}) if n in BACKENDS and n not in names and BACKENDS[n].PRECISIONS]
+    buildable = graph_backends()
+    spare = [n for n in getattr(profile, "backends", {}) if n in buildable and n not in names]
     for name in names + spare:
         found = BackendCheck(name)
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from adapter.backends import BACKENDS, get_backend
+from adapter.backends import BACKENDS, get_backend, graph_backends
 from adapter.backends.documented import DOCUMENTED
 from adapter.converter.importer import import_source
 from adapter.op_library import OPS, OpEntry, _key
@@ -194,16 +194,14 @@ def coverage(models: tuple[str, ...] = ZOO_MODELS, backends: tuple[str, ...] | N
     """The op × backend matrix and per-backend coverage shares over the zoo.
 
     ``backends`` defaults to every registered backend that builds engines from ONNX graphs
-    (``adapter.backends.BACKENDS`` with any ``PRECISIONS``; llama.cpp runs its own graphs).
+    (``adapter.backends.graph_backends``; llama.cpp runs its own graphs).
     Computed once per process and arguments (asking the live backends about every node of
     every zoo graph takes over a minute); each call gets its own copy.
 
     Returns:
         ``{"models", "backends": {name: {...shares, missing}}, "ops": [row, ...], "missing_entries": [...]}``.
     """
-    if backends is None:
-        backends = tuple(name for name, backend in BACKENDS.items() if backend.PRECISIONS)
-    return copy.deepcopy(_coverage(tuple(models), tuple(backends)))
+    return copy.deepcopy(_coverage(tuple(models), tuple(graph_backends() if backends is None else backends)))
 
 
 @functools.cache

@@ -232,14 +232,14 @@ def _candidates(options: LLMOptions, profile) -> list[str]:
     names = [options.backend] if explicit else decoder_backends(profile)
     usable = []
     for name in names:
-        if not explicit:
-            try:
-                get_backend(name)
-            except BackendUnavailableError:
-                continue  # an optional engine (llama.cpp) not installed here: the race goes on without it
-        backend = get_backend(name)
+        try:
+            backend = get_backend(name)
+        except BackendUnavailableError:
+            if explicit:
+                raise
+            continue  # an optional engine (llama.cpp) not installed here: the race goes on without it
         if backend.DECODER is None:
-            if options.backend not in (None, "auto"):
+            if explicit:
                 raise AdapterError(
                     f"The {name} backend builds no generation engines yet.",
                     "Use "
@@ -248,7 +248,7 @@ def _candidates(options: LLMOptions, profile) -> list[str]:
                 )
             continue
         if options.weights not in backend.DECODER.WEIGHTS:
-            if options.backend not in (None, "auto"):
+            if explicit:
                 raise AdapterError(
                     f"The {name} backend builds no {options.weights} generation engines.",
                     f"It builds {', '.join(sorted(backend.DECODER.WEIGHTS))}.",
@@ -366,11 +366,9 @@ def _build_one(name, graph: ir.Model, lm: CausalLM, layout, options, profile, wo
         settings = _settings(name, options, profile)
         if options.weights in decoder.QUANTIZE_IN_GRAPH:
             say(f"quantize {options.weights} ({name}{f', blocks {list(blocks)} INT8' if blocks else ''})")
-        if decoder.SOURCE == "weights":
-            model, records = passed, []
+        if decoder.SOURCE == "weights":  # it quantizes itself, the LM head as the options say
             settings["head_int8"] = options.head_int8
-        else:
-            model, records = _weight_quantized(passed, decoder, options, settings, blocks)
+        model, records = _weight_quantized(passed, decoder, options, settings, blocks)
         records = pass_records + records
         settings["int8_blocks"] = list(blocks)
         say(f"build {name}")
