@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.mapped import release_mapped
-from adapter.core.onnx_io import save_model
+from adapter.core.onnx_io import release_weights, save_model
 
 MODEL_FILE = "decoder.xml"
 SOURCE = "graph"
@@ -157,6 +157,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     with tempfile.TemporaryDirectory(prefix="adapter-ov-llm-") as tmp:
         onnx_path = Path(tmp) / "decoder.onnx"
         save_model(model, onnx_path, external=True)
+        release_weights(model)  # OpenVINO maps the file just written; the source's pages can go
         try:
             # read_model maps the weights file (convert_model would hold two copies: 8.2 GB for
             # TinyLlama's 4.4 GB); the mapping outlives the temporary folder's removal

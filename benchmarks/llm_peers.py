@@ -40,10 +40,11 @@ import numpy as np
 import torch
 
 from adapter.backends._llamacpp_decoder import write_gguf
-from adapter.llm.convert import LLMOptions, convert_causal_lm, kl_against_eager
+from adapter.llm.convert import LLMOptions, convert_causal_lm
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import layout_of
 from adapter.llm.families import load_causal_lm, write_random_folder, write_word_tokenizer
+from adapter.llm.verify import kl_against_eager
 from adapter.profiles import load_profile
 
 TINYLLAMA = {

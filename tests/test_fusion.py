@@ -9,8 +9,10 @@ The zoo models are imported once per module exactly as ``convert`` does (export,
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import pkgutil
+import weakref
 
 import numpy as np
 import onnx_ir as ir
@@ -391,6 +393,20 @@ def test_attention_fuses_hand_built_block():
     _, after = _check(lambda: _attention_block(-1), OrtAttentionFusion(), fires=True)
     ops = _ops(after)
     assert ops["com.microsoft::Attention"] == 1 and ops["Softmax"] == 0 and ops["MatMul"] == 0
+
+
+def test_a_fused_graph_is_freed_once_its_owner_lets_go():
+    """The rules live as long as their module; the graph they last matched must not (it
+    holds every weight of the model: a decoder's fused FP32 weights stayed alive after its
+    engine was built). The fusion still fires and keeps the numbers."""
+    before = _attention_block(-1)
+    after = ir.serde.deserialize_model(ir.serde.serialize_model(before))
+    assert OrtAttentionFusion()(after).modified
+    _assert_same(before, after, [_feed(before)])
+    gone = weakref.ref(after.graph)  # the matcher held the graph (and its weights), not the model
+    del after
+    gc.collect()
+    assert gone() is None
 
 
 def test_attention_not_fused_when_softmax_is_on_the_wrong_axis():

@@ -13,10 +13,11 @@ import pytest
 
 from adapter.backends import get_backend, llamacpp
 from adapter.core.errors import AdapterError
-from adapter.llm.convert import LLMOptions, convert_causal_lm, verify_decoder
+from adapter.llm.convert import LLMOptions, convert_causal_lm
 from adapter.llm.export import layout_of
 from adapter.llm.families import CausalLM, tiny_model
 from adapter.llm.generate import generate
+from adapter.llm.verify import verify_decoder
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="the llama.cpp backend's extra: pip install -e '.[llamacpp]'")

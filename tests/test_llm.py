@@ -7,28 +7,25 @@ steps must equal the eager model's. Reduced weights are judged by next-token KL.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import subprocess
 import sys
+import weakref
 from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime
 import pytest
+import torch
 
 from adapter.backends import _arm64, edge, get_backend
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError, VerificationError
 from adapter.core.mapped import mapped_resident_bytes
-from adapter.llm.convert import (
-    LLMOptions,
-    _eager_greedy,
-    _widening,
-    backend_graph,
-    convert_causal_lm,
-    verify_decoder,
-)
+from adapter.llm import convert as convert_module
+from adapter.llm.convert import LLMOptions, _widening, backend_graph, convert_causal_lm
 from adapter.llm.engine import LLMEngine
 from adapter.llm.export import eager_step, export_decoder
 from adapter.llm.families import (
@@ -40,6 +37,7 @@ from adapter.llm.families import (
     write_word_tokenizer,
 )
 from adapter.llm.generate import Sampling, generate, left_pad
+from adapter.llm.verify import EagerReference, eager_greedy, verify_decoder
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.weight_only import WeightOnlyQuantize
 
@@ -123,7 +121,7 @@ def test_edge_decoder_generates_on_emulated_arm64_as_eager(tmp_path):
     on_arm = edge.generate_arm64(tmp_path / "e", backend["config"], engine.layout, prompt, 32,
                                  rootfs=ARM64_ROOTFS, info=info)  # fmt: skip
     assert info["machine"] == "aarch64" and info["onnxruntime"] == edge.version(), info
-    assert on_arm == _eager_greedy(model, prompt, 32)
+    assert on_arm == eager_greedy(model, prompt, 32)
     assert on_arm == engine.generate([prompt], max_new_tokens=32, stop_at_eos=False).tokens[0]
 
 
@@ -288,6 +286,60 @@ def test_verification_catches_a_wrong_decoder(llama, tmp_path):
     assert report["passed"] and report["greedy"]["equal"]
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_verification_from_the_eager_reference_needs_no_model(llama, weights, tmp_path):
+    """The answers computed once give the report the model gives, and the check never runs
+    the model again: a model that raises when called does not stop it."""
+    model, graph, layout = llama
+    decoder = get_backend("onnxruntime").DECODER
+    built = graph
+    if weights == "int8":
+        built = graph.clone()
+        WeightOnlyQuantize(bits=8, block_size=32)(built)
+    session = decoder.load(tmp_path, decoder.build(built, layout, tmp_path, {"weights": weights, "threads": 1}), layout)
+    direct = verify_decoder(session, model, layout, weights, LLMOptions())
+    reference = EagerReference.of(model, layout, weights, LLMOptions().verify_steps)
+
+    class Gone(torch.nn.Module):
+        config = model.config
+
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the eager model ran during verification")
+
+    assert verify_decoder(session, reference, layout, weights, LLMOptions()) == direct
+    with pytest.raises(AssertionError, match="eager model ran"):
+        verify_decoder(session, Gone(), layout, weights, LLMOptions())
+    if weights == "fp32":
+        assert direct["greedy"]["equal"] and direct["prefill"]["max_abs"] < 1e-4, direct
+    else:
+        assert 0 < direct["kl_mean"] <= 0.05, direct
+
+
+def test_convert_lets_go_of_the_eager_model_before_the_graph_engines(qwen_folder, tmp_path, monkeypatch):
+    """Engines from ONNX graphs are built from the weights' file: the eager model loaded
+    from the folder is gone by then (only the eager reference remains), and the engine
+    still verifies against it (FP32: greedy tokens equal)."""
+    loaded, seen = [], {}
+    real = convert_module.load_causal_lm
+
+    def tracked(folder):
+        lm = real(folder)
+        loaded.append(weakref.ref(lm.model))
+        return lm
+
+    def progress(stage):
+        if stage.startswith("build onnxruntime"):
+            gc.collect()
+            seen["alive"] = loaded[0]() is not None
+
+    monkeypatch.setattr(convert_module, "load_causal_lm", tracked)
+    result = convert_causal_lm(str(qwen_folder), tmp_path / "e", LLMOptions(backend="onnxruntime", benchmark=False),
+                               progress=progress)  # fmt: skip
+    assert seen == {"alive": False}
+    assert result.manifest["verification"]["greedy"]["equal"], result.manifest["verification"]
+    assert not (tmp_path / "e" / ".canonical").exists()
+
+
 @pytest.mark.parametrize(
     ("backend", "weights", "settings"),
     [
@@ -436,9 +488,8 @@ def test_cli_converts_a_folder_and_generates(qwen_folder, tmp_path, cli):
     assert data["time_to_first_token_ms"] > 0 and data["decode_tokens_per_s"] > 0 and data["peak_rss_mb"] > 0
     engine = LLMEngine.load(out)
     model = tiny_model("qwen2")  # same seed and config: the folder's weights
-    from adapter.llm.convert import _eager_greedy
 
-    assert data["tokens"][0] == _eager_greedy(model, [5, 6, 7], 6)
+    assert data["tokens"][0] == eager_greedy(model, [5, 6, 7], 6)
     assert engine.generate([[5, 6, 7]], max_new_tokens=6, stop_at_eos=False).tokens[0] == data["tokens"][0]
     # text through the bundled tokenizer, in processes that never import torch: the API's,
     # and the command line's (which loads only the command it runs)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from adapter.core.mapped import mapped_resident_bytes, release_mapped
+from adapter.core.mapped import mapped_resident_bytes, release_mapped, trim_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
 
@@ -36,3 +36,21 @@ def test_writable_mappings_and_unmapped_files_are_left_alone(tmp_path):
         mapped[:4] = b"abcd"
         assert release_mapped(path) == 0  # writable: its pages may hold writes
         assert mapped[:4] == b"abcd"
+
+
+def _anonymous_resident_mb() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1]) // 1024
+
+
+def test_trim_heap_returns_freed_heap_blocks_to_the_kernel():
+    """Blocks under the mmap threshold freed below a live one stay resident in glibc's heap
+    (no automatic trim reaches them) until trim_heap hands their pages back."""
+    blocks = [bytearray(b"\x01") * 100_000 for _ in range(2000)]  # ~200 MB in 100 kB heap blocks
+    keep = blocks[-1]  # a live block above the freed ones: the heap's top cannot shrink
+    before = _anonymous_resident_mb()
+    del blocks
+    freed = _anonymous_resident_mb()
+    assert before - freed < 50  # glibc kept the freed blocks resident
+    assert trim_heap()
+    assert freed - _anonymous_resident_mb() >= 150
+    assert keep[0] == 1 and len(keep) == 100_000  # the live block is intact

@@ -8,14 +8,20 @@ is done those pages are read again only for the few weights used as they are, so
 :func:`release_mapped` drops them (``madvise(MADV_DONTNEED)``); a page that is read later
 comes back from the file. Only read-only mappings are touched: a private mapping's
 dropped page is re-read from the file, which is what it held.
+
+:func:`trim_heap` is the same hand-back for memory the process freed: a converter that
+builds several large engines one after another frees gigabytes of graph weights between
+them, and glibc keeps freed blocks under its mmap threshold (up to 32 MiB: most of a
+decoder's weights) in its heap instead of returning them.
 """
 
 from __future__ import annotations
 
-__all__ = ["mapped_resident_bytes", "release_mapped"]
+__all__ = ["mapped_resident_bytes", "release_mapped", "trim_heap"]
 
 import ctypes
 import ctypes.util
+import gc
 import sys
 from pathlib import Path
 
@@ -51,6 +57,24 @@ def release_mapped(path: Path) -> int:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return sum(libc.madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in regions)
+
+
+def trim_heap() -> bool:
+    """Collect unreachable objects (an IR graph is a web of cycles, freed only by the cycle
+    collector), then return the C heap's free pages to the kernel (glibc's ``malloc_trim``).
+
+    Returns whether the heap was trimmed (False off glibc).
+    """
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError):  # another C library (musl) has no malloc_trim
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def mapped_resident_bytes(path: Path) -> int:

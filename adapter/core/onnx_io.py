@@ -1,4 +1,5 @@
-"""Saving ONNX models, with external data when protobuf's 2 GiB limit is near."""
+"""Saving ONNX models, with external data when protobuf's 2 GiB limit is near; handing
+back the pages of mapped weight files."""
 
 from __future__ import annotations
 
@@ -35,3 +36,15 @@ def save_model(model: ir.Model, path: Path, external: bool = False) -> list[str]
     ir.external_data.load_to_model(model)
     ir.save(model, path)
     return [path.name]
+
+
+def release_weights(model: ir.Model) -> None:
+    """Hand back the pages of ``model``'s mapped weight files read so far: each tensor maps
+    its file again when it is read later. A tensor whose memory a view still holds keeps
+    its mapping (those pages go with the view)."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            try:
+                value.const_value.release()
+            except BufferError:
+                pass
