@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from adapter.core.errors import AdapterError, BackendUnavailableError
-from adapter.core.mapped import release_mapped
+from adapter.core.mapped import Releaser
 
 MODEL_FILE = "model.gguf"
 PASSES: tuple[str, ...] = ()
@@ -198,10 +198,12 @@ class LlamaCppDecoder:
         llama_cpp.llama_backend_init()
         _quiet(llama_cpp)
         params = llama_cpp.llama_model_default_params()  # mmap; weights repacked for this CPU's kernels
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        # the repacked weights are llama.cpp's own copy: the mapped file's pages are handed
+        # back while it loads (the ones it uses as they are page back in)
+        with Releaser(path):
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise AdapterError(f"llama.cpp could not load '{path}'.", "Rebuild the engine with adapter convert.")
-        release_mapped(path)  # the repacked weights are llama.cpp's own copy; the rest pages back in
         self.layout = layout
         self.threads = int(config.get("threads", 1)) or 1
         self.fp32 = config.get("weights") == "fp32"

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from adapter.core.errors import AdapterError, BackendUnavailableError
-from adapter.core.mapped import release_mapped
+from adapter.core.mapped import Releaser
 from adapter.core.onnx_io import release_weights, save_model
 
 MODEL_FILE = "decoder.xml"
@@ -196,12 +196,15 @@ class OpenVINODecoder:
         if kv_precision:
             properties["KV_CACHE_PRECISION"] = kv_precision
         path = Path(folder) / config["model_file"]
+        # the plugin copies the weights into its own layout while compiling and at its first
+        # prefill and decode; the mapped IR's pages are handed back all along (not only after)
+        self.releaser = Releaser(path.with_suffix(".bin")).start()
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
         except Exception as exc:
+            self.releaser.stop()
             raise AdapterError(f"OpenVINO could not compile '{path}': {_reason(exc)}") from exc
         self.request = self.compiled.create_infer_request()
-        self.weights_file = path.with_suffix(".bin")
         self.steps = 0
         self.layout = layout
         self.beam = any(BEAM_INPUT in p.get_names() for p in self.compiled.inputs)
@@ -224,10 +227,8 @@ class OpenVINODecoder:
         except Exception as exc:
             raise AdapterError(f"OpenVINO failed in a decoder step: {_reason(exc)}") from exc
         self.steps += 1
-        if self.steps == 2:
-            # the plugin has made its own copy of the weights by its first prefill and decode
-            # (it packs them at first use); the mapped IR's pages go back to the kernel
-            release_mapped(self.weights_file)
+        if self.steps == 2:  # packed by its first prefill and decode: the last release
+            self.releaser.stop()
         logits = self.request.get_output_tensor(0).data
         return np.array(logits[:, -1:] if last_only else logits, dtype=np.float32, copy=True)
 

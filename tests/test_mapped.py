@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import mmap
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from adapter.core.mapped import mapped_resident_bytes, release_mapped, trim_heap
+from adapter.core.mapped import Releaser, mapped_resident_bytes, release_mapped, trim_heap
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
 
@@ -26,6 +27,38 @@ def test_release_drops_resident_pages_and_reads_come_back_from_the_file(tmp_path
         np.testing.assert_array_equal(view, data)  # paged back in from the file, unchanged
         assert mapped_resident_bytes(path) >= 15 * 2**20
         del view
+
+
+def test_releaser_keeps_pages_handed_back_while_a_loader_reads_the_file(tmp_path):
+    """A loader reading a mapped 64 MB file page by page, with the releaser running: the
+    resident part of the mapping stays a fraction of the file at every point, and the bytes
+    read are the file's. Without it, all of the file is resident by the end."""
+    data = np.random.default_rng(1).integers(0, 255, 64 * 2**20, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.tobytes())
+    chunk = 2**20
+
+    def load(releaser: Releaser | None) -> tuple[int, int]:
+        highest, total = 0, 0
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = np.frombuffer(mapped, np.uint8)
+            if releaser:
+                releaser.start()
+            for start in range(0, len(view), chunk):
+                total += int(view[start : start + chunk].sum(dtype=np.int64))
+                time.sleep(0.002)  # the loader's own work between reads (the GIL is free)
+                highest = max(highest, mapped_resident_bytes(path))
+            if releaser:
+                releaser.stop()
+                assert mapped_resident_bytes(path) <= chunk  # stop() releases once more
+            del view
+        return highest, total
+
+    unreleased, total = load(None)
+    assert unreleased >= 60 * 2**20 and total == int(data.sum(dtype=np.int64))
+    released, total = load(Releaser(path, interval=0.01))
+    assert released <= 24 * 2**20, released
+    assert total == int(data.sum(dtype=np.int64))
 
 
 def test_writable_mappings_and_unmapped_files_are_left_alone(tmp_path):

@@ -17,12 +17,13 @@ decoder's weights) in its heap instead of returning them.
 
 from __future__ import annotations
 
-__all__ = ["mapped_resident_bytes", "release_mapped", "trim_heap"]
+__all__ = ["Releaser", "mapped_resident_bytes", "release_mapped", "trim_heap"]
 
 import ctypes
 import ctypes.util
 import gc
 import sys
+import threading
 from pathlib import Path
 
 _MADV_DONTNEED = 4
@@ -57,6 +58,45 @@ def release_mapped(path: Path) -> int:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return sum(libc.madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in regions)
+
+
+class Releaser:
+    """Keep handing back a file's mapped pages while an engine loads from it.
+
+    An engine that copies its weights into its own layout reads the whole mapped file
+    once; released only afterwards, every page it read is resident at the peak beside the
+    copy (TinyLlama INT4 on OpenVINO: 1.77 GB at the peak for 1.0 GB after). A thread
+    that releases the mapping every ``interval`` seconds while loading runs keeps only
+    the pages read since its last pass: a page dropped before the engine is done with it
+    is read again from the page cache. :meth:`stop` releases once more and ends the
+    thread. The engine must run without holding the GIL (OpenVINO's infer and compile,
+    llama.cpp's load through ctypes do).
+    """
+
+    def __init__(self, path: Path, interval: float = 0.02) -> None:
+        self.path, self.interval = Path(path), interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adapter-release-mapped", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            release_mapped(self.path)
+
+    def start(self) -> Releaser:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._done.set()
+            self._thread.join()
+        release_mapped(self.path)
+
+    def __enter__(self) -> Releaser:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def trim_heap() -> bool:
