@@ -35,6 +35,8 @@ PASSES = ("fusion-ov-decoder",)
 ``beam_idx`` gather on each state (:func:`_beam_gathers`), the CPU plugin then fuses the
 state, its concatenation and the attention into one node that keeps the cache itself."""
 BEAM_INPUT = "beam_idx"
+LOGITS_FROM = "logits_from"
+"""Where the logits start along the sequence: 0 (every position) or -1 (the last)."""
 WEIGHT_DEFAULTS = {"block_size": 128, "symmetric": False}
 """Usual INT4/INT8 settings (optimum-intel's INT4 default: group 128, asymmetric)."""
 _MODES = {
@@ -147,6 +149,33 @@ def _beam_gathers(model) -> int:
     return count
 
 
+def _logits_from(model) -> bool:
+    """Let a step keep only the last position's logits: a Slice on the LM head's input from
+    a new int64 input ``logits_from`` (0: every position, -1: the last one).
+
+    The LM head is the largest matrix: a 128-token prefill computed 128 rows of logits for
+    the one row a generation reads (TinyLlama INT4: 16.6 ms of a 276 ms prefill, 2 cores).
+    Returns False, leaving the model as it is, where ``logits`` does not come straight from
+    a MatMul.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    head = model.output("logits").get_node().input_value(0).get_node()
+    if head.get_type_name() != "MatMul":
+        return False
+    start = ops.parameter([1], ov.Type.i64, name=LOGITS_FROM)
+    start.output(0).get_tensor().set_names({LOGITS_FROM})
+    sliced = ops.slice(
+        head.input_value(0), start, ops.constant(np.array([np.iinfo(np.int64).max])),
+        ops.constant(np.array([1])), ops.constant(np.array([1])),
+    )  # fmt: skip
+    head.input(0).replace_source_output(sliced.output(0))
+    model.add_parameters([start])
+    model.validate_nodes_and_infer_types()
+    return True
+
+
 def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Convert to OpenVINO, make the cache a state, compress weights, save IR (xml + bin)."""
     import openvino as ov
@@ -168,6 +197,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     apply_make_stateful_transformation(ov_model, pairs)
     _batch_sized_states(ov_model, layout)
     _beam_gathers(ov_model)
+    _logits_from(ov_model)
     if settings.get("weights") in ("int8", "int4"):
         ov_model = _compress(ov_model, settings, wider, rest)
     ov.save_model(ov_model, str(workdir / MODEL_FILE), compress_to_fp16=False)
@@ -208,6 +238,7 @@ class OpenVINODecoder:
         self.steps = 0
         self.layout = layout
         self.beam = any(BEAM_INPUT in p.get_names() for p in self.compiled.inputs)
+        self.slices = any(LOGITS_FROM in p.get_names() for p in self.compiled.inputs)  # engines built before it lack it
 
     def start(self, batch: int, capacity: int) -> None:
         self.request.reset_state()
@@ -222,6 +253,8 @@ class OpenVINODecoder:
         }
         if self.beam:
             feed[BEAM_INPUT] = np.arange(input_ids.shape[0], dtype=np.int32)
+        if self.slices:  # the LM head computes the last position only when that is all we read
+            feed[LOGITS_FROM] = np.array([-1 if last_only else 0], np.int64)
         try:
             self.request.infer(feed)
         except Exception as exc:

@@ -197,7 +197,7 @@ def test_openvino_keeps_the_cache_as_state_and_fuses_norm_and_rotary(llama, tmp_
     model, graph, layout = llama
     session = _session("openvino", graph, layout, tmp_path, passes=True, kv_precision="f32")
     names = {p.get_any_name() for p in session.compiled.inputs}
-    assert names == {"input_ids", "attention_mask", "position_ids", "beam_idx"}, names
+    assert names == {"input_ids", "attention_mask", "position_ids", "beam_idx", "logits_from"}, names
     saved = ov.Core().read_model(str(tmp_path / "decoder.xml"))
     ops = Counter(op.get_type_name() for op in saved.get_ordered_ops())
     assert ops["ReadValue"] == ops["Assign"] == 2 * layout.num_layers, ops
@@ -210,6 +210,13 @@ def test_openvino_keeps_the_cache_as_state_and_fuses_norm_and_rotary(llama, tmp_
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     for name in layout.past_names():
         feeds[name] = np.zeros(layout.cache_shape(2, 0), np.float32)
+    # last-only steps: the graph's LM head computes one position per row, the same numbers
+    session.start(2, 16)
+    full = session.step(ids, mask, positions)
+    session.start(2, 16)
+    last = session.step(ids, mask, positions, last_only=True)
+    assert session.request.get_output_tensor(0).shape[1] == 1  # sliced in the graph
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     session.start(2, 16)
     for _ in range(3):
         got = session.step(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"])
