@@ -383,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             converts[f"{backend} {weights}"] = time.perf_counter() - started
         name = f"adapter {backend} {weights}" + (f" (KL budget {args.kl_budget:g})" if budget else "")
         engines.append(Adapter(out, name))
-        # bytes read per token: a BF16 engine is saved in FP32 and computes on BF16 copies
-        sizes[name] = _disk_bytes(out) // (2 if weights == "bf16" else 1)
+        # bytes read per token: OpenVINO's BF16 engine is saved in FP32 and computes on BF16
+        # copies; the others (llama.cpp's GGUF) hold what they read
+        saved_fp32 = weights == "bf16" and engines[-1].engine.manifest["backend"]["name"] == "openvino"
+        sizes[name] = _disk_bytes(out) // (2 if saved_fp32 else 1)
         checks[name] = engines[-1].engine.manifest["verification"]
     layout = next((e.engine.layout for e in engines if isinstance(e, Adapter)), None)
 
