@@ -22,11 +22,12 @@ model's weights and config (``SOURCE = "weights"``) rather than the exported ONN
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "LlamaCppDecoder", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "LlamaCppDecoder", "prepare", "build", "load"]
 
 import ctypes
 import importlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.mapped import Releaser
 
 MODEL_FILE = "model.gguf"
+F32_FILE = "model-f32.gguf"
 PASSES: tuple[str, ...] = ()
 SOURCE = "weights"
 """``build`` takes the eager model (weights and config), not an ONNX graph."""
@@ -166,23 +168,38 @@ def _quantize(source: Path, target: Path, settings: dict[str, Any]) -> None:
         raise AdapterError(f"llama.cpp's quantizer failed to write {weights} weights.")
 
 
-def build(model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Write ``model.gguf``: the FP32 GGUF, then llama.cpp's quantizer for reduced weights.
+def prepare(model: Any, layout: Any, folder: Path) -> Path:
+    """The FP32 GGUF of the eager weights (``model``: the CausalLM), written once into
+    ``folder``: each rung's ``build`` quantizes this file, and the eager model can be let go
+    before any engine loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / F32_FILE
+    write_gguf(model.model, model.family, layout, path)
+    return path
 
-    ``model`` is the :class:`adapter.llm.families.CausalLM` (``SOURCE = "weights"``).
-    """
+
+def build(model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write ``model.gguf``: the FP32 GGUF ``prepare`` wrote (``model`` is its path; a
+    CausalLM is prepared here first), through llama.cpp's quantizer for reduced weights."""
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     target = workdir / MODEL_FILE
-    weights = settings["weights"]
-    if weights == "fp32":
-        write_gguf(model.model, model.family, layout, target)
-    else:
-        full = workdir / "model-f32.gguf.tmp"
-        try:
-            write_gguf(model.model, model.family, layout, full)
-            _quantize(full, target, settings)
-        finally:
-            full.unlink(missing_ok=True)
+    scratch = None if isinstance(model, Path) else workdir / ".f32"
+    source = model if scratch is None else prepare(model, layout, scratch)
+    try:
+        if settings["weights"] != "fp32":
+            _quantize(source, target, settings)
+        elif scratch is not None:
+            source.replace(target)
+        else:
+            try:  # the prepared file, under a second name (no copy of 4 GB)
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return {"model_file": MODEL_FILE, "files": [MODEL_FILE], "kv_cache": "llama.cpp", **settings}
 
 

@@ -10,7 +10,7 @@ cache in its own buffers (its CPU plugin fuses the attention with the state as
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OpenVINODecoder", "prepare", "build", "load"]
 
 import logging
 import tempfile
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends.base import graph_as_is
 from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.mapped import Releaser
 from adapter.core.onnx_io import release_weights, save_model
@@ -174,6 +175,9 @@ def _logits_from(model) -> bool:
     model.add_parameters([start])
     model.validate_nodes_and_infer_types()
     return True
+
+
+prepare = graph_as_is
 
 
 def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:

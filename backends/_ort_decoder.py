@@ -16,7 +16,7 @@ after the passes, before ``build``).
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "prepare", "build", "load"]
 
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends.base import graph_as_is
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import save_model
@@ -52,6 +53,9 @@ def _options(threads: int):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     return opts
+
+
+prepare = graph_as_is
 
 
 def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ verification checks the graph TensorRT would build, not the GPU's numerics.
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "decoder_profiles", "build", "load"]
+__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "decoder_profiles", "prepare", "build", "load"]
 
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import onnx_ir as ir
 from adapter.backends import _tensorrt_scripts as scripts
 from adapter.backends._ort_decoder import OrtDecoder
 from adapter.backends._recipe import check_onnx, prepare_graph, standard_domain_problems
+from adapter.backends.base import graph_as_is
 from adapter.core.errors import UnsupportedOpsError
 from adapter.core.onnx_io import save_model
 
@@ -79,6 +80,9 @@ def decoder_profiles(layout: Any, max_batch: int = MAX_BATCH, context: int | Non
         "profiles": [step((1, 1, context), (0, past, context - 1)), step((1, prompt, context), (0, 0, 0))],
         "dims": {"batch": {"min": 1, "opt": 1, "max": max_batch}, "context": context},
     }
+
+
+prepare = graph_as_is
 
 
 def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:

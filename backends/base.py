@@ -203,12 +203,23 @@ class DecoderBuilder(Protocol):
     WEIGHT_DEFAULTS: dict[str, Any]
     """Usual ``block_size`` and ``symmetric`` of its INT4/INT8 weights."""
 
+    def prepare(self, model: Any, layout: Any, folder: Path) -> Any:
+        """What ``build`` takes, made once per convert from ``model`` (see ``SOURCE``); scratch
+        files go in ``folder``. Most return ``model`` itself; llama.cpp writes its FP32 GGUF
+        there, so the eager model can be let go before any engine loads and the INT4 ladder's
+        rungs each quantize that one file."""
+
     def build(self, model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-        """Write the engine's files into ``workdir`` from ``model`` (see ``SOURCE``); returns
-        its config (files, settings)."""
+        """Write the engine's files into ``workdir`` from what ``prepare`` gave (or ``model``
+        itself, see ``SOURCE``); returns its config (files, settings)."""
 
     def load(self, folder: Path, config: dict[str, Any], layout: Any) -> DecoderSession:
         """Open a session over an engine ``build`` wrote."""
+
+
+def graph_as_is(model: Any, layout: Any, folder: Path) -> Any:
+    """``DecoderBuilder.prepare`` of a backend that builds every rung from the graph itself."""
+    return model
 
 
 def check_backend(backend: Any) -> list[str]:
@@ -300,7 +311,7 @@ class EngineBase(abc.ABC):
 
 
 DECODER_SOURCES = ("graph", "weights")
-_DECODER_MEMBERS = (*DecoderBuilder.__annotations__, "build", "load")
+_DECODER_MEMBERS = (*DecoderBuilder.__annotations__, "prepare", "build", "load")
 _MEMBERS = tuple(
     name for name in (*Backend.__annotations__, "version", "require", "supports", "compile") if not name.startswith("_")
 )

@@ -35,7 +35,7 @@ import onnx_ir as ir
 from adapter.backends import _arm64
 from adapter.backends import onnxruntime as ort_backend
 from adapter.backends._ort_decoder import OrtDecoder
-from adapter.backends.base import EngineBase, Support, profile_options, require_module, threads_for
+from adapter.backends.base import EngineBase, Support, graph_as_is, profile_options, require_module, threads_for
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import initializer_bytes, save_model
 from adapter.core.specs import TensorSpec, check_inputs
@@ -314,6 +314,8 @@ class _Decoder:
     WEIGHTS = frozenset({"fp32", "int8", "int4"})
     QUANTIZE_IN_GRAPH = frozenset({"int8", "int4"})
     WEIGHT_DEFAULTS = {"block_size": 32, "symmetric": True}
+
+    prepare = staticmethod(graph_as_is)
 
     @staticmethod
     def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,30 @@ def test_int4_is_q4_0_with_q8_0_head_and_widened_ends_within_the_kl_budget(llama
     session = DECODER.load(tmp_path, config, layout)
     report = verify_decoder(session, lm.model, layout, "int4", LLMOptions())
     assert 0 < report["kl_mean"] <= 0.05, report
-    assert not list(tmp_path.glob("*.tmp")), "the FP32 intermediate GGUF is removed"
+    assert not (tmp_path / ".f32").exists(), "the FP32 intermediate GGUF is removed"
+
+
+def test_one_prepared_gguf_serves_every_rung_and_fp32(llama4, tmp_path):
+    """prepare writes the FP32 GGUF once; builds quantize it (left as it was) or take it as
+    the FP32 engine, whose logits equal the engine built straight from the eager model."""
+    lm, layout = llama4
+    source = DECODER.prepare(lm, layout, tmp_path / "prepared")
+    before = source.read_bytes()
+    settings = {"weights": "int4", "threads": 1, "block_size": 32, "symmetric": True, "head_int8": True}
+    for blocks in ([], [0, 3]):
+        config = DECODER.build(source, layout, tmp_path / f"int4-{len(blocks)}", {**settings, "int8_blocks": blocks})
+        kinds = _types(tmp_path / f"int4-{len(blocks)}" / config["model_file"])
+        assert kinds["blk.0.ffn_up.weight"] == ("Q8_0" if blocks else "Q4_0"), kinds
+    assert source.read_bytes() == before
+    ids = np.array([[5, 6, 7, 8]], np.int64)
+    logits = []
+    for name, model in (("from-prepared", source), ("from-eager", lm)):
+        config = DECODER.build(model, layout, tmp_path / name, {"weights": "fp32", "threads": 1})
+        session = DECODER.load(tmp_path / name, config, layout)
+        session.start(1, 8)
+        logits.append(session.step(ids, np.ones_like(ids), np.arange(4)[None]))
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert source.is_file()  # the FP32 engine is a second name for the prepared file, not a move
 
 
 def test_asymmetric_int4_is_q4_1_and_other_group_sizes_are_refused(llama4, tmp_path):

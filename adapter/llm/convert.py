@@ -243,24 +243,22 @@ def _file_backed(graph: ir.Model, folder: Path) -> ir.Model:
 
 
 def _build_one(
-    name, graph: ir.Model, lm: CausalLM, reference: EagerReference, layout, options, profile, workdir: Path, say
-) -> dict[str, Any]:
-    """Build, load and verify one backend's decoder; INT4 that misses the KL budget is retried
-    with more blocks in INT8 (:func:`_widening`: the first ones, then both ends of the stack)."""
+    name, graph: ir.Model | None, prepared: Any, reference: EagerReference, layout, options, profile, workdir: Path,
+    scratch: Path, say,
+) -> dict[str, Any]:  # fmt: skip
+    """Build, load and verify one backend's decoder (from ``prepared`` for an engine built from
+    the eager weights, else from ``graph``); INT4 that misses the KL budget is retried with
+    more blocks in INT8 (:func:`_widening`: the first ones, then both ends of the stack)."""
     backend = get_backend(name)
     backend.require()
     decoder = backend.DECODER
-    if options.weights == "bf16" and "bf16" not in profile.precisions:
-        raise AdapterError(
-            f"Target '{profile.name}' has no native BF16 arithmetic (AVX512_BF16, AMX), so a BF16 engine would run emulated.",
-            "Use --weights fp32, int8 or int4 here.",
-        )
     if decoder.PASSES:
         say(f"passes ({name})")
-    if decoder.SOURCE == "weights":  # the engine brings its own graph: it takes the eager weights
-        passed, pass_records = lm, []
+    if decoder.SOURCE == "weights":  # the engine brings its own graph: prepared from the eager weights
+        passed, pass_records = prepared, []
     else:
         passed, pass_records = _backend_passes(graph, decoder)  # once: every rung quantizes this graph
+        passed = decoder.prepare(passed, layout, scratch)
         release_weights(graph)
     attempts: list[dict[str, Any]] = []
     ladder = _widening(options.weights, layout.num_layers)
@@ -277,7 +275,8 @@ def _build_one(
         config = decoder.build(model, layout, workdir, settings)
         del model
         trim_heap()  # the quantized copy's weights, before the engine loads
-        release_weights(graph)  # the pages of the canonical weights' file the build read
+        if graph is not None:
+            release_weights(graph)  # the pages of the canonical weights' file the build read
         session = decoder.load(workdir, config, layout)
         say(f"verify {name}")
         try:
@@ -330,6 +329,11 @@ def convert_causal_lm(
         raise AdapterError(f"Unknown weight format '{options.weights}'.", f"Use one of {', '.join(WEIGHTS)}.")
     profile = load_profile(options.target)
     names = _candidates(options, profile)
+    if options.weights == "bf16" and "bf16" not in profile.precisions:
+        raise AdapterError(
+            f"Target '{profile.name}' has no native BF16 arithmetic (AVX512_BF16, AMX), so a BF16 engine would run emulated.",
+            "Use --weights fp32, int8 or int4 here.",
+        )
     say("load source")
     lm = source if isinstance(source, CausalLM) else load_source(source)
     spec = lm.source
@@ -340,27 +344,42 @@ def convert_causal_lm(
     records = run_pipeline(graph, build_pipeline(["canonicalize"]))
     say("eager reference")
     reference = EagerReference.of(lm.model, layout, options.weights, options.verify_steps)
-    # engines built from the eager weights first; then the graph's weights go to a file
-    names = sorted(names, key=lambda n: get_backend(n).DECODER.SOURCE != "weights")
     with artifact.staging_dir(output) as staged:
         ir.external_data.load_to_model(graph)
-        built, errors = [], {}
-        for name in names:
-            if get_backend(name).DECODER.SOURCE == "graph" and lm.model is not None:
-                say("weights to file")
-                graph = _file_backed(graph, staged / ".canonical")
-                lm = dataclasses.replace(lm, model=None)  # the caller's own object keeps its model
-                trim_heap()
+        built, errors, prepared = [], {}, {}
+        for name in names:  # the eager weights' last users: engines that bring their own graph
+            decoder = get_backend(name).DECODER
+            if decoder.SOURCE == "weights":
+                say(f"prepare {name}")
+                try:
+                    get_backend(name).require()
+                    prepared[name] = decoder.prepare(lm, layout, staged / ".prepared" / name)
+                except AdapterError as exc:
+                    if len(names) == 1:
+                        raise
+                    errors[name] = str(exc)
+        if any(get_backend(n).DECODER.SOURCE == "graph" for n in names):
+            say("weights to file")  # the graph engines read them mapped from there
+            graph = _file_backed(graph, staged / ".canonical")
+        else:
+            graph = None
+        lm = dataclasses.replace(lm, model=None)  # the caller's own object keeps its model
+        trim_heap()
+        for name in (n for n in names if n not in errors):
             workdir = staged if len(names) == 1 else staged / ".candidates" / name
             try:
-                built.append((_build_one(name, graph, lm, reference, layout, options, profile, workdir, say), workdir))
+                built.append(
+                    (_build_one(name, graph, prepared.get(name), reference, layout, options, profile, workdir,
+                                staged / ".prepared" / name, say), workdir)
+                )  # fmt: skip
             except AdapterError as exc:
                 if len(names) == 1:
                     raise
                 errors[name] = str(exc)
             trim_heap()  # the candidate's graphs and engine, before the next one's build
         del graph
-        shutil.rmtree(staged / ".canonical", ignore_errors=True)
+        for scratch in (".canonical", ".prepared"):
+            shutil.rmtree(staged / scratch, ignore_errors=True)
         if not built:
             raise AdapterError(
                 "No backend built a verified generation engine: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
