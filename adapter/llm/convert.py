@@ -1,16 +1,18 @@
 """Convert a causal LM to a verified generation engine: export with the KV cache, build, verify.
 
 Flow: load (HF folder or factory) -> :func:`~adapter.llm.export.export_decoder` ->
-canonicalize -> per backend (ONNX Runtime, OpenVINO; ``auto`` builds both and keeps the
-faster decoder): weight format (``fp32``; ``int8``/``int4`` weight-only; ``bf16`` where
-the CPU computes it) -> verify against eager PyTorch -> artifact.
+canonicalize -> per backend (those the target lists; ``auto`` builds each and keeps the
+fastest decoder): ``DECODER.prepare`` once, then per rung of the INT4 ladder the weight
+format (``fp32``; ``int8``/``int4`` weight-only; ``bf16`` where the CPU computes it) ->
+build -> verify against eager PyTorch -> artifact.
 
 Verification, always (:mod:`adapter.llm.verify`): FP32 engines against eager logits and
 greedy tokens, reduced weights by next-token KL to FP32. The eager model's answers are
 computed once (:class:`~adapter.llm.verify.EagerReference`); engines built from the eager
-weights (llama.cpp) go first, then the canonical graph's weights move to a file in the
-staging folder and the eager model is let go, so building the ONNX-graph engines holds
-one mapped copy of the FP32 weights instead of two in memory (TinyLlama: 4.4 GB).
+weights prepare first (llama.cpp: its FP32 GGUF), then the canonical graph's weights move
+to a file in the staging folder and the eager model is let go, so no engine is built or
+loaded beside it (TinyLlama INT4 raced over three backends: 7.05 GB peak, 1.6x its 4.4 GB
+of FP32 weights, the peak being the export's).
 """
 
 from __future__ import annotations
