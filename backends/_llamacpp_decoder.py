@@ -3,12 +3,13 @@
 llama.cpp brings a hand-written graph per architecture, so this builder takes the eager
 model's weights and config (``SOURCE = "weights"``) rather than the exported ONNX graph:
 
-* ``build`` writes an FP32 GGUF through ``gguf`` (the format's own Python writer): tensor
+* ``prepare`` writes an FP32 GGUF once per convert through ``gguf`` (the format's own Python writer): tensor
   names from ``gguf``'s name map of the architecture, the hyperparameters the architecture
   reads, a placeholder vocabulary of the model's size (adapter tokenizes with the bundled
   ``tokenizer.json``; llama.cpp only sees ids), and Llama/Mistral query/key rows reordered
   from Hugging Face's rotate-half layout to the adjacent pairs llama.cpp's rotary uses.
-  Reduced weights then come from llama.cpp's own quantizer (``llama_model_quantize``):
+  ``build`` takes that file as the FP32 engine, or, for reduced weights, runs llama.cpp's
+  own quantizer over it (``llama_model_quantize``) at each rung:
   ``int4`` is Q4_0 (block 32, one scale per block; Q4_1 with an offset when asymmetric),
   ``int8`` Q8_0, ``bf16`` BF16; an INT4 engine's embedding table, its LM head
   (``head_int8``) and the blocks the driver's widening ladder names (``int8_blocks``)
@@ -40,7 +41,7 @@ MODEL_FILE = "model.gguf"
 F32_FILE = "model-f32.gguf"
 PASSES: tuple[str, ...] = ()
 SOURCE = "weights"
-"""``build`` takes the eager model (weights and config), not an ONNX graph."""
+"""``prepare`` takes the eager model (weights and config), not an ONNX graph; ``build`` the GGUF it wrote."""
 AUTO_KINDS = frozenset({"cpu"})
 """Races with the other CPU decoders where the target lists ``llamacpp``."""
 WEIGHTS = frozenset({"fp32", "bf16", "int8", "int4"})

@@ -14,6 +14,7 @@ __all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WE
 
 import logging
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +158,15 @@ def _logits_from(model) -> bool:
     The LM head is the largest matrix: a 128-token prefill computed 128 rows of logits for
     the one row a generation reads (TinyLlama INT4: 16.6 ms of a 276 ms prefill, 2 cores).
     Returns False, leaving the model as it is, where ``logits`` does not come straight from
-    a MatMul.
+    a MatMul over (batch, sequence, hidden).
     """
     import openvino as ov
     import openvino.opset13 as ops
 
     head = model.output("logits").get_node().input_value(0).get_node()
-    if head.get_type_name() != "MatMul":
-        return False
+    rank = head.input_value(0).get_partial_shape().rank
+    if head.get_type_name() != "MatMul" or rank.is_dynamic or rank.get_length() != 3:
+        return False  # the slice runs along (batch, sequence, hidden)
     start = ops.parameter([1], ov.Type.i64, name=LOGITS_FROM)
     start.output(0).get_tensor().set_names({LOGITS_FROM})
     sliced = ops.slice(
@@ -205,7 +207,11 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     if settings.get("weights") in ("int8", "int4"):
         ov_model = _compress(ov_model, settings, wider, rest)
     ov.save_model(ov_model, str(workdir / MODEL_FILE), compress_to_fp16=False)
-    return {"model_file": MODEL_FILE, "files": [MODEL_FILE, "decoder.bin"], **settings}
+    config = {"model_file": MODEL_FILE, "files": [MODEL_FILE, "decoder.bin"], **settings}
+    if settings.get("weights") in ("int8", "int4") and settings.get("block_size"):
+        # verified with it, so loaded with it (engines written before it say nothing: see load)
+        config["activation_group"] = int(settings["block_size"])
+    return config
 
 
 class OpenVINODecoder:
@@ -220,13 +226,18 @@ class OpenVINODecoder:
             "INFERENCE_NUM_THREADS": max(1, int(config.get("threads", 1))),
             "INFERENCE_PRECISION_HINT": "bf16" if config.get("weights") == "bf16" else config.get("compute", "f32"),
         }
-        if config.get("weights") in ("int4", "int8") and config.get("block_size"):
-            # activations quantized on the fly in groups of the weights' own group size: the
-            # plugin's default (32) under a group-128 INT4 engine ran TinyLlama's prefill in
-            # 374 ms and decoded 29.6 tok/s; matched, 278 ms and 33.4 tok/s (f32 hint, 2 cores).
-            # INT8 weights are per channel; groups of the usual 128 took its prefill from 383
-            # to 273 ms and its decode from 19.3 to 21.2 tok/s (256: 278 ms, 21.5; 2048: 528, 19.9)
-            properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(config["block_size"])
+        # activations quantized on the fly in groups of the weights' own group size: the
+        # plugin's default (32) under a group-128 INT4 engine ran TinyLlama's prefill in
+        # 374 ms and decoded 29.6 tok/s; matched, 278 ms and 33.4 tok/s (f32 hint, 2 cores).
+        # INT8 weights are per channel; groups of the usual 128 took its prefill from 383
+        # to 273 ms and its decode from 19.3 to 21.2 tok/s (256: 278 ms, 21.5; 2048: 528, 19.9).
+        # The group is the one the engine was verified with: INT4 engines written before the
+        # config recorded it used their block size, INT8 ones the plugin's default.
+        group = config.get("activation_group")
+        if group is None and config.get("weights") == "int4":
+            group = config.get("block_size")
+        if group:
+            properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(group)
         # exact FP32 engines keep an FP32 cache: OpenVINO would otherwise compress it
         kv_precision = config.get("kv_precision") or ("f32" if config.get("weights") == "fp32" else None)
         if kv_precision:
@@ -235,12 +246,13 @@ class OpenVINODecoder:
         # the plugin copies the weights into its own layout while compiling and at its first
         # prefill and decode; the mapped IR's pages are handed back all along (not only after)
         self.releaser = Releaser(path.with_suffix(".bin")).start()
+        weakref.finalize(self, self.releaser.stop)  # a session dropped before its second step
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+            self.request = self.compiled.create_infer_request()
         except Exception as exc:
             self.releaser.stop()
             raise AdapterError(f"OpenVINO could not compile '{path}': {_reason(exc)}") from exc
-        self.request = self.compiled.create_infer_request()
         self.steps = 0
         self.layout = layout
         self.beam = any(BEAM_INPUT in p.get_names() for p in self.compiled.inputs)
@@ -266,7 +278,7 @@ class OpenVINODecoder:
         except Exception as exc:
             raise AdapterError(f"OpenVINO failed in a decoder step: {_reason(exc)}") from exc
         self.steps += 1
-        if self.steps == 2:  # packed by its first prefill and decode: the last release
+        if self.steps == 2:  # packed by its first two steps (a prefill and a decode, or two prefills)
             self.releaser.stop()
         logits = self.request.get_output_tensor(0).data
         return np.array(logits[:, -1:] if last_only else logits, dtype=np.float32, copy=True)

@@ -204,10 +204,11 @@ class DecoderBuilder(Protocol):
     """Usual ``block_size`` and ``symmetric`` of its INT4/INT8 weights."""
 
     def prepare(self, model: Any, layout: Any, folder: Path) -> Any:
-        """What ``build`` takes, made once per convert from ``model`` (see ``SOURCE``); scratch
-        files go in ``folder``. Most return ``model`` itself; llama.cpp writes its FP32 GGUF
-        there, so the eager model can be let go before any engine loads and the INT4 ladder's
-        rungs each quantize that one file."""
+        """What ``build`` takes at every rung, made once per candidate from ``model`` (see
+        ``SOURCE``: the eager model, or the candidate's graph after its passes); scratch files
+        go in ``folder``. Most return ``model`` itself; llama.cpp writes its FP32 GGUF there,
+        so the eager model can be let go before any engine loads and the INT4 ladder's rungs
+        each quantize that one file."""
 
     def build(self, model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         """Write the engine's files into ``workdir`` from what ``prepare`` gave (or ``model``

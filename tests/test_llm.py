@@ -295,8 +295,9 @@ def test_verification_catches_a_wrong_decoder(llama, tmp_path):
 
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 def test_verification_from_the_eager_reference_needs_no_model(llama, weights, tmp_path):
-    """The answers computed once give the report the model gives, and the check never runs
-    the model again: a model that raises when called does not stop it."""
+    """The answers computed once give the report the model gives. Verifying from the
+    reference needs no model at all; handed a model instead, the check runs it (a model
+    that raises stops it), which is what the convert no longer does per rung."""
     model, graph, layout = llama
     decoder = get_backend("onnxruntime").DECODER
     built = graph
@@ -331,22 +332,32 @@ def test_convert_lets_go_of_the_eager_model_before_any_engine_builds(qwen_folder
     if backend == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (tools/install-test-deps.sh builds it)")
     loaded, seen = [], {}
-    real = convert_module.load_causal_lm
+    real_load, real_build = convert_module.load_causal_lm, convert_module._build_one
 
     def tracked(folder):
-        lm = real(folder)
-        loaded.append(weakref.ref(lm.model))
+        lm = real_load(folder)
+        loaded.extend(weakref.ref(t) for t in [lm.model, *lm.model.parameters()])
         return lm
+
+    def build_one(name, graph, *args, **kwargs):
+        # the graph the engines build from holds its weights in the file, not in memory
+        seen["graph"] = None if graph is None else {
+            type(v.const_value).__name__ for v in graph.graph.initializers.values()
+            if v.const_value is not None and v.const_value.nbytes > 1024  # what save_model puts in the file
+        }  # fmt: skip
+        return real_build(name, graph, *args, **kwargs)
 
     def progress(stage):
         if stage.startswith(f"build {backend}"):
             gc.collect()
-            seen["alive"] = loaded[0]() is not None
+            seen["alive"] = sum(ref() is not None for ref in loaded)
 
     monkeypatch.setattr(convert_module, "load_causal_lm", tracked)
+    monkeypatch.setattr(convert_module, "_build_one", build_one)
     result = convert_causal_lm(str(qwen_folder), tmp_path / "e", LLMOptions(backend=backend, benchmark=False),
                                progress=progress)  # fmt: skip
-    assert seen == {"alive": False}
+    assert len(loaded) > 1 and seen["alive"] == 0, seen  # the module and every parameter
+    assert seen["graph"] == ({"ExternalTensor"} if backend == "onnxruntime" else None), seen
     assert result.manifest["verification"]["greedy"]["equal"], result.manifest["verification"]
     assert not any(p.name.startswith(".") for p in (tmp_path / "e").iterdir())
 

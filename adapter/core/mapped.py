@@ -55,9 +55,20 @@ def release_mapped(path: Path) -> int:
     regions = _regions(path)
     if not regions or not sys.platform.startswith("linux"):
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return sum(libc.madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in regions)
+    madvise = _libc().madvise  # looked up before the regions are read: the window between stays short
+    return sum(madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in regions)
+
+
+_LIBC: list[ctypes.CDLL] = []
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (``find_library`` runs ``ldconfig`` each time it is asked)."""
+    if not _LIBC:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 class Releaser:
@@ -69,17 +80,23 @@ class Releaser:
     that releases the mapping every ``interval`` seconds while loading runs keeps only
     the pages read since its last pass: a page dropped before the engine is done with it
     is read again from the page cache. :meth:`stop` releases once more and ends the
-    thread. The engine must run without holding the GIL (OpenVINO's infer and compile,
-    llama.cpp's load through ctypes do).
+    thread; the thread also ends by itself after ``limit`` seconds, so an engine that
+    never reaches its ``stop`` (an error, a session dropped early) does not keep one
+    polling. The engine must run without holding the GIL (OpenVINO's infer and compile,
+    llama.cpp's load through ctypes do), and must keep the file mapped while it runs:
+    the mapping's address range is read, then released, and an engine that unmapped it
+    and mapped something else there in between would lose that memory's contents.
     """
 
-    def __init__(self, path: Path, interval: float = 0.02) -> None:
-        self.path, self.interval = Path(path), interval
+    def __init__(self, path: Path, interval: float = 0.02, limit: float = 120.0) -> None:
+        self.path, self.interval, self.limit = Path(path), interval, limit
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="adapter-release-mapped", daemon=True)
 
     def _run(self) -> None:
-        while not self._done.wait(self.interval):
+        for _ in range(max(1, int(self.limit / self.interval))):
+            if self._done.wait(self.interval):
+                return
             release_mapped(self.path)
 
     def start(self) -> Releaser:

@@ -40,8 +40,9 @@ def save_model(model: ir.Model, path: Path, external: bool = False) -> list[str]
 
 def release_weights(model: ir.Model) -> None:
     """Hand back the pages of ``model``'s mapped weight files read so far: each tensor maps
-    its file again when it is read later. A tensor whose memory a view still holds keeps
-    its mapping (those pages go with the view)."""
+    its file again when it is read later. Where a numpy view of a tensor is still alive,
+    its mapping stays open with the view (and goes when the view does); the tensor itself
+    maps the file afresh when read, so call this where no view is held."""
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
             try:

@@ -380,8 +380,11 @@ def convert_causal_lm(
                 errors[name] = str(exc)
             trim_heap()  # the candidate's graphs and engine, before the next one's build
         del graph
+        trim_heap()  # the canonical graph's mappings close before its file goes
         for scratch in (".canonical", ".prepared"):
             shutil.rmtree(staged / scratch, ignore_errors=True)
+            if (staged / scratch).exists():
+                raise AdapterError(f"Could not remove the scratch folder {staged / scratch} before publishing.")
         if not built:
             raise AdapterError(
                 "No backend built a verified generation engine: " + "; ".join(f"{k}: {v}" for k, v in errors.items())

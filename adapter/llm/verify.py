@@ -186,6 +186,8 @@ def verify_decoder(
     """
     if not isinstance(reference, EagerReference):
         reference = EagerReference.of(reference, layout, weights, options.verify_steps)
+    if not (reference.steps if weights == "fp32" else reference.held_out):
+        raise ValueError(f"This eager reference was made for another weight format than {weights}.")
     if weights == "fp32":
         report = _steps_against_eager(session, reference)
         expected = list(reference.greedy)

@@ -104,6 +104,7 @@ class SkipLayerNormBroadcast(RewriteRuleClassBase):
 
     def rewrite(self, op, gamma, beta, layer_norm, **_):
         full, skip = self._operands
+        self._operands = None  # the rule outlives the graph: hold none of its values
         epsilon = layer_norm.producer().attributes.get_float("epsilon", 1e-5)
         normalized, _mean, _inv_std, total = op.SkipLayerNormalization(
             full, skip, gamma, beta, epsilon=epsilon, _outputs=4, _domain="com.microsoft"
