@@ -191,8 +191,6 @@ def build(model: Any, layout: Any, workdir: Path, settings: dict[str, Any]) -> d
     try:
         if settings["weights"] != "fp32":
             _quantize(source, target, settings)
-        elif scratch is not None:
-            source.replace(target)
         else:
             try:  # the prepared file, under a second name (no copy of 4 GB)
                 os.link(source, target)

@@ -17,7 +17,7 @@ decoder's weights) in its heap instead of returning them.
 
 from __future__ import annotations
 
-__all__ = ["Releaser", "mapped_resident_bytes", "release_mapped", "trim_heap"]
+__all__ = ["Releaser", "mapped_resident_bytes", "release_mapped", "resident_bytes", "trim_heap"]
 
 import ctypes
 import ctypes.util
@@ -52,11 +52,10 @@ def release_mapped(path: Path) -> int:
 
     Returns the number of mappings released (0 off Linux, or when nothing maps the file).
     """
-    regions = _regions(path)
-    if not regions or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return 0
     madvise = _libc().madvise  # looked up before the regions are read: the window between stays short
-    return sum(madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in regions)
+    return sum(madvise(start, end - start, _MADV_DONTNEED) == 0 for start, end in _regions(path))
 
 
 _LIBC: list[ctypes.CDLL] = []
@@ -67,6 +66,8 @@ def _libc() -> ctypes.CDLL:
     if not _LIBC:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
         _LIBC.append(libc)
     return _LIBC[0]
 
@@ -126,12 +127,22 @@ def trim_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+        trim = _libc().malloc_trim
     except (OSError, AttributeError):  # another C library (musl) has no malloc_trim
         return False
-    trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (``VmRSS``); None where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def mapped_resident_bytes(path: Path) -> int:

@@ -349,18 +349,27 @@ def convert_causal_lm(
     with artifact.staging_dir(output) as staged:
         ir.external_data.load_to_model(graph)
         built, errors, prepared = [], {}, {}
+        decoders = {name: get_backend(name).DECODER for name in names}
+
+        def attempt(name: str, work: Callable[[], Any]) -> Any:
+            """``work()``, or None with its error kept for the race (a lone candidate's is raised)."""
+            try:
+                return work()
+            except AdapterError as exc:
+                if len(names) == 1:
+                    raise
+                errors[name] = str(exc)
+                return None
+
+        def prepare_from_eager(name: str) -> Any:
+            get_backend(name).require()
+            return decoders[name].prepare(lm, layout, staged / ".prepared" / name)
+
         for name in names:  # the eager weights' last users: engines that bring their own graph
-            decoder = get_backend(name).DECODER
-            if decoder.SOURCE == "weights":
+            if decoders[name].SOURCE == "weights":
                 say(f"prepare {name}")
-                try:
-                    get_backend(name).require()
-                    prepared[name] = decoder.prepare(lm, layout, staged / ".prepared" / name)
-                except AdapterError as exc:
-                    if len(names) == 1:
-                        raise
-                    errors[name] = str(exc)
-        if any(get_backend(n).DECODER.SOURCE == "graph" for n in names):
+                prepared[name] = attempt(name, lambda n=name: prepare_from_eager(n))
+        if any(d.SOURCE == "graph" for d in decoders.values()):
             say("weights to file")  # the graph engines read them mapped from there
             graph = _file_backed(graph, staged / ".canonical")
         else:
@@ -369,15 +378,14 @@ def convert_causal_lm(
         trim_heap()
         for name in (n for n in names if n not in errors):
             workdir = staged if len(names) == 1 else staged / ".candidates" / name
-            try:
-                built.append(
-                    (_build_one(name, graph, prepared.get(name), reference, layout, options, profile, workdir,
-                                staged / ".prepared" / name, say), workdir)
-                )  # fmt: skip
-            except AdapterError as exc:
-                if len(names) == 1:
-                    raise
-                errors[name] = str(exc)
+            result = attempt(
+                name,
+                lambda n=name, g=graph, w=workdir: _build_one(
+                    n, g, prepared.get(n), reference, layout, options, profile, w, staged / ".prepared" / n, say
+                ),
+            )
+            if result is not None:
+                built.append((result, workdir))
             trim_heap()  # the candidate's graphs and engine, before the next one's build
         del graph
         trim_heap()  # the canonical graph's mappings close before its file goes

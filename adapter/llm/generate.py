@@ -15,11 +15,11 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from adapter.core.errors import InputMismatchError
+from adapter.core.mapped import resident_bytes
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,8 @@ def _peak_rss_mb() -> float:
 
 def _rss_mb() -> float:
     """Resident memory now (Linux's /proc; the peak elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return _peak_rss_mb()
-    return pages * resource.getpagesize() / 2**20
+    now = resident_bytes()
+    return _peak_rss_mb() if now is None else now / 2**20
 
 
 def generate(

@@ -48,6 +48,7 @@ from adapter.converter.precision import PrecisionOptions
 from adapter.core import artifact
 from adapter.core.artifact import cache_root
 from adapter.core.errors import AdapterError
+from adapter.core.mapped import resident_bytes
 from adapter.core.specs import Dim
 from adapter.op_library._schema import tensor_of
 from adapter.profile.mapping import ROOT_MODULE, _claim_matmuls, _fill_gaps, _Graph, _map_tensors, _tvm_cost
@@ -137,16 +138,6 @@ def _make_inputs(specs, batch: int, seq: int, seed: int = 0) -> tuple[dict[str, 
             value = rng.integers(0, 2, size=shape).astype(dtype)
         feed[spec.name] = value
     return feed, sizes
-
-
-def _rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _memory(graph: _Graph) -> dict[str, Any]:
@@ -267,7 +258,7 @@ def profile_artifact(
     profile = Profile.from_dict(manifest["target"]["profile"], origin=f"{path}/manifest.json")
     precision = _precision(manifest, profile)
     roof = _Roof(profile.peak(precision), profile.memory_bandwidth)
-    rss_before = _rss_bytes()
+    rss_before = resident_bytes()
     engine = load(path, check=False)
     model = ir.load(path / "model.onnx")
     fixed = all(not hasattr(d, "name") for s in engine.inputs for d in s.shape)
@@ -296,7 +287,7 @@ def profile_artifact(
                     samples.append((time.perf_counter() - started) * 1e3)
 
             if memory is None and "memory" in metrics:
-                rss_after = _rss_bytes()
+                rss_after = resident_bytes()
                 memory = {"rss_delta_bytes": (rss_after - rss_before) if rss_before and rss_after else None}
             folder = Path(tmp) / f"run{pid}"
             folder.mkdir()
