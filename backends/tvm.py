@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from adapter.backends import _tvm_profile, _tvm_rocm
+from adapter.backends import _tvm_decoder, _tvm_profile, _tvm_rocm
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, threads_for
 from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.onnx_io import save_model
@@ -555,5 +555,6 @@ class Engine(EngineBase):
 
 
 CAPTURE = _tvm_profile.capture
-DECODER = None  # no generation engines yet
 """The profiler hook: per-node timings from the backend's own profiler."""
+DECODER = _tvm_decoder
+"""Generation engines: fixed-shape decode and prefill programs over a sliding cache window."""

@@ -155,6 +155,66 @@ def test_tensorrt_decoder_recipe_has_kv_profiles_and_matches_eager(tmp_path):
     assert "--minShapes=" in " ".join(config["trtexec"])
 
 
+def test_tvm_decoder_for_amd_carries_gfx942_code_and_its_stand_in_equals_eager(tmp_path):
+    """The MI300X profile's generation engine (``--backend auto``: its default backend, TVM,
+    alone): decode and prefill programs of fixed shapes in one library with hsaco for
+    gfx942, the weights once (decoder.onnx) as the programs' parameters, and the stand-in
+    (the same programs built for this CPU) equal to eager: greedy over 32 steps, and a
+    left-padded batch equal to each prompt alone."""
+    from adapter.backends import _tvm_rocm
+
+    try:
+        _tvm_rocm.rocm_path()
+        _tvm_rocm.find_lld()
+    except AdapterError as exc:
+        pytest.skip(str(exc))
+    model = tiny_model("llama", num_hidden_layers=1)
+    lm = CausalLM(model, "llama", "tiny-llama", "factory")
+    result = convert_causal_lm(lm, tmp_path / "e", LLMOptions(target="amd-mi300x", benchmark=False))
+    backend = result.manifest["backend"]
+    assert backend["name"] == "tvm" and [c["name"] for c in backend["candidates"]] == ["tvm"], backend
+    config = backend["config"]
+    assert config["kv_cache"] == "window" and config["window"] == model.config.max_position_embeddings
+    objects = [f for f in config["files"] if f.endswith(".hsaco")]
+    assert objects and all(_tvm_rocm.code_object_arch(tmp_path / "e" / f) == "gfx942" for f in objects)
+    weights = ir.load(tmp_path / "e" / "decoder.onnx").graph.initializers
+    assert config["params"] and all(weights[n].dtype.is_floating_point() for n in config["params"])
+    assert result.manifest["verification"]["greedy"]["equal"], result.manifest["verification"]
+    engine = LLMEngine.load(tmp_path / "e")
+    assert engine.session.stand_in, "an MI300X library cannot run here: the session is the stand-in"
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    together = engine.generate(prompts, max_new_tokens=12, stop_at_eos=False).tokens
+    assert together == [eager_greedy(model, p, 12) for p in prompts]
+
+
+def test_tvm_decoder_refuses_a_context_beyond_its_window(tmp_path):
+    """A TVM decoder built with a 16-position window on this CPU (its library runs here):
+    start() refuses a longer context, and a step that would push a token out of the window
+    is refused instead of dropping it; the steps before it equal eager's greedy tokens."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    graph, layout, _ = export_decoder(model, "llama")
+    run_pipeline(graph, build_pipeline(["canonicalize"]))
+    decoder = get_backend("tvm").DECODER
+    config = decoder.build(graph, layout, tmp_path, {"weights": "fp32", "threads": 1, "profile": "host", "window": 16})
+    session = decoder.load(tmp_path, config, layout)
+    assert session.stand_in is None and config["chunk"] == 16
+    prompt = list(range(5, 15))
+    with pytest.raises(AdapterError, match="holds 16 cache positions"):
+        generate(session, layout, [prompt], 7, stop_at_eos=False)
+    assert generate(session, layout, [prompt], 6, stop_at_eos=False).tokens[0] == eager_greedy(model, prompt, 6)
+    session.start(1, 16)
+    ids, mask, positions = left_pad([prompt], 0)
+    session.step(ids, mask, positions)
+    for step in range(7):
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        call = lambda m=mask, p=positions[:, -1:] + step + 1: session.step(np.array([[7]]), m, p)  # noqa: E731
+        if step < 6:
+            call()
+        else:
+            with pytest.raises(AdapterError, match="out of the TVM decoder's 16-position window"):
+                call()
+
+
 @pytest.fixture(scope="module")
 def llama():
     """A tiny Llama (GQA 4:2) exported once, canonicalized, for the engine tests."""

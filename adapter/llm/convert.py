@@ -101,7 +101,9 @@ def load_source(source: str) -> CausalLM:
 
 
 def _settings(name: str, options: LLMOptions, profile) -> dict[str, Any]:
-    settings: dict[str, Any] = {"weights": options.weights, "threads": threads_for(options.threads, profile)}
+    settings: dict[str, Any] = {
+        "weights": options.weights, "threads": threads_for(options.threads, profile), "profile": profile.name
+    }  # fmt: skip
     if options.weights in ("int4", "int8"):
         usual = get_backend(name).DECODER.WEIGHT_DEFAULTS
         settings["block_size"] = options.group_size or usual["block_size"]
@@ -144,12 +146,19 @@ def _candidates(options: LLMOptions, profile) -> list[str]:
 
 def decoder_backends(profile) -> list[str]:
     """The backends ``--backend auto`` races for generation on ``profile``: those the target
-    lists whose generation engines join auto on its kind (``DECODER.AUTO_KINDS``)."""
+    lists whose generation engines join auto on its kind (``DECODER.AUTO_KINDS``); on a GPU
+    target whose default backend is one of them, that one alone."""
     kind = getattr(profile, "kind", "cpu")
-    return [
+    found = [
         n for n in getattr(profile, "backends", {})
         if n in BACKENDS and BACKENDS[n].DECODER is not None and kind in BACKENDS[n].DECODER.AUTO_KINDS
     ]  # fmt: skip
+    default = getattr(profile, "default_backend", None)
+    if kind == "gpu" and default in found:
+        # a GPU engine is verified through a CPU stand-in, whose decode speed says nothing
+        # about the GPU: the target's own backend, not a race
+        return [default]
+    return found
 
 
 def _decode_speed(session, layout: DecoderLayout) -> dict[str, float]:
