@@ -312,3 +312,28 @@ def test_int8_calibration_methods(tmp_path, calib_dir, method):
     assert plan["options"]["calibrate_method"] == method
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "e" / "model.onnx")).graph.node)
     assert result.manifest["precision"]["accuracy"]["output"]["finite"]
+
+
+def test_default_precision_says_why_it_stays_fp32(tmp_path, monkeypatch):
+    """The default (no --precision): FP32 where the backend runs no BF16 (ONNX Runtime),
+    and on OpenVINO FP32 when BF16 misses the near-lossless budget (here made impossible:
+    on a host without BF16 arithmetic the reason is that instead); either way the engine is
+    verified as exact FP32 and no plan is written."""
+    from adapter.converter import precision as precision_module
+
+    ort = convert("models:mlp", tmp_path / "ort", ConvertOptions(benchmark=False, backend="onnxruntime"))
+    report = ort.manifest["precision"]
+    assert report["mode"] == "fp32" and report["requested"] == "default", report
+    assert "backend 'onnxruntime' does not run bf16" in report["reason"]
+    assert ort.manifest["verification"]["tolerance"]["min_cosine"] >= 0.9999
+    assert not (tmp_path / "ort" / "plan.json").exists()
+    monkeypatch.setattr(precision_module, "NEAR_LOSSLESS", "cos>=0.9999,max_rel<=1e-9")
+    ov = convert("models:mlp", tmp_path / "ov", ConvertOptions(benchmark=False, backend="openvino", use_cache=False))
+    report = ov.manifest["precision"]
+    assert report["mode"] == "fp32", report
+    if _host_computes("bf16"):
+        assert "misses the near-lossless budget" in report["reason"] and "max_rel" in report["reason"], report
+        assert all(f["max_rel"] > 1e-9 for f in report["accuracy"].values()), report
+    else:
+        assert "lists no bf16 support" in report["reason"], report
+    assert all(f["max_abs"] <= 1e-4 for f in ov.manifest["verification"]["worst"].values())

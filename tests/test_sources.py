@@ -11,8 +11,10 @@ import torch
 from models import mlp
 
 from adapter import ConvertOptions, convert, load
+from adapter.converter.precision import PrecisionOptions
 
-FAST = ConvertOptions(benchmark=False)
+FAST = ConvertOptions(benchmark=False, precision=PrecisionOptions(mode="fp32"))
+"""Exact FP32: these tests compare each source's engine with eager PyTorch at 1e-4."""
 
 
 def _eager(x: np.ndarray) -> np.ndarray:

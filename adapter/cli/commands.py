@@ -24,13 +24,12 @@ from adapter.converter.api import ConvertOptions, load
 from adapter.converter.api import convert as run_convert
 from adapter.converter.check import check as run_check
 from adapter.converter.coverage import coverage, render
-from adapter.converter.precision import PrecisionOptions
+from adapter.converter.precision import CHOICES, PrecisionOptions
 from adapter.core.artifact import validate
 from adapter.core.errors import AdapterError, InputMismatchError, SourceError
 from adapter.core.verify import Tolerance
 from adapter.llm.convert import WEIGHTS, LLMOptions, convert_causal_lm
 from adapter.llm.families import is_causal_lm_source
-from adapter.passes.precision import MODES
 from adapter.profiles import list_profiles, load_profile
 from adapter.profiles.probe import probe_host
 
@@ -99,10 +98,12 @@ def _print_json(data) -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(MODES),
-    default="fp32",
+    type=click.Choice(CHOICES),
+    default="default",
     show_default=True,
-    help="Precision of the engine; auto searches the modes the target supports for the fastest within the budget.",
+    help="Precision of the engine: default takes BF16 where the CPU computes it and it stays near-lossless "
+    "(cos>=0.9999, max_rel<=0.02 against FP32) and is faster, else FP32; fp32 is exact; auto searches the "
+    "modes the target supports for the fastest within --accuracy-budget.",
 )
 @click.option("--accuracy-budget", default=None, help="e.g. 'cos>=0.999', 'cos_min>=0.98,max_abs<=1e-2', 'top1>=0.99'.")
 @click.option(

@@ -23,6 +23,9 @@ def render_manifest(
     """Print the convert report (also ``adapter info``) from an artifact's manifest."""
     src, tgt, backend = manifest["source"], manifest["target"], manifest["backend"]
     head = Table.grid(padding=(0, 2))
+    line = precision_line(manifest.get("precision") or {})
+    if line:
+        head.add_row("precision", line)
     head.add_row("source", f"{escape(src['spec'])} ({src['kind']}, sha256 {src['digest'][:12]})")
     head.add_row("target", f"{tgt['name']} — {tgt['profile'].get('description', '')}")
     head.add_row("backend", f"{backend['name']} {backend['version']}, {backend['config'].get('threads', '?')} threads")
@@ -179,10 +182,29 @@ def _group_modules(modules: dict[str, str]) -> list[tuple[str, str, int]]:
     return [(pattern, precision, count) for (pattern, precision), count in sorted(groups.items())]
 
 
+def precision_line(report: dict[str, Any]) -> str:
+    """The report's first line: the precision chosen, why, and how to get exact FP32."""
+    if report.get("requested") != "default":
+        return ""
+    line = f"[bold]{report['mode']}[/] — {escape(report.get('reason', ''))}"
+    figures = report.get("accuracy") or {}
+    if figures:
+        judged = report.get("judged_on") or {}
+        worst = min(figures.values(), key=lambda f: f["cos"])
+        line += (
+            f"; budget {escape(report['budget'])} on {judged.get('samples', '?')} samples of "
+            f"{escape(judged.get('source', '?'))}: cos {worst['cos']:.5f} (min {worst['cos_min']:.5f}), "
+            f"max_rel {max(f.get('max_rel', 0.0) for f in figures.values()):.4f}"
+        )
+    if report["mode"] != "fp32":
+        line += f". Exact FP32: {report.get('exact', '--precision fp32')}"
+    return line
+
+
 def render_precision(console: Console, report: dict[str, Any]) -> None:
     """Precision per module (grouped), layers kept high and why, accuracy vs budget, speed, size."""
-    if not report or report.get("mode", "fp32") == "fp32" and not report.get("candidates"):
-        return
+    if not report or report.get("requested") == "default" or report.get("mode", "fp32") == "fp32" and not report.get("candidates"):
+        return  # the default's choice is the head's precision line
     for warning in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     budget = report.get("budget") or "none"

@@ -244,7 +244,7 @@ def convert(
         best = choose(candidates, staged, imported.example_inputs)
         drop_workdirs(staged / ".candidates")
         engine, lowered, model = best.engine, best.lowered, best.model
-        if lowered:
+        if lowered and lowered.budget is not None:  # the default's exact FP32 has no plan to keep
             lowered.plan.save(staged / "plan.json")
         latency = None
         if options.benchmark and engine.runs_here:

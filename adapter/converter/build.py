@@ -176,7 +176,7 @@ def build_candidate(
         say(f"{name}: verify through the stand-in ({described})")
     else:
         say(f"{name}: verify")
-    tolerance = found.lowered.tolerance if found.lowered else options.tolerance
+    tolerance = found.lowered.tolerance if found.lowered and found.lowered.tolerance else options.tolerance
     found.verification = verify(
         runner.run,
         imported.reference,
@@ -188,7 +188,7 @@ def build_candidate(
     if runner is not found.engine:
         found.verification["verified_with"] = described
         found.verification["engine_ran"] = False
-    if found.lowered:
+    if found.lowered and found.lowered.budget is not None:
         found.verification["budget"] = verify_budget(
             runner.run, imported.reference, found.lowered.held_out, found.lowered.budget
         )

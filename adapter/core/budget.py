@@ -10,6 +10,8 @@ reference's over the evaluation samples:
   implies ``cos_min>=1-4(1-X)`` (``cos>=0.995`` implies ``cos_min>=0.98``);
 * ``cos_min``: the lowest such row cosine;
 * ``max_abs``: the largest absolute difference;
+* ``max_rel``: the largest absolute difference over the reference's largest magnitude
+  (a max-abs bound that scales with the output);
 * ``top1``: the share of rows whose arg-max agrees (classifiers).
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from adapter.core.errors import SourceError
 
-METRICS = {"cos": ">=", "cos_min": ">=", "max_abs": "<=", "top1": ">="}
+METRICS = {"cos": ">=", "cos_min": ">=", "max_abs": "<=", "max_rel": "<=", "top1": ">="}
 _TERM = re.compile(r"^\s*(\w+)(?:\[([\w.:/-]+)\])?\s*(>=|<=)\s*([0-9.eE+-]+)\s*$")
 
 
@@ -149,6 +151,8 @@ def output_metrics(reference: list[dict[str, np.ndarray]], candidate: list[dict[
             "cos_lcb": float(cos.mean() - spread) if finite else -1.0,
             "cos_min": float(cos.min()) if finite else -1.0,
             "max_abs": float(np.abs(ref_rows - cand_rows).max()) if finite else float("inf"),
+            "max_rel": float(np.abs(ref_rows - cand_rows).max() / max(float(np.abs(ref_rows).max()), 1e-30))
+            if finite else float("inf"),
             "top1": float(np.mean(ref_rows.argmax(axis=1) == cand_rows.argmax(axis=1))),
             "finite": bool(finite),
         }
