@@ -1,6 +1,6 @@
 """Measure this machine and describe it as the ``host`` profile.
 
-The probe times square matmuls with torch (FP32 and BF16, all allowed threads) and a
+The probe times square matmuls with torch (FP32, BF16, INT8; all allowed threads) and a
 large array copy with numpy, and reads the CPU model, ISA flags, allowed CPUs and
 memory size from the operating system. The result is cached as JSON, keyed by CPU
 model, flags, CPU count and torch version, so later calls return at once.
@@ -28,7 +28,7 @@ from adapter.profiles.schema import HOST, Profile
 
 __all__ = ["default_cache_dir", "probe_host"]
 
-_CACHE_VERSION = 3  # 2: default_backend auto, openvino listed, bf16 peak only where native; 3: llamacpp listed
+_CACHE_VERSION = 4  # 2: default_backend auto, openvino listed, bf16 peak only where native; 3: llamacpp listed; 4: int8 peak
 _MATMUL_N = 2048
 _COPY_BYTES = 256 * 2**20
 _REPEATS = 5
@@ -97,6 +97,9 @@ def _measure(threads: int, bf16: bool = True) -> dict[str, Any]:
     dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if bf16 else (("fp32", torch.float32),)
     try:
         peaks = {name: _matmul_flops(torch, dtype) for name, dtype in dtypes}
+        int8 = _int8_ops(torch)
+        if int8:
+            peaks["int8"] = int8
     finally:
         torch.set_num_threads(previous)
     return {"peak_flops": peaks, "memory_bandwidth": _copy_bandwidth(threads)}
@@ -122,6 +125,18 @@ def _matmul_flops(torch: Any, dtype: Any) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     out = torch.empty(n, n, dtype=dtype)
     return 2 * n**3 / _best_time(lambda: torch.matmul(a, b, out=out))
+
+
+def _int8_ops(torch: Any) -> float | None:
+    """INT8 x INT8 -> INT32 matmul rate (OP/s) with ``torch._int_mm`` (oneDNN: AMX-INT8 or
+    VNNI where the CPU has them), or None where this torch has no CPU kernel for it."""
+    n = _MATMUL_N
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+    b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+    try:
+        return 2 * n**3 / _best_time(lambda: torch._int_mm(a, b))
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def _copy_bandwidth(threads: int) -> float:
@@ -243,7 +258,8 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
         },
         "sources": [
             f"measured by adapter.profiles.probe on {today}: torch {_torch_version()} matmul "
-            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32; bf16 where native)",
+            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32; bf16 where native; "
+            "int8 with torch._int_mm)",
             f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of up to {_REPEATS}, "
             "bytes read + written per second",
             "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, cgroup memory limit",

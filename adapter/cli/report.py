@@ -78,6 +78,7 @@ def render_manifest(
         console.print(
             f"Latency on the example inputs ({shapes}), median: engine [bold]{latency['engine_ms']:.2f} ms[/], "
             f"{latency['reference']} {latency['reference_ms']:.2f} ms → [bold]{latency['speedup']:.2f}×[/]"
+            + (f"; {_of_roofline(latency['roofline'])} of the roofline" if latency.get("roofline") else "")
         )
     timings = manifest.get("timings_s", {})
     if timings:
@@ -107,14 +108,21 @@ def render_target_files(console: Console, config: dict[str, Any], verification: 
         console.print(escape(str(config["note"])))
 
 
+def _of_roofline(roof: dict[str, Any] | None) -> str:
+    """``31% (2.08 ms at bf16)``: the roofline time over the latency, and the peak used."""
+    if not roof or roof.get("fraction") is None:
+        return "-"
+    return f"{100 * roof['fraction']:.0f}% ({roof['roofline_ms']:.2f} ms at {roof['peak']})"
+
+
 def render_candidates(console: Console, backend: dict[str, Any]) -> None:
     """The backends ``--backend auto`` built, with their figures and the one kept."""
     candidates = backend.get("candidates") or []
     if len(candidates) < 2:
         return
     table = Table(title="Backends tried (the fastest that verifies is kept)", title_justify="left")
-    for col in ("backend", "precision", "latency ms", "max-abs", "cosine", "fusions", "result"):
-        table.add_column(col, justify="right" if col in ("latency ms", "max-abs", "cosine") else "left")
+    for col in ("backend", "precision", "latency ms", "of roofline", "max-abs", "cosine", "fusions", "result"):
+        table.add_column(col, justify="right" if col in ("latency ms", "of roofline", "max-abs", "cosine") else "left")
     for c in candidates:
         fusions = ", ".join(f"{op.rpartition(':')[2]} {n}" for op, n in (c.get("fused_ops") or {}).items())
         result = (
@@ -126,6 +134,7 @@ def render_candidates(console: Console, backend: dict[str, Any]) -> None:
             f"{c['backend']} {c['version']}",
             c.get("precision") or "",
             f"{c['latency_ms']:.2f}" if c.get("latency_ms") is not None else "-",
+            _of_roofline(c.get("roofline")),
             f"{c['max_abs']:.2e}" if c.get("max_abs") is not None else "-",
             f"{c['cosine']:.7f}" if c.get("cosine") is not None else "-",
             escape(fusions) or "-",

@@ -26,6 +26,7 @@ from adapter.converter.build import (
 )
 from adapter.converter.importer import import_source, prepare_source
 from adapter.converter.precision import PrecisionOptions
+from adapter.converter.roofline import roofline
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, ArtifactError
 from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
@@ -261,6 +262,14 @@ def convert(
                 "reference": imported.reference_kind,
             }
             latency["speedup"] = latency["reference_ms"] / latency["engine_ms"]
+        summaries = [c.summary(c is best) for c in candidates]
+        roof = roofline(canonical, imported.inputs, imported.example_inputs, profile) if engine.runs_here else None
+        if roof is not None:  # each engine's latency against the machine's limit at its precision
+            for summary in summaries:
+                if summary.get("latency_ms"):
+                    summary["roofline"] = roof.figures(summary["precision"], profile, summary["latency_ms"])
+            if latency:
+                latency["roofline"] = roof.figures(lowered.report["mode"] if lowered else "fp32", profile, latency["engine_ms"])
         now = time.perf_counter()
         stamps = list(stages.items()) + [("end", now)]
         timings = {name: round(stamps[i + 1][1] - t, 4) for i, (name, t) in enumerate(stamps[:-1])}
@@ -281,7 +290,7 @@ def convert(
                 "version": best.version,
                 "requested": backend_name,
                 "config": engine.config,
-                "candidates": [c.summary(c is best) for c in candidates],
+                "candidates": summaries,
             },
             "passes": [r.to_json() for r in records + best.records + _precision_records(best)],
             "graph": {"nodes": len(list(model.graph.all_nodes())), "opsets": dict(model.opset_imports)},
