@@ -35,7 +35,7 @@ from adapter.passes.calibration import probe_session
 def matmul_errors(
     reference: ir.Model, quantized: ir.Model, nodes: list[str], samples: list[dict[str, np.ndarray]]
 ) -> dict[str, float]:
-    """Relative RMS error of each quantized MatMul's output against its FP32 product.
+    """Relative RMS error of each quantized MatMul's (or Gemm's) output against its FP32 product.
 
     Args:
         reference: The FP32 model the quantizer was given (its MatMul weights are used).
@@ -50,26 +50,38 @@ def matmul_errors(
         the quantized model does not have are left out.
     """
     wanted = set(nodes)
-    pairs: dict[str, tuple[str, str, np.ndarray]] = {}
+    pairs: dict[str, tuple[str, str, np.ndarray, np.ndarray | float]] = {}
     for node in reference.graph:
-        if node.name not in wanted or node.op_type != "MatMul" or len(node.inputs) < 2:
+        if node.name not in wanted or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
-        if x is not None and w is not None and w.is_initializer() and w.const_value is not None:
-            weight = w.const_value.numpy()
-            if weight.ndim == 2:
-                pairs[node.name] = (x.name, node.outputs[0].name, weight.astype(np.float64))
+        if x is None or w is None or not w.is_initializer() or w.const_value is None:
+            continue
+        weight = w.const_value.numpy().astype(np.float64)
+        bias: np.ndarray | float = 0.0
+        if node.op_type == "Gemm":  # y = x W' + c, as exported from nn.Linear (no transA, alpha = beta = 1)
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                continue
+            weight = weight.T if attrs.get("transB", 0) else weight
+            c = node.inputs[2] if len(node.inputs) > 2 else None
+            if c is not None:
+                if not c.is_initializer() or c.const_value is None:
+                    continue
+                bias = c.const_value.numpy().astype(np.float64)
+        if weight.ndim == 2:
+            pairs[node.name] = (x.name, node.outputs[0].name, weight, bias)
     if not pairs or not samples:
         return {}
     produced = {o.name for n in quantized.graph for o in n.outputs} | {i.name for i in quantized.graph.inputs}
     pairs = {k: v for k, v in pairs.items() if v[0] in produced and v[1] in produced}
-    names = sorted({t for x, y, _ in pairs.values() for t in (x, y)})
+    names = sorted({t for x, y, _, _ in pairs.values() for t in (x, y)})
     session = probe_session(quantized, names, optimize=True)  # serializes: ONNX Runtime runs a ModelProto
     sums = {k: [0.0, 0.0] for k in pairs}
     for feed in samples:
         values = dict(zip(names, session.run(names, feed)))
-        for node, (x, y, weight) in pairs.items():
-            want = values[x].astype(np.float64) @ weight
+        for node, (x, y, weight, bias) in pairs.items():
+            want = values[x].astype(np.float64) @ weight + bias
             sums[node][0] += float(np.square(values[y] - want).sum())
             sums[node][1] += float(np.square(want).sum())
     return {k: float(np.sqrt(err / max(ref, 1e-30))) for k, (err, ref) in sums.items()}

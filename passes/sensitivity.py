@@ -10,7 +10,10 @@ Models are ``onnx_ir`` models; :func:`ort_runner` serializes one for ONNX Runtim
 
 from __future__ import annotations
 
-__all__ = ["Evaluator", "choose_option", "group_sensitivity", "search_plan"]
+__all__ = [
+    "Evaluator", "choose_option", "group_count", "group_sensitivity", "local_error_sensitivity", "plan_hint",
+    "search_plan",
+]  # fmt: skip
 
 import time
 from collections.abc import Callable
@@ -23,10 +26,17 @@ import onnx_ir as ir
 
 from adapter.core.budget import Budget, output_metrics
 from adapter.passes.precision import PrecisionPlan, apply_plan
+from adapter.passes.saturation import matmul_errors
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 HINTS = {"bf16": "bf16", "fp16": "fp16"}
 """Modes realised by a backend's precision hint rather than in the graph."""
+
+
+def plan_hint(plan: PrecisionPlan) -> str:
+    """The backend precision hint a plan's engine is compiled with: its own ``hint`` option
+    (an INT8 plan whose kept layers run BF16), else its mode's, else FP32."""
+    return plan.options.get("hint") or HINTS.get(plan.mode, "fp32")
 FITTED_MODES = {"int8", "fp8"}
 """Modes whose result depends on the calibration samples (so those cannot judge them)."""
 
@@ -80,7 +90,7 @@ class Evaluator:
         """Apply ``plan``, run its evaluation samples (a subset for a probe), return metrics."""
         start = time.perf_counter()
         model = apply_plan(self.fp32, plan, self.calibration, self.cache_dir)
-        run = self.make_runner(model, HINTS.get(plan.mode, "fp32"))
+        run = self.make_runner(model, plan_hint(plan))
         samples = self.samples(plan)
         count = min(self.probe_samples, len(samples)) if probe else len(samples)
         figures = output_metrics(self.reference(count), [run(feed) for feed in samples[:count]])
@@ -120,6 +130,11 @@ def choose_option(
     return best, scores
 
 
+def group_count(plan: PrecisionPlan) -> int:
+    """How many groups (modules) the search may keep out of ``plan``."""
+    return len(_groups(plan))
+
+
 def _groups(plan: PrecisionPlan) -> list[str]:
     seen: dict[str, None] = {}
     for node in plan.nodes:
@@ -138,8 +153,44 @@ def group_sensitivity(plan: PrecisionPlan, evaluator: Evaluator) -> dict[str, fl
     return scores
 
 
-def search_plan(plan: PrecisionPlan, evaluator: Evaluator, progress: Callable[[str], None] | None = None) -> tuple[PrecisionPlan, bool]:
+LOCAL_ERROR_SAMPLES = 16
+"""Calibration samples the one-run ranking reads."""
+
+
+def local_error_sensitivity(plan: PrecisionPlan, evaluator: Evaluator) -> dict[str, float]:
+    """A ranking in one run instead of one probe per group: every candidate lowered, each
+    MatMul's own error (its lowered output against its input times the FP32 weight,
+    ``adapter.passes.saturation.matmul_errors``), and a group scored ``1 - its worst
+    MatMul's error`` (lower = more sensitive, as :func:`group_sensitivity`'s scores).
+    Groups with no MatMul measured score 1 (kept last)."""
+    lowered = apply_plan(evaluator.fp32, plan, evaluator.calibration, evaluator.cache_dir)
+    nodes = [n for n in plan.nodes if n not in plan.overrides]
+    errors = matmul_errors(evaluator.fp32, lowered, nodes, evaluator.calibration[:LOCAL_ERROR_SAMPLES])
+    evaluator.runs += 1
+    scores = {group: 1.0 for group in _groups(plan)}
+    for node, error in errors.items():
+        group = plan.modules.get(node) or node
+        if group in scores:
+            scores[group] = min(scores[group], 1.0 - error)
+    return scores
+
+
+Ranker = Callable[[PrecisionPlan, Evaluator], dict[str, float]]
+
+
+def search_plan(
+    plan: PrecisionPlan,
+    evaluator: Evaluator,
+    progress: Callable[[str], None] | None = None,
+    limit: int | None = None,
+    ranker: Ranker | None = None,
+) -> tuple[PrecisionPlan, bool]:
     """Keep the fewest most-sensitive groups in FP32 such that the budget holds.
+
+    ``limit``: keep at most this many (more would not pay: see ``lower_precision``); when
+    the budget needs more, the search ends without a plan, before the sensitivity probes
+    if the limit is 0. ``ranker`` orders the groups (default :func:`group_sensitivity`:
+    one probe per group; :func:`local_error_sensitivity` ranks them in one run).
 
     Returns:
         The plan (with sensitivity, budget and measured figures filled in) and whether
@@ -153,13 +204,16 @@ def search_plan(plan: PrecisionPlan, evaluator: Evaluator, progress: Callable[[s
     if holds:
         result.measured = {"accuracy": figures, "budget_holds": True}
         return result, True
+    if limit is not None and limit < 1:
+        result.measured = {"accuracy": figures, "budget_holds": False}
+        return result, False
     say(f"sensitivity of {len(_groups(plan))} groups")
-    scores = group_sensitivity(plan, evaluator)
+    scores = (ranker or group_sensitivity)(plan, evaluator)
     order = sorted(scores, key=lambda g: scores[g])  # most sensitive first
-    reason = f"sensitivity: kept FP32 to hold {evaluator.budget}"
+    reason = f"sensitivity: kept {plan_hint(plan).upper()} to hold {evaluator.budget}"
     # Bisection over how many of the most sensitive groups stay FP32; keeping all of them
     # is no plan at all (it is the FP32 model), so at most len(order) - 1 are kept.
-    lo, hi = 1, len(order) - 1
+    lo, hi = 1, len(order) - 1 if limit is None else min(len(order) - 1, limit)
     best: tuple[int, dict] | None = None
     closest: tuple[float, int, dict] = (evaluator.budget.score(figures), 0, figures)
     while lo <= hi:

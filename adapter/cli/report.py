@@ -228,12 +228,13 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
     kept = report.get("kept_fp32", [])
     if kept:
-        reasons: dict[str, list[str]] = {}
+        reasons: dict[tuple[str, str], list[str]] = {}
         for item in kept:
-            reasons.setdefault(item.get("reason", ""), []).append(item.get("module") or item["node"])
-        for reason, where in reasons.items():
+            key = (item.get("precision", "fp32").upper(), item.get("reason", ""))
+            reasons.setdefault(key, []).append(item.get("module") or item["node"])
+        for (wider, reason), where in reasons.items():
             shown = ", ".join(sorted(set(where))[:8]) + (" …" if len(set(where)) > 8 else "")
-            console.print(f"kept FP32 ({len(where)} nodes) — {escape(reason)}: {escape(shown)}")
+            console.print(f"kept {wider} ({len(where)} nodes) — {escape(reason)}: {escape(shown)}")
     narrow = report.get("narrow_weights", [])
     if narrow:
         shown = ", ".join(

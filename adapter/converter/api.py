@@ -25,7 +25,7 @@ from adapter.converter.build import (
     drop_workdirs,
 )
 from adapter.converter.importer import import_source, prepare_source
-from adapter.converter.precision import PrecisionOptions
+from adapter.converter.precision import PrecisionOptions, reached_ms, runs_natively
 from adapter.converter.roofline import roofline
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, ArtifactError
@@ -222,8 +222,11 @@ def convert(
     with artifact.staging_dir(output) as staged:
         stage("build")
         candidates = []
+        if options.precision.mode == "auto":  # backends with native BF16 first: their best prunes the others' search
+            names = sorted(names, key=lambda n: not runs_natively("bf16", profile, get_backend(n)))
         for name in names:
             workdir = staged if len(names) == 1 else staged / ".candidates" / name
+            reached = [ms for ms in (reached_ms(c.lowered) for c in candidates) if ms]
             try:
                 candidates.append(
                     build_candidate(
@@ -236,6 +239,7 @@ def convert(
                         artifact.cache_root() / "calibration",
                         say,
                         measure=options.benchmark and len(names) == 1,
+                        beat_ms=min(reached, default=None),
                     )
                 )
             except AdapterError as exc:

@@ -136,6 +136,7 @@ def build_candidate(
     calibration_cache: Path,
     say: Callable[[str], None],
     measure: bool = True,
+    beat_ms: float | None = None,
 ) -> Candidate:
     """Build, verify and time one backend's engine in ``workdir``.
 
@@ -156,7 +157,9 @@ def build_candidate(
         found.records = run_backend_passes(backend, model)
     _check_support(name, backend, model, profile, overrides)
     say(f"{name}: precision")
-    found.lowered = lower_precision(imported, model, profile, backend, name, options.precision, calibration_cache, say)
+    found.lowered = lower_precision(
+        imported, model, profile, backend, name, options.precision, calibration_cache, say, beat_ms
+    )
     found.model = found.lowered.model if found.lowered else model
     if fuse and quantize_first:
         say(f"{name}: fusion passes")

@@ -30,11 +30,31 @@ from adapter.passes.precision import (
     fp16_overflow_overrides,
     model_size,
 )
-from adapter.passes.sensitivity import HINTS, Evaluator, choose_option, ort_runner, search_plan
+from adapter.passes.sensitivity import (
+    HINTS,
+    Evaluator,
+    choose_option,
+    group_count,
+    local_error_sensitivity,
+    ort_runner,
+    plan_hint,
+    search_plan,
+)
 
-__all__ = ["CHOICES", "NEAR_LOSSLESS", "PrecisionOptions", "PrecisionResult", "PrecisionBudgetError", "lower_precision"]
+__all__ = ["CHOICES", "NEAR_LOSSLESS", "reached_ms", "runs_natively", "PrecisionOptions", "PrecisionResult", "PrecisionBudgetError", "lower_precision"]
 
-AUTO_ORDER = ("int8-dynamic", "int8", "int4-weight", "fp16", "bf16", "fp8")
+AUTO_ORDER = ("bf16", "fp16", "int8", "int8-dynamic", "fp8", "int4-weight")
+"""The modes ``auto`` tries, in this order: the ones that need no search first, so the best
+latency so far is low early and the others' fully lowered ceilings are judged against it."""
+MIXED_MODES = frozenset({"int8", "int8-dynamic", "fp8"})
+"""Modes whose layers kept out of the plan run BF16 (the backend's hint) instead of FP32
+where the backend and target compute BF16 natively: one engine, INT8 and BF16."""
+PRUNE = 0.9
+"""A mode is searched only when fully lowered it runs in under this fraction of the best
+latency so far (FP32's, a mode's that held, or another backend's engine's): a plan that
+holds a budget keeps some layers wider, so it lands between the two. The search then keeps
+at most as many groups as the latency the gap allows (assuming each kept group costs an
+equal share of the difference between fully lowered and fully kept)."""
 CHOICES = ("default", *MODES)
 """``--precision`` values: ``default`` is the near-lossless choice below, the others modes."""
 NEAR_LOSSLESS = "cos>=0.9999,max_rel<=0.02"
@@ -132,6 +152,17 @@ def _allowed(mode: str, profile: Any, backend) -> str | None:
     if native not in getattr(profile, "precisions", ()):
         return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
     return None
+
+
+def runs_natively(mode: str, profile: Any, backend) -> bool:
+    """Whether ``backend`` builds ``mode`` engines that the target computes natively."""
+    return _allowed(mode, profile, backend) is None
+
+
+def reached_ms(result: PrecisionResult | None) -> float | None:
+    """The latency a lowered engine was measured at (its plan's, else its FP32 engine's)."""
+    figures = (result.report.get("latency_ms") or {}) if result else {}
+    return figures.get("plan") or figures.get("fp32")
 
 
 def _calibration(options: PrecisionOptions, imported, warnings: list[str]):
@@ -234,11 +265,12 @@ def _narrow(plan: PrecisionPlan) -> list[dict[str, Any]]:
 
 def _summarise(plan: PrecisionPlan) -> tuple[dict[str, str], list[dict[str, Any]]]:
     modules: dict[str, str] = {}
+    wider = "bf16" if plan.options.get("hint") == "bf16" else "fp32"  # what the kept layers run in
     for node in plan.nodes:
         group = plan.modules.get(node) or node
-        precision = "fp32" if node in plan.overrides else plan.mode
+        precision = wider if node in plan.overrides else plan.mode
         modules[group] = precision if modules.get(group, precision) == precision else "mixed"
-    kept = [{"node": n, **info} for n, info in plan.overrides.items()]
+    kept = [{"node": n, "precision": wider, **info} for n, info in plan.overrides.items()]
     return modules, kept
 
 
@@ -304,9 +336,13 @@ def _near_lossless(imported, fp32: ir.Model, profile: Any, backend, backend_name
 
 def lower_precision(
     imported, model: ir.Model, profile: Any, backend, backend_name: str, options: PrecisionOptions,
-    cache_dir: Path, progress: Callable[[str], None] | None = None,
+    cache_dir: Path, progress: Callable[[str], None] | None = None, beat_ms: float | None = None,
 ) -> PrecisionResult | None:  # fmt: skip
     """Choose and apply precisions; None when the engine stays FP32 with no plan.
+
+    ``beat_ms``: under ``auto``, the latency another backend's engine already reached; a
+    mode whose fully lowered engine cannot beat it (nor this backend's best so far) is not
+    searched.
 
     Raises:
         SourceError: Bad mode, budget, calibration data or plan file.
@@ -340,6 +376,11 @@ def lower_precision(
         feed = imported.example_inputs
         fp32_engine = runner.engine(fp32, "fp32")
         fp32_ms = median_ms(lambda: fp32_engine.run(feed), warmup=3, repeats=20)
+        best_ms, best_from = fp32_ms, "FP32"
+        hinted = {"fp32": fp32_ms}  # each hint's latency with nothing lowered in the graph
+        if beat_ms is not None and beat_ms < best_ms:
+            best_ms, best_from = beat_ms, "another backend's engine"
+        mixed = "precision" in backend.BUILD_OPTIONS and _allowed("bf16", profile, backend) is None
         evaluator = Evaluator(
             fp32, calib_samples, held_out, budget or parse_budget("cos>=-1"), runner.runner, cache_dir
         )
@@ -352,19 +393,18 @@ def lower_precision(
                 "digest": calibration.digest(),
                 "samples": len(calib_samples),
             }
-            hint = HINTS.get(candidate, "fp32")
-            smoothing, widths = None, {}
-            # Weight widths are fitted to this machine's kernels: only for engines that run here.
-            refine = _width_fitter(fp32, calib_samples, widths, say) if _fits_widths(plan, loaded, runner) else None
-            if "smooth_alpha" in plan.options and budget is not None and not loaded:
-                plan, smoothing = choose_option(plan, evaluator, "smooth_alpha", SMOOTH_ALPHAS, say, refine)
-            elif refine:
-                plan = refine(plan)
+            if mixed and not loaded and candidate in MIXED_MODES:
+                plan.options["hint"] = "bf16"  # the layers it keeps run BF16, not FP32
+            hint = plan_hint(plan)
+            smoothing, widths, limit = None, {}, None
             if mode == "auto":
-                # A mode that is not faster than FP32 even fully lowered is not worth a search.
+                # A mode that fully lowered cannot beat the best so far is not worth a search
+                # (timed beside FP32 in rotating blocks; the best so far scaled alike). Before
+                # any fitting: a pruned mode costs one calibration and one compile.
                 full = apply_plan(fp32, plan, calib_samples, cache_dir)
                 ceiling, reference_ms = runner.against(full, hint, fp32_engine, feed)
-                if ceiling >= 0.95 * reference_ms:
+                bar = best_ms * reference_ms / fp32_ms
+                if ceiling >= PRUNE * bar:
                     trials.append(
                         {
                             "mode": candidate,
@@ -372,12 +412,34 @@ def lower_precision(
                             "kept_fp32": 0,
                             "latency_ms": None,
                             "accuracy": None,
-                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not faster than FP32 ({reference_ms:.2f} ms, timed in rotating blocks)",
+                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not under {PRUNE:g}x the best so far "
+                            f"({best_from}: {bar:.2f} ms; FP32 {reference_ms:.2f} ms, timed in rotating blocks)",
                         }
                     )
                     continue
+                kept_all = hinted.get(hint)  # every group kept: the graph as is, with the hint
+                scale = reference_ms / fp32_ms
+                if kept_all is not None and kept_all * scale > ceiling and plan.mode not in HINTS:
+                    gap = (PRUNE * bar - ceiling) / (kept_all * scale - ceiling)
+                    limit = max(0, int(group_count(plan) * gap))
+            # Weight widths are fitted to this machine's kernels: only for engines that run here.
+            refine = _width_fitter(fp32, calib_samples, widths, say) if _fits_widths(plan, loaded, runner) else None
+            if "smooth_alpha" in plan.options and budget is not None and not loaded:
+                plan, smoothing = choose_option(plan, evaluator, "smooth_alpha", SMOOTH_ALPHAS, say, refine)
+            elif refine:
+                plan = refine(plan)
             if budget is not None and not loaded:
-                plan, holds = search_plan(plan, evaluator, say)
+                ranker = local_error_sensitivity if plan.mode in MIXED_MODES else None  # one run, not a probe per group
+                plan, holds = search_plan(plan, evaluator, say, limit, ranker)
+                if not holds and limit is not None:  # a plan that holds would keep too much to pay
+                    trials.append({
+                        "mode": candidate, "holds": False, "kept_fp32": len(plan.overrides), "latency_ms": None,
+                        "accuracy": plan.measured.get("accuracy"),
+                        "skipped": f"fully lowered it misses the budget, and keeping more than {limit} of its "
+                        f"{group_count(plan) + len(plan.overrides)} groups {hint.upper()} would not run under "
+                        f"{PRUNE:g}x the best so far ({best_from})",
+                    })  # fmt: skip
+                    continue
                 if smoothing:
                     plan.measured["smooth_alpha_scores"] = smoothing
             else:
@@ -389,10 +451,12 @@ def lower_precision(
             lowered = fp32.clone()
             applied = ApplyPrecisionPlan(plan, calib_samples, cache_dir)
             applied(lowered)
-            latency, reference_ms = (
-                runner.against(lowered, HINTS.get(plan.mode, "fp32"), fp32_engine, feed) if holds else (None, None)
-            )
+            latency, reference_ms = runner.against(lowered, plan_hint(plan), fp32_engine, feed) if holds else (None, None)
             ratio = latency / reference_ms if latency else None
+            if latency and latency * fp32_ms / reference_ms < best_ms:
+                best_ms, best_from = latency * fp32_ms / reference_ms, candidate
+            if latency and plan.mode in HINTS and not plan.overrides:
+                hinted[plan_hint(plan)] = latency * fp32_ms / reference_ms
             plan.measured.update(
                 {"latency_ms": latency, "fp32_latency_ms": reference_ms or fp32_ms, "ratio_to_fp32": ratio}
             )
@@ -474,6 +538,6 @@ def lower_precision(
     tolerance = Tolerance(atol=1e30, rtol=0.0, min_cosine=_MIN_COSINE.get(plan.mode, 0.9))
     final_budget = budget or parse_budget(f"cos>={_MIN_COSINE.get(plan.mode, 0.99)}")
     return PrecisionResult(
-        lowered, plan, report, HINTS.get(plan.mode, "fp32"), tolerance, warnings, final_budget, held_out,
+        lowered, plan, report, plan_hint(plan), tolerance, warnings, final_budget, held_out,
         chosen["_record"],
     )  # fmt: skip
