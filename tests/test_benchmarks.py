@@ -22,12 +22,14 @@ def test_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
     assert "vit batch 1" in printed and "vs fastest peer" in printed
     rows = json.loads(out.read_text())["rows"]
     engines = {r["engine"] for r in rows}
-    assert {"PyTorch eager FP32", "ONNX Runtime FP32", "OpenVINO FP32", "adapter FP32 onnxruntime"} <= engines
+    assert {"PyTorch eager FP32", "ONNX Runtime FP32", "ONNX Runtime INT8 dynamic", "OpenVINO FP32",
+            "adapter FP32 onnxruntime"} <= engines  # fmt: skip
     assert any(e.startswith("adapter default (auto) -> ") for e in engines)
     for r in rows:
         assert r["latency_ms"] > 0 and r["flops"] > 0 and 0 < r["peak_fraction"]
-        if "BF16" not in r["engine"]:  # FP32 engines agree with eager
+        if not any(k in r["engine"].lower() for k in ("bf16", "int8")):  # FP32 engines agree with eager
             assert r["cos_min"] > 0.9999, r
+        assert r["ratio_to_fastest_faithful_peer"] > 0 and r["peak"] in ("fp32", "bf16", "int8"), r
     fastest = [r for r in rows if r["peer"] and r["ratio_to_fastest_peer"] == 1.0]
     assert len(fastest) == 2  # one per batch size
 
