@@ -210,7 +210,61 @@ def compile(
     }
     engine = Engine(workdir, specs[0], specs[1], config)
     engine.config["executed_precision"] = engine.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    engine.config["kernel_precisions"], engine.config["layer_precisions"] = kernel_precisions(
+        engine.compiled, _product_names(model)
+    )
     return engine
+
+
+_COMPUTE_LAYERS = ("FullyConnected", "MatMul", "Convolution", "Deconvolution", "Subgraph", "ScaledDotProductAttention")
+"""Execution-graph layer types that do the arithmetic (a Subgraph is a fused attention or
+elementwise chain: OpenVINO's snippets)."""
+
+
+def _product_names(model: ir.Model) -> dict[str, str]:
+    """Names the execution graph may give an ONNX matrix product (MatMul, Gemm, Conv): its
+    own, or the bias ``Add`` after it (a FullyConnected with bias carries the Add's name)."""
+    names: dict[str, str] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "ConvInteger"):
+            names[node.name] = node.name
+            for use in node.outputs[0].uses() if node.outputs and node.outputs[0] is not None else ():
+                if use.node.op_type == "Add":
+                    names.setdefault(use.node.name, node.name)
+    return names
+
+
+_OWN_LAYERS = ("FullyConnected", "MatMul", "Convolution", "Deconvolution")
+"""Layer types a matrix product (with its bias) becomes; other compute layers (a Subgraph)
+may also swallow a product's bias Add, which says nothing of the product's precision."""
+
+
+def kernel_precisions(compiled, products: dict[str, str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """What the CPU plugin actually runs, from the compiled model's execution graph: per
+    compute layer type, how many layers run at each precision (``FullyConnected: {bf16: 30,
+    i8: 6}``), and for each ONNX matrix product (``products``: the names a layer may carry,
+    to the product's node name) the precision of the layer it ended up in."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    layers: dict[str, str] = {}
+    named: set[str] = set()  # products a layer carries by their own name (not a bias Add's)
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        if not kind.startswith(_COMPUTE_LAYERS):
+            continue
+        precision = info["runtimePrecision"].astype(str).lower() if "runtimePrecision" in info else "?"
+        counts[kind][precision] += 1
+        names = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else ()
+        for name in (n.split("/")[0] for n in names):  # a quantized one: "<MatMul>/DequantizationMultiply"
+            product = products.get(name)
+            if product is None or product in named:
+                continue
+            if name == product:
+                layers[product] = precision
+                named.add(product)
+            elif kind.startswith(_OWN_LAYERS):
+                layers[product] = precision
+    return {k: dict(v) for k, v in counts.items()}, layers
 
 
 class Engine(EngineBase):

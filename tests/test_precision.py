@@ -337,3 +337,24 @@ def test_default_precision_says_why_it_stays_fp32(tmp_path, monkeypatch):
     else:
         assert "lists no bf16 support" in report["reason"], report
     assert all(f["max_abs"] <= 1e-4 for f in ov.manifest["verification"]["worst"].values())
+
+
+def test_int8_plan_runs_int8_kernels_and_keeps_the_rest_wider(tmp_path, calib_dir):
+    """An INT8 plan on OpenVINO: the execution graph's layers are read back, each lowered
+    Linear runs an i8 kernel (on CPUs with VNNI or AMX-INT8), and on a host with native BF16
+    the layers the budget keeps run BF16 (one engine, INT8 and BF16), else FP32."""
+    from adapter.profiles.probe import probe_host
+
+    options = _opts(mode="int8", budget="cos>=0.99", calib=str(calib_dir))
+    result = convert("models:sensitive", tmp_path / "e", ConvertOptions(**{**options.__dict__, "backend": "openvino"}))
+    report, config = result.manifest["precision"], result.manifest["backend"]["config"]
+    kernels = config["kernel_precisions"]["FullyConnected"]
+    ran = report["kernels"]
+    assert ran["expected"] == "i8" and ran["lowered"] >= 1, ran
+    wider = "bf16" if _host_computes("bf16") else "fp32"
+    assert all(k["precision"] == wider for k in report["kept_fp32"]) and "layers.2" in {k["module"] for k in report["kept_fp32"]}
+    if set(probe_host().features) & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        assert ran["ran_low"] == ran["lowered"] and not ran["not_low"], ran
+        assert kernels.get("i8", 0) >= ran["lowered"], kernels
+    assert sum(kernels.values()) == 4  # the four Linears, each one layer
+    assert json.loads((tmp_path / "e" / "plan.json").read_text())["options"].get("hint", "fp32") == wider

@@ -70,6 +70,12 @@ def render_manifest(
     console.print(table)
 
     render_candidates(console, backend)
+    kernels = backend["config"].get("kernel_precisions")
+    if kernels:
+        console.print(
+            f"Kernels run ({escape(backend['name'])}'s execution graph): "
+            + "; ".join(f"{kind} " + ", ".join(f"{p} {n}" for p, n in found.items()) for kind, found in kernels.items())
+        )
     render_precision(console, manifest.get("precision") or {})
     render_target_files(console, backend["config"], ver)
     latency = manifest.get("latency")
@@ -244,6 +250,13 @@ def render_precision(console: Console, report: dict[str, Any]) -> None:
         console.print(
             f"7-bit weights for {len(narrow)} MatMul(s), where this CPU's INT8 kernel saturates "
             f"(output error 8-bit → 7-bit): {escape(shown)}" + (" …" if len(narrow) > 6 else "")
+        )
+    ran = report.get("kernels")
+    if ran:
+        off = ", ".join(f"{n} ({p})" for n, p in list(ran["not_low"].items())[:6])
+        console.print(
+            f"the plan's {ran['lowered']} lowered matrix products run {ran['expected']} kernels: {ran['ran_low']}"
+            + (f"; not: {escape(off)}" if off else "")
         )
     for name, fig in (report.get("accuracy") or {}).items():
         console.print(

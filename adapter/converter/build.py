@@ -170,6 +170,9 @@ def build_candidate(
     say(f"{name}: compile")
     backend_options = backend.Options.from_profile(profile, overrides)
     found.engine = backend.compile(found.model, profile, backend_options, (imported.inputs, imported.outputs), workdir)
+    ran = found.engine.config.get("layer_precisions")
+    if found.lowered and ran and found.lowered.plan.mode in LOW_KERNELS:
+        found.lowered.report["kernels"] = _kernels_ran(found.lowered.plan, ran)
     runner = found.engine
     if not found.engine.runs_here:  # built for another machine: verify what runs the same graph here
         stand_in = found.engine.stand_in()
@@ -199,6 +202,19 @@ def build_candidate(
         say(f"{name}: measure")
         found.latency_ms = median_ms(lambda: found.engine.run(imported.example_inputs))
     return found
+
+
+LOW_KERNELS = {"int8": "i8", "int8-dynamic": "i8", "fp8": "f8"}
+"""The kernel precision (OpenVINO's execution graph) a plan's lowered matrix products should run at."""
+
+
+def _kernels_ran(plan: PrecisionPlan, ran: dict[str, str]) -> dict[str, Any]:
+    """Whether the plan's lowered matrix products run low-precision kernels in the engine
+    (``ran``: node to the precision of the kernel it became), and which do not."""
+    want = LOW_KERNELS[plan.mode]
+    lowered = [n for n in plan.nodes if n not in plan.overrides and n in ran]
+    off = {n: ran[n] for n in lowered if not ran[n].startswith(want)}
+    return {"expected": want, "lowered": len(lowered), "ran_low": len(lowered) - len(off), "not_low": off}
 
 
 def refused_nodes(backend: Any, model: ir.Model, profile: Any, shapes: dict[str, list[int]]) -> list[Any]:
