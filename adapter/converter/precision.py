@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from adapter.backends import BACKENDS
+from adapter.converter.roofline import peak_key, roofline
 from adapter.core.budget import Budget, output_metrics, parse_budget
 from adapter.core.errors import AdapterError, SourceError
 from adapter.core.timing import median_ms, paired_median_ms
@@ -381,12 +382,25 @@ def lower_precision(
         if beat_ms is not None and beat_ms < best_ms:
             best_ms, best_from = beat_ms, "another backend's engine"
         mixed = "precision" in backend.BUILD_OPTIONS and _allowed("bf16", profile, backend) is None
+        roof = roofline(fp32, imported.inputs, feed, profile) if mode == "auto" else None
         evaluator = Evaluator(
             fp32, calib_samples, held_out, budget or parse_budget("cos>=-1"), runner.runner, cache_dir
         )
         trials = []
         for candidate in candidates:
             say(f"precision {candidate}")
+            if roof is not None and not runner.stand_in_note:
+                # no build at all when even the roofline's speed-up over FP32 (the mode's
+                # peak and weight width; no measured peak: FP32's) cannot beat the best so far
+                estimate = fp32_ms * roof.mode_ms(candidate, profile) / roof.mode_ms("fp32", profile)
+                if estimate >= PRUNE * best_ms:
+                    trials.append({
+                        "mode": candidate, "holds": False, "kept_fp32": 0, "latency_ms": None, "accuracy": None,
+                        "skipped": f"its roofline estimate ({estimate:.2f} ms: FP32's {fp32_ms:.2f} ms scaled by the "
+                        f"{peak_key(candidate, profile)} peak and weight width) is not under {PRUNE:g}x the best so far "
+                        f"({best_from}: {best_ms:.2f} ms)",
+                    })  # fmt: skip
+                    continue
             plan = loaded or _mode_plan(candidate, fp32, calibration, options, cache_dir)
             plan.calibration = {
                 "source": calibration.source,

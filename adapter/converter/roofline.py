@@ -21,8 +21,8 @@ from adapter.op_library import model_cost
 
 _PEAK_OF = {"int8": "int8", "int8-dynamic": "int8", "fp8": "fp8", "bf16": "bf16", "fp16": "fp16"}
 """The peak a precision mode's arithmetic runs at (others, INT4 weight-only included: FP32)."""
-_WIDTH = {"int8": 0.25, "fp8": 0.25, "bf16": 0.5, "fp16": 0.5}
-"""Weight bytes at a peak's precision, relative to FP32."""
+_WIDTH = {"int8": 0.25, "int8-dynamic": 0.25, "fp8": 0.25, "bf16": 0.5, "fp16": 0.5, "int4-weight": 0.125}
+"""Weight bytes of a precision mode (or at a peak's precision), relative to FP32."""
 
 
 def peak_key(mode: str, profile: Any) -> str:
@@ -45,6 +45,11 @@ class Roofline:
         """The roofline time (ms) computing at the ``key`` peak."""
         moved = self.weight_bytes * _WIDTH.get(key, 1.0) + self.io_bytes
         return 1e3 * max(self.flops / self.peaks[key], moved / self.bandwidth if self.bandwidth else 0.0)
+
+    def mode_ms(self, mode: str, profile: Any) -> float:
+        """The roofline time (ms) of ``mode``: its peak's FLOP rate, its own weight width."""
+        moved = self.weight_bytes * _WIDTH.get(mode, 1.0) + self.io_bytes
+        return 1e3 * max(self.flops / self.peaks[peak_key(mode, profile)], moved / self.bandwidth if self.bandwidth else 0.0)
 
     def figures(self, mode: str, profile: Any, latency_ms: float | None) -> dict[str, Any]:
         """The roofline time at ``mode``'s peak and the fraction of it ``latency_ms`` reaches."""
