@@ -2,7 +2,9 @@
 
     python benchmarks/precision_minilm.py [--budget 'cos>=0.995'] [--json out.json]
 
-Converts the bundled all-MiniLM-L6-v2 twice on the host CPU: FP32, and `--precision auto`
+First times, in one run, the plain convert (every backend, the default precision), the
+`--precision auto` convert with the budget (both without the cache) and a cache hit. Then
+converts the bundled all-MiniLM-L6-v2 twice on the host CPU: FP32, and `--precision auto`
 with the budget. The project's sentences (adapter/data/sentences.txt) are split: every
 sixth line is held back for this benchmark, the rest go to convert (which itself uses half
 to calibrate and half to judge the budget). Accuracy is measured on the held-back lines,
@@ -47,8 +49,29 @@ def main() -> None:
     calib_file = args.out / "calibration.txt"
     calib_file.write_text("\n".join(line for i, line in enumerate(lines) if i % 6 != 5) + "\n")
 
+    # convert times in one run (#18: auto at most 3x the plain convert, the default at most
+    # 30 s, a cache hit under a tenth of that): every backend, no cache, then a hit
+    seconds = {}
+    for label, precision in (("default", PrecisionOptions()), ("auto", PrecisionOptions(
+            mode="auto", budget=args.budget, calib_text=str(calib_file)))):  # fmt: skip
+        began = time.perf_counter()
+        convert("adapter.zoo:minilm", args.out / f"timed-{label}", ConvertOptions(benchmark=False, use_cache=False, precision=precision))
+        seconds[label] = time.perf_counter() - began
+    convert("adapter.zoo:minilm", args.out / "timed-cached", ConvertOptions(benchmark=False))  # fills the cache
+    began = time.perf_counter()
+    hit = convert("adapter.zoo:minilm", args.out / "timed-cached", ConvertOptions(benchmark=False))
+    seconds["cache_hit"] = time.perf_counter() - began
+    print(
+        f"convert (every backend, no cache): default {seconds['default']:.1f} s, --precision auto {seconds['auto']:.1f} s "
+        f"({seconds['auto'] / seconds['default']:.2f}x); cache hit {seconds['cache_hit']:.2f} s"
+        f" ({100 * seconds['cache_hit'] / seconds['default']:.1f}% of the default; hit: {hit.cache_hit})"
+    )
+
     started = time.perf_counter()
-    fp32 = convert("adapter.zoo:minilm", args.out / "fp32", ConvertOptions(benchmark=False, backend=args.backend))
+    exact = PrecisionOptions(mode="fp32")
+    fp32 = convert(
+        "adapter.zoo:minilm", args.out / "fp32", ConvertOptions(benchmark=False, backend=args.backend, precision=exact)
+    )
     auto_options = PrecisionOptions(mode="auto", budget=args.budget, calib_text=str(calib_file))
     auto = convert(
         "adapter.zoo:minilm",
@@ -106,6 +129,8 @@ def main() -> None:
         "machine_guard": {b: {k: v for k, v in g.items() if k != "cases"} for b, g in guard.items()},
         "size_mb": {k: v / 1e6 for k, v in auto.manifest["precision"]["size_bytes"].items()},
         "convert_seconds": convert_s,
+        "convert_times_s": seconds,
+        "auto_to_default_convert": seconds["auto"] / seconds["default"],
         "fp32_cache_hit": fp32.cache_hit,
         "auto_cache_hit": auto.cache_hit,
         "candidates": auto.manifest["precision"]["candidates"],
