@@ -239,6 +239,14 @@ _OWN_LAYERS = ("FullyConnected", "MatMul", "Convolution", "Deconvolution")
 may also swallow a product's bias Add, which says nothing of the product's precision."""
 
 
+def _known_prefix(name: str, products: dict[str, str]) -> str:
+    """``name``, or the longest ``/``-prefix of it that names a product (the plugin appends
+    ``/DequantizationMultiply`` and the like; exporters' own names may hold ``/`` too)."""
+    while name and name not in products and "/" in name:
+        name = name.rsplit("/", 1)[0]
+    return name
+
+
 def kernel_precisions(compiled, products: dict[str, str]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
     """What the CPU plugin actually runs, from the compiled model's execution graph: per
     compute layer type, how many layers run at each precision (``FullyConnected: {bf16: 30,
@@ -255,7 +263,7 @@ def kernel_precisions(compiled, products: dict[str, str]) -> tuple[dict[str, dic
         precision = info["runtimePrecision"].astype(str).lower() if "runtimePrecision" in info else "?"
         counts[kind][precision] += 1
         names = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else ()
-        for name in (n.split("/")[0] for n in names):  # a quantized one: "<MatMul>/DequantizationMultiply"
+        for name in (_known_prefix(n, products) for n in names):  # "<MatMul>/DequantizationMultiply"
             product = products.get(name)
             if product is None or product in named:
                 continue

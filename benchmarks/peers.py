@@ -44,9 +44,9 @@ torch.set_num_threads(len(os.sched_getaffinity(0)))  # every peer gets every CPU
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
 SENTENCES = Path(adapter.__file__).parent / "data" / "sentences.txt"
 FAILED: dict[str, dict[str, str]] = {}
+"""Engines that could not load a model, per model: reported in the JSON."""
 FAITHFUL = 0.999
 """Mean per-token cosine to eager FP32 a peer needs to count as the fastest faithful peer."""
-"""Engines that could not load a model, per model: reported in the JSON."""
 
 
 def _feeds(inputs: dict[str, torch.Tensor], batch: int, seq: int | None) -> dict[str, np.ndarray]:
@@ -259,13 +259,13 @@ def bench_model(name: str, args, host, out: Path) -> list[dict]:
             eager_ms = next(r["latency_ms"] for r in case if r["engine"] == "PyTorch eager FP32")
             fastest = min((r for r in case if r["peer"]), key=lambda r: r["latency_ms"])
             faithful = [r for r in case if r["peer"] and r["cos_mean"] >= FAITHFUL]
-            fastest_faithful = min(faithful, key=lambda r: r["latency_ms"]) if faithful else fastest
+            fastest_faithful = min(faithful, key=lambda r: r["latency_ms"]) if faithful else None
             for r in case:
                 r["speedup_vs_eager"] = eager_ms / r["latency_ms"]
                 r["ratio_to_fastest_peer"] = r["latency_ms"] / fastest["latency_ms"]
                 r["fastest_peer"] = fastest["engine"]
-                r["ratio_to_fastest_faithful_peer"] = r["latency_ms"] / fastest_faithful["latency_ms"]
-                r["fastest_faithful_peer"] = fastest_faithful["engine"]
+                r["ratio_to_fastest_faithful_peer"] = r["latency_ms"] / fastest_faithful["latency_ms"] if faithful else None
+                r["fastest_faithful_peer"] = fastest_faithful["engine"] if faithful else "none"
                 r["peak"] = _peak_of(r["engine"], host)
                 r["peak_fraction"] = r["achieved_flops"] / host.peak(r["peak"])
             _print_case(case)
@@ -300,7 +300,7 @@ def _print_case(case: list[dict]) -> None:
         style = "bold" if not r["peer"] else ""
         table.add_row(
             r["engine"], f"{r['latency_ms']:.2f}", f"{r['throughput']:.1f}", f"{r['speedup_vs_eager']:.2f}×",
-            f"{r['ratio_to_fastest_peer']:.2f}×", f"{r['ratio_to_fastest_faithful_peer']:.2f}×", f"{r['cos_mean']:.6f}",
+            f"{r['ratio_to_fastest_peer']:.2f}×", (f"{r['ratio_to_fastest_faithful_peer']:.2f}×" if r["ratio_to_fastest_faithful_peer"] else "-"), f"{r['cos_mean']:.6f}",
             f"{r['cos_min']:.6f}", f"{100 * r['peak_fraction']:.1f} {r['peak']}", style=style,
         )  # fmt: skip
     Console(width=180).print(table)

@@ -161,13 +161,17 @@ def local_error_sensitivity(plan: PrecisionPlan, evaluator: Evaluator) -> dict[s
     """A ranking in one run instead of one probe per group: every candidate lowered, each
     MatMul's own error (its lowered output against its input times the FP32 weight,
     ``adapter.passes.saturation.matmul_errors``), and a group scored ``1 - its worst
-    MatMul's error`` (lower = more sensitive, as :func:`group_sensitivity`'s scores).
-    Groups with no MatMul measured score 1 (kept last)."""
+    MatMul's error`` (lower = more sensitive, as :func:`group_sensitivity`'s scores). When
+    some group has no MatMul/Gemm measured (a Conv), every group is probed instead."""
     lowered = apply_plan(evaluator.fp32, plan, evaluator.calibration, evaluator.cache_dir)
     nodes = [n for n in plan.nodes if n not in plan.overrides]
     errors = matmul_errors(evaluator.fp32, lowered, nodes, evaluator.calibration[:LOCAL_ERROR_SAMPLES])
     evaluator.runs += 1
-    scores = {group: 1.0 for group in _groups(plan)}
+    groups = _groups(plan)
+    measured = {plan.modules.get(n) or n for n in errors}
+    if not set(groups) <= measured:  # a group with no MatMul/Gemm measured (a Conv): probe every group
+        return group_sensitivity(plan, evaluator)
+    scores = {group: 1.0 for group in groups}
     for node, error in errors.items():
         group = plan.modules.get(node) or node
         if group in scores:

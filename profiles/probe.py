@@ -28,7 +28,7 @@ from adapter.profiles.schema import HOST, Profile
 
 __all__ = ["default_cache_dir", "probe_host"]
 
-_CACHE_VERSION = 4  # 2: default_backend auto, openvino listed, bf16 peak only where native; 3: llamacpp listed; 4: int8 peak
+_CACHE_VERSION = 5  # 2: default_backend auto, openvino listed, bf16 peak only where native; 3: llamacpp listed; 4: int8 peak; 5: fp16 peak where native
 _MATMUL_N = 2048
 _COPY_BYTES = 256 * 2**20
 _REPEATS = 5
@@ -79,7 +79,8 @@ def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
         cached = _read_cache(path)
         if cached is not None:
             return cached
-    profile = _build_profile(info, _measure(info["cpus"], bf16="bf16" in _precisions(set(info["flags"]))))
+    native = _precisions(set(info["flags"]))
+    profile = _build_profile(info, _measure(info["cpus"], bf16="bf16" in native, fp16="fp16" in native))
     try:
         _write_cache(path, profile)
     except OSError as exc:
@@ -87,14 +88,16 @@ def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
     return profile
 
 
-def _measure(threads: int, bf16: bool = True) -> dict[str, Any]:
-    """Time FP32 (and, where the CPU computes BF16 natively, BF16) matmuls and memory
-    copies; return peaks (FLOP/s) and bandwidth (B/s). Emulated BF16 is not a peak."""
+def _measure(threads: int, bf16: bool = True, fp16: bool = False) -> dict[str, Any]:
+    """Time FP32 (and, where the CPU computes them natively, BF16 and FP16) and INT8 matmuls
+    and memory copies; return peaks (FLOP/s) and bandwidth (B/s). Emulated BF16 is not a
+    peak; FP16 is timed where the CPU has FP16 arithmetic (AVX512_FP16), which torch may not
+    use (what it reaches is what the precision search expects of it)."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if bf16 else (("fp32", torch.float32),)
+    dtypes = (("fp32", torch.float32),) + ((("bf16", torch.bfloat16),) if bf16 else ()) + ((("fp16", torch.float16),) if fp16 else ())
     try:
         peaks = {name: _matmul_flops(torch, dtype) for name, dtype in dtypes}
         int8 = _int8_ops(torch)
@@ -258,7 +261,7 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
         },
         "sources": [
             f"measured by adapter.profiles.probe on {today}: torch {_torch_version()} matmul "
-            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32; bf16 where native; "
+            f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32; bf16 and fp16 where native; "
             "int8 with torch._int_mm)",
             f"measured: numpy copy of {_COPY_BYTES // 2**20} MiB, best of up to {_REPEATS}, "
             "bytes read + written per second",

@@ -29,7 +29,7 @@ def test_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
         assert r["latency_ms"] > 0 and r["flops"] > 0 and 0 < r["peak_fraction"]
         if not any(k in r["engine"].lower() for k in ("bf16", "int8")):  # FP32 engines agree with eager
             assert r["cos_min"] > 0.9999, r
-        assert r["ratio_to_fastest_faithful_peer"] > 0 and r["peak"] in ("fp32", "bf16", "int8"), r
+        assert r["ratio_to_fastest_faithful_peer"] > 0 and r["peak"] in ("fp32", "bf16", "int8"), r  # FP32 peers hold 0.999
     fastest = [r for r in rows if r["peer"] and r["ratio_to_fastest_peer"] == 1.0]
     assert len(fastest) == 2  # one per batch size
 

@@ -636,3 +636,17 @@ def test_unsupported_or_unsafe_folders_are_refused(qwen_folder, tmp_path, cli):
     assert code != 0 and "Supported families" in " ".join(stderr.split()) and "Traceback" not in stderr
     with pytest.raises(InputMismatchError, match="at least one token"):
         generate(None, None, [[]], 4)
+
+
+def test_gpu_targets_take_their_default_backend_where_it_builds_the_weights():
+    """On a GPU target --backend auto is the profile's default backend alone (its engine is
+    only a CPU stand-in here, so a race would time the wrong machine), unless that backend
+    does not build the weights asked for: then the others that do."""
+    from adapter.llm.convert import _candidates
+    from adapter.profiles import load_profile
+
+    amd, nvidia = load_profile("amd-mi300x"), load_profile("nvidia-h100")
+    assert _candidates(LLMOptions(target="amd-mi300x"), amd) == ["tvm"]
+    assert _candidates(LLMOptions(target="amd-mi300x", weights="int4"), amd) == ["onnxruntime"]
+    assert _candidates(LLMOptions(target="nvidia-h100"), nvidia) == ["tensorrt"]
+    assert "tensorrt" not in _candidates(LLMOptions(target="nvidia-h100", weights="int8"), nvidia)

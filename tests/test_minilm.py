@@ -45,9 +45,12 @@ def test_convert_run_matches_eager(cli, tmp_path, eager, target, flags):
     assert manifest["target"]["name"] == target
     precision = manifest["precision"]
     exact = precision["mode"] == "fp32"
-    if not flags:  # BF16 exactly where the host computes it natively (2-7x FP32's rate there)
+    if not flags:  # BF16 only where the host computes it natively (2-7x FP32's rate there)
         assert precision["requested"] == "default" and precision["reason"], precision
-        assert precision["mode"] == ("bf16" if "bf16" in probe_host().precisions else "fp32"), precision
+        if "bf16" not in probe_host().precisions:
+            assert precision["mode"] == "fp32" and "no bf16" in precision["reason"], precision
+        elif precision["mode"] == "fp32":  # the race's winner ran FP32: it says why it did not take BF16
+            assert any(w in precision["reason"] for w in ("does not run bf16", "not faster", "misses")), precision
     if exact:
         for figures in manifest["verification"]["worst"].values():
             assert figures["cosine"] >= 0.99999 and figures["max_abs"] <= 1e-4

@@ -179,7 +179,7 @@ def test_probe_cache_is_private_and_reused(probed: tuple[Profile, Path], monkeyp
     assert len(list(cache_dir.glob("host-*.json"))) == 1
     assert not list(cache_dir.glob(".host-*"))
 
-    def must_not_measure(threads: int, bf16: bool = True) -> dict[str, object]:
+    def must_not_measure(threads: int, bf16: bool = True, fp16: bool = False) -> dict[str, object]:
         raise AssertionError("the cached profile should have been used")
 
     monkeypatch.setattr(probe_module, "_measure", must_not_measure)
@@ -190,7 +190,7 @@ def test_probe_cache_is_private_and_reused(probed: tuple[Profile, Path], monkeyp
 def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _, cache_dir = probed
     figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
-    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True: figures)
+    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
     forced = probe_host(force=True, cache_dir=cache_dir)
     assert forced.peak("fp32") == 2e9 and forced.memory_bandwidth == 4e9
     assert probe_host(cache_dir=cache_dir) == forced
@@ -198,7 +198,7 @@ def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: p
 
 def test_probe_ignores_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
-    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True: figures)
+    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
     first = probe_host(cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("host-*.json")
     cache_file.write_text("{not json")

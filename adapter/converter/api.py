@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from adapter.backends import DEFAULT, get_backend
+from adapter.backends import BACKENDS, DEFAULT, get_backend
 from adapter.converter.build import (
     AUTO,
     Candidate,
@@ -35,6 +35,7 @@ from adapter.core.timing import median_ms
 from adapter.core.verify import Tolerance
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.profiles import load_profile
+from adapter.profiles.probe import probe_host
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def convert(
         stage("build")
         candidates = []
         if options.precision.mode == "auto":  # backends with native BF16 first: their best prunes the others' search
-            names = sorted(names, key=lambda n: not runs_natively("bf16", profile, get_backend(n)))
+            names = sorted(names, key=lambda n: not runs_natively("bf16", profile, BACKENDS[n]))
         for name in names:
             workdir = staged if len(names) == 1 else staged / ".candidates" / name
             reached = [ms for ms in (reached_ms(c.lowered) for c in candidates) if ms]
@@ -267,13 +268,14 @@ def convert(
             }
             latency["speedup"] = latency["reference_ms"] / latency["engine_ms"]
         summaries = [c.summary(c is best) for c in candidates]
-        roof = roofline(canonical, imported.inputs, imported.example_inputs, profile) if engine.runs_here else None
+        machine = probe_host()  # the latencies are this machine's, whatever the target: its peaks
+        roof = roofline(canonical, imported.inputs, imported.example_inputs, machine) if engine.runs_here else None
         if roof is not None:  # each engine's latency against the machine's limit at its precision
             for summary in summaries:
                 if summary.get("latency_ms"):
-                    summary["roofline"] = roof.figures(summary["precision"], profile, summary["latency_ms"])
+                    summary["roofline"] = roof.figures(summary["precision"], machine, summary["latency_ms"])
             if latency:
-                latency["roofline"] = roof.figures(lowered.report["mode"] if lowered else "fp32", profile, latency["engine_ms"])
+                latency["roofline"] = roof.figures(lowered.report["mode"] if lowered else "fp32", machine, latency["engine_ms"])
         now = time.perf_counter()
         stamps = list(stages.items()) + [("end", now)]
         timings = {name: round(stamps[i + 1][1] - t, 4) for i, (name, t) in enumerate(stamps[:-1])}

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from adapter.backends import BACKENDS
 from adapter.converter.roofline import peak_key, roofline
+from adapter.profiles.schema import HOST
 from adapter.core.budget import Budget, output_metrics, parse_budget
 from adapter.core.errors import AdapterError, SourceError
 from adapter.core.timing import median_ms, paired_median_ms
@@ -153,6 +154,12 @@ def _allowed(mode: str, profile: Any, backend) -> str | None:
     if native not in getattr(profile, "precisions", ()):
         return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
     return None
+
+
+def _has_peak(mode: str, profile: Any) -> bool:
+    """Whether the profile has the figure ``mode``'s roofline estimate needs (a mode whose
+    peak is not measured is tried, not estimated at FP32's rate)."""
+    return peak_key(mode, profile) != "fp32" or mode in ("fp32", "int4-weight")
 
 
 def runs_natively(mode: str, profile: Any, backend) -> bool:
@@ -305,21 +312,28 @@ def _near_lossless(imported, fp32: ir.Model, profile: Any, backend, backend_name
     runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
     try:
         exact, reduced = runner.engine(fp32, "fp32"), runner.engine(fp32, HINTS[mode])
+        if runner.stand_in_note:  # neither speed nor BF16's numerics can be measured on a stand-in
+            return _exact(fp32, {**base, "reason": f"the {backend_name} engine is built for another machine and "
+                                 f"its {mode} cannot be measured here ({runner.stand_in_note}), so FP32; "
+                                 f"--precision {mode} asks for it"})  # fmt: skip
         figures = output_metrics([exact.run(s) for s in samples], [reduced.run(s) for s in samples])
         holds, failures = budget.judge(figures)
         feed = imported.example_inputs
         times = paired_median_ms({"fp32": lambda: exact.run(feed), mode: lambda: reduced.run(feed)}, repeats=15)
+    except AdapterError as exc:  # a backend that fails to build or run BF16 leaves FP32 as it was
+        return _exact(fp32, {**base, "reason": f"the {mode} engine failed ({str(exc)[:300]}), so FP32"})
     finally:
         runner.close()
     measured = f"{mode} {times[mode]:.2f} ms against FP32 {times['fp32']:.2f} ms"
-    if runner.stand_in_note:
-        measured += f" (on {runner.stand_in_note})"
+    if getattr(profile, "name", HOST) != HOST:
+        measured += f" on this machine, not a {profile.name}"
     report = {**base, "accuracy": figures, "judged_on": {"samples": len(samples), "source": source},
-              "latency_ms": {"fp32": times["fp32"], "plan": times[mode]}}  # fmt: skip
+              "latency_ms": {"fp32": times["fp32"], f"{mode}_tried": times[mode]}}  # fmt: skip
     if not holds:
         return _exact(fp32, {**report, "reason": f"{mode} misses the near-lossless budget ({'; '.join(failures)}), so FP32"})
     if times[mode] > NEAR_LOSSLESS_GAIN * times["fp32"]:
         return _exact(fp32, {**report, "reason": f"{mode} holds the budget but is not faster ({measured}), so FP32"})
+    report["latency_ms"] = {"fp32": times["fp32"], "plan": times[mode]}
     plan = default_plan(fp32, mode)
     plan.budget = str(budget)
     plan.measured = {"accuracy": figures, "budget_holds": True, "latency_ms": times[mode], "fp32_latency_ms": times["fp32"]}
@@ -389,7 +403,7 @@ def lower_precision(
         trials = []
         for candidate in candidates:
             say(f"precision {candidate}")
-            if roof is not None and not runner.stand_in_note:
+            if roof is not None and not runner.stand_in_note and _has_peak(candidate, profile):
                 # no build at all when even the roofline's speed-up over FP32 (the mode's
                 # peak and weight width; no measured peak: FP32's) cannot beat the best so far
                 estimate = fp32_ms * roof.mode_ms(candidate, profile) / roof.mode_ms("fp32", profile)
@@ -444,14 +458,14 @@ def lower_precision(
                 plan = refine(plan)
             if budget is not None and not loaded:
                 ranker = local_error_sensitivity if plan.mode in MIXED_MODES else None  # one run, not a probe per group
+                groups = group_count(plan)
                 plan, holds = search_plan(plan, evaluator, say, limit, ranker)
-                if not holds and limit is not None:  # a plan that holds would keep too much to pay
+                if not holds and limit is not None and limit < groups - 1:  # what holds would keep too much to pay
                     trials.append({
                         "mode": candidate, "holds": False, "kept_fp32": len(plan.overrides), "latency_ms": None,
                         "accuracy": plan.measured.get("accuracy"),
                         "skipped": f"fully lowered it misses the budget, and keeping more than {limit} of its "
-                        f"{group_count(plan) + len(plan.overrides)} groups {hint.upper()} would not run under "
-                        f"{PRUNE:g}x the best so far ({best_from})",
+                        f"{groups} groups {hint.upper()} would not run under {PRUNE:g}x the best so far ({best_from})",
                     })  # fmt: skip
                     continue
                 if smoothing:

@@ -3,8 +3,8 @@
 The roofline time of a model at the example inputs' shapes is the larger of its FLOPs
 over the target's peak for the precision it computes in (the host profile measures FP32,
 BF16 where native and INT8) and the bytes it must move over the memory bandwidth: its
-weights (at the precision's width: a quarter for INT8, half for BF16/FP16) and its
-inputs and outputs, the intermediates being left to the caches. The FLOPs come from the op
+weights (at the precision's width: a quarter for INT8, half for BF16/FP16, an eighth for
+INT4 weight-only) and its inputs, the intermediates (and outputs) being left out. The FLOPs come from the op
 library's per-node costs of the FP32 graph (:func:`adapter.op_library.model_cost`). A
 fraction of 1 would be an engine at the machine's limit.
 """
@@ -53,9 +53,8 @@ class Roofline:
 
     def figures(self, mode: str, profile: Any, latency_ms: float | None) -> dict[str, Any]:
         """The roofline time at ``mode``'s peak and the fraction of it ``latency_ms`` reaches."""
-        key = peak_key(mode, profile)
-        ideal = self.ms(key)
-        return {"peak": key, "roofline_ms": ideal, "fraction": ideal / latency_ms if latency_ms else None}
+        ideal = self.mode_ms(mode, profile)
+        return {"peak": peak_key(mode, profile), "roofline_ms": ideal, "fraction": ideal / latency_ms if latency_ms else None}
 
 
 def _sizes(specs: list[Any], examples: dict[str, Any]) -> dict[str, int]:

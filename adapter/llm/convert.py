@@ -102,7 +102,7 @@ def load_source(source: str) -> CausalLM:
 
 def _settings(name: str, options: LLMOptions, profile) -> dict[str, Any]:
     settings: dict[str, Any] = {
-        "weights": options.weights, "threads": threads_for(options.threads, profile), "profile": profile.name
+        "weights": options.weights, "threads": threads_for(options.threads, profile), "profile": options.target
     }  # fmt: skip
     if options.weights in ("int4", "int8"):
         usual = get_backend(name).DECODER.WEIGHT_DEFAULTS
@@ -141,23 +141,22 @@ def _candidates(options: LLMOptions, profile) -> list[str]:
         usable.append(name)
     if not usable:
         raise AdapterError(f"No backend builds {options.weights} generation engines for this target.")
+    default = getattr(profile, "default_backend", None)
+    if not explicit and getattr(profile, "kind", "cpu") == "gpu" and default in usable:
+        # a GPU engine is verified through a CPU stand-in, whose decode speed says nothing
+        # about the GPU: the target's own backend where it builds these weights, not a race
+        return [default]
     return usable
 
 
 def decoder_backends(profile) -> list[str]:
     """The backends ``--backend auto`` races for generation on ``profile``: those the target
-    lists whose generation engines join auto on its kind (``DECODER.AUTO_KINDS``); on a GPU
-    target whose default backend is one of them, that one alone."""
+    lists whose generation engines join auto on its kind (``DECODER.AUTO_KINDS``)."""
     kind = getattr(profile, "kind", "cpu")
     found = [
         n for n in getattr(profile, "backends", {})
         if n in BACKENDS and BACKENDS[n].DECODER is not None and kind in BACKENDS[n].DECODER.AUTO_KINDS
     ]  # fmt: skip
-    default = getattr(profile, "default_backend", None)
-    if kind == "gpu" and default in found:
-        # a GPU engine is verified through a CPU stand-in, whose decode speed says nothing
-        # about the GPU: the target's own backend, not a race
-        return [default]
     return found
 
 
