@@ -307,6 +307,9 @@ def _near_lossless(imported, fp32: ir.Model, profile: Any, backend, backend_name
     why = _allowed(mode, profile, backend)
     if why:
         return _exact(fp32, {**base, "reason": f"{why}, so FP32"})
+    if getattr(profile, "kind", "cpu") != "cpu":  # a GPU engine: only a CPU stand-in runs here
+        return _exact(fp32, {**base, "reason": f"a {profile.kind} engine's {mode} cannot be measured on this "
+                             f"machine, so FP32; --precision {mode} asks for it"})  # fmt: skip
     say(f"{backend_name}: default precision, {mode} against {budget}")
     samples, source = _judging_samples(imported)
     runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
