@@ -188,7 +188,7 @@ def test_overrides_are_honoured(gpt2_wide, minilm):
         ("4xnvidia-a100", {"tp": 2, "pp": 4}, r"does not use the 4 devices"),
         ("4xnvidia-a100", {"tp": 3}, r"does not use the 4 devices"),
         ("2xnvidia-a100", {"microbatches": 16}, r"16 microbatches do not fit a batch of 8"),
-        ("2xhost", {"precision": "fp16"}, r"no peak figure for 'fp16'"),
+        ("2xhost", {"precision": "fp8"}, r"no peak figure for 'fp8'"),  # the probe measures no FP8
     ],
 )
 def test_impossible_requests_are_clear_errors(minilm, target, kw, message):

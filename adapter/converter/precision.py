@@ -51,7 +51,7 @@ latency so far is low early and the others' fully lowered ceilings are judged ag
 MIXED_MODES = frozenset({"int8", "int8-dynamic", "fp8"})
 """Modes whose layers kept out of the plan run BF16 (the backend's hint) instead of FP32
 where the backend and target compute BF16 natively: one engine, INT8 and BF16."""
-PRUNE = 0.9
+PRUNE = 0.85
 """A mode is searched only when fully lowered it runs in under this fraction of the best
 latency so far (FP32's, a mode's that held, or another backend's engine's): a plan that
 holds a budget keeps some layers wider, so it lands between the two. The search then keeps
