@@ -177,7 +177,52 @@ def compile(
         _session(workdir / MODEL_FILE, "extended", threads, workdir / OPTIMIZED_FILE)
         config["optimized_file"] = OPTIMIZED_FILE
         config["files"] = files + [OPTIMIZED_FILE]
+    if any(n.op_type in _QUANTIZED_OPS for n in model.graph.all_nodes()):
+        config["kernel_precisions"], config["layer_precisions"] = kernel_precisions(model, workdir, options, threads)
     return Engine(workdir, specs[0], specs[1], config)
+
+
+_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits", "MatMulInteger"})
+"""A graph with one of these gets its kernels read back (a plain FP32 graph is not worth a
+second session)."""
+_KERNEL_PRECISION = {
+    "QLinearMatMul": "i8", "MatMulInteger": "i8", "MatMulIntegerToFloat": "i8", "DynamicQuantizeMatMul": "i8",
+    "QGemm": "i8", "QLinearConv": "i8", "ConvInteger": "i8", "QAttention": "i8", "MatMulNBits": "i4",
+    "MatMul": "f32", "FusedMatMul": "f32", "Gemm": "f32", "Conv": "f32", "FusedConv": "f32", "FusedGemm": "f32",
+    "Attention": "f32", "MultiHeadAttention": "f32",
+}  # fmt: skip
+"""The arithmetic of ONNX Runtime's CPU kernels for matrix products (float graphs: FP32)."""
+
+
+def kernel_precisions(
+    model: ir.Model, workdir: Path, options: Options, threads: int
+) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """What ONNX Runtime runs after its graph optimisers: per matrix-product kernel type, how
+    many at each precision (a QDQ MatMul it did not fuse stays ``DequantizeLinear`` +
+    FP32 ``MatMul``), and per kernel node name (and the product name a quantizer's
+    ``_quant`` suffix was added to) its precision."""
+    import onnx
+
+    runtime = workdir / ".runtime-graph.onnx"
+    try:
+        _session(workdir / MODEL_FILE, options.optimization, threads, runtime)
+        graph = onnx.load(str(runtime), load_external_data=False).graph
+    finally:
+        for leftover in workdir.glob(".runtime-graph.onnx*"):
+            leftover.unlink()
+    counts: dict[str, dict[str, int]] = {}
+    layers: dict[str, str] = {}
+    for node in graph.node:
+        precision = _KERNEL_PRECISION.get(node.op_type)
+        if precision is None:
+            continue
+        counts.setdefault(node.op_type, {}).setdefault(precision, 0)
+        counts[node.op_type][precision] += 1
+        layers[node.name] = precision
+        stem, _, suffix = node.name.rpartition("_")
+        if stem and not suffix.isdigit():  # the quantizer's "<MatMul>_quant": the product it came from
+            layers.setdefault(stem, precision)
+    return counts, layers
 
 
 class Engine(EngineBase):

@@ -358,3 +358,22 @@ def test_int8_plan_runs_int8_kernels_and_keeps_the_rest_wider(tmp_path, calib_di
         assert kernels.get("i8", 0) >= ran["lowered"], kernels
     assert sum(kernels.values()) == 4  # the four Linears, each one layer
     assert json.loads((tmp_path / "e" / "plan.json").read_text())["options"].get("hint", "fp32") == wider
+
+
+def test_onnxruntime_reports_which_quantized_products_run_integer_kernels(tmp_path, calib_dir):
+    """ONNX Runtime's runtime graph is read back for quantized engines: INT8 dynamic becomes
+    integer kernels (MatMulIntegerToFloat / DynamicQuantizeMatMul) for every lowered Linear;
+    a static QDQ plan's report accounts for each lowered product, integer kernel or not."""
+    dynamic = convert("adapter.zoo:gpt2", tmp_path / "d", ConvertOptions(  # its LM head is a MatMul (the rest Gemms)
+        benchmark=False, backend="onnxruntime", precision=PrecisionOptions(mode="int8-dynamic")))  # fmt: skip
+    config = dynamic.manifest["backend"]["config"]
+    ran = dynamic.manifest["precision"]["kernels"]
+    integer = sum(n for kinds in config["kernel_precisions"].values() for p, n in kinds.items() if p == "i8")
+    assert ran["expected"] == "i8" and ran["lowered"] >= 1 and ran["ran_low"] == ran["lowered"] <= integer, (ran, config)
+    static = convert("models:sensitive", tmp_path / "s", ConvertOptions(
+        benchmark=False, backend="onnxruntime", precision=PrecisionOptions(mode="int8", budget="cos>=0.99", calib=str(calib_dir))))  # fmt: skip
+    ran = static.manifest["precision"]["kernels"]
+    assert ran["lowered"] >= 1 and ran["ran_low"] + len(ran["not_low"]) == ran["lowered"], ran
+    assert all(p == "f32" for p in ran["not_low"].values()), ran
+    plain = convert("models:sensitive", tmp_path / "f", ConvertOptions(benchmark=False, backend="onnxruntime"))
+    assert "kernel_precisions" not in plain.manifest["backend"]["config"]  # an FP32 graph: no second session

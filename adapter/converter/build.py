@@ -204,8 +204,8 @@ def build_candidate(
     return found
 
 
-LOW_KERNELS = {"int8": "i8", "int8-dynamic": "i8", "fp8": "f8"}
-"""The kernel precision (OpenVINO's execution graph) a plan's lowered matrix products should run at."""
+LOW_KERNELS = {"int8": "i8", "int8-dynamic": "i8", "fp8": "f8", "int4-weight": "i4"}
+"""The kernel precision (the backend's runtime graph) a plan's lowered matrix products should run at."""
 
 
 def _kernels_ran(plan: PrecisionPlan, ran: dict[str, str]) -> dict[str, Any]:
