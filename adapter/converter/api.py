@@ -268,8 +268,8 @@ def convert(
             }
             latency["speedup"] = latency["reference_ms"] / latency["engine_ms"]
         summaries = [c.summary(c is best) for c in candidates]
-        machine = probe_host()  # the latencies are this machine's, whatever the target: its peaks
-        roof = roofline(canonical, imported.inputs, imported.example_inputs, machine) if engine.runs_here else None
+        machine = probe_host() if engine.runs_here else None  # the latencies are this machine's: its peaks
+        roof = roofline(canonical, imported.inputs, imported.example_inputs, machine) if machine else None
         if roof is not None:  # each engine's latency against the machine's limit at its precision
             for summary in summaries:
                 if summary.get("latency_ms"):

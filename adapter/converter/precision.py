@@ -15,7 +15,6 @@ import onnx_ir as ir
 
 from adapter.backends import BACKENDS
 from adapter.converter.roofline import peak_key, roofline
-from adapter.profiles.schema import HOST
 from adapter.core.budget import Budget, output_metrics, parse_budget
 from adapter.core.errors import AdapterError, SourceError
 from adapter.core.timing import median_ms, paired_median_ms
@@ -42,6 +41,7 @@ from adapter.passes.sensitivity import (
     plan_hint,
     search_plan,
 )
+from adapter.profiles.schema import HOST
 
 __all__ = ["CHOICES", "NEAR_LOSSLESS", "reached_ms", "runs_natively", "PrecisionOptions", "PrecisionResult", "PrecisionBudgetError", "lower_precision"]
 
@@ -154,6 +154,11 @@ def _allowed(mode: str, profile: Any, backend) -> str | None:
     if native not in getattr(profile, "precisions", ()):
         return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
     return None
+
+
+def _skipped(mode: str, why: str, kept: int = 0, accuracy: dict | None = None) -> dict[str, Any]:
+    """The trial record of a mode ``auto`` did not build or search further, and why."""
+    return {"mode": mode, "holds": False, "kept_fp32": kept, "latency_ms": None, "accuracy": accuracy, "skipped": why}
 
 
 def _has_peak(mode: str, profile: Any) -> bool:
@@ -411,12 +416,11 @@ def lower_precision(
                 # peak and weight width; no measured peak: FP32's) cannot beat the best so far
                 estimate = fp32_ms * roof.mode_ms(candidate, profile) / roof.mode_ms("fp32", profile)
                 if estimate >= PRUNE * best_ms:
-                    trials.append({
-                        "mode": candidate, "holds": False, "kept_fp32": 0, "latency_ms": None, "accuracy": None,
-                        "skipped": f"its roofline estimate ({estimate:.2f} ms: FP32's {fp32_ms:.2f} ms scaled by the "
+                    trials.append(_skipped(
+                        candidate, f"its roofline estimate ({estimate:.2f} ms: FP32's {fp32_ms:.2f} ms scaled by the "
                         f"{peak_key(candidate, profile)} peak and weight width) is not under {PRUNE:g}x the best so far "
                         f"({best_from}: {best_ms:.2f} ms)",
-                    })  # fmt: skip
+                    ))  # fmt: skip
                     continue
             plan = loaded or _mode_plan(candidate, fp32, calibration, options, cache_dir)
             plan.calibration = {
@@ -434,22 +438,15 @@ def lower_precision(
                 # any fitting: a pruned mode costs one calibration and one compile.
                 full = apply_plan(fp32, plan, calib_samples, cache_dir)
                 ceiling, reference_ms = runner.against(full, hint, fp32_engine, feed)
-                bar = best_ms * reference_ms / fp32_ms
+                scale = reference_ms / fp32_ms  # this timing's FP32 against the first one's
+                bar = best_ms * scale
                 if ceiling >= PRUNE * bar:
-                    trials.append(
-                        {
-                            "mode": candidate,
-                            "holds": False,
-                            "kept_fp32": 0,
-                            "latency_ms": None,
-                            "accuracy": None,
-                            "skipped": f"fully lowered it runs {ceiling:.2f} ms, not under {PRUNE:g}x the best so far "
-                            f"({best_from}: {bar:.2f} ms; FP32 {reference_ms:.2f} ms, timed in rotating blocks)",
-                        }
-                    )
+                    trials.append(_skipped(
+                        candidate, f"fully lowered it runs {ceiling:.2f} ms, not under {PRUNE:g}x the best so far "
+                        f"({best_from}: {bar:.2f} ms; FP32 {reference_ms:.2f} ms, timed in rotating blocks)",
+                    ))  # fmt: skip
                     continue
                 kept_all = hinted.get(hint)  # every group kept: the graph as is, with the hint
-                scale = reference_ms / fp32_ms
                 if kept_all is not None and kept_all * scale > ceiling and plan.mode not in HINTS:
                     gap = (PRUNE * bar - ceiling) / (kept_all * scale - ceiling)
                     limit = max(0, int(group_count(plan) * gap))
@@ -464,12 +461,11 @@ def lower_precision(
                 groups = group_count(plan)
                 plan, holds = search_plan(plan, evaluator, say, limit, ranker)
                 if not holds and limit is not None and limit < groups - 1:  # what holds would keep too much to pay
-                    trials.append({
-                        "mode": candidate, "holds": False, "kept_fp32": len(plan.overrides), "latency_ms": None,
-                        "accuracy": plan.measured.get("accuracy"),
-                        "skipped": f"fully lowered it misses the budget, and keeping more than {limit} of its "
-                        f"{groups} groups {hint.upper()} would not run under {PRUNE:g}x the best so far ({best_from})",
-                    })  # fmt: skip
+                    trials.append(_skipped(
+                        candidate, f"fully lowered it misses the budget, and keeping more than {limit} of its {groups} "
+                        f"groups {hint.upper()} would not run under {PRUNE:g}x the best so far ({best_from})",
+                        len(plan.overrides), plan.measured.get("accuracy"),
+                    ))  # fmt: skip
                     continue
                 if smoothing:
                     plan.measured["smooth_alpha_scores"] = smoothing

@@ -41,15 +41,15 @@ class Roofline:
     peaks: dict[str, float]
     bandwidth: float
 
-    def ms(self, key: str) -> float:
-        """The roofline time (ms) computing at the ``key`` peak."""
-        moved = self.weight_bytes * _WIDTH.get(key, 1.0) + self.io_bytes
+    def ms(self, key: str, width: str | None = None) -> float:
+        """The roofline time (ms) computing at the ``key`` peak, weights at ``width``'s
+        width (default: the peak's own precision)."""
+        moved = self.weight_bytes * _WIDTH.get(width or key, 1.0) + self.io_bytes
         return 1e3 * max(self.flops / self.peaks[key], moved / self.bandwidth if self.bandwidth else 0.0)
 
     def mode_ms(self, mode: str, profile: Any) -> float:
         """The roofline time (ms) of ``mode``: its peak's FLOP rate, its own weight width."""
-        moved = self.weight_bytes * _WIDTH.get(mode, 1.0) + self.io_bytes
-        return 1e3 * max(self.flops / self.peaks[peak_key(mode, profile)], moved / self.bandwidth if self.bandwidth else 0.0)
+        return self.ms(peak_key(mode, profile), mode)
 
     def figures(self, mode: str, profile: Any, latency_ms: float | None) -> dict[str, Any]:
         """The roofline time at ``mode``'s peak and the fraction of it ``latency_ms`` reaches."""
