@@ -68,7 +68,7 @@ class _Layout:
 
     def __init__(self, size: int, origins: set[str]) -> None:
         self.size = size
-        self.blocks: list[int] | None = None
+        self.cuts: set[int] = set()
         self.origins = set(origins)
         self.parent: _Layout | None = None
 
@@ -84,18 +84,25 @@ class _Layout:
             return a
         if a.size != b.size:
             raise _Broken(f"split sizes {a.size} and {b.size} meet")
-        if a.blocks and b.blocks and a.blocks != b.blocks:
-            raise _Broken(f"blocks {a.blocks} and {b.blocks} meet")
-        a.blocks = a.blocks or b.blocks
+        a.cuts |= b.cuts
         a.origins |= b.origins
         b.parent = a
         return a
 
+    def cut(self, *points: int) -> None:
+        """Blocks end at ``points`` (a Split or a Slice of the split axis): each block splits on its own."""
+        root = self.root()
+        root.cuts |= {p for p in points if 0 < p < root.size}
+
+    @property
+    def blocks(self) -> list[int]:
+        edges = [0, *sorted(self.root().cuts), self.root().size]
+        return [b - a for a, b in zip(edges, edges[1:])]
+
     def parts(self, rank: int, tp: int) -> list[tuple[int, int]]:
         """Rank's [start, stop) ranges along the global axis: its share of every block."""
-        root = self.root()
         parts, offset = [], 0
-        for block in root.blocks or [root.size]:
+        for block in self.blocks:
             share = block // tp
             parts.append((offset + rank * share, offset + (rank + 1) * share))
             offset += block
@@ -215,13 +222,12 @@ class _Propagation:
             axis, layout = self.split[value.name]
             if value.name in self.keep:
                 continue
-            if layout.root().blocks and len(layout.root().blocks) > 1:
+            if len(layout.blocks) > 1:
                 self.failures.append((value.name, "a graph output split in several blocks", layout.root().origins))
             self.plan.gathered.append(value.name)
-        for name, (axis, layout) in self.split.items():
+        for name, (_axis, layout) in self.split.items():
             root = layout.root()
-            bad = [b for b in (root.blocks or [root.size]) if b % self.tp]
-            if bad:
+            if any(b % self.tp for b in layout.blocks):
                 self.failures.append((name, f"{root.size} features do not split {self.tp} ways", root.origins))
         self.plan.layouts = self.split
 
@@ -309,7 +315,7 @@ class _Propagation:
         for index, value in enumerate(node.inputs):
             if value is not None and value.name not in self.split:
                 self._match_replicated(node, index, axis_out, out_rank, layout)
-        for index, value in enumerate(node.inputs):  # a graph input made per-rank above
+        for value in node.inputs:  # a graph input made per-rank above
             if value is not None and value.name in self.split:
                 layout = layout.union(self.split[value.name][1])
         self._set(out, axis_out, layout)
@@ -406,12 +412,21 @@ class _Propagation:
         if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
             raise _Broken("Slice bounds are not constant")
         axes = np.arange(len(starts)) if axes is None else axes
+        size = layout.root().size
         for k, a in enumerate(np.asarray(axes).reshape(-1)):
             if int(a) % len(dims) != axis:
                 continue
             step = 1 if steps is None else int(steps[k])
-            if not (int(starts[k]) == 0 and int(ends[k]) >= layout.root().size and step == 1):
-                raise _Broken("Slice along the split axis")
+            start, stop = (int(v) + size if int(v) < 0 else int(v) for v in (starts[k], ends[k]))
+            start, stop = min(max(start, 0), size), min(max(stop, 0), size)
+            if step != 1 or stop <= start:
+                raise _Broken("a strided or empty Slice along the split axis")
+            if (start, stop) == (0, size):
+                break
+            layout.cut(start, stop)  # a block of the features (fused Q/K/V, gate/up): each rank its share
+            self.plan.edits.append(("slice_bounds", node.name, k))
+            self._set(node.outputs[0], axis, _Layout(stop - start, layout.root().origins))
+            return
         self._set(node.outputs[0], axis, layout)
 
     def _op_Split(self, node: ir.Node) -> None:
@@ -427,9 +442,7 @@ class _Propagation:
                 raise _Broken("Split sizes are not constant")
             sizes = [root.size // len(node.outputs)] * len(node.outputs)
         sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
-        if root.blocks not in (None, sizes):
-            raise _Broken(f"Split into {sizes} of a value already split in blocks {root.blocks}")
-        root.blocks = sizes
+        layout.cut(*np.cumsum(sizes)[:-1].tolist())
         for out, size in zip(node.outputs, sizes):
             self._set(out, axis, _Layout(size, root.origins))
         if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -453,9 +466,10 @@ class _Propagation:
         elif dims[:axis] == out_dims[:axis] and axis < len(out_dims):
             b = axis
             new = self._regroup(size, out_dims[b], dims[axis + 1 :], out_dims[b + 1 :], layout)
-        elif dims[axis + 1 :] == out_dims[len(out_dims) - len(dims) + axis + 1 :] and dims[axis] == out_dims[
-            len(out_dims) - len(dims) + axis
-        ]:
+        elif (
+            dims[axis + 1 :] == out_dims[len(out_dims) - len(dims) + axis + 1 :]
+            and dims[axis] == out_dims[len(out_dims) - len(dims) + axis]
+        ):
             b = len(out_dims) - len(dims) + axis
             new = layout
         else:
@@ -476,7 +490,7 @@ class _Propagation:
         if size % out == 0 or out % size == 0:  # heads factored out of the features, or merged back
             if out % self.tp:
                 raise _Broken(f"{out} heads do not split {self.tp} ways")
-            if layout.root().blocks and len(layout.root().blocks) > 1:
+            if len(layout.blocks) > 1:
                 raise _Broken("a reshape of a value split in several blocks")
             return _Layout(out, layout.root().origins)
         raise _Broken(f"{size} features regrouped into {out}")
@@ -625,6 +639,12 @@ def apply_plan(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
             _slice_input(graph, node, edit[2], edit[3], edit[4].parts(rank, tp), fresh)
         elif edit[0] == "shape":
             _divide_shape(graph, node, edit[2], edit[3], edit[4], tp, fresh)
+        elif edit[0] == "slice_bounds":
+            k = edit[2]
+            for slot in (1, 2):
+                bounds = _const(node.inputs[slot]).astype(np.int64).copy()
+                bounds[k] = bounds[k] // tp if bounds[k] >= 0 else -((-bounds[k]) // tp)
+                node.replace_input_with(slot, _initializer(graph, fresh(node.inputs[slot].name), bounds))
         elif edit[0] == "split_sizes":
             sizes = _const(node.inputs[1]) // tp
             node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), sizes.astype(np.int64)))
@@ -643,7 +663,7 @@ def apply_plan(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
         graph.outputs[index] = whole
         values[value.name] = value
     renamed = {name: values[name].name for name in plan.gathered}
-    for name, (axis, layout) in plan.layouts.items():
+    for name, (axis, _layout) in plan.layouts.items():
         value = values.get(renamed.get(name, name))
         if value is None or value.shape is None or value.const_value is not None:
             continue

@@ -22,7 +22,6 @@ import pytest
 from adapter.backends import get_backend
 from adapter.core.errors import AdapterError
 from adapter.core.specs import TensorSpec
-from adapter.passes.sharding import tensor_parallel_module
 from adapter.runtime import shard
 from adapter.runtime.shard import build_sharded
 
@@ -88,11 +87,12 @@ def _exports_once():
             whole[key] = real_import(prepared, *args, **kwargs)
         return _copy(whole[key])
 
-    def rank_graphs(prepared, tp, *args, **kwargs):
-        key = (prepared.spec, prepared.digest, tp)
+    def rank_graphs(imported, tp, *args, **kwargs):
+        key = (imported.source, imported.digest, tp)
         if key not in ranks:
-            ranks[key] = real_ranks(prepared, tp, *args, **kwargs)
-        return [_copy(g) for g in ranks[key]]
+            ranks[key] = real_ranks(imported, tp, *args, **kwargs)
+        graphs, report = ranks[key]
+        return [_copy(g) for g in graphs], report
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(shard, "import_source", import_source)
@@ -142,8 +142,10 @@ def test_gpt2_tp2_pp2_ranks_reproduce_the_unsharded_engine(gpt2_2x2):
     ops = [s["op"] for r in manifest["ranks"][:2] for s in r["steps"]] + [
         s["op"] for r in manifest["ranks"][2:] for s in r["steps"]
     ]
-    # 2 layers x 2 row-parallel pairs + the vocab-parallel embedding, per tp rank; one all-gather of the logits
-    assert ops.count("all_reduce") == 2 * (2 * 2 + 1) and ops.count("all_gather") == 2
+    # 2 layers x 2 row-parallel pairs + the word and position tables split by rows, per tp rank; one
+    # all-gather of the logits
+    assert ops.count("all_reduce") == 2 * (2 * 2 + 2) and ops.count("all_gather") == 2
+    assert manifest["tensor_parallel"]["row_parallel"] and not manifest["tensor_parallel"]["replicated"]
     feed = dict(np.load(folder / "example_inputs.npz"))
     rng = np.random.default_rng(0)
     for case in (feed, {"input_ids": rng.integers(0, 256, (3, 17)), "attention_mask": np.ones((3, 17), np.int64)}):
@@ -172,14 +174,31 @@ def test_minilm_tp2_weights_and_numerics(minilm_tp2):
         assert np.abs(got[name] - want[name]).max() <= 1e-5, name
 
 
-def test_unknown_architectures_and_bad_splits_are_refused():
-    from models import mlp
+def test_graphs_without_a_pair_and_bad_splits_are_refused():
+    """The pairs are found in the graph: a graph whose products never meet a row-parallel one
+    (each feeds a normalization) is refused with the nodes that broke the pattern, and so is a
+    degree that divides no head count."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
 
-    module, _, _ = mlp()
-    with pytest.raises(AdapterError, match="tensor-parallel rules"):
-        tensor_parallel_module(module, 2, 0)
-    from adapter.zoo import gpt2
+    from adapter.converter.importer import import_source, prepare_source
+    from adapter.passes.tensor_parallel import analyse
 
-    model, _, _ = gpt2()
-    with pytest.raises(AdapterError, match="cannot be split 3 ways"):
-        tensor_parallel_module(model, 3, 0)  # 4 heads
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}") for i in (1, 2)]
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "scale")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="a"),
+        helper.make_node("LayerNormalization", ["h", "scale"], ["n"], name="norm_a"),
+        helper.make_node("MatMul", ["n", "w2"], ["g"], name="b"),
+        helper.make_node("LayerNormalization", ["g", "scale"], ["y"], name="norm_b"),
+    ]
+    graph = helper.make_graph(nodes, "norms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [*weights, scale])
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    with pytest.raises(AdapterError, match="norm_a: LayerNormalization over the split axis"):
+        analyse(ir.serde.deserialize_model(proto), 2)
+    gpt2 = import_source(prepare_source("adapter.zoo:gpt2")).model
+    with pytest.raises(AdapterError, match="No column/row-parallel pair"):
+        analyse(gpt2, 3)  # 4 heads of 16, a vocabulary of 256

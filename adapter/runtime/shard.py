@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = ["build_sharded", "rank_graphs"]
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from adapter.backends import get_backend
-from adapter.converter.importer import import_source, import_torch, prepare_source
+from adapter.converter.importer import import_source, prepare_source
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, VerificationError
 from adapter.core.specs import Dim, example_sizes, spec_of
@@ -27,35 +28,26 @@ from adapter.passes.sharding import (
     segment_model,
     split_rank,
     stage_bounds,
-    tensor_parallel_module,
 )
+from adapter.passes.tensor_parallel import analyse, tensor_parallel_graph
 from adapter.profiles import load_profile
 from adapter.runtime.launch import run_sharded
 
 
-def rank_graphs(prepared, tp: int, say=lambda _m: None) -> list[Any]:
-    """Export each tensor-parallel rank's module (collectives as ``adapter.dist`` nodes), canonicalized.
+def rank_graphs(whole, tp: int, say=lambda _m: None) -> tuple[list[Any], dict[str, Any]]:
+    """Each tensor-parallel rank's graph (collectives as ``adapter.dist`` nodes) and the pass's report.
 
-    ``prepared`` is an ``adapter.converter.importer.PreparedSource`` of a PyTorch source.
+    ``whole`` is the canonicalized unsharded ``ImportedModel``; the pairs are found in its graph
+    (:mod:`adapter.passes.tensor_parallel`), so any source — a factory, a Hugging Face folder or
+    an ONNX file — splits the same way.
     """
-    if prepared.module is None:
-        raise AdapterError(
-            "Tensor parallelism needs a PyTorch source (a factory or a Hugging Face folder).",
-            "Give the factory instead of an ONNX/.pt2 file, or use --tp 1.",
-        )
+    say(f"find the tensor-parallel pairs in the graph ({tp} ranks)")
+    plan = analyse(whole.model, tp)
     graphs = []
     for rank in range(tp):
-        say(f"export tensor-parallel rank {rank}")
-        module = tensor_parallel_module(prepared.module, tp, rank).eval()
-        imported = import_torch(
-            prepared.spec, prepared.kind, module, prepared.inputs, prepared.dynamic, prepared.digest, {}
-        )
-        run_pipeline(imported.model, build_pipeline(["canonicalize"]))
-        graphs.append(imported)
-    kinds = [[(n.domain, n.op_type) for n in g.model.graph] for g in graphs]  # node names may differ
-    if any(k != kinds[0] for k in kinds[1:]):
-        raise AdapterError("The tensor-parallel ranks exported different graphs; they cannot run in lock-step.")
-    return graphs
+        say(f"write tensor-parallel rank {rank}")
+        graphs.append(dataclasses.replace(whole, model=tensor_parallel_graph(whole.model, plan, rank)))
+    return graphs, plan.report()
 
 
 def build_sharded(
@@ -90,7 +82,7 @@ def build_sharded(
     say("export the unsharded model")
     whole = import_source(prepared)
     run_pipeline(whole.model, build_pipeline(["canonicalize"]))
-    graphs = rank_graphs(prepared, tp, say) if tp > 1 else [whole]
+    graphs, tp_report = rank_graphs(whole, tp, say) if tp > 1 else ([whole], None)
     dims = {d.name: d for s in whole.inputs for d in s.shape if isinstance(d, Dim)}
     sizes = example_sizes(whole.inputs, whole.example_inputs)
     bounds = stage_bounds(graphs[0].model, pp, sizes)
@@ -188,6 +180,8 @@ def build_sharded(
         manifest["unsharded"] = {"folder": UNSHARDED, "backend": backend, "config": reference.config}
         if plan is not None:
             manifest["plan"] = plan
+        if tp_report is not None:
+            manifest["tensor_parallel"] = tp_report
         artifact.write_manifest(staged, manifest)
         if verify:
             say(f"verify: run the {world} ranks under torchrun and compare with the unsharded engine")
