@@ -26,13 +26,14 @@ is split by vocabulary: each rank looks up the ids it holds, zeros elsewhere, th
 ``AllReduce``. Collectives are nodes of the ``adapter.dist`` domain, as in
 :mod:`adapter.passes.sharding`, whose segmenting and runtime run them.
 
-:func:`analyse` works on the unsharded graph once; :func:`apply_plan` writes rank *r*'s
-graph from it (weights sliced, shape constants divided, collectives inserted).
+:func:`analyse` works on the unsharded graph once;
+:func:`adapter.passes.tensor_parallel_ranks.apply_plan` writes rank *r*'s graph from it
+(weights sliced, shape constants divided, collectives inserted).
 """
 
 from __future__ import annotations
 
-__all__ = ["TPPlan", "analyse", "apply_plan", "tensor_parallel_graph"]
+__all__ = ["TPPlan", "analyse", "const_of", "dims_of", "attr_of", "weight_product"]
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,6 @@ import numpy as np
 import onnx_ir as ir
 
 from adapter.core.errors import AdapterError
-from adapter.passes.sharding import DOMAIN
 
 UNARY = {
     "Neg", "Sigmoid", "Tanh", "Erf", "Relu", "Gelu", "Cast", "Sqrt", "Reciprocal", "Exp", "Log", "Abs",
@@ -144,7 +144,7 @@ class TPPlan:
 # --------------------------------------------------------------------------- helpers
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def const_of(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
     if value.const_value is not None:
@@ -155,7 +155,7 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def _weight_product(node: ir.Node) -> tuple[int, int] | None:
+def weight_product(node: ir.Node) -> tuple[int, int] | None:
     """(weight input index, axis of the weight's output features) of a weight product, else None."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
@@ -163,25 +163,25 @@ def _weight_product(node: ir.Node) -> tuple[int, int] | None:
     if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
         return None
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0):
+        if attr_of(node, "transA", 0):
             return None
-        return 1, 0 if _attr(node, "transB", 0) else 1
+        return 1, 0 if attr_of(node, "transB", 0) else 1
     return 1, 1
 
 
-def _attr(node: ir.Node, name: str, default: Any) -> Any:
+def attr_of(node: ir.Node, name: str, default: Any) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
 
 
-def _dims(value: ir.Value) -> list[Any] | None:
+def dims_of(value: ir.Value) -> list[Any] | None:
     if value.shape is None:
         return None
     return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else d) for d in value.shape]
 
 
 def _embedding(node: ir.Node) -> bool:
-    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attr(node, "axis", 0) != 0:
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or attr_of(node, "axis", 0) != 0:
         return False
     table = node.inputs[0]
     ids = node.inputs[1]
@@ -238,19 +238,19 @@ class _Propagation:
 
     def _node(self, node: ir.Node) -> None:
         inputs = [v if v is not None and v.name in self.split else None for v in node.inputs]
-        product = _weight_product(node)
+        product = weight_product(node)
         if product is not None:
             x = node.inputs[0]
             if x.name in self.split:
                 axis, layout = self.split[x.name]
-                rank = len(_dims(x) or [])
+                rank = len(dims_of(x) or [])
                 if axis != rank - 1:
                     raise _Broken(f"the product's input is split on axis {axis}, not on the contracted one")
                 self.plan.rows[node.name] = x.name
             elif node.name in self.candidates:
                 weight = node.inputs[1].const_value
                 out = node.outputs[0]
-                rank = len(_dims(out) or [])
+                rank = len(dims_of(out) or [])
                 if rank == 0:
                     raise _Broken("the product's output has no known rank")
                 self._set(out, rank - 1, _Layout(int(weight.shape[product[1]]), {node.name}))
@@ -275,7 +275,7 @@ class _Propagation:
     def _in(self, node: ir.Node, index: int) -> tuple[int, _Layout, list[Any]]:
         value = node.inputs[index]
         axis, layout = self.split[value.name]
-        return axis, layout, _dims(value) or []
+        return axis, layout, dims_of(value) or []
 
     def _unary(self, node: ir.Node) -> None:
         axis, layout, _ = self._in(node, 0)
@@ -284,7 +284,7 @@ class _Propagation:
     def _match_replicated(self, node: ir.Node, index: int, out_axis: int, out_rank: int, layout: _Layout) -> None:
         """A replicated input meeting a split one at ``out_axis``: broadcast, or take the rank's slice."""
         value = node.inputs[index]
-        dims = _dims(value)
+        dims = dims_of(value)
         if dims is None:
             raise _Broken(f"input '{value.name}' has no known shape")
         axis = out_axis - (out_rank - len(dims))
@@ -301,7 +301,7 @@ class _Propagation:
 
     def _broadcast(self, node: ir.Node) -> None:
         out = node.outputs[0]
-        out_rank = len(_dims(out) or [])
+        out_rank = len(dims_of(out) or [])
         axis_out, layout = None, None
         for index, value in enumerate(node.inputs):
             if value is None or value.name not in self.split:
@@ -322,18 +322,18 @@ class _Propagation:
 
     def _op_Transpose(self, node: ir.Node) -> None:
         axis, layout, dims = self._in(node, 0)
-        perm = list(_attr(node, "perm", None) or reversed(range(len(dims))))
+        perm = list(attr_of(node, "perm", None) or reversed(range(len(dims))))
         self._set(node.outputs[0], perm.index(axis), layout)
 
     def _axes(self, node: ir.Node, rank: int) -> list[int] | None:
-        axes = _const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        axes = const_of(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
         if axes is None and "axes" in node.attributes:
-            axes = np.array(_attr(node, "axes", []))
+            axes = np.array(attr_of(node, "axes", []))
         return None if axes is None else [int(a) % rank for a in np.asarray(axes).reshape(-1)]
 
     def _op_Unsqueeze(self, node: ir.Node) -> None:
         axis, layout, dims = self._in(node, 0)
-        out_rank = len(_dims(node.outputs[0]) or [])
+        out_rank = len(dims_of(node.outputs[0]) or [])
         axes = self._axes(node, out_rank)
         if axes is None:
             raise _Broken("Unsqueeze axes are not constant")
@@ -351,7 +351,7 @@ class _Propagation:
 
     def _op_Softmax(self, node: ir.Node) -> None:
         axis, layout, dims = self._in(node, 0)
-        if int(_attr(node, "axis", -1)) % len(dims) == axis:
+        if int(attr_of(node, "axis", -1)) % len(dims) == axis:
             raise _Broken(f"{node.op_type} over the split axis")
         self._set(node.outputs[0], axis, layout)
 
@@ -361,20 +361,20 @@ class _Propagation:
         axis, layout, dims = self._in(node, 0)
         axes = self._axes(node, len(dims))
         if axes is None:
-            if _attr(node, "noop_with_empty_axes", 0):
+            if attr_of(node, "noop_with_empty_axes", 0):
                 axes = []
             else:
                 raise _Broken(f"{node.op_type} over every axis")
         if axis in axes:
             raise _Broken(f"{node.op_type} over the split axis")
-        keep = _attr(node, "keepdims", 1)
+        keep = attr_of(node, "keepdims", 1)
         self._set(node.outputs[0], axis if keep else axis - sum(a < axis for a in axes), layout)
 
     def _op_LayerNormalization(self, node: ir.Node) -> None:
         if node.inputs[0].name not in self.split:
             raise _Broken("a split scale or bias")
         axis, layout, dims = self._in(node, 0)
-        if axis >= int(_attr(node, "axis", -1)) % len(dims):
+        if axis >= int(attr_of(node, "axis", -1)) % len(dims):
             raise _Broken("LayerNormalization over the split axis")
         self._set(node.outputs[0], axis, layout)
 
@@ -383,8 +383,8 @@ class _Propagation:
 
     def _op_Concat(self, node: ir.Node) -> None:
         out = node.outputs[0]
-        out_rank = len(_dims(out) or [])
-        concat_axis = int(_attr(node, "axis", 0)) % out_rank
+        out_rank = len(dims_of(out) or [])
+        concat_axis = int(attr_of(node, "axis", 0)) % out_rank
         self._broadcast_like(node, out_rank, concat_axis)
 
     def _broadcast_like(self, node: ir.Node, out_rank: int, forbidden: int) -> None:
@@ -406,9 +406,9 @@ class _Propagation:
 
     def _op_Slice(self, node: ir.Node) -> None:
         axis, layout, dims = self._in(node, 0)
-        starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
-        axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        starts, ends = const_of(node.inputs[1]), const_of(node.inputs[2])
+        axes = const_of(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        steps = const_of(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
         if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None):
             raise _Broken("Slice bounds are not constant")
         axes = np.arange(len(starts)) if axes is None else axes
@@ -431,11 +431,11 @@ class _Propagation:
 
     def _op_Split(self, node: ir.Node) -> None:
         axis, layout, dims = self._in(node, 0)
-        if int(_attr(node, "axis", 0)) % len(dims) != axis:
+        if int(attr_of(node, "axis", 0)) % len(dims) != axis:
             for out in node.outputs:
                 self._set(out, axis, layout)
             return
-        sizes = _const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        sizes = const_of(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
         root = layout.root()
         if sizes is None:
             if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -456,7 +456,7 @@ class _Propagation:
 
     def _reshape_like(self, node: ir.Node, expand: bool) -> None:
         axis, layout, dims = self._in(node, 0)
-        out_dims = _dims(node.outputs[0])
+        out_dims = dims_of(node.outputs[0])
         if out_dims is None:
             raise _Broken("output shape unknown")
         size = layout.root().size
@@ -476,7 +476,7 @@ class _Propagation:
             raise _Broken(f"a reshape of {dims} to {out_dims} moves the split axis {axis}")
         if out_dims[b] != (new.root().size if new is not layout else size):
             raise _Broken(f"dimension {out_dims[b]} at the split axis")
-        target = (_dims(node.inputs[1]) or [len(out_dims)])[0] if expand else len(out_dims)
+        target = (dims_of(node.inputs[1]) or [len(out_dims)])[0] if expand else len(out_dims)
         element = b - (len(out_dims) - target) if isinstance(target, int) else b
         if element >= 0:
             self.plan.edits.append(("shape", node.name, 1, element, out_dims[b]))
@@ -498,13 +498,13 @@ class _Propagation:
     def _op_MatMul(self, node: ir.Node) -> None:
         a, b = node.inputs[0], node.inputs[1]
         out = node.outputs[0]
-        out_rank = len(_dims(out) or [])
+        out_rank = len(dims_of(out) or [])
         targets: list[tuple[int, _Layout]] = []
         for value, contracted, kept in ((a, -1, -2), (b, -2, -1)):
             if value.name not in self.split:
                 continue
             axis, layout = self.split[value.name]
-            rank = len(_dims(value) or [])
+            rank = len(dims_of(value) or [])
             if axis == rank + contracted:
                 raise _Broken("a product over the split axis (partial sums)")
             targets.append((out_rank + kept if axis == rank + kept else axis + out_rank - rank, layout))
@@ -524,10 +524,10 @@ class _Propagation:
         if node.inputs[1].name in self.split:
             raise _Broken("split gather indices")
         axis, layout, dims = self._in(node, 0)
-        along = int(_attr(node, "axis", 0)) % len(dims)
+        along = int(attr_of(node, "axis", 0)) % len(dims)
         if along == axis:
             raise _Broken("Gather along the split axis")
-        indices = len(_dims(node.inputs[1]) or [])
+        indices = len(dims_of(node.inputs[1]) or [])
         self._set(node.outputs[0], axis if axis < along else axis + indices - 1, layout)
 
     def _op_Shape(self, node: ir.Node) -> None:
@@ -542,7 +542,7 @@ def analyse(model: ir.Model, tp: int, keep_split: set[str] | frozenset[str] = fr
     Raises:
         AdapterError: No pair of the graph can be split ``tp`` ways (the reasons, by node).
     """
-    columns = {n.name for n in model.graph if _weight_product(n) is not None}
+    columns = {n.name for n in model.graph if weight_product(n) is not None}
     embeddings = {n.name for n in model.graph if _embedding(n) and n.inputs[0].const_value.shape[0] % tp == 0}
     kept: dict[str, str] = {}
     for _ in range(len(columns) + 2):
@@ -567,227 +567,3 @@ def analyse(model: ir.Model, tp: int, keep_split: set[str] | frozenset[str] = fr
             "Use pipeline parallelism only (--tp 1), or another degree.",
         )
     return plan
-
-
-# --------------------------------------------------------------------------- rank graphs
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _take(array: np.ndarray, axis: int, parts: list[tuple[int, int]]) -> np.ndarray:
-    return np.concatenate([np.take(array, np.arange(a, b), axis=axis) for a, b in parts], axis=axis)
-
-
-def _shape_piece(value: ir.Value, index: int) -> tuple[ir.Node | None, int, ir.Value] | None:
-    """Where element ``index`` of a shape tensor comes from: (its Concat or None, index in the piece, piece)."""
-    if _const(value) is not None:
-        return None, index, value
-    producer = value.producer()
-    if producer is None or producer.op_type != "Concat":
-        return None
-    offset = 0
-    for piece in producer.inputs:
-        array = _const(piece)
-        dims = _dims(piece) or [1]
-        length = array.size if array is not None else (dims[0] if dims else 1)
-        if not isinstance(length, int):
-            return None
-        if offset <= index < offset + length:
-            return (producer, index - offset, piece) if array is not None else None
-        offset += length
-    return None
-
-
-def apply_plan(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
-    """Turn ``model`` (a copy of the analysed graph) into tensor-parallel rank ``rank``'s graph, in place.
-
-    Raises:
-        AdapterError: A shape element at the split axis is computed at run time (cannot be divided).
-    """
-    tp = plan.tp
-    graph = model.graph
-    nodes = {n.name: n for n in graph}
-    values = {v.name: v for n in graph for v in n.outputs}
-    values.update({v.name: v for v in graph.inputs})
-    values.update(graph.initializers)
-    serial = iter(range(1 << 30))
-
-    def fresh(stem: str) -> str:
-        return f"{stem}__tp{rank}_{next(serial)}"
-
-    def parts_of(name: str) -> list[tuple[int, int]]:
-        return plan.layouts[name][1].parts(rank, tp)
-
-    for name, out in plan.columns.items():
-        node = nodes[name]
-        _, features_axis = _weight_product(node)
-        parts = parts_of(out)
-        node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), _take(
-            node.inputs[1].const_value.numpy(), features_axis, parts)))  # fmt: skip
-        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = node.inputs[2].const_value.numpy()
-            if bias.ndim and bias.shape[-1] > 1:
-                node.replace_input_with(2, _initializer(graph, fresh(node.inputs[2].name), _take(bias, -1, parts)))
-    for edit in plan.edits:
-        node = nodes[edit[1]]
-        if edit[0] == "slice_in":
-            _slice_input(graph, node, edit[2], edit[3], edit[4].parts(rank, tp), fresh)
-        elif edit[0] == "shape":
-            _divide_shape(graph, node, edit[2], edit[3], edit[4], tp, fresh)
-        elif edit[0] == "slice_bounds":
-            k = edit[2]
-            for slot in (1, 2):
-                bounds = _const(node.inputs[slot]).astype(np.int64).copy()
-                bounds[k] = bounds[k] // tp if bounds[k] >= 0 else -((-bounds[k]) // tp)
-                node.replace_input_with(slot, _initializer(graph, fresh(node.inputs[slot].name), bounds))
-        elif edit[0] == "split_sizes":
-            sizes = _const(node.inputs[1]) // tp
-            node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), sizes.astype(np.int64)))
-    for name, x in plan.rows.items():
-        _row(graph, nodes[name], parts_of(x), fresh)
-    for name in plan.embeddings:
-        _vocab_embedding(graph, nodes[name], rank, tp, fresh)
-    for name in plan.gathered:
-        value = values[name]
-        index = list(graph.outputs).index(value)
-        whole = ir.Value(name=name, shape=value.shape, type=value.type)
-        value.name = fresh(name)
-        gather = ir.Node(DOMAIN, "AllGather", [value], attributes=[ir.AttrInt64("axis", plan.layouts[name][0])],
-                         outputs=[whole], name=fresh("allgather"))  # fmt: skip
-        graph.insert_after(value.producer(), gather)
-        graph.outputs[index] = whole
-        values[value.name] = value
-    renamed = {name: values[name].name for name in plan.gathered}
-    for name, (axis, _layout) in plan.layouts.items():
-        value = values.get(renamed.get(name, name))
-        if value is None or value.shape is None or value.const_value is not None:
-            continue
-        dims = list(value.shape)
-        if axis < len(dims) and isinstance(dims[axis], int):
-            dims[axis] = dims[axis] // tp
-            value.shape = ir.Shape(dims)
-    model.opset_imports[DOMAIN] = 1
-    return model
-
-
-def _name_outputs(nodes: list[ir.Node], fresh) -> None:
-    """Name the outputs of new nodes: segments are cut by value name."""
-    for node in nodes:
-        for value in node.outputs:
-            if value.name is None:
-                value.name = fresh(node.name or "tp")
-
-
-def _slice_input(graph, node: ir.Node, index: int, axis: int, parts: list[tuple[int, int]], fresh) -> None:
-    value = node.inputs[index]
-    array = _const(value)
-    if array is not None:
-        node.replace_input_with(index, _initializer(graph, fresh(value.name), _take(array, axis, parts)))
-        return
-    pieces = []
-    nodes = []
-    for a, b in parts:
-        starts = _initializer(graph, fresh("starts"), np.array([a], np.int64))
-        ends = _initializer(graph, fresh("ends"), np.array([b], np.int64))
-        axes = _initializer(graph, fresh("axes"), np.array([axis], np.int64))
-        piece = ir.Node("", "Slice", [value, starts, ends, axes], name=fresh(f"{node.name}_tp_slice"))
-        nodes.append(piece)
-        pieces.append(piece.outputs[0])
-    if len(pieces) > 1:
-        nodes.append(ir.Node("", "Concat", pieces, attributes=[ir.AttrInt64("axis", axis)], name=fresh("tp_cat")))
-    nodes[-1].outputs[0].type = value.type
-    _name_outputs(nodes, fresh)
-    graph.insert_before(node, nodes)
-    node.replace_input_with(index, nodes[-1].outputs[0])
-
-
-def _divide_shape(graph, node: ir.Node, index: int, element: int, size: int, tp: int, fresh) -> None:
-    """Element ``element`` of ``node``'s shape input (``size`` in the whole graph) becomes ``size / tp``."""
-    found = _shape_piece(node.inputs[index], element)
-    if found is None:
-        raise AdapterError(f"{node.name}: the shape element at the split axis is computed at run time.")
-    concat, local, piece = found
-    array = _const(piece).copy()
-    flat = array.reshape(-1)
-    if flat[local] in (-1, 0, 1):  # infer, copy, broadcast: already right for the rank
-        return
-    if flat[local] != size:
-        raise AdapterError(f"{node.name}: the shape element at the split axis is {flat[local]}, not {size}.")
-    flat[local] = size // tp
-    new = _initializer(graph, fresh(piece.name), flat.reshape(array.shape))
-    if concat is None:
-        node.replace_input_with(index, new)
-        return
-    slot = list(concat.inputs).index(piece)
-    copy = ir.Node("", "Concat", list(concat.inputs), attributes=list(concat.attributes.values()),
-                   name=fresh(concat.name))  # fmt: skip
-    copy.replace_input_with(slot, new)
-    _name_outputs([copy], fresh)
-    copy.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-    graph.insert_before(node, copy)
-    node.replace_input_with(index, copy.outputs[0])
-
-
-def _row(graph, node: ir.Node, parts: list[tuple[int, int]], fresh) -> None:
-    """Keep the weight rows of ``parts``; AllReduce the product, then add a Gemm's bias once."""
-    rows_axis = 1 - _weight_product(node)[1]
-    node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), _take(
-        node.inputs[1].const_value.numpy(), rows_axis, parts)))  # fmt: skip
-    out = node.outputs[0]
-    reduced = ir.Value(name=fresh("allreduce"), shape=out.shape, type=out.type)
-    ir.convenience.replace_all_uses_with(out, reduced, replace_graph_outputs=True)
-    added = [ir.Node(DOMAIN, "AllReduce", [out], attributes=[ir.AttrInt64("axis", -1)], outputs=[reduced],
-                     name=fresh("allreduce"))]  # fmt: skip
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None:
-        node.replace_input_with(2, None)
-        beta = float(_attr(node, "beta", 1.0))
-        if beta != 1.0:
-            bias = _initializer(graph, fresh(bias.name), bias.const_value.numpy() * beta)
-        biased = ir.Value(name=fresh("bias"), shape=out.shape, type=out.type)
-        ir.convenience.replace_all_uses_with(reduced, biased, replace_graph_outputs=True)
-        added.append(ir.Node("", "Add", [reduced, bias], outputs=[biased], name=fresh(f"{node.name}_bias")))
-    graph.insert_after(node, added)
-
-
-def _vocab_embedding(graph, node: ir.Node, rank: int, tp: int, fresh) -> None:
-    """Rows ``rank``'s share of the table: ids it does not hold give zeros, then AllReduce."""
-    table = node.inputs[0].const_value.numpy()
-    share = table.shape[0] // tp
-    start = rank * share
-    ids = node.inputs[1]
-    local_table = _initializer(graph, fresh(node.inputs[0].name), table[start : start + share])
-    const = {k: _initializer(graph, fresh(k), np.array(v, np.int64)) for k, v in
-             (("start", start), ("share", share), ("zero", 0), ("last", [-1]))}  # fmt: skip
-    local = ir.Node("", "Sub", [ids, const["start"]], name=fresh("vocab_local"))
-    lower = ir.Node("", "GreaterOrEqual", [local.outputs[0], const["zero"]], name=fresh("vocab_lo"))
-    upper = ir.Node("", "Less", [local.outputs[0], const["share"]], name=fresh("vocab_hi"))
-    inside = ir.Node("", "And", [lower.outputs[0], upper.outputs[0]], name=fresh("vocab_in"))
-    safe = ir.Node("", "Where", [inside.outputs[0], local.outputs[0], const["zero"]], name=fresh("vocab_safe"))
-    gather = ir.Node("", "Gather", [local_table, safe.outputs[0]], attributes=[ir.AttrInt64("axis", 0)],
-                     name=node.name)  # fmt: skip
-    keep = ir.Node("", "Cast", [inside.outputs[0]], attributes=[ir.AttrInt64("to", int(node.inputs[0].const_value.dtype))],
-                   name=fresh("vocab_keep"))  # fmt: skip
-    expand = ir.Node("", "Unsqueeze", [keep.outputs[0], const["last"]], name=fresh("vocab_keep_axis"))
-    out = node.outputs[0]
-    masked = ir.Node("", "Mul", [gather.outputs[0], expand.outputs[0]], name=fresh("vocab_mask"),
-                     outputs=[ir.Value(name=fresh("vocab_rows"), shape=out.shape, type=out.type)])  # fmt: skip
-    reduce_out = ir.Value(name=fresh("vocab_allreduce"), shape=out.shape, type=out.type)
-    reduce = ir.Node(DOMAIN, "AllReduce", [masked.outputs[0]], attributes=[ir.AttrInt64("axis", -1)],
-                     outputs=[reduce_out], name=fresh("allreduce"))  # fmt: skip
-    ir.convenience.replace_all_uses_with(out, reduce_out, replace_graph_outputs=True)
-    added = [local, lower, upper, inside, safe, gather, keep, expand, masked, reduce]
-    _name_outputs(added, fresh)
-    graph.insert_after(node, added)
-    graph.remove(node, safe=True)
-
-
-def tensor_parallel_graph(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
-    """Rank ``rank``'s graph as a new model (the analysed ``model`` is left as it is)."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    return apply_plan(copy, plan, rank)

@@ -29,7 +29,8 @@ from adapter.passes.sharding import (
     split_rank,
     stage_bounds,
 )
-from adapter.passes.tensor_parallel import analyse, tensor_parallel_graph
+from adapter.passes.tensor_parallel import analyse
+from adapter.passes.tensor_parallel_ranks import tensor_parallel_graph
 from adapter.profiles import load_profile
 from adapter.runtime.launch import run_sharded
 
