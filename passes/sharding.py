@@ -89,11 +89,15 @@ def consumers_after(model: ir.Model) -> dict[str, int]:
     return last
 
 
-def split_rank(model: ir.Model, bounds: list[int]) -> list[tuple[list[tuple[str, list[int]]], list[str], list[str]]]:
+def split_rank(
+    model: ir.Model, bounds: list[int], inputs_everywhere: bool = False
+) -> list[tuple[list[tuple[str, list[int]]], list[str], list[str]]]:
     """Per stage: its steps as (kind, node indices), the values it receives and the values it sends on.
 
     kind is ``segment`` (run by an engine) or a collective op name; values received by stage s
-    are every graph input or earlier-produced value read at stage s or later.
+    are every graph input or earlier-produced value read at stage s or later. With
+    ``inputs_everywhere`` (generation: every stage knows the step's ids, mask and positions and
+    holds its own layers' cache) graph inputs are given to every stage, never sent.
     """
     nodes = list(model.graph)
     starts = [0, *bounds]
@@ -105,6 +109,10 @@ def split_rank(model: ir.Model, bounds: list[int]) -> list[tuple[list[tuple[str,
         for value in node.outputs:
             produced_at[value.name] = index
     last = consumers_after(model)
+    if inputs_everywhere:  # a graph output (a present key or value) stays with the stage that makes it
+        outputs = {v.name for v in model.graph.outputs}
+        read = {v.name: i for i, n in enumerate(nodes) for v in n.inputs if v is not None}
+        last = {name: (read.get(name, -1) if name in outputs else at) for name, at in last.items()}
     initializers = set(model.graph.initializers)
     stages = []
     for start, end in zip(starts, ends):
@@ -121,15 +129,16 @@ def split_rank(model: ir.Model, bounds: list[int]) -> list[tuple[list[tuple[str,
                 current.append(index)
         if current:
             steps.append(("segment", current))
+        floor = 0 if inputs_everywhere else -1
         live_in = sorted(
             name
             for name, at in produced_at.items()
-            if at < start and name not in initializers and last.get(name, -1) >= start
+            if floor <= at < start and name not in initializers and last.get(name, -1) >= start
         )
         live_out = sorted(
             name
             for name, at in produced_at.items()
-            if at < end and name not in initializers and last.get(name, -1) >= end
+            if floor <= at < end and name not in initializers and last.get(name, -1) >= end
         )
         stages.append((steps, live_in if start > 0 else [], live_out if end < len(nodes) else []))
     return stages

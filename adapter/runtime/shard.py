@@ -51,6 +51,64 @@ def rank_graphs(whole, tp: int, say=lambda _m: None) -> tuple[list[Any], dict[st
     return graphs, plan.report()
 
 
+def rank_specs(
+    models: list[Any], bounds: list[int], compile_segment, inputs_everywhere: bool = False
+) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The manifest's rank table for tensor-parallel rank graphs ``models`` cut at ``bounds``.
+
+    Rank ``stage * tp + t`` runs stage ``stage`` of ``models[t]``: its steps are the segments
+    between collectives (``compile_segment(segment, folder)`` compiles one and returns its
+    engine entry) and the collectives themselves. With ``inputs_everywhere`` (generation)
+    every stage is given the graph inputs it reads, and lists the graph outputs it makes
+    under ``cache`` (the presents it keeps); the last stage's other outputs are ``outputs``.
+    Returns the ranks (sorted) and the weight bytes per rank.
+    """
+    tp, pp = len(models), len(bounds) + 1
+    ranks: list[dict[str, Any]] = []
+    weights: dict[int, int] = {}
+    for t, model in enumerate(models):
+        stages = split_rank(model, bounds, inputs_everywhere)
+        last = consumers_after(model)
+        nodes = list(model.graph)
+        graph_outputs = [v.name for v in model.graph.outputs]
+        for s, (steps, recv, send) in enumerate(stages):
+            rank = s * tp + t
+            spec: dict[str, Any] = {
+                "rank": rank,
+                "stage": s,
+                "tp_rank": t,
+                "tp_group": [s * tp + i for i in range(tp)],
+                "recv_from": rank - tp if s > 0 else None,
+                "recv": recv,
+                "send_to": rank + tp if s < pp - 1 else None,
+                "send": send,
+                "steps": [],
+                "outputs": graph_outputs if s == pp - 1 else [],
+            }
+            weights[rank] = 0
+            made: set[str] = set()
+            for k, (kind, indices) in enumerate(steps):
+                made |= {v.name for i in indices for v in nodes[i].outputs}
+                if kind != "segment":
+                    node = nodes[indices[0]]
+                    axis = node.attributes["axis"].value if "axis" in node.attributes else -1
+                    spec["steps"].append({"op": COLLECTIVES[kind], "input": node.inputs[0].name,
+                                          "output": node.outputs[0].name, "axis": int(axis)})  # fmt: skip
+                    continue
+                after = {name for name, at in last.items() if at > indices[-1]}
+                segment = segment_model(model, indices, after)
+                spec["steps"].append({"op": "run", "engine": compile_segment(segment, f"rank{rank}/seg{k}")})
+                weights[rank] += sum(
+                    v.const_value.nbytes for v in segment.graph.initializers.values() if v.const_value is not None
+                )
+            if inputs_everywhere:
+                spec["cache"] = [name for name in graph_outputs if name in made and name not in spec["outputs"]]
+                spec["outputs"] = [name for name in spec["outputs"] if name in made and name not in spec["cache"]]
+            ranks.append(spec)
+    ranks.sort(key=lambda r: r["rank"])
+    return ranks, weights
+
+
 def build_sharded(
     source: str,
     output: Path,
@@ -89,68 +147,18 @@ def build_sharded(
     bounds = stage_bounds(graphs[0].model, pp, sizes)
     world = tp * pp
     output = Path(output)
-    ranks: list[dict[str, Any]] = []
-    weights: dict[int, int] = {}
     with artifact.staging_dir(output) as staged:
-        for t, imported in enumerate(graphs):
-            model = imported.model
-            stages = split_rank(model, bounds)
-            last = consumers_after(model)
-            values = {v.name: v for n in model.graph for v in n.outputs}
-            values.update({v.name: v for v in model.graph.inputs})
-            for s, (steps, recv, send) in enumerate(stages):
-                rank = s * tp + t
-                spec: dict[str, Any] = {
-                    "rank": rank,
-                    "stage": s,
-                    "tp_rank": t,
-                    "tp_group": [s * tp + i for i in range(tp)],
-                    "recv_from": rank - tp if s > 0 else None,
-                    "recv": recv,
-                    "send_to": rank + tp if s < pp - 1 else None,
-                    "send": send,
-                    "steps": [],
-                    "outputs": [v.name for v in model.graph.outputs] if s == pp - 1 else [],
-                }
-                weights[rank] = 0
-                nodes = list(model.graph)
-                for k, (kind, indices) in enumerate(steps):
-                    if kind != "segment":
-                        node = nodes[indices[0]]
-                        spec["steps"].append(
-                            {
-                                "op": COLLECTIVES[kind],
-                                "input": node.inputs[0].name,
-                                "output": node.outputs[0].name,
-                                "axis": -1,
-                            }  # fmt: skip
-                        )
-                        continue
-                    after = {name for name, at in last.items() if at > indices[-1]}
-                    segment = segment_model(model, indices, after)
-                    folder = f"rank{rank}/seg{k}"
-                    say(f"rank {rank}: compile segment {k} ({len(indices)} nodes)")
-                    ins = [spec_of(v, dims) for v in segment.graph.inputs]
-                    outs = [spec_of(v, dims) for v in segment.graph.outputs]
-                    options = module.Options.from_profile(profile, {})
-                    engine = module.compile(segment, profile, options, (ins, outs), staged / folder)
-                    weights[rank] += sum(
-                        v.const_value.nbytes for v in segment.graph.initializers.values() if v.const_value is not None
-                    )
-                    spec["steps"].append(
-                        {
-                            "op": "run",
-                            "engine": {
-                                "folder": folder,
-                                "backend": backend,
-                                "config": engine.config,
-                                "inputs": [i.to_json() for i in ins],
-                                "outputs": [o.to_json() for o in outs],
-                            },
-                        }
-                    )
-                ranks.append(spec)
-        ranks.sort(key=lambda r: r["rank"])
+
+        def compile_segment(segment, folder: str) -> dict[str, Any]:
+            say(f"compile {folder} ({len(segment.graph)} nodes)")
+            ins = [spec_of(v, dims) for v in segment.graph.inputs]
+            outs = [spec_of(v, dims) for v in segment.graph.outputs]
+            options = module.Options.from_profile(profile, {})
+            engine = module.compile(segment, profile, options, (ins, outs), staged / folder)
+            return {"folder": folder, "backend": backend, "config": engine.config,
+                    "inputs": [i.to_json() for i in ins], "outputs": [o.to_json() for o in outs]}  # fmt: skip
+
+        ranks, weights = rank_specs([g.model for g in graphs], bounds, compile_segment)
         whole_bytes = sum(
             v.const_value.nbytes for v in whole.model.graph.initializers.values() if v.const_value is not None
         )
