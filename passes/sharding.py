@@ -16,6 +16,7 @@ __all__ = [
     "DOMAIN",
     "ShardSpec",
     "stage_bounds",
+    "weight_costs",
     "split_rank",
     "consumers_after",
     "segment_model",
@@ -42,11 +43,22 @@ UNSHARDED = "unsharded"
 # --------------------------------------------------------------------------- stages and segments
 
 
-def stage_bounds(model: ir.Model, pp: int, sizes: dict[str, int]) -> list[int]:
-    """Node indices where stages 1..pp-1 start, balancing the op library's FLOPs (bytes when no FLOPs)."""
+def weight_costs(model: ir.Model) -> list[float]:
+    """Per node: the bytes of the constant tensors it reads (a decode step reads every weight once)."""
+    return [
+        float(sum(v.const_value.nbytes for v in node.inputs if v is not None and v.const_value is not None))
+        for node in model.graph
+    ]
+
+
+def stage_bounds(model: ir.Model, pp: int, sizes: dict[str, int], costs: list[float] | None = None) -> list[int]:
+    """Node indices where stages 1..pp-1 start, balancing ``costs`` per node (default: the op
+    library's FLOPs at ``sizes``, bytes when no FLOPs)."""
     nodes = list(model.graph)
     if pp > max(1, len(nodes)):
         raise AdapterError(f"{pp} pipeline stages for a graph of {len(nodes)} nodes.")
+    if costs is not None:
+        return _bounds(np.cumsum(costs), pp, len(nodes))
     costs = []
     for node in nodes:
         try:
@@ -54,12 +66,15 @@ def stage_bounds(model: ir.Model, pp: int, sizes: dict[str, int]) -> list[int]:
             costs.append(float(cost.flops or 0) + 1e-3 * float(cost.bytes or 0))
         except KeyError:
             costs.append(0.0)
-    cumulative = np.cumsum(costs)
+    return _bounds(np.cumsum(costs), pp, len(nodes))
+
+
+def _bounds(cumulative: np.ndarray, pp: int, count: int) -> list[int]:
     total = cumulative[-1] if len(cumulative) else 0.0
-    bounds = []
+    bounds: list[int] = []
     for stage in range(1, pp):
         index = int(np.searchsorted(cumulative, total * stage / pp)) + 1
-        index = min(max(index, (bounds[-1] + 1) if bounds else 1), len(nodes) - (pp - stage))
+        index = min(max(index, (bounds[-1] + 1) if bounds else 1), count - (pp - stage))
         bounds.append(index)
     return bounds
 

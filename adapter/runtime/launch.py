@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,13 @@ def _private_network() -> list[str] | None:
 def torchrun_command(
     artifact: Path, nproc: int, inputs: Path, output: Path, timeout: float, *, nnodes: int = 1, node_rank: int = 0,
     master_addr: str = "127.0.0.1", master_port: int = DEFAULT_PORT, report_dir: Path | None = None,
+    worker: tuple[str, str] = ("adapter.runtime.worker", "--inputs"),
 ) -> list[str]:
-    """The torchrun command line for one node (``python -m torch.distributed.run``)."""
+    """The torchrun command line for one node (``python -m torch.distributed.run``).
+
+    ``worker`` is the rank's module and the option that names its input file (a generation
+    worker takes ``--request``).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
            "--max-restarts", "0", "--monitor-interval", "0.1", "--shutdown-timeout", "5"]  # fmt: skip
     if nnodes == 1:
@@ -152,7 +158,7 @@ def torchrun_command(
                 "--rdzv-conf", f"join_timeout={int(timeout)},read_timeout={int(timeout)}"]  # fmt: skip
     else:  # static rendezvous: node R holds ranks R*nproc .. R*nproc+nproc-1, so tensor-parallel groups stay on a node
         cmd += ["--node-rank", str(node_rank), "--master-addr", master_addr, "--master-port", str(master_port)]
-    cmd += ["-m", "adapter.runtime.worker", str(artifact), "--inputs", str(inputs), "--output", str(output),
+    cmd += ["-m", worker[0], str(artifact), worker[1], str(inputs), "--output", str(output),
             "--timeout", f"{timeout:g}"]  # fmt: skip
     if report_dir is not None:
         cmd += ["--report-dir", str(report_dir)]
@@ -206,17 +212,43 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _run_torchrun(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, int]:
-    """Run torchrun in its own session; return (exit code, seconds, processes left over and killed)."""
+class _Lines:
+    """Complete lines appended to a log since the last read, for ``on_line``."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None] | None) -> None:
+        self.path, self.on_line, self.offset, self.rest = path, on_line, 0, b""
+
+    def __call__(self) -> None:
+        if self.on_line is None:
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        self.offset += len(data)
+        *lines, self.rest = (self.rest + data).split(b"\n")
+        for line in lines:
+            self.on_line(line.decode(errors="replace"))
+
+
+def _run_torchrun(
+    cmd: list[str], env: dict[str, str], log: Path, on_line: Callable[[str], None] | None = None
+) -> tuple[int, float, int]:
+    """Run torchrun in its own session; return (exit code, seconds, processes left over and killed).
+
+    ``on_line`` is called with each line of its output as it comes (streamed tokens).
+    """
     started = time.perf_counter()
     seen: set[int] = set()
+    follow = _Lines(log, on_line)
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         try:
             while proc.poll() is None:
                 seen |= _descendants(proc.pid)  # workers run in sessions of their own: track them by parentage
-                time.sleep(0.2)
+                follow()
+                time.sleep(0.05 if on_line else 0.2)
+            follow()
         except BaseException:  # Ctrl-C or any other way out: stop the agent, then its workers
             seen |= _descendants(proc.pid)
             with contextlib.suppress(ProcessLookupError):
@@ -284,8 +316,14 @@ def _failure_message(manifest: dict[str, Any], reports: dict[int, dict[str, Any]
 def run_sharded(
     artifact: Path, nproc: int, inputs: Path | None = None, output: Path | None = None, timeout: float = 60.0,
     master_addr: str = "127.0.0.1", master_port: int | None = None, env: dict[str, str] | None = None,
+    request: dict[str, Any] | None = None, worker: str = "adapter.runtime.worker",
+    on_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run a sharded artifact on this machine under torchrun.
+
+    With ``request`` (a JSON object) the ranks run ``worker``'s module with ``--request`` instead
+    of a forward pass over ``inputs``, and rank 0's JSON answer comes back under ``"result"``;
+    ``on_line`` sees the run's output lines as they come.
 
     Returns:
         ``{"outputs": {name: array}, "ranks": [per-rank report], "seconds": launch to exit, "leftover": 0}``.
@@ -301,17 +339,23 @@ def run_sharded(
     rundir = Path(tempfile.mkdtemp(prefix="adapter-launch-"))  # private (0700)
     keep = False
     try:
-        if inputs is None:
+        entry = (worker, "--inputs")
+        if request is not None:
+            inputs = rundir / "request.json"
+            inputs.write_text(json.dumps(request))
+            entry = (worker, "--request")
+        elif inputs is None:
             inputs = rundir / "inputs.npz"
             save_outputs(inputs, random_inputs(manifest))
         else:
             inputs = Path(inputs).resolve()
             load_inputs(inputs, manifest)  # a clear error here, before any process starts
-        target = Path(output).resolve() if output else rundir / "outputs.npz"
+        target = rundir / "result.json" if request is not None else (
+            Path(output).resolve() if output else rundir / "outputs.npz")  # fmt: skip
         reports_dir = rundir / "ranks"
         reports_dir.mkdir()
         cmd = torchrun_command(artifact, nproc, inputs, target, timeout, master_addr=master_addr, master_port=port,
-                               report_dir=reports_dir)  # fmt: skip
+                               report_dir=reports_dir, worker=entry)  # fmt: skip
         env = dict(os.environ if env is None else env)
         network = "host"
         if is_loopback(master_addr):
@@ -325,7 +369,7 @@ def run_sharded(
         env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
         log = rundir / "torchrun.log"
-        code, elapsed, leftover = _run_torchrun(cmd, env, log)
+        code, elapsed, leftover = _run_torchrun(cmd, env, log, on_line)
         reports = {}
         for path in reports_dir.glob("rank*.json"):
             with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -336,9 +380,14 @@ def run_sharded(
             keep = True
             log_text = log.read_text(errors="replace")
             raise AdapterError(_failure_message(manifest, reports, log_text, code, elapsed, log))
-        with np.load(target, allow_pickle=False) as data:
-            outputs = {name: data[name] for name in data.files}
-        return {"outputs": outputs, "ranks": [reports[r] for r in sorted(reports)], "seconds": round(elapsed, 3),
+        outputs: dict[str, Any] = {}
+        result = None
+        if request is not None:
+            result = json.loads(target.read_text())
+        else:
+            with np.load(target, allow_pickle=False) as data:
+                outputs = {name: data[name] for name in data.files}
+        return {"outputs": outputs, "result": result, "ranks": [reports[r] for r in sorted(reports)], "seconds": round(elapsed, 3),
                 "leftover": leftover, "output": str(output) if output else None, "network": network}  # fmt: skip
     finally:
         if not keep:

@@ -25,7 +25,7 @@ barrier); ``mb=<k>`` picks the microbatch (default 0). It is a test hook, not a 
 
 from __future__ import annotations
 
-__all__ = ["RankFailure", "main"]
+__all__ = ["Job", "RankFailure", "add_common_arguments", "main", "run_rank"]
 
 import argparse
 import json
@@ -34,6 +34,8 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -425,15 +427,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--inputs", type=Path, required=True, help="Model inputs (.npz).")
     parser.add_argument("--output", type=Path, required=True, help="Where the last stage writes the outputs (.npz).")
-    parser.add_argument("--timeout", type=float, default=60.0, help="Seconds any wait may take (default 60).")
-    parser.add_argument("--report-dir", type=Path, default=None, help="Write rank<r>.json here (default: stdout).")
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run this process's rank (``RANK`` / ``WORLD_SIZE`` from torchrun's environment)."""
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` and ``--report-dir``, which every rank entry point takes."""
+    parser.add_argument("--timeout", type=float, default=60.0, help="Seconds any wait may take (default 60).")
+    parser.add_argument("--report-dir", type=Path, default=None, help="Write rank<r>.json here (default: stdout).")
+
+
+@dataclass
+class Job:
+    """What a rank does once its engines are loaded and its peers have joined.
+
+    ``prepare(manifest)`` runs first (before any engine loads: bad inputs fail fast),
+    ``run(rank, prepared)`` runs the work and ``write(rank, result)`` runs after the final
+    barrier (so no output appears unless every rank got through).
+    """
+
+    prepare: Callable[[dict[str, Any]], Any]
+    run: Callable[[_Rank, Any], Any]
+    write: Callable[[_Rank, Any], None]
+
+
+def run_rank(args: argparse.Namespace, job: Job) -> None:
+    """Run this process's rank (``RANK`` / ``WORLD_SIZE`` from torchrun's environment); never returns."""
     started = time.perf_counter()
-    args = _parse(argv)
     _die_with_parent()
     rank = int(os.environ.get("RANK", "-1"))
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -453,16 +473,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         fault = parse_fault(os.environ.get(FAULT_ENV))
         worker = _Rank(args.artifact, manifest, rank, args.timeout, fault)
-        inputs = load_inputs(args.inputs, manifest)
+        prepared = job.prepare(manifest)
         worker.load_engines()
         worker.init_group()
         worker.barrier("waiting for every rank to load its engines")
-        outputs = worker.run(inputs)
+        result = job.run(worker, prepared)
         if fault:
             fault.hit(rank, "end")
         worker.barrier("waiting for every rank to finish")  # no output unless every rank got through
-        if outputs is not None and worker.spec.get("tp_rank", 0) == 0:
-            save_outputs(args.output, outputs)
+        job.write(worker, result)
         _write_report(args.report_dir, worker.report(time.perf_counter() - started))
     except Exception as exc:
         error = exc if isinstance(exc, RankFailure) else RankFailure(
@@ -482,6 +501,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # outputs and report are on disk; torch's interpreter teardown only costs seconds here
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a forward pass over the sharded artifact."""
+    args = _parse(argv)
+
+    def write(worker: _Rank, outputs: dict[str, np.ndarray] | None) -> None:
+        if outputs is not None and worker.spec.get("tp_rank", 0) == 0:
+            save_outputs(args.output, outputs)
+
+    run_rank(args, Job(lambda manifest: load_inputs(args.inputs, manifest), lambda w, inputs: w.run(inputs), write))
+    return 0
 
 
 def _peak_rss_bytes() -> int:
