@@ -19,12 +19,16 @@ import numpy as np
 from rich.table import Table
 
 from adapter.cli.console import out
+from adapter.cli.generate import parse_ids
 from adapter.core.errors import AdapterError
+from adapter.llm.generate import Sampling
+from adapter.llm.sharded import generate_sharded
 from adapter.runtime.launch import DEFAULT_PORT, check_sharded, is_loopback, run_sharded, torchrun_command
 
 
 @click.command("launch")
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("mode", type=click.Choice(["run", "generate"]), default="run", required=False)
 @click.option("--nproc", type=int, required=True, help="Processes on this node (ranks per node).")
 @click.option("--inputs", type=click.Path(path_type=Path), default=None, help="Model inputs (.npz); default: random.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the outputs here (.npz).")
@@ -36,8 +40,21 @@ from adapter.runtime.launch import DEFAULT_PORT, check_sharded, is_loopback, run
               help="Rendezvous address (unauthenticated: loopback unless the nodes need a shared network).")  # fmt: skip
 @click.option("--master-port", type=int, default=None, help="Rendezvous port; default: a free one (29500 multi-node).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-rank reports as JSON.")
-def launch(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port, as_json):
+@click.option("--prompt-ids", "prompt_ids", multiple=True, help="generate: prompt token ids, e.g. 1,2,3 (repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True, help="generate: new tokens.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="generate: 0 is greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="generate: 0 is no cut.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="generate: sampling seed (every rank samples alike).")
+@click.option("--stream", is_flag=True, help="generate: print rank 0's tokens as they come.")
+@click.option("--ignore-eos", is_flag=True, help="generate: go on past end-of-sequence.")
+def launch(artifact, mode, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port, as_json,
+           prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stream, ignore_eos):  # fmt: skip
     """Run a sharded ARTIFACT with torchrun: NPROC processes, gloo on CPUs.
+
+    MODE is run (a forward pass over --inputs) or generate (a sharded decoder from `adapter
+    shard` of a causal LM: every rank runs the same loop, the last stage's logits are broadcast
+    each step, rank 0 streams the tokens).
 
     Every wait between ranks obeys --timeout: a rank that dies or hangs stops the whole run
     with a message naming it and its stage. Prints per-rank wall time, engine and
@@ -47,9 +64,19 @@ def launch(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_a
     Examples:
       adapter launch gpt2-tp2 --nproc 2 --inputs ids.npz --output logits.npz
       adapter launch gpt2-tp2pp2 --nproc 2 --nnodes 2 --master-addr 10.0.0.1
+      adapter launch qwen2-tp2pp2 --nproc 4 generate --prompt-ids 1,2,3 --max-new-tokens 32 --stream
     """
     if timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--timeout")
+    if mode == "generate":
+        if nnodes > 1:
+            raise click.UsageError("Sharded generation launches on one node here (--nnodes 1).")
+        if not prompt_ids:
+            raise click.UsageError("generate needs --prompt-ids (one or more).")
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        _generate(artifact, nproc, timeout, as_json, [parse_ids(p) for p in prompt_ids], max_new_tokens, sampling,
+                  stream, ignore_eos)  # fmt: skip
+        return
     if nnodes > 1:
         _print_commands(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port)
         return
@@ -95,6 +122,31 @@ def _render(reports: list[dict[str, Any]], outputs: dict[str, np.ndarray], outpu
                       f"{r['load_s']:.3f}", f"{r['engine_s']:.3f}", f"{r['comm_s']:.3f}", weights,
                       f"{r['peak_rss_bytes'] / 1e6:.0f}")  # fmt: skip
     out.print(table)
-    shapes = ", ".join(f"{n}: {v.dtype}{list(v.shape)}" for n, v in outputs.items())
-    out.print(f"outputs {shapes}" + (f" written to {output}" if output else ""))
+    if outputs:
+        shapes = ", ".join(f"{n}: {v.dtype}{list(v.shape)}" for n, v in outputs.items())
+        out.print(f"outputs {shapes}" + (f" written to {output}" if output else ""))
     out.print(f"rendezvous network: {network}")
+
+
+def _generate(artifact, nproc, timeout, as_json, prompts, max_new_tokens, sampling, stream, ignore_eos) -> None:
+    def show(_step: int, tokens: list[int]) -> None:
+        click.echo(" ".join(str(t) for t in tokens), nl=len(tokens) > 1 or not stream)
+        if len(tokens) == 1:
+            click.echo(" ", nl=False)
+
+    ran = generate_sharded(artifact, nproc, prompts, max_new_tokens, sampling, not ignore_eos, timeout,
+                           show if stream and not as_json else None)  # fmt: skip
+    result = ran["generation"]
+    if as_json:
+        click.echo(json.dumps({**result, "ranks": ran["ranks"], "seconds": ran["seconds"]}, indent=2))
+        return
+    if stream:
+        click.echo()
+    for row, tokens in enumerate(result["tokens"]):
+        out.print(f"[{row}] {' '.join(str(t) for t in tokens)}  ({result['finished'][row]})")
+    out.print(
+        f"time to first token {result['time_to_first_token_ms']:.1f} ms, decode "
+        f"{result['decode_tokens_per_s']:.1f} tokens/s over {len(ran['ranks'])} ranks ({ran['seconds']:.1f} s from "
+        f"launch to exit)"
+    )
+    _render(ran["ranks"], {}, None, ran["seconds"], ran["network"])

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from adapter.converter.importer import import_source, prepare_source
 from adapter.core.errors import AdapterError
+from adapter.llm.families import is_causal_lm_source
+from adapter.llm.sharded import build_sharded_llm
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.sharding_plan import parse_cluster, plan_sharding
 from adapter.runtime.shard import build_sharded
@@ -68,8 +70,11 @@ def render(console: Console, manifest: dict) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Artifact folder.")
 @click.option("--no-verify", is_flag=True, help="Do not run the ranks under torchrun before publishing.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a rank may wait on a peer.")
+@click.option("--task", type=click.Choice(["auto", "text-generation", "forward"]), default="auto", show_default=True,
+              help="text-generation: a causal LM's KV-cache decoder, verified by 32 greedy tokens (auto: for "
+              "Hugging Face ...ForCausalLM folders).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def shard(source, target, tp, pp, microbatches, batch, seq, output, no_verify, timeout, as_json):
+def shard(source, target, tp, pp, microbatches, batch, seq, output, no_verify, timeout, task, as_json):
     """Shard SOURCE over a cluster (tensor and pipeline parallel), then verify it under torchrun.
 
     \b
@@ -77,9 +82,13 @@ def shard(source, target, tp, pp, microbatches, batch, seq, output, no_verify, t
       adapter shard adapter.zoo:gpt2 --target 2xhost --tp 2 --pp 1
       adapter shard adapter.zoo:minilm --target 4xhost --tp 2 --pp 2
       adapter shard adapter.zoo:minilm --target 8xnvidia-a100 --no-verify
+      adapter shard ./qwen2-folder --target 4xhost --tp 2 --pp 2
     """
     err = Console(stderr=True)
     cluster = parse_cluster(target)
+    if task == "text-generation" or (task == "auto" and is_causal_lm_source(source)):
+        _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_json, err)
+        return
     plan = None
     if tp is None or pp is None or microbatches is None:
         err.print(f"planning for {cluster.count} x {cluster.profile.name} (batch {batch}, seq {seq})")
@@ -103,3 +112,56 @@ def shard(source, target, tp, pp, microbatches, batch, seq, output, no_verify, t
     console.print(
         f"Written to {output} in {manifest['seconds']:.1f} s. Run it: adapter launch {output} --nproc {tp * pp}"
     )
+
+
+def _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_json, err) -> None:
+    if tp is None or pp is None:
+        raise click.UsageError("Sharding a generation engine needs --tp and --pp (the planner's choice: adapter plan).")
+    if tp * pp != cluster.count:
+        raise AdapterError(f"--tp {tp} x --pp {pp} is {tp * pp} ranks; the target {target} has {cluster.count}.")
+    output = output or Path(f"{Path(source).name or 'decoder'}-tp{tp}pp{pp}")
+    manifest = build_sharded_llm(source, output, tp=tp, pp=pp, target=cluster.profile.name,
+                                 say=lambda m: err.print(m), verify=not no_verify, timeout=timeout)  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
+        return
+    console = Console()
+    render_llm(console, manifest)
+    console.print(
+        f"Written to {output} in {manifest['seconds']:.1f} s. Generate: adapter launch {output} --nproc {tp * pp} "
+        "generate --prompt-ids 1,2,3 --max-new-tokens 32"
+    )
+
+
+def render_llm(console: Console, manifest: dict) -> None:
+    """Ranks with their weights and KV heads, what tensor parallelism split or kept whole, the verification."""
+    weights = manifest["weights_bytes"]
+    whole = weights["unsharded"] or 1
+    table = Table(title=f"Sharded decoder: tp {manifest['tp']} x pp {manifest['pp']}, {manifest['world_size']} ranks")
+    for col in ("rank", "stage", "tp", "layers' caches", "collectives", "weights MB", "of unsharded"):
+        table.add_column(col, justify="right")
+    for spec in manifest["ranks"]:
+        size = weights["per_rank"][str(spec["rank"])]
+        table.add_row(
+            str(spec["rank"]), str(spec["stage"]), str(spec["tp_rank"]), str(len(spec.get("cache", [])) // 2),
+            str(sum(1 for s in spec["steps"] if s["op"] != "run")), f"{size / 1e6:.2f}", f"{100 * size / whole:.1f}%",
+        )  # fmt: skip
+    console.print(table)
+    split = manifest.get("tensor_parallel")
+    if split:
+        console.print(
+            f"tensor parallel: {len(split['column_parallel'])} column / {len(split['row_parallel'])} row products, "
+            f"{len(split['vocab_parallel_embeddings'])} embedding(s) by vocabulary, KV cache per rank for "
+            f"{len(split['per_rank_inputs'])} past tensors"
+        )
+        for name, why in split["replicated"].items():
+            console.print(f"  kept whole: {name} ({why})")
+    ver = manifest.get("verification")
+    if ver:
+        verdict = "[green]verified[/]" if ver["passed"] else "[red]FAILED[/]"
+        console.print(
+            f"{verdict} under torchrun: {ver['steps']} greedy tokens x {len(ver['prompts'])} prompts equal to "
+            f"{ver['against']}; first-step logits max-abs {ver['first_logits_max_abs']:.2e}."
+        )
+    else:
+        console.print("[yellow]Not verified[/] (--no-verify).")

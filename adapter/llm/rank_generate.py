@@ -68,6 +68,7 @@ class RankSession:
 
         rank, k = self.rank, self.count
         self.count += 1
+        rank.microbatches = self.count  # the report's count: generation steps
         env: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         env.update(self.cache)
         if rank.spec.get("recv_from") is not None:

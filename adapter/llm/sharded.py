@@ -119,8 +119,12 @@ def generate_sharded(
     request = {
         "prompts": prompts,
         "max_new_tokens": max_new_tokens,
-        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                     "seed": sampling.seed},  # fmt: skip
+        "sampling": {
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+        },  # fmt: skip
         "stop_at_eos": stop_at_eos,
         "stream": on_tokens is not None,
         "first_logits": first_logits,
@@ -187,7 +191,7 @@ def build_sharded_llm(
             return {"folder": folder, "backend": backend, "config": engine.config,
                     "inputs": [i.to_json() for i in ins], "outputs": [o.to_json() for o in outs]}  # fmt: skip
 
-        ranks, weights = rank_specs(models, bounds, compile_segment, inputs_everywhere=True)
+        ranks, weights = rank_specs(models, bounds, compile_segment, set(layout.present_names()))
         inputs = [spec_of(v, dims) for v in graph.graph.inputs]
         outputs = [spec_of(v, dims) for v in graph.graph.outputs]
         say("compile the unsharded engine (the reference the ranks are compared with)")

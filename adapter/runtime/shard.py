@@ -52,22 +52,23 @@ def rank_graphs(whole, tp: int, say=lambda _m: None) -> tuple[list[Any], dict[st
 
 
 def rank_specs(
-    models: list[Any], bounds: list[int], compile_segment, inputs_everywhere: bool = False
+    models: list[Any], bounds: list[int], compile_segment, cache: frozenset[str] | set[str] | None = None
 ) -> tuple[list[dict[str, Any]], dict[int, int]]:
     """The manifest's rank table for tensor-parallel rank graphs ``models`` cut at ``bounds``.
 
     Rank ``stage * tp + t`` runs stage ``stage`` of ``models[t]``: its steps are the segments
     between collectives (``compile_segment(segment, folder)`` compiles one and returns its
-    engine entry) and the collectives themselves. With ``inputs_everywhere`` (generation)
-    every stage is given the graph inputs it reads, and lists the graph outputs it makes
-    under ``cache`` (the presents it keeps); the last stage's other outputs are ``outputs``.
+    engine entry) and the collectives themselves. With ``cache`` (generation: the names of the
+    present keys and values) every stage is given the graph inputs it reads and lists the
+    cache outputs it makes under ``cache`` (it keeps them); the last stage's other outputs are
+    its ``outputs``.
     Returns the ranks (sorted) and the weight bytes per rank.
     """
     tp, pp = len(models), len(bounds) + 1
     ranks: list[dict[str, Any]] = []
     weights: dict[int, int] = {}
     for t, model in enumerate(models):
-        stages = split_rank(model, bounds, inputs_everywhere)
+        stages = split_rank(model, bounds, cache is not None)
         last = consumers_after(model)
         nodes = list(model.graph)
         graph_outputs = [v.name for v in model.graph.outputs]
@@ -101,9 +102,9 @@ def rank_specs(
                 weights[rank] += sum(
                     v.const_value.nbytes for v in segment.graph.initializers.values() if v.const_value is not None
                 )
-            if inputs_everywhere:
-                spec["cache"] = [name for name in graph_outputs if name in made and name not in spec["outputs"]]
-                spec["outputs"] = [name for name in spec["outputs"] if name in made and name not in spec["cache"]]
+            if cache is not None:
+                spec["cache"] = [name for name in graph_outputs if name in made and name in cache]
+                spec["outputs"] = [name for name in spec["outputs"] if name not in cache]
             ranks.append(spec)
     ranks.sort(key=lambda r: r["rank"])
     return ranks, weights
