@@ -76,6 +76,11 @@ class Options:
     """Graph optimisation level at load: disable, basic, extended or all."""
     save_optimized: bool = True
     """Save ONNX Runtime's portable optimised model in the artifact and load that."""
+    mapped: bool = False
+    """Weights in an external-data file that the session maps, never copied: no prepacked
+    copies of the matrices (``session.disable_prepacking``) and no saved optimised model. A
+    rank of a sharded decoder then holds its shard once (its mapped pages) instead of twice
+    while loading; decode (one token: matrix-vector products) barely uses prepacking."""
 
     @classmethod
     def from_profile(cls, profile: Any, overrides: dict[str, Any] | None = None) -> Options:
@@ -141,8 +146,10 @@ def open_session(path: Path | str, opts):
     return ort.InferenceSession(str(path), opts, providers=[PROVIDER], disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
-def _session(path: Path, level: str, threads: int, optimized_out: Path | None = None):
+def _session(path: Path, level: str, threads: int, optimized_out: Path | None = None, mapped: bool = False):
     opts = session_options(level, threads)
+    if mapped:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if optimized_out is not None:
         opts.optimized_model_filepath = str(optimized_out)
     _safety.check_onnx_file(path)
@@ -164,7 +171,7 @@ def compile(
             f"Unknown ONNX Runtime optimisation level '{options.optimization}'.", f"Use one of {', '.join(_LEVELS)}."
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    files = save_model(model, workdir / MODEL_FILE)
+    files = save_model(model, workdir / MODEL_FILE, external=options.mapped)
     threads = threads_for(options.threads, profile)
     config: dict[str, Any] = {
         **asdict(options),
@@ -173,7 +180,7 @@ def compile(
         "files": files,
         "ort_version": version(),
     }
-    if options.save_optimized:
+    if options.save_optimized and not options.mapped:
         _session(workdir / MODEL_FILE, "extended", threads, workdir / OPTIMIZED_FILE)
         config["optimized_file"] = OPTIMIZED_FILE
         config["files"] = files + [OPTIMIZED_FILE]
@@ -238,8 +245,9 @@ class Engine(EngineBase):
         use_optimized = optimized and config.get("ort_version") == version() and (self.folder / optimized).is_file()
         path = self.folder / (optimized if use_optimized else MODEL_FILE)
         self.session = _session(
-            path, config.get("optimization", "all"), threads_for(config.get("threads", 0), None)
-        )
+            path, config.get("optimization", "all"), threads_for(config.get("threads", 0), None),
+            mapped=bool(config.get("mapped")),
+        )  # fmt: skip
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

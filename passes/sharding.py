@@ -160,12 +160,52 @@ def split_rank(
 
 
 def segment_model(model: ir.Model, indices: list[int], needed_after: set[str]) -> ir.Model:
-    """The nodes at ``indices`` as a model of their own: inputs are what they read from outside."""
+    """The nodes at ``indices`` as a model of their own: inputs are what they read from outside.
+
+    Built in ``onnx_ir`` with the same tensor objects as ``model`` (nothing is serialized or
+    copied: weights that are read lazily from a checkpoint stay unread until the segment is
+    saved). Graphs with subgraphs (If/Loop bodies) go through ONNX's extractor instead.
+    """
+    nodes = list(model.graph)
+    chosen = [nodes[i] for i in indices]
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in chosen
+           for attr in n.attributes.values()):  # fmt: skip
+        return _extracted_segment(model, chosen, needed_after)
+    values: dict[str, ir.Value] = {}
+    inputs: list[ir.Value] = []
+    initializers: list[ir.Value] = []
+
+    def copy_of(value: ir.Value) -> ir.Value:
+        return ir.Value(name=value.name, shape=value.shape, type=value.type, const_value=value.const_value)
+
+    new_nodes = []
+    for node in chosen:
+        ins: list[ir.Value | None] = []
+        for value in node.inputs:
+            if value is None:
+                ins.append(None)
+                continue
+            if value.name not in values:
+                values[value.name] = copy_of(value)
+                (initializers if value.is_initializer() else inputs).append(values[value.name])
+            ins.append(values[value.name])
+        outs = [copy_of(v) for v in node.outputs]
+        values.update({v.name: v for v in outs})
+        clone = ir.Node(node.domain, node.op_type, ins, attributes=list(node.attributes.values()), outputs=outs,
+                        name=node.name, overload=node.overload, version=node.version)  # fmt: skip
+        clone.metadata_props.update(node.metadata_props)
+        new_nodes.append(clone)
+    outputs = [values[v.name] for n in chosen for v in n.outputs if v.name in needed_after]
+    opsets = {k: v for k, v in model.opset_imports.items() if k != DOMAIN}
+    graph = ir.Graph(inputs, outputs, nodes=new_nodes, initializers=initializers, opset_imports=opsets,
+                     name=model.graph.name)  # fmt: skip
+    return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name)
+
+
+def _extracted_segment(model: ir.Model, chosen: list[ir.Node], needed_after: set[str]) -> ir.Model:
     import onnx
     import onnx.utils
 
-    nodes = list(model.graph)
-    chosen = [nodes[i] for i in indices]
     produced = {v.name for n in chosen for v in n.outputs}
     inputs: list[str] = []
     for node in chosen:
