@@ -189,7 +189,9 @@ def compile(
     return Engine(workdir, specs[0], specs[1], config)
 
 
-_QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits", "MatMulInteger"})
+_QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits", "MatMulInteger"}
+)
 """A graph with one of these gets its kernels read back (a plain FP32 graph is not worth a
 second session)."""
 _KERNEL_PRECISION = {

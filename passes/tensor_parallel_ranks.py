@@ -20,8 +20,8 @@ from adapter.passes.sharding import DOMAIN
 from adapter.passes.tensor_parallel import TPPlan, attr_of, const_of, dims_of, weight_product
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    tensor = array if isinstance(array, ir.LazyTensor) else ir.tensor(np.ascontiguousarray(array), name=name)
     value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
     graph.register_initializer(value)
     return value
@@ -29,6 +29,18 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def _take(array: np.ndarray, axis: int, parts: list[tuple[int, int]]) -> np.ndarray:
     return np.concatenate([np.take(array, np.arange(a, b), axis=axis) for a, b in parts], axis=axis)
+
+
+def _sliced(tensor: ir.TensorProtocol, axis: int, parts: list[tuple[int, int]]) -> ir.LazyTensor:
+    """``tensor``'s ``parts`` along ``axis``, read when saved: a weight read lazily from a
+    checkpoint is read (then sliced, then dropped) only when the rank's file is written; one
+    that knows how to read only its slice (``sliced``, a streamed checkpoint's) does that."""
+    if hasattr(tensor, "sliced"):
+        return tensor.sliced(axis, parts)
+    dims = list(tensor.shape)
+    dims[axis] = sum(b - a for a, b in parts)
+    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(_take(tensor.numpy(), axis, parts))),
+                         tensor.dtype, ir.Shape(dims))  # fmt: skip
 
 
 def _shape_piece(value: ir.Value, index: int) -> tuple[ir.Node | None, int, ir.Value] | None:
@@ -75,8 +87,8 @@ def apply_plan(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
         node = nodes[name]
         _, features_axis = weight_product(node)
         parts = parts_of(out)
-        node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), _take(
-            node.inputs[1].const_value.numpy(), features_axis, parts)))  # fmt: skip
+        node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), _sliced(
+            node.inputs[1].const_value, features_axis, parts)))  # fmt: skip
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = node.inputs[2].const_value.numpy()
             if bias.ndim and bias.shape[-1] > 1:
@@ -184,8 +196,8 @@ def _divide_shape(graph, node: ir.Node, index: int, element: int, size: int, tp:
 def _row(graph, node: ir.Node, parts: list[tuple[int, int]], fresh) -> None:
     """Keep the weight rows of ``parts``; AllReduce the product, then add a Gemm's bias once."""
     rows_axis = 1 - weight_product(node)[1]
-    node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), _take(
-        node.inputs[1].const_value.numpy(), rows_axis, parts)))  # fmt: skip
+    node.replace_input_with(1, _initializer(graph, fresh(node.inputs[1].name), _sliced(
+        node.inputs[1].const_value, rows_axis, parts)))  # fmt: skip
     out = node.outputs[0]
     reduced = ir.Value(name=fresh("allreduce"), shape=out.shape, type=out.type)
     ir.convenience.replace_all_uses_with(out, reduced, replace_graph_outputs=True)
@@ -205,11 +217,11 @@ def _row(graph, node: ir.Node, parts: list[tuple[int, int]], fresh) -> None:
 
 def _vocab_embedding(graph, node: ir.Node, rank: int, tp: int, fresh) -> None:
     """Rows ``rank``'s share of the table: ids it does not hold give zeros, then AllReduce."""
-    table = node.inputs[0].const_value.numpy()
+    table = node.inputs[0].const_value
     share = table.shape[0] // tp
     start = rank * share
     ids = node.inputs[1]
-    local_table = _initializer(graph, fresh(node.inputs[0].name), table[start : start + share])
+    local_table = _initializer(graph, fresh(node.inputs[0].name), _sliced(table, 0, [(start, start + share)]))
     const = {k: _initializer(graph, fresh(k), np.array(v, np.int64)) for k, v in
              (("start", start), ("share", share), ("zero", 0), ("last", [-1]))}  # fmt: skip
     local = ir.Node("", "Sub", [ids, const["start"]], name=fresh("vocab_local"))
@@ -236,6 +248,6 @@ def _vocab_embedding(graph, node: ir.Node, rank: int, tp: int, fresh) -> None:
 
 
 def tensor_parallel_graph(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
-    """Rank ``rank``'s graph as a new model (the analysed ``model`` is left as it is)."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    return apply_plan(copy, plan, rank)
+    """Rank ``rank``'s graph as a new model (the analysed ``model`` is left as it is; the copy
+    shares its tensors, and the rank's slices are read from them only when saved)."""
+    return apply_plan(model.clone(), plan, rank)

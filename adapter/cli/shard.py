@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapter.converter.importer import import_source, prepare_source
@@ -121,7 +122,8 @@ def _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_j
         raise AdapterError(f"--tp {tp} x --pp {pp} is {tp * pp} ranks; the target {target} has {cluster.count}.")
     output = output or Path(f"{Path(source).name or 'decoder'}-tp{tp}pp{pp}")
     manifest = build_sharded_llm(source, output, tp=tp, pp=pp, target=cluster.profile.name,
-                                 say=lambda m: err.print(m), verify=not no_verify, timeout=timeout)  # fmt: skip
+                                 say=lambda m: err.print(m), verify=False if no_verify else None,
+                                 timeout=timeout)  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
         return
@@ -156,12 +158,12 @@ def render_llm(console: Console, manifest: dict) -> None:
         )
         for name, why in split["replicated"].items():
             console.print(f"  kept whole: {name} ({why})")
-    ver = manifest.get("verification")
-    if ver:
+    ver = manifest.get("verification") or {}
+    if ver.get("passed") is not None:
         verdict = "[green]verified[/]" if ver["passed"] else "[red]FAILED[/]"
         console.print(
             f"{verdict} under torchrun: {ver['steps']} greedy tokens x {len(ver['prompts'])} prompts equal to "
             f"{ver['against']}; first-step logits max-abs {ver['first_logits_max_abs']:.2e}."
         )
     else:
-        console.print("[yellow]Not verified[/] (--no-verify).")
+        console.print(f"[yellow]Not verified[/]: {escape(ver.get('skipped', 'no verification'))}.")

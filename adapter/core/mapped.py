@@ -17,7 +17,10 @@ decoder's weights) in its heap instead of returning them.
 
 from __future__ import annotations
 
-__all__ = ["Releaser", "mapped_resident_bytes", "release_mapped", "resident_bytes", "trim_heap"]
+__all__ = [
+    "Releaser", "mapped_resident_bytes", "memory_budget", "peak_rss_bytes", "release_mapped", "resident_bytes",
+    "trim_heap",
+]  # fmt: skip
 
 import ctypes
 import ctypes.util
@@ -160,3 +163,32 @@ def mapped_resident_bytes(path: Path) -> int:
         elif inside and line.startswith("Rss:"):
             total += int(line.split()[1]) * 1024
     return total
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory (``VmHWM``; 0 where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_budget() -> int:
+    """Bytes this process may use: the smaller of its address-space limit (``RLIMIT_AS``)
+    and the memory the machine has available now."""
+    import resource
+
+    limits = []
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return min(limits) if limits else 1 << 40

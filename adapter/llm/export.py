@@ -217,8 +217,14 @@ def _symbols(program) -> dict[str, str]:
     return found
 
 
-def export_decoder(model: torch.nn.Module, family: str) -> tuple[ir.Model, DecoderLayout, dict[str, float]]:
+def export_decoder(
+    model: torch.nn.Module, family: str, device: str = "cpu"
+) -> tuple[ir.Model, DecoderLayout, dict[str, float]]:
     """torch.export + the dynamo ONNX exporter of ``model`` with a dynamic KV cache.
+
+    ``device="meta"``: a model whose parameters are on the meta device (no weights) is traced
+    with meta example inputs; the graph's initializers are then meta tensors to be replaced
+    (:mod:`adapter.llm.streamed`).
 
     Raises:
         ExportError: torch.export or the exporter failed (first lines of the reason).
@@ -226,6 +232,9 @@ def export_decoder(model: torch.nn.Module, family: str) -> tuple[ir.Model, Decod
     layout = layout_of(model, family)
     wrapper = _KVDecoder(model, layout.num_layers).eval()
     examples = _examples(layout)
+    if device != "cpu":
+        examples = {k: v.to(device) if isinstance(v, torch.Tensor) else [(a.to(device), b.to(device)) for a, b in v]
+                    for k, v in examples.items()}  # fmt: skip
     dynamic = torch.export.Dim.DYNAMIC
     cache_axes = ({0: dynamic, 2: dynamic}, {0: dynamic, 2: dynamic})
     shapes = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "FAMILIES", "CausalLM", "family_of_config", "is_causal_lm_source", "load_causal_lm", "tiny_config",
-    "tiny_model", "write_random_folder", "write_word_tokenizer",
+    "tiny_model", "write_random_folder", "write_random_shards", "write_word_tokenizer",
 ]  # fmt: skip
 
 import json
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adapter.converter.importer import load_factory
@@ -238,4 +239,56 @@ def write_random_folder(config, folder: Path | str, seed: int = 0, dtype: torch.
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     config.architectures = [type(model).__name__]
     model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def write_random_shards(
+    config, folder: Path | str, seed: int = 0, shard_bytes: int = 1 << 30, bf16: bool = False
+) -> Path:
+    """Write a random causal LM of ``config`` as a Hugging Face folder of safetensors shards
+    (FP32, or BF16 with ``bf16``), holding one shard in memory at a time (models larger than
+    this process's memory).
+
+    Matrices are N(0, 0.02) like transformers' init, norm weights ones and biases zeros; the
+    names and shapes are the model's own (read from it on the meta device).
+    """
+    from safetensors.torch import save_file
+
+    transformers = _transformers()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(folder))
+    rng = np.random.default_rng(seed)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    count, size = 0, 0
+
+    def flush() -> None:
+        nonlocal shard, count, size
+        if shard:
+            name = f"model-{count:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+            shard, count, size = {}, count + 1, 0
+
+    for key, tensor in model.state_dict().items():
+        shape = tuple(tensor.shape)
+        if len(shape) >= 2:
+            array = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        elif key.endswith("bias"):
+            array = np.zeros(shape, np.float32)
+        else:
+            array = np.ones(shape, np.float32)
+        shard[key] = torch.from_numpy(array).to(torch.bfloat16 if bf16 else torch.float32)
+        size += shard[key].nbytes
+        if size >= shard_bytes:
+            flush()
+    flush()
+    width = 2 if bf16 else 4
+    index = {"metadata": {"total_size": sum(int(np.prod(t.shape)) * width for t in model.state_dict().values())},
+             "weight_map": weight_map}  # fmt: skip
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folder

@@ -29,12 +29,14 @@ import numpy as np
 from adapter.backends import get_backend
 from adapter.core import artifact
 from adapter.core.errors import AdapterError, VerificationError
+from adapter.core.mapped import memory_budget, peak_rss_bytes
 from adapter.core.specs import Dim, TensorSpec, spec_of
 from adapter.llm.convert import load_source
 from adapter.llm.export import DIM_LIMITS, export_decoder
 from adapter.llm.generate import Sampling, generate, left_pad
 from adapter.llm.layout import DecoderLayout
 from adapter.llm.rank_generate import TOKEN_MARK
+from adapter.llm.streamed import export_streamed
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.sharding import UNSHARDED, stage_bounds, weight_costs
 from adapter.passes.tensor_parallel import analyse
@@ -149,12 +151,18 @@ def build_sharded_llm(
     backend: str = "onnxruntime",
     target: str = "host",
     say: Callable[[str], None] = lambda _m: None,
-    verify: bool = True,
+    verify: bool | None = None,
     timeout: float = 60.0,
     verify_steps: int = 32,
     plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a sharded generation artifact for ``tp`` x ``pp`` ranks (see the module docstring).
+
+    A Hugging Face folder is streamed (:mod:`adapter.llm.streamed`): the graph is exported
+    without weights and each rank's engine files are written tensor by tensor from the
+    checkpoint, so the model may be larger than this process's memory. ``verify`` (default:
+    when the whole model takes at most a quarter of this process's memory) builds the unsharded
+    engine and compares 32 greedy tokens under torchrun.
 
     Raises:
         AdapterError: The source is no causal LM, the graph does not split, a segment does not compile.
@@ -165,12 +173,20 @@ def build_sharded_llm(
     started = time.perf_counter()
     profile = load_profile(target)
     module = get_backend(backend)
-    say("load source")
-    lm = load_source(source)
-    say("export the decoder with its KV cache")
-    graph, layout, seconds = export_decoder(lm.model, lm.family)
+    if Path(source).is_dir():
+        say("export the decoder with its KV cache, without its weights (read from the checkpoint when written)")
+        graph, layout, seconds, _ = export_streamed(source)
+    else:
+        say("load source")
+        lm = load_source(source)
+        say("export the decoder with its KV cache")
+        graph, layout, seconds = export_decoder(lm.model, lm.family)
+        lm = None
     run_pipeline(graph, build_pipeline(["canonicalize"]))
-    lm = None
+    whole = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+    budget = memory_budget()
+    if verify is None:
+        verify = whole <= budget / 4
     tp_plan = None
     models = [graph]
     if tp > 1:
@@ -180,13 +196,14 @@ def build_sharded_llm(
     bounds = stage_bounds(models[0], pp, PLAN_SIZES, weight_costs(models[0]))
     dims = _dims()
     output = Path(output)
+    # the ranks map their weight files: ONNX Runtime keeps no second (prepacked) copy
+    options = module.Options.from_profile(profile, {"mapped": True} if backend == "onnxruntime" else {})
     with artifact.staging_dir(output) as staged:
 
         def compile_segment(segment, folder: str) -> dict[str, Any]:
             say(f"compile {folder} ({len(segment.graph)} nodes)")
             ins = [spec_of(v, dims) for v in segment.graph.inputs]
             outs = [spec_of(v, dims) for v in segment.graph.outputs]
-            options = module.Options.from_profile(profile, {})
             engine = module.compile(segment, profile, options, (ins, outs), staged / folder)
             return {"folder": folder, "backend": backend, "config": engine.config,
                     "inputs": [i.to_json() for i in ins], "outputs": [o.to_json() for o in outs]}  # fmt: skip
@@ -194,10 +211,11 @@ def build_sharded_llm(
         ranks, weights = rank_specs(models, bounds, compile_segment, set(layout.present_names()))
         inputs = [spec_of(v, dims) for v in graph.graph.inputs]
         outputs = [spec_of(v, dims) for v in graph.graph.outputs]
-        say("compile the unsharded engine (the reference the ranks are compared with)")
-        options = module.Options.from_profile(profile, {})
-        reference = module.compile(graph, profile, options, (inputs, outputs), staged / UNSHARDED)
-        whole = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+        reference = None
+        if verify:
+            say("compile the unsharded engine (the reference the ranks are compared with)")
+            reference = module.compile(graph, profile, options, (inputs, outputs), staged / UNSHARDED)
+        del graph
         manifest: dict[str, Any] = {
             "kind": "sharded",
             "task": TASK,
@@ -214,9 +232,11 @@ def build_sharded_llm(
             "ranks": ranks,
             "stage_bounds": bounds,
             "weights_bytes": {"unsharded": whole, "per_rank": {str(r): b for r, b in sorted(weights.items())}},
-            "unsharded": {"folder": UNSHARDED, "backend": backend, "config": reference.config},
             "timings_s": seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
         }
+        if reference is not None:
+            manifest["unsharded"] = {"folder": UNSHARDED, "backend": backend, "config": reference.config}
         if tp_plan is not None:
             manifest["tensor_parallel"] = tp_plan.report()
         if plan is not None:
@@ -225,6 +245,11 @@ def build_sharded_llm(
         if verify:
             say(f"verify: generate {verify_steps} greedy tokens on {tp * pp} ranks under torchrun")
             manifest["verification"] = _verify(staged, manifest, reference, layout, verify_steps, timeout)
+        else:
+            manifest["verification"] = {"passed": None, "skipped": (
+                f"the whole model ({whole / 2**30:.2f} GiB) is more than a quarter of this process's memory "
+                f"({budget / 2**30:.2f} GiB): no unsharded reference was built") if whole > budget / 4 else
+                "not asked for (--no-verify)"}  # fmt: skip
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         artifact.write_manifest(staged, manifest)
         artifact.publish(staged, output)
