@@ -128,6 +128,8 @@ class TPPlan:
     ('split_sizes', node)."""
     split_inputs: list[str] = field(default_factory=list)
     gathered: list[str] = field(default_factory=list)
+    modules: dict[str, str] = field(default_factory=dict)
+    """The module path (``adapter.module``) of each product named above, where the export kept it."""
 
     def report(self) -> dict[str, Any]:
         return {
@@ -138,6 +140,7 @@ class TPPlan:
             "replicated": self.kept,
             "per_rank_inputs": self.split_inputs,
             "gathered_outputs": self.gathered,
+            "modules": self.modules,
         }
 
 
@@ -559,6 +562,8 @@ def analyse(model: ir.Model, tp: int, keep_split: set[str] | frozenset[str] = fr
             raise AdapterError(f"Tensor parallelism cannot follow the graph: {broken}.")
     plan = run.plan
     plan.kept = {name: why for name, why in kept.items() if name not in plan.columns and name not in plan.rows}
+    plan.modules = {n.name: n.metadata_props.get("adapter.module", "") for n in model.graph
+                    if n.name in plan.kept or n.name in plan.columns or n.name in plan.rows}  # fmt: skip
     if not plan.rows and not plan.embeddings:
         broken = "; ".join(f"{name}: {why}" for name, why in list(kept.items())[:8])
         raise AdapterError(

@@ -9,6 +9,7 @@ artifacts from random-weight Hugging Face folders and generate under ``torchrun`
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -123,6 +124,7 @@ def test_kv_heads_that_do_not_divide_stay_whole_and_say_so():
     plan = _check_ranks(graph, layout, feed, 4)
     kept = plan.report()["replicated"]
     assert len(kept) == 2 * layout.num_layers and all("2 heads do not split 4 ways" in why for why in kept.values())
+    assert all(plan.modules[name].endswith(("k_proj", "v_proj")) for name in kept)  # named by module
     assert plan.report()["per_rank_inputs"] == []  # every rank caches both KV heads
     assert len(plan.rows) == 2 * layout.num_layers  # the attention output and MLP still split
 
@@ -203,13 +205,18 @@ def test_a_dead_or_hung_rank_during_generation_ends_every_rank(folders, tmp_path
 def test_shard_and_launch_generate_from_the_cli(folders, tmp_path):
     out = tmp_path / "qwen-2x2"
     runner = CliRunner()
-    shard = runner.invoke(cli, ["shard", str(folders["qwen2"]), "--target", "4xhost", "--tp", "2", "--pp", "2",
-                                "-o", str(out)])  # fmt: skip
+    shard = runner.invoke(cli, ["shard", str(folders["qwen2"]), "--target", "4xhost", "-o", str(out)])
     assert shard.exit_code == 0, shard.output
     assert "verified under torchrun" in shard.output and "32 greedy tokens" in shard.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["plan"]["tp"] * manifest["plan"]["pp"] == 4  # the decoder planner chose the degrees
+    assert (manifest["tp"], manifest["pp"]) == (manifest["plan"]["tp"], manifest["plan"]["pp"])
     ran = runner.invoke(cli, ["launch", str(out), "--nproc", "4", "generate", "--prompt-ids", "5,6,7",
                               "--max-new-tokens", "8", "--stream"])  # fmt: skip
     assert ran.exit_code == 0, ran.output
     assert "time to first token" in ran.output and "(length)" in ran.output
+    nodes = runner.invoke(cli, ["launch", str(out), "generate", "--nproc", "2", "--nnodes", "2", "--master-addr",
+                                "10.0.0.1", "--prompt-ids", "5,6"])  # fmt: skip
+    assert nodes.exit_code == 0 and nodes.output.count("-m adapter.llm.rank_generate") == 2, nodes.output
     wrong = runner.invoke(cli, ["launch", str(out), "--nproc", "2", "generate", "--prompt-ids", "5"])
     assert wrong.exit_code != 0 and "is sharded over 4 ranks" in str(wrong.exception)  # nothing launched

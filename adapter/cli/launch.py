@@ -22,7 +22,7 @@ from adapter.cli.console import out
 from adapter.cli.generate import parse_ids
 from adapter.core.errors import AdapterError
 from adapter.llm.generate import Sampling
-from adapter.llm.sharded import generate_sharded
+from adapter.llm.sharded import WORKER, generate_sharded, generation_request
 from adapter.runtime.launch import DEFAULT_PORT, check_sharded, is_loopback, run_sharded, torchrun_command
 
 
@@ -69,11 +69,15 @@ def launch(artifact, mode, nproc, inputs, output, timeout, nnodes, node_rank, ma
     if timeout <= 0:
         raise click.BadParameter("must be positive", param_hint="--timeout")
     if mode == "generate":
-        if nnodes > 1:
-            raise click.UsageError("Sharded generation launches on one node here (--nnodes 1).")
         if not prompt_ids:
             raise click.UsageError("generate needs --prompt-ids (one or more).")
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if nnodes > 1:
+            request = generation_request([parse_ids(p) for p in prompt_ids], max_new_tokens, sampling,
+                                         not ignore_eos, stream)  # fmt: skip
+            _print_commands(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port,
+                            request)  # fmt: skip
+            return
         _generate(artifact, nproc, timeout, as_json, [parse_ids(p) for p in prompt_ids], max_new_tokens, sampling,
                   stream, ignore_eos)  # fmt: skip
         return
@@ -87,7 +91,8 @@ def launch(artifact, mode, nproc, inputs, output, timeout, nnodes, node_rank, ma
     _render(result["ranks"], result["outputs"], output, result["seconds"], result["network"])
 
 
-def _print_commands(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port) -> None:
+def _print_commands(artifact, nproc, inputs, output, timeout, nnodes, node_rank, master_addr, master_port,
+                    request=None) -> None:  # fmt: skip
     artifact = Path(artifact).resolve()
     manifest = check_sharded(artifact, nproc, nnodes)
     if is_loopback(master_addr):
@@ -98,14 +103,20 @@ def _print_commands(artifact, nproc, inputs, output, timeout, nnodes, node_rank,
         )
     if node_rank is not None and not 0 <= node_rank < nnodes:
         raise click.BadParameter(f"must be in 0..{nnodes - 1}", param_hint="--node-rank")
-    if inputs is None:
+    worker = ("adapter.runtime.worker", "--inputs")
+    if request is not None:  # generation: the request goes to a JSON file each node reads at the same path
+        inputs = Path(inputs or "request.json")
+        click.echo(f"# write this request to {inputs} on every node:\n{json.dumps(request)}")
+        worker = (WORKER, "--request")
+    elif inputs is None:
         raise click.UsageError("A multi-node run needs --inputs (the same .npz path on every node).")
-    target = output or Path("outputs.npz")
+    target = output or Path("result.json" if request is not None else "outputs.npz")
     click.echo(f"# {manifest['world_size']} ranks: {nnodes} nodes x {nproc} processes. Run on each node, with the "
                f"artifact and the inputs at the same paths; set GLOO_SOCKET_IFNAME to the shared interface.")  # fmt: skip
     for r in range(nnodes) if node_rank is None else [node_rank]:
         cmd = torchrun_command(artifact, nproc, Path(inputs), Path(target), timeout, nnodes=nnodes, node_rank=r,
-                               master_addr=master_addr, master_port=master_port or DEFAULT_PORT)  # fmt: skip
+                               master_addr=master_addr, master_port=master_port or DEFAULT_PORT,
+                               worker=worker)  # fmt: skip
         cmd[:3] = ["torchrun"]
         click.echo(f"# node {r}\n{shlex.join(cmd)}")
 

@@ -22,6 +22,7 @@ from adapter.core.errors import AdapterError
 from adapter.llm.families import is_causal_lm_source
 from adapter.llm.sharded import build_sharded_llm
 from adapter.passes import build_pipeline, run_pipeline
+from adapter.passes.decoder_plan import DecoderShape, plan_decoder
 from adapter.passes.sharding_plan import parse_cluster, plan_sharding
 from adapter.runtime.shard import build_sharded
 
@@ -88,7 +89,7 @@ def shard(source, target, tp, pp, microbatches, batch, seq, output, no_verify, t
     err = Console(stderr=True)
     cluster = parse_cluster(target)
     if task == "text-generation" or (task == "auto" and is_causal_lm_source(source)):
-        _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_json, err)
+        _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_json, err, batch, seq)
         return
     plan = None
     if tp is None or pp is None or microbatches is None:
@@ -115,15 +116,25 @@ def shard(source, target, tp, pp, microbatches, batch, seq, output, no_verify, t
     )
 
 
-def _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_json, err) -> None:
+def _shard_llm(source, cluster, target, tp, pp, output, no_verify, timeout, as_json, err, batch, seq) -> None:
+    plan = None
     if tp is None or pp is None:
-        raise click.UsageError("Sharding a generation engine needs --tp and --pp (the planner's choice: adapter plan).")
+        config = json.loads((Path(source) / "config.json").read_text()) if Path(source).is_dir() else None
+        if config is None:
+            raise click.UsageError(
+                "Give --tp and --pp for a factory source (the planner reads a folder's config.json)."
+            )
+        plan = plan_decoder(DecoderShape.from_config(config), cluster, batch=batch, prompt=seq, tp=tp, pp=pp)
+        tp, pp = plan.tp, plan.pp
+        best = plan.chosen
+        err.print(f"planned for {cluster.count} x {cluster.profile.name}: tp {tp} x pp {pp} ({plan.weights} weights "
+                  f"planned; prefill {best.prefill_ms:.1f} ms, decode {best.decode_ms:.2f} ms per token)")  # fmt: skip
     if tp * pp != cluster.count:
         raise AdapterError(f"--tp {tp} x --pp {pp} is {tp * pp} ranks; the target {target} has {cluster.count}.")
     output = output or Path(f"{Path(source).name or 'decoder'}-tp{tp}pp{pp}")
     manifest = build_sharded_llm(source, output, tp=tp, pp=pp, target=cluster.profile.name,
                                  say=lambda m: err.print(m), verify=False if no_verify else None,
-                                 timeout=timeout)  # fmt: skip
+                                 timeout=timeout, plan=plan.to_json() if plan else None)  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2, default=str) + "\n")
         return
@@ -157,7 +168,8 @@ def render_llm(console: Console, manifest: dict) -> None:
             f"{len(split['per_rank_inputs'])} past tensors"
         )
         for name, why in split["replicated"].items():
-            console.print(f"  kept whole: {name} ({why})")
+            module = split.get("modules", {}).get(name)
+            console.print(f"  kept whole: {escape(module + ' ' if module else '')}({name}; {escape(why)})")
     ver = manifest.get("verification") or {}
     if ver.get("passed") is not None:
         verdict = "[green]verified[/]" if ver["passed"] else "[red]FAILED[/]"

@@ -17,7 +17,14 @@ by :class:`GraphSession`), with the first step's logits alongside.
 
 from __future__ import annotations
 
-__all__ = ["GraphSession", "build_sharded_llm", "generate_sharded", "unsharded_engine"]
+__all__ = [
+    "GraphSession",
+    "WORKER",
+    "build_sharded_llm",
+    "generate_sharded",
+    "generation_request",
+    "unsharded_engine",
+]
 
 import time
 from collections.abc import Callable
@@ -99,6 +106,30 @@ def _verify_prompts(layout: DecoderLayout) -> list[list[int]]:
     return [rng.integers(3, layout.vocab_size, size=n).tolist() for n in (5, 9)]
 
 
+def generation_request(
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_at_eos: bool = True,
+    stream: bool = False,
+    first_logits: bool = False,
+) -> dict[str, Any]:
+    """What every rank of a sharded generation reads (``--request``): prompts, length, sampling."""
+    return {
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "sampling": {
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+        },  # fmt: skip
+        "stop_at_eos": stop_at_eos,
+        "stream": stream,
+        "first_logits": first_logits,
+    }
+
+
 def generate_sharded(
     folder: Path,
     nproc: int,
@@ -118,19 +149,7 @@ def generate_sharded(
     """
     import json
 
-    request = {
-        "prompts": prompts,
-        "max_new_tokens": max_new_tokens,
-        "sampling": {
-            "temperature": sampling.temperature,
-            "top_k": sampling.top_k,
-            "top_p": sampling.top_p,
-            "seed": sampling.seed,
-        },  # fmt: skip
-        "stop_at_eos": stop_at_eos,
-        "stream": on_tokens is not None,
-        "first_logits": first_logits,
-    }
+    request = generation_request(prompts, max_new_tokens, sampling, stop_at_eos, on_tokens is not None, first_logits)
 
     def line(text: str) -> None:
         at = text.find(TOKEN_MARK)
