@@ -171,6 +171,8 @@ def test_sharded_greedy_generation_equals_the_unsharded_engine(folders, tmp_path
     ver = manifest["verification"]
     assert ver["passed"] and ver["tokens_equal"] and ver["steps"] == 32 and len(ver["ranks"]) == tp * pp
     assert ver["first_logits_max_abs"] <= 1e-5
+    eager = ver["eager"]  # and the unsharded engine against eager PyTorch
+    assert eager["passed"] and eager["greedy"]["equal"] and eager["prefill"]["max_abs"] <= 1e-4
     # the artifact's own unsharded engine gives the same tokens here, in this process
     layout = manifest["layout"]
     from adapter.llm.layout import DecoderLayout

@@ -177,5 +177,11 @@ def render_llm(console: Console, manifest: dict) -> None:
             f"{verdict} under torchrun: {ver['steps']} greedy tokens x {len(ver['prompts'])} prompts equal to "
             f"{ver['against']}; first-step logits max-abs {ver['first_logits_max_abs']:.2e}."
         )
+        eager = ver.get("eager")
+        if eager:
+            console.print(
+                f"the unsharded engine against eager PyTorch: prefill logits max-abs {eager['prefill']['max_abs']:.1e}, "
+                f"{eager['greedy']['steps']} greedy tokens {'equal' if eager['greedy']['equal'] else 'DIFFER'}."
+            )
     else:
         console.print(f"[yellow]Not verified[/]: {escape(ver.get('skipped', 'no verification'))}.")

@@ -64,6 +64,8 @@ class RankSession:
         self.batch = batch
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last_only: bool = True) -> np.ndarray:
+        """Each row's last-position logits (batch, 1, vocab), whatever ``last_only`` says: only they
+        are broadcast from the last stage (the generation loop asks for no more)."""
         import torch.distributed as dist
 
         rank, k = self.rank, self.count

@@ -10,9 +10,11 @@ artifact with a ``generation`` section. :mod:`adapter.llm.rank_generate` runs it
 ``torchrun``: every rank runs the same generation loop, the last stage's logits are
 broadcast at every step, so every rank picks the same token and rank 0 streams them.
 
-Before publishing, the artifact generates greedily under ``torchrun`` and its tokens are
-compared with the unsharded engine's (the whole graph compiled by the same backend, run here
-by :class:`GraphSession`), with the first step's logits alongside.
+Before publishing (when the model fits a quarter of this process's memory), the artifact
+generates greedily under ``torchrun`` and its tokens are compared with the unsharded engine's
+(the whole graph compiled by the same backend, run here by :class:`GraphSession`), with the
+first step's logits alongside; the unsharded engine is in turn checked against eager PyTorch
+(:func:`adapter.llm.verify.verify_decoder`: prefill and decode logits, 32 greedy tokens).
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from adapter.core import artifact
 from adapter.core.errors import AdapterError, VerificationError
 from adapter.core.mapped import memory_budget, peak_rss_bytes
 from adapter.core.specs import Dim, TensorSpec, spec_of
-from adapter.llm.convert import load_source
+from adapter.llm.convert import LLMOptions, load_source
 from adapter.llm.export import DIM_LIMITS, export_decoder
 from adapter.llm.generate import Sampling, generate, left_pad
 from adapter.llm.layout import DecoderLayout
 from adapter.llm.rank_generate import TOKEN_MARK
 from adapter.llm.streamed import export_streamed
+from adapter.llm.verify import verify_decoder
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.passes.sharding import UNSHARDED, stage_bounds, weight_costs
 from adapter.passes.tensor_parallel import analyse
@@ -81,7 +84,7 @@ class GraphSession:
         empty = np.zeros(self.layout.cache_shape(batch, 0), np.float32)
         self.cache = {name: empty for name in self.layout.past_names()}
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last_only: bool = True) -> np.ndarray:
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last_only: bool = False) -> np.ndarray:
         out = self.engine.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **self.cache})
         for past, present in zip(self.layout.past_names(), self.layout.present_names()):
             self.cache[past] = out[present]
@@ -264,6 +267,12 @@ def build_sharded_llm(
         if verify:
             say(f"verify: generate {verify_steps} greedy tokens on {tp * pp} ranks under torchrun")
             manifest["verification"] = _verify(staged, manifest, reference, layout, verify_steps, timeout)
+            say("verify the unsharded engine against eager PyTorch (logits and greedy tokens)")
+            eager = load_source(source).model
+            manifest["verification"]["eager"] = verify_decoder(
+                GraphSession(reference, layout), eager, layout, "fp32", LLMOptions(verify_steps=verify_steps)
+            )
+            del eager
         else:
             manifest["verification"] = {"passed": None, "skipped": (
                 f"the whole model ({whole / 2**30:.2f} GiB) is more than a quarter of this process's memory "
