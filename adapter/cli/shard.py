@@ -160,6 +160,11 @@ def render_llm(console: Console, manifest: dict) -> None:
             str(sum(1 for s in spec["steps"] if s["op"] != "run")), f"{size / 1e6:.2f}", f"{100 * size / whole:.1f}%",
         )  # fmt: skip
     console.print(table)
+    if manifest.get("peak_rss_bytes"):
+        console.print(
+            f"converting process: peak RSS {manifest['peak_rss_bytes'] / 2**30:.2f} GiB for "
+            f"{whole / 2**30:.2f} GiB of weights (written rank by rank, tensor by tensor)"
+        )
     split = manifest.get("tensor_parallel")
     if split:
         console.print(
