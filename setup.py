@@ -10,7 +10,7 @@ from setuptools import setup
 
 SUBPACKAGES = ("passes", "passes.fusion", "backends", "kernels", "op_library", "profiles")
 """Top-level folders installed as ``adapter.<name>``."""
-INNER = ("core", "converter", "bench", "profile", "runtime", "llm", "cli")
+INNER = ("core", "converter", "bench", "profile", "runtime", "llm", "serve", "cli")
 """Layers that live inside ``adapter/`` itself (see ARCHITECTURE.md)."""
 
 # Pinned: these are the versions the test-suite and the figures in the notes were
@@ -37,6 +37,10 @@ INSTALL_REQUIRES = [
     # profiler plots (heatmap, roofline) and bench suites (YAML)
     "matplotlib==3.11.2",
     "pyyaml==6.0.3",
+    # adapter serve: Starlette on uvicorn, Prometheus metrics
+    "starlette==1.10.0",
+    "uvicorn==0.55.0",
+    "prometheus-client==0.26.0",
 ]
 
 EXTRAS = {
@@ -55,6 +59,8 @@ EXTRAS = {
         "pytest-timeout==2.4.0",
         "ruff==0.14.5",
         "hypothesis==6.155.2",
+        # the server tests' HTTP client
+        "httpx==0.29.0",
         # the layering contract (tests/test_layers.py runs lint-imports)
         "import-linter==2.17",
         # the TVM backend's tests (x86 engines, aarch64/CUDA/ROCm builds)

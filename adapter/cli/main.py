@@ -33,6 +33,7 @@ COMMANDS = {
     "plan": "adapter.cli.plan:plan",
     "shard": "adapter.cli.shard:shard",
     "launch": "adapter.cli.launch:launch",
+    "serve": "adapter.cli.serve:serve",
 }
 """Each command's module (all inside ``adapter.cli``, each importing what it needs at its
 top), imported when the command runs or a help page lists it: ``adapter generate`` never

@@ -1,0 +1,59 @@
+"""``adapter serve``: an engine behind an HTTP server (Starlette on uvicorn), loopback by default.
+
+Registered on the main CLI (``COMMANDS``); errors are :class:`adapter.core.errors.AdapterError`
+and reach ``adapter.cli.main.main``, which prints them as one paragraph.
+"""
+
+from __future__ import annotations
+
+__all__ = ["serve"]
+
+from pathlib import Path
+
+import click
+
+from adapter.cli.console import err
+from adapter.converter.api import load
+from adapter.core import artifact
+from adapter.core.errors import AdapterError
+from adapter.serve.app import ServeOptions, build_app
+
+
+@click.command("serve")
+@click.argument("artifact_path", metavar="ARTIFACT", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (no authentication: keep it loopback unless a proxy guards it).")  # fmt: skip
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Rows per engine run.")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long a batch waits for more requests after its first.")  # fmt: skip
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests that may wait; more are refused with 429.")  # fmt: skip
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True)
+def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb):
+    """Serve a forward-pass engine ARTIFACT: /v1/embeddings, /v1/infer, /health, /metrics.
+
+    Requests are batched dynamically (a batch closes at --max-batch or --max-wait-ms);
+    sequences of different lengths are padded when the engine takes an attention mask.
+    SIGTERM stops accepting and finishes the requests in flight.
+
+    \b
+    Examples:
+      adapter serve minilm-host --port 8000
+      curl -s localhost:8000/v1/embeddings -d '{"input": [[101, 7592, 102]]}'
+    """
+    import uvicorn
+
+    manifest = artifact.validate(artifact_path)
+    if manifest.get("kind") == "causal-lm":
+        raise AdapterError(
+            f"'{artifact_path}' is a generation engine; `adapter serve` serves forward-pass engines so far "
+            "(the OpenAI completions API with continuous batching is not built yet).",
+            "Generate with `adapter generate` meanwhile.",
+        )
+    engine = load(artifact_path, check=False)
+    app = build_app(engine, manifest, ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20)))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]listening on {host}: the server has no authentication[/]")
+    err.print(f"serving {artifact_path} on http://{host}:{port} (batches of up to {max_batch}, {max_wait_ms:g} ms)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -1,0 +1,209 @@
+"""The HTTP server of a forward-pass engine (Starlette on uvicorn): embeddings, named tensors,
+health and Prometheus metrics.
+
+* ``POST /v1/embeddings`` — OpenAI's request and response shapes. ``input`` is token ids (a
+  list of ints, or a list of such lists: one embedding each); text needs the model's
+  tokenizer, which an engine artifact does not carry yet, so text is refused with a 400 that
+  says so. Each input is one request of the dynamic batcher.
+* ``POST /v1/infer`` — named tensors as JSON (``{"inputs": {name: nested lists}}``) or an
+  ``.npz`` body (``Content-Type: application/x-npz``; read with ``allow_pickle=False``);
+  the answer comes in the same format.
+* ``GET /health``, ``GET /metrics`` (``prometheus-client``'s text format).
+
+Bad input never reaches the engine: malformed JSON or ``.npz`` → 400, a body over
+``max_body`` bytes → 413, inputs that do not match the engine's specs → 422, a full queue →
+429; each with a one-line reason (``{"error": {"message", "type"}}``) and the server goes on.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ServeOptions", "build_app"]
+
+import asyncio
+import contextlib
+import io
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from adapter.core.errors import AdapterError, InputMismatchError
+from adapter.core.specs import TensorSpec, check_inputs
+from adapter.serve.batching import BatchStats, DynamicBatcher, Overloaded
+
+NPZ = "application/x-npz"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_body: int = 16 * 2**20
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": " ".join(str(message).split())[:500], "type": kind}}, status_code=status)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("adapter_requests", "Requests by endpoint and status code", ["endpoint", "code"],
+                                registry=self.registry)  # fmt: skip
+        self.queue = Gauge("adapter_queue_depth", "Requests waiting for a batch", registry=self.registry)
+        self.batch = Histogram("adapter_batch_size", "Rows per engine run", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip
+        self.engine = Histogram("adapter_engine_seconds", "Engine time per batch", registry=self.registry)
+        self.latency = Histogram("adapter_request_seconds", "Request latency (arrival to answer)", ["endpoint"],
+                                 registry=self.registry)  # fmt: skip
+
+
+def _embedding_output(outputs: list[TensorSpec]) -> str | None:
+    """The engine's sentence embedding: ``sentence_embedding``, else its one 2-D float output."""
+    names = [s.name for s in outputs]
+    if "sentence_embedding" in names:
+        return "sentence_embedding"
+    flat = [s.name for s in outputs if len(s.shape) == 2 and s.dtype.startswith("float")]
+    return flat[0] if len(flat) == 1 else None
+
+
+def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = ServeOptions()) -> Starlette:
+    """A Starlette app over a loaded forward-pass ``engine`` (``run``, ``inputs``, ``outputs``)."""
+    metrics = _Metrics()
+    stats = BatchStats(on_batch=lambda size, seconds: (metrics.batch.observe(size), metrics.engine.observe(seconds)),
+                       on_queue=metrics.queue.set)  # fmt: skip
+    batcher = DynamicBatcher(engine.run, engine.inputs, engine.outputs, options.max_batch, options.max_wait_ms,
+                             options.max_queue, stats)  # fmt: skip
+    specs = {s.name: s for s in engine.inputs}
+    embedding = _embedding_output(engine.outputs)
+
+    async def body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > options.max_body:
+            raise _Refused(413, f"The body is {int(declared)} bytes; this server takes at most {options.max_body}.")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > options.max_body:
+                raise _Refused(413, f"The body is over {options.max_body} bytes.")
+        return data
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return json.loads(await body(request))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Refused(400, f"The body is not valid JSON: {exc}.") from exc
+
+    def endpoint(name: str, handler):
+        async def wrapped(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except _Refused as exc:
+                response = _error(exc.status, str(exc), exc.kind)
+            except Overloaded as exc:
+                response = _error(429, f"The server is busy: {exc} Retry later.", "overloaded")
+            except InputMismatchError as exc:
+                response = _error(422, exc.message if hasattr(exc, "message") else str(exc))
+            except AdapterError as exc:
+                response = _error(500, str(exc), "engine_error")
+            metrics.requests.labels(name, str(response.status_code)).inc()
+            metrics.latency.labels(name).observe(time.perf_counter() - started)
+            return response
+
+        return wrapped
+
+    async def embeddings(request: Request) -> Response:
+        data = await json_body(request)
+        if embedding is None:
+            raise _Refused(400, "This engine has no sentence-embedding output (a 2-D float output); use /v1/infer.")
+        inputs = data.get("input") if isinstance(data, dict) else None
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+            raise _Refused(400, "This engine carries no tokenizer: send token ids ('input': [[101, 2023, ...]]).")
+        if isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs):
+            inputs = [inputs]
+        if not (isinstance(inputs, list) and inputs and all(isinstance(r, list) and r and
+                                                            all(isinstance(t, int) for t in r) for r in inputs)):  # fmt: skip
+            raise _Refused(400, "'input' must be token ids: a non-empty list of ints, or a list of such lists.")
+        results = []
+        for row in inputs:
+            ids = np.asarray([row], np.int64)
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            if "token_type_ids" in specs:
+                feed["token_type_ids"] = np.zeros_like(ids)
+            results.append(batcher.submit(check_inputs(engine.inputs, feed)))
+        vectors = await asyncio.gather(*results)
+        return JSONResponse({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v[embedding][0].astype(float).tolist()}
+                     for i, v in enumerate(vectors)],
+            "model": manifest.get("source", {}).get("spec", ""),
+            "usage": {"prompt_tokens": sum(len(r) for r in inputs), "total_tokens": sum(len(r) for r in inputs)},
+        })  # fmt: skip
+
+    async def infer(request: Request) -> Response:
+        npz = request.headers.get("content-type", "").startswith(NPZ)
+        if npz:
+            raw = await body(request)
+            try:
+                with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+                    feed = {name: archive[name] for name in archive.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise _Refused(400, f"The body is not a readable .npz: {exc}.") from exc
+        else:
+            data = await json_body(request)
+            named = data.get("inputs") if isinstance(data, dict) else None
+            if not isinstance(named, dict):
+                raise _Refused(400, "Send {'inputs': {name: nested lists}} or an .npz body.")
+            feed = {}
+            for name, value in named.items():
+                spec = specs.get(name)
+                try:
+                    feed[name] = np.asarray(value, dtype=spec.dtype if spec else None)
+                except (ValueError, TypeError) as exc:
+                    raise _Refused(422, f"Input '{name}' is not a numeric array: {exc}.") from exc
+        outputs = await batcher.submit(check_inputs(engine.inputs, feed))
+        if npz or NPZ in request.headers.get("accept", ""):
+            buffer = io.BytesIO()
+            np.savez(buffer, **outputs)
+            return Response(buffer.getvalue(), media_type=NPZ)
+        return JSONResponse({"outputs": {name: value.tolist() for name, value in outputs.items()}})
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "backend": manifest.get("backend", {}).get("name"),
+                             "queue": batcher.depth})  # fmt: skip
+
+    async def prometheus(_request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    routes = [
+        Route("/v1/embeddings", endpoint("embeddings", embeddings), methods=["POST"]),
+        Route("/v1/infer", endpoint("infer", infer), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.batcher, app.state.metrics = batcher, metrics
+    return app

@@ -1,0 +1,195 @@
+"""``adapter serve`` of a forward-pass engine on loopback: embeddings equal the engine's, dynamic
+batches, every bad input its 4xx while the server goes on, a full queue 429, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from adapter import ConvertOptions, convert, load
+from adapter.converter.precision import PrecisionOptions
+from adapter.core import artifact
+from adapter.serve.app import ServeOptions, build_app
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve") / "minilm"
+    options = ConvertOptions(backend="onnxruntime", precision=PrecisionOptions(mode="fp32"))
+    convert("adapter.zoo:minilm", folder, options)
+    return folder
+
+
+class _Server:
+    """uvicorn in a thread on a free loopback port."""
+
+    def __init__(self, app) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [101, *rng.integers(1000, 30000, n - 2).tolist(), 102]
+
+
+@pytest.fixture(scope="module")
+def served(minilm):
+    engine = load(minilm)
+    app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=8, max_wait_ms=20, max_queue=64))
+    with _Server(app) as url:
+        yield url, engine, app
+
+
+def test_concurrent_embeddings_equal_the_engine_and_share_batches(served):
+    url, engine, app = served
+    rows = [_ids(5 + 3 * i, i) for i in range(16)]  # 16 lengths: padded into shared batches
+
+    async def ask():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/v1/embeddings", json={"input": r}) for r in rows])
+
+    answers = asyncio.run(ask())
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    for row, answer in zip(rows, answers):
+        got = np.asarray(answer.json()["data"][0]["embedding"], np.float32)
+        ids = np.asarray([row], np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if any(s.name == "token_type_ids" for s in engine.inputs):
+            feed["token_type_ids"] = np.zeros_like(ids)
+        want = engine.run(feed)["sentence_embedding"][0]
+        assert np.abs(got - want).max() <= 1e-5
+    metrics = httpx.get(f"{url}/metrics").text
+    batches = float(
+        next(line.split()[-1] for line in metrics.splitlines() if line.startswith("adapter_batch_size_count"))
+    )
+    assert 2 <= batches < 16  # the 16 requests shared batches (at most 8 rows each)
+    assert 'adapter_requests_total{code="200",endpoint="embeddings"} 16.0' in metrics
+
+
+def test_infer_takes_json_and_npz(served):
+    url, engine, _ = served
+    ids = np.asarray([_ids(9, 3)], np.int64)
+    feed = {s.name: (ids if s.name == "input_ids" else np.ones_like(ids) if s.name == "attention_mask"
+                     else np.zeros_like(ids)) for s in engine.inputs}  # fmt: skip
+    want = engine.run(feed)
+    answer = httpx.post(f"{url}/v1/infer", json={"inputs": {k: v.tolist() for k, v in feed.items()}}, timeout=60)
+    assert answer.status_code == 200
+    for name, value in want.items():
+        assert np.abs(np.asarray(answer.json()["outputs"][name], np.float32) - value).max() <= 1e-5
+    buffer = io.BytesIO()
+    np.savez(buffer, **feed)
+    answer = httpx.post(f"{url}/v1/infer", content=buffer.getvalue(), headers={"content-type": "application/x-npz"},
+                        timeout=60)  # fmt: skip
+    assert answer.status_code == 200
+    with np.load(io.BytesIO(answer.content), allow_pickle=False) as got:
+        assert np.abs(got["sentence_embedding"] - want["sentence_embedding"]).max() <= 1e-5
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "reason"), [
+    ("/v1/embeddings", {"content": b"{not json"}, 400, "not valid JSON"),
+    ("/v1/embeddings", {"json": {"input": "a sentence"}}, 400, "no tokenizer"),
+    ("/v1/embeddings", {"json": {"input": [[1.5, 2]]}}, 400, "token ids"),
+    ("/v1/infer", {"json": {"inputs": {"input_ids": [[1, 2, 3]]}}}, 422, "attention_mask"),
+    ("/v1/infer", {"json": {"inputs": {"input_ids": [["a"]], "attention_mask": [[1]]}}}, 422, "numeric"),
+    ("/v1/infer", {"content": b"PK\x03\x04garbage", "headers": {"content-type": "application/x-npz"}}, 400, ".npz"),
+    ("/v1/infer", {"content": b"x" * (17 * 2**20)}, 413, "bytes"),
+])  # fmt: skip
+def test_bad_input_gets_its_4xx_and_the_next_request_succeeds(served, path, kwargs, status, reason):
+    url, _, _ = served
+    answer = httpx.post(f"{url}{path}", timeout=60, **kwargs)
+    assert answer.status_code == status, answer.text
+    assert reason in answer.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/embeddings", json={"input": _ids(6, 1)}, timeout=60).status_code == 200
+
+
+def test_a_full_queue_refuses_with_429_and_health_stays_up(minilm):
+    engine = load(minilm)
+    slow = engine.run
+
+    def run(feed):
+        time.sleep(0.3)
+        return slow(feed)
+
+    engine.run = run
+    app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2))
+    with _Server(app) as url:
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*[client.post("/v1/embeddings", json={"input": _ids(6, i)})
+                                              for i in range(8)])  # fmt: skip
+
+        codes = [a.status_code for a in asyncio.run(flood())]
+        assert codes.count(429) >= 4 and codes.count(200) >= 2, codes
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": _ids(6, 9)}, timeout=60).status_code == 200
+
+
+def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", str(minilm), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))  # fmt: skip
+    threads: list[threading.Thread] = []
+    try:
+        deadline, health = time.time() + 60, None
+        while time.time() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health and health["status"] == "ok"
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": [[101, 7592, 102]]}, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
+        # SIGTERM while requests are in flight: they are answered, then the server exits
+        results: list[int] = []
+
+        def ask(i: int) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                results.append(httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": _ids(100, i)},
+                                          timeout=60).status_code)  # fmt: skip
+
+        threads += [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    for thread in threads:
+        thread.join(timeout=60)
+    stderr = proc.stderr.read().decode()
+    # uvicorn re-raises the signal once it has shut down gracefully: the exit status says SIGTERM
+    assert code in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr[-1000:]
+    assert results and all(status == 200 for status in results), results
