@@ -16,7 +16,10 @@ after the passes, before ``build``).
 
 from __future__ import annotations
 
-__all__ = ["PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "prepare", "build", "load"]
+__all__ = [
+    "PASSES", "SOURCE", "AUTO_KINDS", "WEIGHTS", "QUANTIZE_IN_GRAPH", "WEIGHT_DEFAULTS", "OrtDecoder", "OrtSlots", "prepare",
+    "build", "load",
+]  # fmt: skip
 
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +132,73 @@ class OrtDecoder:
             self.cache = outputs[1:]
         logits = outputs[0].numpy()
         return logits[:, -1:] if last_only else logits
+
+    def slots(self, count: int, capacity: int) -> OrtSlots:
+        """``count`` rows of ``capacity`` positions that requests join and leave (continuous batching)."""
+        return OrtSlots(self, count, capacity)
+
+
+class OrtSlots:
+    """Rows of one KV buffer that requests join and leave between steps (continuous batching).
+
+    Needs the shared buffer (``kv_cache: shared``: ``GroupQueryAttention`` writes the new
+    positions at ``[T - seq, T)`` of its row, ``T`` the attention-mask width). Rows are kept
+    aligned on a common width ``T`` (a left-padded batch whose padding is masked): a request
+    is prefilled alone into its row (its prompt written at ``[T - L, T)``, the positions
+    before it masked), every decode step runs the active rows ``[0, n)`` together, and a
+    finished row is replaced by the last one (its cache rows copied), so the active rows stay
+    a contiguous view of the buffer. ``shift`` moves every active row's cache along the
+    positions (a longer prompt arriving, or room made at the end of the buffer).
+    """
+
+    def __init__(self, decoder: OrtDecoder, slots: int, capacity: int) -> None:
+        if not decoder.shared:
+            raise AdapterError(
+                "This ONNX Runtime decoder concatenates its cache (its attention did not fuse to "
+                "GroupQueryAttention), so requests cannot join a running batch."
+            )
+        self.decoder, self.slots, self.capacity = decoder, slots, capacity
+        shape = decoder.layout.cache_shape(slots, capacity)
+        self.arrays = [np.zeros(shape, np.float32) for _ in decoder.past_names]
+
+    def _run(self, rows: slice, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        d = self.decoder
+        binding = d.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
+        binding.bind_output("logits", "cpu")
+        for past, present, array in zip(d.past_names, d.present_names, self.arrays):
+            value = d.ort.OrtValue.ortvalue_from_numpy(array[rows])  # a view: rows are the outer axis
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        try:
+            d.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise AdapterError(f"ONNX Runtime failed in a decoder step: {str(exc).splitlines()[0][:400]}") from exc
+        return binding.get_outputs()[0].numpy()[:, -1]
+
+    def prefill(self, row: int, prompt: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Write ``prompt`` into ``row`` at the end of ``mask``'s width; its last logits (vocab,)."""
+        positions = np.arange(len(prompt), dtype=np.int64)[None]
+        return self._run(slice(row, row + 1), np.asarray(prompt, np.int64)[None], mask[None], positions)[0]
+
+    def decode(self, tokens: np.ndarray, masks: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token for each of the first ``len(tokens)`` rows; their logits (rows, vocab)."""
+        n = len(tokens)
+        return self._run(slice(0, n), tokens.reshape(n, 1), masks, positions.reshape(n, 1))
+
+    def move(self, source: int, target: int) -> None:
+        for array in self.arrays:
+            array[target] = array[source]
+
+    def shift(self, rows: int, width: int, by: int) -> None:
+        """Move positions ``[0, width)`` of the first ``rows`` rows by ``by`` (right if positive)."""
+        for array in self.arrays:
+            if by > 0:
+                array[:rows, :, by : by + width] = array[:rows, :, :width].copy()
+            else:
+                array[:rows, :, : width + by] = array[:rows, :, -by:width].copy()
 
 
 def load(folder: Path, config: dict[str, Any], layout: Any) -> OrtDecoder:

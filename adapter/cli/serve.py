@@ -16,7 +16,9 @@ from adapter.cli.console import err
 from adapter.converter.api import load
 from adapter.core import artifact
 from adapter.core.errors import AdapterError
-from adapter.serve.app import ServeOptions, build_app
+from adapter.llm.engine import LLMEngine, is_llm_artifact
+from adapter.serve.app import Refused, ServeOptions, build_app
+from adapter.serve.completions import build_llm_app
 
 
 @click.command("serve")
@@ -30,29 +32,35 @@ from adapter.serve.app import ServeOptions, build_app
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests that may wait; more are refused with 429.")  # fmt: skip
 @click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True)
-def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb):
-    """Serve a forward-pass engine ARTIFACT: /v1/embeddings, /v1/infer, /health, /metrics.
+@click.option("--capacity", type=click.IntRange(2), default=None,
+              help="Generation: positions a request may use (prompt + new tokens); default min(model, 2048).")  # fmt: skip
+def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity):
+    """Serve an engine ARTIFACT over HTTP.
 
-    Requests are batched dynamically (a batch closes at --max-batch or --max-wait-ms);
-    sequences of different lengths are padded when the engine takes an attention mask.
-    SIGTERM stops accepting and finishes the requests in flight.
+    Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
+    at --max-batch or --max-wait-ms; sequences padded when the engine takes an attention
+    mask). Generation engines: /v1/completions (OpenAI's API, streaming as server-sent
+    events) over continuous batching (--max-batch rows join and leave at every step). Both:
+    /health and /metrics (Prometheus). SIGTERM stops accepting and finishes the requests in
+    flight.
 
     \b
     Examples:
       adapter serve minilm-host --port 8000
       curl -s localhost:8000/v1/embeddings -d '{"input": [[101, 7592, 102]]}'
+      adapter serve qwen-host --max-batch 16 && curl -s localhost:8000/v1/completions -d '{"prompt": "Hi", "max_tokens": 8}'
     """
     import uvicorn
 
     manifest = artifact.validate(artifact_path)
-    if manifest.get("kind") == "causal-lm":
-        raise AdapterError(
-            f"'{artifact_path}' is a generation engine; `adapter serve` serves forward-pass engines so far "
-            "(the OpenAI completions API with continuous batching is not built yet).",
-            "Generate with `adapter generate` meanwhile.",
-        )
-    engine = load(artifact_path, check=False)
-    app = build_app(engine, manifest, ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20)))
+    options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20))
+    if is_llm_artifact(manifest):
+        try:
+            app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity)
+        except Refused as exc:
+            raise AdapterError(str(exc), "Convert the causal LM with --backend onnxruntime to serve it.") from exc
+    else:
+        app = build_app(load(artifact_path, check=False), manifest, options)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host}: the server has no authentication[/]")
     err.print(f"serving {artifact_path} on http://{host}:{port} (batches of up to {max_batch}, {max_wait_ms:g} ms)")

@@ -17,7 +17,7 @@ Bad input never reaches the engine: malformed JSON or ``.npz`` → 400, a body o
 
 from __future__ import annotations
 
-__all__ = ["ServeOptions", "build_app"]
+__all__ = ["Refused", "ServeOptions", "build_app", "error_response", "guarded", "read_body", "read_json"]
 
 import asyncio
 import contextlib
@@ -51,13 +51,15 @@ class ServeOptions:
     max_body: int = 16 * 2**20
 
 
-class _Refused(Exception):
+class Refused(Exception):
+    """A request refused with ``status`` and a one-line reason."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status, self.kind = status, kind
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": " ".join(str(message).split())[:500], "type": kind}}, status_code=status)
 
 
@@ -72,6 +74,49 @@ class _Metrics:
         self.engine = Histogram("adapter_engine_seconds", "Engine time per batch", registry=self.registry)
         self.latency = Histogram("adapter_request_seconds", "Request latency (arrival to answer)", ["endpoint"],
                                  registry=self.registry)  # fmt: skip
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past ``limit`` bytes, declared or sent."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"The body is {int(declared)} bytes; this server takes at most {limit}.")
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise Refused(413, f"The body is over {limit} bytes.")
+    return data
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    try:
+        return json.loads(await read_body(request, limit))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Refused(400, f"The body is not valid JSON: {exc}.") from exc
+
+
+def guarded(name: str, handler, metrics) -> Any:
+    """``handler`` with bad input, overload and engine errors turned into one-line JSON errors,
+    counted and timed in ``metrics`` (``requests``, ``latency``)."""
+
+    async def wrapped(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except Refused as exc:
+            response = error_response(exc.status, str(exc), exc.kind)
+        except Overloaded as exc:
+            response = error_response(429, f"The server is busy: {exc} Retry later.", "overloaded")
+        except InputMismatchError as exc:
+            response = error_response(422, str(exc))
+        except AdapterError as exc:
+            response = error_response(500, str(exc), "engine_error")
+        metrics.requests.labels(name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    return wrapped
 
 
 def _embedding_output(outputs: list[TensorSpec]) -> str | None:
@@ -94,53 +139,26 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
     embedding = _embedding_output(engine.outputs)
 
     async def body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > options.max_body:
-            raise _Refused(413, f"The body is {int(declared)} bytes; this server takes at most {options.max_body}.")
-        data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > options.max_body:
-                raise _Refused(413, f"The body is over {options.max_body} bytes.")
-        return data
+        return await read_body(request, options.max_body)
 
     async def json_body(request: Request) -> Any:
-        try:
-            return json.loads(await body(request))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _Refused(400, f"The body is not valid JSON: {exc}.") from exc
+        return await read_json(request, options.max_body)
 
     def endpoint(name: str, handler):
-        async def wrapped(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                response = await handler(request)
-            except _Refused as exc:
-                response = _error(exc.status, str(exc), exc.kind)
-            except Overloaded as exc:
-                response = _error(429, f"The server is busy: {exc} Retry later.", "overloaded")
-            except InputMismatchError as exc:
-                response = _error(422, exc.message if hasattr(exc, "message") else str(exc))
-            except AdapterError as exc:
-                response = _error(500, str(exc), "engine_error")
-            metrics.requests.labels(name, str(response.status_code)).inc()
-            metrics.latency.labels(name).observe(time.perf_counter() - started)
-            return response
-
-        return wrapped
+        return guarded(name, handler, metrics)
 
     async def embeddings(request: Request) -> Response:
         data = await json_body(request)
         if embedding is None:
-            raise _Refused(400, "This engine has no sentence-embedding output (a 2-D float output); use /v1/infer.")
+            raise Refused(400, "This engine has no sentence-embedding output (a 2-D float output); use /v1/infer.")
         inputs = data.get("input") if isinstance(data, dict) else None
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
-            raise _Refused(400, "This engine carries no tokenizer: send token ids ('input': [[101, 2023, ...]]).")
+            raise Refused(400, "This engine carries no tokenizer: send token ids ('input': [[101, 2023, ...]]).")
         if isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs):
             inputs = [inputs]
         if not (isinstance(inputs, list) and inputs and all(isinstance(r, list) and r and
                                                             all(isinstance(t, int) for t in r) for r in inputs)):  # fmt: skip
-            raise _Refused(400, "'input' must be token ids: a non-empty list of ints, or a list of such lists.")
+            raise Refused(400, "'input' must be token ids: a non-empty list of ints, or a list of such lists.")
         results = []
         for row in inputs:
             ids = np.asarray([row], np.int64)
@@ -165,19 +183,19 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
                 with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
                     feed = {name: archive[name] for name in archive.files}
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-                raise _Refused(400, f"The body is not a readable .npz: {exc}.") from exc
+                raise Refused(400, f"The body is not a readable .npz: {exc}.") from exc
         else:
             data = await json_body(request)
             named = data.get("inputs") if isinstance(data, dict) else None
             if not isinstance(named, dict):
-                raise _Refused(400, "Send {'inputs': {name: nested lists}} or an .npz body.")
+                raise Refused(400, "Send {'inputs': {name: nested lists}} or an .npz body.")
             feed = {}
             for name, value in named.items():
                 spec = specs.get(name)
                 try:
                     feed[name] = np.asarray(value, dtype=spec.dtype if spec else None)
                 except (ValueError, TypeError) as exc:
-                    raise _Refused(422, f"Input '{name}' is not a numeric array: {exc}.") from exc
+                    raise Refused(422, f"Input '{name}' is not a numeric array: {exc}.") from exc
         outputs = await batcher.submit(check_inputs(engine.inputs, feed))
         if npz or NPZ in request.headers.get("accept", ""):
             buffer = io.BytesIO()

@@ -1,0 +1,216 @@
+"""The HTTP server of a generation engine: OpenAI's completions API over continuous batching.
+
+* ``POST /v1/completions`` — ``prompt`` (text, with the engine's bundled tokenizer, or token
+  ids), ``max_tokens`` (16), ``temperature`` (1.0, OpenAI's default; 0 is greedy), ``top_p``,
+  ``seed``, ``stop`` (strings, matched on the decoded text, or token ids) and ``stream``
+  (server-sent events, one chunk per token, then ``data: [DONE]``). Each choice carries its
+  ``token_ids`` beside its ``text`` (an engine without a tokenizer answers ids only).
+* ``GET /health``, ``GET /metrics``: requests, waiting requests, active rows, batch rows per
+  step, time to first token, inter-token latency, request latency, tokens generated,
+  requests that ended because their client went away.
+
+A client that disconnects mid-stream ends its request: its row is freed at the next step.
+"""
+
+from __future__ import annotations
+
+__all__ = ["build_llm_app"]
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from adapter.llm.generate import Sampling
+from adapter.serve.app import Refused, ServeOptions, guarded, read_json
+from adapter.serve.continuous import Completion, ContinuousBatcher, QueueFull, TooLong
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("adapter_requests", "Requests by endpoint and status code", ["endpoint", "code"],
+                                registry=r)  # fmt: skip
+        self.latency = Histogram("adapter_request_seconds", "Request latency (arrival to answer)", ["endpoint"],
+                                 registry=r)  # fmt: skip
+        self.waiting = Gauge("adapter_queue_depth", "Requests waiting for a row", registry=r)
+        self.active = Gauge("adapter_active_rows", "Requests in the running batch", registry=r)
+        self.rows = Histogram("adapter_batch_size", "Rows per decode step", registry=r, buckets=(1, 2, 4, 8, 16, 32))
+        self.ttft = Histogram("adapter_time_to_first_token_seconds", "Arrival to first token", registry=r)
+        self.itl = Histogram("adapter_inter_token_seconds", "Between two tokens of a request", registry=r,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))  # fmt: skip
+        self.tokens = Counter("adapter_generated_tokens", "Tokens generated", registry=r)
+        self.disconnects = Counter("adapter_client_disconnects", "Requests ended because the client went away",
+                                   registry=r)  # fmt: skip
+
+
+def _ids(value: Any, what: str) -> list[int]:
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    raise Refused(400, f"'{what}' must be text or a non-empty list of token ids.")
+
+
+def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = ServeOptions(), rows: int = 8,
+                  capacity: int | None = None) -> Starlette:  # fmt: skip
+    """A Starlette app over a loaded ``LLMEngine`` whose session takes rows mid-batch (``slots``)."""
+    if not hasattr(engine.session, "slots"):
+        raise Refused(
+            501, f"The {engine.backend} generation session cannot take requests into a running batch; "
+            "continuous batching runs on ONNX Runtime engines (convert with --backend onnxruntime)."
+        )  # fmt: skip
+    layout = engine.layout
+    capacity = capacity or min(layout.max_positions, 2048)
+    metrics = _Metrics()
+
+    def on_step(active: int, waiting: int) -> None:
+        metrics.active.set(active)
+        metrics.waiting.set(waiting)
+        metrics.rows.observe(active)
+
+    batcher = ContinuousBatcher(engine.session, layout, rows, capacity, options.max_queue, on_step)
+    tokenizer = engine.tokenizer
+
+    def encode(prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise Refused(400, "This engine carries no tokenizer: send token ids ('prompt': [1, 2, 3]).")
+            return engine.encode([prompt])[0]
+        return _ids(prompt, "prompt")
+
+    def parse(data: Any) -> tuple[Completion, asyncio.Queue, list[str], bool]:
+        if not isinstance(data, dict):
+            raise Refused(400, "The body must be a JSON object.")
+        prompt = encode(data.get("prompt"))
+        bad = sorted({t for t in prompt if not 0 <= t < layout.vocab_size})
+        if bad:
+            raise Refused(400, f"Token ids {bad[:6]} are outside the vocabulary of {layout.vocab_size}.")
+        try:
+            max_tokens = int(data.get("max_tokens", 16))
+            sampling = Sampling(float(data.get("temperature", 1.0)), 0, float(data.get("top_p", 1.0)),
+                                None if data.get("seed") is None else int(data["seed"]))  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            raise Refused(400, f"max_tokens, temperature, top_p and seed must be numbers: {exc}.") from exc
+        if max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise Refused(400, "max_tokens must be at least 1, temperature at least 0, top_p in (0, 1].")
+        stop = data.get("stop") or []
+        stop = [stop] if isinstance(stop, (str, int)) else stop
+        stop_ids = frozenset(s for s in stop if isinstance(s, int))
+        stop_texts = [s for s in stop if isinstance(s, str)]
+        if stop_texts and tokenizer is None:
+            raise Refused(400, "Stop strings need the engine's tokenizer; give stop token ids.")
+        loop = asyncio.get_running_loop()
+        channel: asyncio.Queue = asyncio.Queue()
+        request = Completion(prompt, max_tokens, sampling,
+                             lambda token, reason: loop.call_soon_threadsafe(channel.put_nowait, (token, reason)),
+                             stop_ids)  # fmt: skip
+        return request, channel, stop_texts, bool(data.get("stream"))
+
+    def submit(request: Completion) -> None:
+        try:
+            batcher.submit(request)
+        except TooLong as exc:
+            raise Refused(400, str(exc)) from exc
+        except QueueFull as exc:
+            raise Refused(429, f"The server is busy: {exc} Retry later.", "overloaded") from exc
+
+    async def tokens_of(request: Completion, channel: asyncio.Queue, stop_texts: list[str]):
+        """(token, finish reason) as the engine makes them, timed; a stop string ends the text."""
+        last = request.arrived
+        while True:
+            token, reason = await channel.get()
+            now = time.perf_counter()
+            if token is not None:
+                (metrics.ttft if len(request.tokens) <= 1 else metrics.itl).observe(now - last)
+                metrics.tokens.inc()
+                last = now
+            if reason and reason.startswith("error"):
+                raise Refused(500, reason, "engine_error")
+            if stop_texts and token is not None:
+                text = engine.decode(request.tokens) or ""
+                if any(s in text for s in stop_texts):
+                    request.cancelled = True
+                    yield token, "stop"
+                    return
+            yield token, reason
+            if reason:
+                return
+
+    def text_of(tokens: list[int], stop_texts: list[str]) -> str:
+        text = (engine.decode(tokens) or "") if tokenizer is not None else ""
+        for s in stop_texts:
+            text = text.split(s)[0]
+        return text
+
+    def envelope(cid: str, choice: dict[str, Any]) -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": int(time.time()),
+                "model": manifest.get("source", {}).get("spec", ""), "choices": [choice]}  # fmt: skip
+
+    async def completions(http: Request) -> Response:
+        request, channel, stop_texts, stream = parse(await read_json(http, options.max_body))
+        submit(request)
+        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        if stream:
+
+            async def events():
+                finished = False
+                try:
+                    async for token, reason in tokens_of(request, channel, stop_texts):
+                        delta = "" if tokenizer is None or token is None else engine.decode([token]) or ""
+                        chunk = envelope(cid, {"index": 0, "text": delta,
+                                               "token_ids": [] if token is None else [token],
+                                               "finish_reason": reason})  # fmt: skip
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    finished = True
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if not finished:  # the client went away: its row is freed at the next step
+                        request.cancelled = True
+                        metrics.disconnects.inc()
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        reason = None
+        try:
+            async for _token, finish in tokens_of(request, channel, stop_texts):
+                reason = finish
+        except asyncio.CancelledError:
+            request.cancelled = True
+            metrics.disconnects.inc()
+            raise
+        tokens = list(request.tokens)
+        choice = {"index": 0, "text": text_of(tokens, stop_texts), "token_ids": tokens, "finish_reason": reason,
+                  "logprobs": None}  # fmt: skip
+        body = envelope(cid, choice)
+        body["usage"] = {"prompt_tokens": len(request.prompt), "completion_tokens": len(tokens),
+                         "total_tokens": len(request.prompt) + len(tokens)}  # fmt: skip
+        return JSONResponse(body)
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "backend": engine.backend, "active": len(batcher.active),
+                             "waiting": batcher.waiting.qsize()})  # fmt: skip
+
+    async def prometheus(_request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    routes = [
+        Route("/v1/completions", guarded("completions", completions, metrics), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.batcher, app.state.metrics = batcher, metrics
+    return app
