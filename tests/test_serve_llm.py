@@ -135,16 +135,80 @@ def test_bad_requests_get_a_4xx_and_the_next_one_succeeds(served, body, status, 
     assert ok.status_code == 200
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
-    url, _, app = served
-    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 40, "temperature": 0,
-                                                             "stream": True, "stop": [-1]}, timeout=60) as response:  # fmt: skip
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break  # leave after the first token
-    deadline = time.time() + 10
-    while time.time() < deadline and app.state.batcher.active:
-        time.sleep(0.05)
-    assert not app.state.batcher.active
-    metrics = httpx.get(f"{url}/metrics").text
-    assert "adapter_client_disconnects_total 1.0" in metrics
+def test_a_client_that_disconnects_mid_stream_frees_its_row(llama):
+    engine = LLMEngine.load(llama)
+    make = engine.session.slots
+
+    def slow_slots(rows, capacity):  # 20 ms per decode step: the client leaves long before the end
+        slots = make(rows, capacity)
+        decode = slots.decode
+
+        def slow(*args):
+            time.sleep(0.02)
+            return decode(*args)
+
+        slots.decode = slow
+        return slots
+
+    engine.session.slots = slow_slots
+    app = build_llm_app(engine, engine.manifest, ServeOptions(), rows=2, capacity=160)
+    with _Server(app) as url:
+        body = {"prompt": [4, 5, 6], "max_tokens": 150, "temperature": 0, "stream": True, "stop": [-1]}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # leave after the first token
+        left = time.time()
+        while time.time() < left + 10 and app.state.batcher.active:
+            time.sleep(0.02)
+        # the row is free well before its 150 tokens (3 s of decode steps) would have been made
+        assert not app.state.batcher.active and time.time() - left < 2.0
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "adapter_client_disconnects_total 1.0" in metrics
+        done = httpx.post(f"{url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 2, "temperature": 0},
+                          timeout=60)  # fmt: skip
+        assert done.status_code == 200
+
+
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def worded(tmp_path_factory):
+    """An engine with a bundled (word-level) tokenizer and a chat template: text in, text out."""
+    from adapter.llm.families import write_word_tokenizer
+
+    root = tmp_path_factory.mktemp("serve-words")
+    source = write_random_folder(tiny_config("llama"), root / "src", seed=3)
+    write_word_tokenizer(source, 128)
+    (source / "chat_template.jinja").write_text(TEMPLATE)
+    convert_causal_lm(str(source), root / "engine", LLMOptions(backend="onnxruntime", benchmark=False))
+    engine = LLMEngine.load(root / "engine")
+    with _Server(build_llm_app(engine, engine.manifest, ServeOptions(), rows=4, capacity=64)) as url:
+        yield url, LLMEngine.load(root / "engine")
+
+
+def test_text_prompts_stop_strings_and_chat_through_the_tokenizer(worded, served):
+    url, offline = worded
+    ids = offline.encode(["w5 w9 w17 w33"])[0]
+    want = offline.generate([ids], max_new_tokens=10, stop_at_eos=True).tokens[0]
+    answer = httpx.post(f"{url}/v1/completions", json={"prompt": "w5 w9 w17 w33", "max_tokens": 10,
+                                                       "temperature": 0}, timeout=60).json()  # fmt: skip
+    assert answer["choices"][0]["token_ids"] == want and answer["choices"][0]["text"] == offline.decode(want)
+    words = offline.decode(want).split()
+    if len(words) >= 3:  # a stop string cuts the text before it
+        cut = httpx.post(f"{url}/v1/completions", json={"prompt": "w5 w9 w17 w33", "max_tokens": 10,
+                                                        "temperature": 0, "stop": [words[2]]}, timeout=60).json()  # fmt: skip
+        assert cut["choices"][0]["finish_reason"] == "stop" and words[2] not in cut["choices"][0]["text"]
+    messages = [{"role": "user", "content": "w7 w8"}]
+    prompt = offline.encode(["user w7 w8\nassistant"])[0]
+    want = offline.generate([prompt], max_new_tokens=6).tokens[0]
+    chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0},
+                      timeout=60).json()  # fmt: skip
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["token_ids"] == want
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": offline.decode(want)}
+    no_template = httpx.post(f"{served[0]}/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert no_template.status_code == 400 and "chat template" in no_template.json()["error"]["message"]

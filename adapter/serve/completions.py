@@ -5,6 +5,9 @@
   ``seed``, ``stop`` (strings, matched on the decoded text, or token ids) and ``stream``
   (server-sent events, one chunk per token, then ``data: [DONE]``). Each choice carries its
   ``token_ids`` beside its ``text`` (an engine without a tokenizer answers ids only).
+* ``POST /v1/chat/completions`` — ``messages`` through the tokenizer's chat template (rendered
+  in Jinja's sandbox), then as a completion; answers ``chat.completion`` (``message``) or, when
+  streaming, ``chat.completion.chunk`` (``delta``).
 * ``GET /health``, ``GET /metrics``: requests, waiting requests, active rows, batch rows per
   step, time to first token, inter-token latency, request latency, tokens generated,
   requests that ended because their client went away.
@@ -51,6 +54,26 @@ class _Metrics:
         self.tokens = Counter("adapter_generated_tokens", "Tokens generated", registry=r)
         self.disconnects = Counter("adapter_client_disconnects", "Requests ended because the client went away",
                                    registry=r)  # fmt: skip
+
+
+def _chat_template(engine) -> Any:
+    """The bundled tokenizer's chat template (``chat_template.jinja`` or the config's
+    ``chat_template``), compiled in Jinja's sandbox (a model folder's template is untrusted), or None."""
+    name = engine.manifest.get("tokenizer")
+    if not name:
+        return None
+    folder = engine.folder / name
+    text = None
+    if (folder / "chat_template.jinja").is_file():
+        text = (folder / "chat_template.jinja").read_text()
+    elif (folder / "tokenizer_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            text = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    if not isinstance(text, str):
+        return None
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(text)
 
 
 def _ids(value: Any, what: str) -> list[int]:
@@ -150,14 +173,46 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
             text = text.split(s)[0]
         return text
 
-    def envelope(cid: str, choice: dict[str, Any]) -> dict[str, Any]:
-        return {"id": cid, "object": "text_completion", "created": int(time.time()),
-                "model": manifest.get("source", {}).get("spec", ""), "choices": [choice]}  # fmt: skip
+    template = _chat_template(engine)
+
+    def chat_prompt(data: Any) -> dict[str, Any]:
+        """The chat request as a completions request: its messages through the chat template."""
+        if template is None:
+            raise Refused(400, "This engine's tokenizer has no chat template; use /v1/completions.")
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):  # fmt: skip
+            raise Refused(400, "'messages' must be a non-empty list of {'role': ..., 'content': ...}.")
+        try:
+            text = template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+        except Exception as exc:  # a template error is the model folder's, reported as one line
+            raise Refused(400, f"The chat template failed on these messages: {exc}.") from exc
+        return {**data, "prompt": text}
+
+    async def chat(http: Request) -> Response:
+        return await answer(chat_prompt(await read_json(http, options.max_body)), chat=True)
 
     async def completions(http: Request) -> Response:
-        request, channel, stop_texts, stream = parse(await read_json(http, options.max_body))
+        return await answer(await read_json(http, options.max_body), chat=False)
+
+    async def answer(data: Any, chat: bool) -> Response:
+        request, channel, stop_texts, stream = parse(data)
         submit(request)
-        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+        def choice(text: str, tokens: list[int], reason: str | None, delta: bool) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text, "token_ids": tokens, "finish_reason": reason}
+            key = "delta" if delta else "message"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "token_ids": tokens,
+                    "finish_reason": reason}  # fmt: skip
+
+        def envelope(item: dict[str, Any], delta: bool) -> dict[str, Any]:
+            kind = ("chat.completion.chunk" if delta else "chat.completion") if chat else "text_completion"
+            return {"id": cid, "object": kind, "created": int(time.time()),
+                    "model": manifest.get("source", {}).get("spec", ""), "choices": [item]}  # fmt: skip
+
         if stream:
 
             async def events():
@@ -165,9 +220,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
                 try:
                     async for token, reason in tokens_of(request, channel, stop_texts):
                         delta = "" if tokenizer is None or token is None else engine.decode([token]) or ""
-                        chunk = envelope(cid, {"index": 0, "text": delta,
-                                               "token_ids": [] if token is None else [token],
-                                               "finish_reason": reason})  # fmt: skip
+                        chunk = envelope(choice(delta, [] if token is None else [token], reason, True), True)
                         yield f"data: {json.dumps(chunk)}\n\n"
                     finished = True
                     yield "data: [DONE]\n\n"
@@ -186,9 +239,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
             metrics.disconnects.inc()
             raise
         tokens = list(request.tokens)
-        choice = {"index": 0, "text": text_of(tokens, stop_texts), "token_ids": tokens, "finish_reason": reason,
-                  "logprobs": None}  # fmt: skip
-        body = envelope(cid, choice)
+        body = envelope(choice(text_of(tokens, stop_texts), tokens, reason, False), False)
         body["usage"] = {"prompt_tokens": len(request.prompt), "completion_tokens": len(tokens),
                          "total_tokens": len(request.prompt) + len(tokens)}  # fmt: skip
         return JSONResponse(body)
@@ -208,6 +259,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
 
     routes = [
         Route("/v1/completions", guarded("completions", completions, metrics), methods=["POST"]),
+        Route("/v1/chat/completions", guarded("chat", chat, metrics), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
