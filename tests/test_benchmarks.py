@@ -101,3 +101,23 @@ def test_llm_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
     int4 = [r for r in rows if r["engine"] == "adapter onnxruntime int4"]
     assert all(0 < r["kl_to_fp32"] <= 0.05 and r["weight_bytes"] > 0 for r in int4), int4  # verified, and reported
     assert "TTFT ms" in capsys.readouterr().out
+
+
+def test_serve_load_benchmark_short_run(tmp_path, capsys, monkeypatch):
+    """Poisson arrivals against `adapter serve` (continuous vs one at a time) on a tiny engine."""
+    from adapter.llm.convert import LLMOptions, convert_causal_lm
+    from adapter.llm.families import tiny_config, write_random_folder
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("serve_load", None)
+    import serve_load
+
+    source = write_random_folder(tiny_config("llama"), tmp_path / "src")
+    convert_causal_lm(str(source), tmp_path / "engine", LLMOptions(backend="onnxruntime", benchmark=False))
+    out = tmp_path / "load.json"
+    args = [str(tmp_path / "engine"), "--rates", "40", "--requests", "8", "--prompt", "6", "--max-tokens", "8"]
+    assert serve_load.main([*args, "--json", str(out)]) == 0
+    assert "| 40 | continuous | 8/8 |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"continuous", "one at a time"}
+    assert all(r["completed"] == 8 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
