@@ -178,10 +178,16 @@ class OrtSlots:
             raise AdapterError(f"ONNX Runtime failed in a decoder step: {str(exc).splitlines()[0][:400]}") from exc
         return binding.get_outputs()[0].numpy()[:, -1]
 
-    def prefill(self, row: int, prompt: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Write ``prompt`` into ``row`` at the end of ``mask``'s width; its last logits (vocab,)."""
-        positions = np.arange(len(prompt), dtype=np.int64)[None]
+    def prefill(self, row: int, prompt: np.ndarray, mask: np.ndarray, start: int = 0) -> np.ndarray:
+        """Write ``prompt`` (the prompt's tokens from position ``start`` on: a chunk) into ``row``
+        at the end of ``mask``'s width; its last logits (vocab,)."""
+        positions = np.arange(start, start + len(prompt), dtype=np.int64)[None]
         return self._run(slice(row, row + 1), np.asarray(prompt, np.int64)[None], mask[None], positions)[0]
+
+    def shift_row(self, row: int, start: int, length: int, by: int) -> None:
+        """Move positions ``[start, start + length)`` of one row by ``by``."""
+        for array in self.arrays:
+            array[row, :, start + by : start + by + length] = array[row, :, start : start + length].copy()
 
     def decode(self, tokens: np.ndarray, masks: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One token for each of the first ``len(tokens)`` rows; their logits (rows, vocab)."""

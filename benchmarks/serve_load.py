@@ -44,11 +44,11 @@ def _port() -> int:
 class Server:
     """``adapter serve`` in a process of its own, stopped with SIGTERM."""
 
-    def __init__(self, engine: Path, rows: int, capacity: int) -> None:
+    def __init__(self, engine: Path, rows: int, capacity: int, chunk: int = 0) -> None:
         self.port = _port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapter.cli", "serve", str(engine), "--port", str(self.port), "--max-batch",
-             str(rows), "--capacity", str(capacity), "--max-queue", "1024"],
+             str(rows), "--capacity", str(capacity), "--max-queue", "1024", "--prefill-chunk", str(chunk)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ),
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rows", type=int, default=8, help="Rows of the continuous batch.")
     parser.add_argument("--deadline", type=float, default=300.0, help="Seconds a run may take.")
+    parser.add_argument("--chunks", default="0", help="Prefill chunk sizes of the continuous server (0: whole).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     manifest = json.loads((args.engine / "manifest.json").read_text())
@@ -131,17 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, size=args.prompt).tolist() for _ in range(args.requests)]
     capacity = args.prompt + args.max_tokens + 8
-    modes = {"continuous": args.rows, "one at a time": 1}
-    rows = []
+    modes = {"one at a time": (1, 0)}
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        modes["continuous" + (f", prefill chunk {chunk}" if chunk else "")] = (args.rows, chunk)
+    rows: list[dict] = []
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
         order = list(modes.items()) if k % 2 == 0 else list(reversed(modes.items()))
-        for name, batch in order:
-            server = Server(args.engine, batch, capacity)
+        for name, (batch, chunk) in order:
+            server = Server(args.engine, batch, capacity, chunk)
             try:
                 result = run_load(server.url, rate, prompts, args.max_tokens, seed=k, limit_s=args.deadline)
             finally:
                 server.stop()
-            rows.append({"mode": name, "rows": batch, **result})
+            rows.append({"mode": name, "rows": batch, "chunk": chunk, **result})
     print(f"engine {args.engine} ({manifest['backend']['name']}, {manifest.get('weights')}); {args.requests} "
           f"requests of {args.prompt} prompt + {args.max_tokens} new tokens, greedy, streamed; Poisson arrivals")  # fmt: skip
     print("| rate req/s | mode | completed | refused | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "

@@ -212,3 +212,37 @@ def test_text_prompts_stop_strings_and_chat_through_the_tokenizer(worded, served
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": offline.decode(want)}
     no_template = httpx.post(f"{served[0]}/v1/chat/completions", json={"messages": messages}, timeout=60)
     assert no_template.status_code == 400 and "chat template" in no_template.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 4])
+def test_the_batcher_with_and_without_chunked_prefill_equals_offline(llama, chunk):
+    """Requests joining 3 rows of 40 positions (shifts right for longer prompts, left at the
+    capacity), their prompts prefilled whole or a few tokens between decode steps."""
+    from adapter.llm.generate import Sampling
+    from adapter.serve.continuous import Completion, ContinuousBatcher
+
+    engine = LLMEngine.load(llama)
+    asks = _requests(engine.layout.vocab_size)
+    want = [engine.generate([p], max_new_tokens=m).tokens[0] for p, m in asks]
+    ended = [threading.Event() for _ in asks]
+    reasons: dict[int, str] = {}
+
+    def emitter(i: int):
+        def emit(token, reason):
+            if reason:
+                reasons[i] = reason
+                ended[i].set()
+
+        return emit
+
+    batcher = ContinuousBatcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk)
+    requests = [Completion(p, m, Sampling(), emitter(i)) for i, (p, m) in enumerate(asks)]
+    batcher.start()
+    try:
+        for request in requests:
+            batcher.submit(request)
+        assert all(e.wait(60) for e in ended)
+    finally:
+        batcher.stop()
+    assert [r.tokens for r in requests] == want
+    assert set(reasons.values()) <= {"stop", "length"}

@@ -34,7 +34,9 @@ from adapter.serve.completions import build_llm_app
 @click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True)
 @click.option("--capacity", type=click.IntRange(2), default=None,
               help="Generation: positions a request may use (prompt + new tokens); default min(model, 2048).")  # fmt: skip
-def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity):
+@click.option("--prefill-chunk", type=click.IntRange(0), default=0, show_default=True,
+              help="Generation: prefill prompts this many tokens at a time between decode steps (0: whole).")  # fmt: skip
+def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk):
     """Serve an engine ARTIFACT over HTTP.
 
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
@@ -56,7 +58,8 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
     options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20))
     if is_llm_artifact(manifest):
         try:
-            app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity)
+            app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity,
+                                chunk=prefill_chunk)  # fmt: skip
         except Refused as exc:
             raise AdapterError(str(exc), "Convert the causal LM with --backend onnxruntime to serve it.") from exc
     else:

@@ -6,7 +6,9 @@ allocated once for ``rows`` requests of up to ``capacity`` positions, see
 each prefilled alone into a free row, its first token sampled at once — then runs one
 decode step for every active row together and hands each request its token. A request that
 ends (its ``max_tokens``, an end-of-sequence or stop token) leaves at that step and its row is
-reused; a client that goes away is dropped the same way. The rows stay aligned on a common
+reused. With ``chunk``, a prompt is prefilled ``chunk`` tokens at a time, one chunk between two
+decode steps (chunked prefill: a long prompt arriving delays the running rows' next token by
+one chunk, not by the whole prompt); a client that goes away is dropped the same way. The rows stay aligned on a common
 width (padding masked); when the width reaches the capacity, every row's cache moves left by
 the padding all rows share, and a row that itself fills the capacity ends with ``length``.
 
@@ -53,6 +55,17 @@ class Completion:
 
 
 @dataclass(eq=False)
+class _Filling:
+    """A request whose prompt is being prefilled, chunk by chunk, into row ``index``."""
+
+    request: Completion
+    index: int
+    written: int = 0
+    end: int = 0
+    """Where its tokens end in its row (the next chunk moves them to end where it starts)."""
+
+
+@dataclass(eq=False)
 class _Row:
     request: Completion
     mask: np.ndarray
@@ -65,8 +78,10 @@ class ContinuousBatcher:
     """The engine thread and its queue (see the module docstring)."""
 
     def __init__(self, session, layout, rows: int = 8, capacity: int = 512, max_queue: int = 64,
-                 on_step: Callable[[int, int], None] = lambda active, waiting: None) -> None:  # fmt: skip
+                 on_step: Callable[[int, int], None] = lambda active, waiting: None, chunk: int = 0) -> None:  # fmt: skip
         self.slots = session.slots(rows, capacity)
+        self.chunk = chunk
+        self.filling: _Filling | None = None
         self.layout, self.rows, self.capacity, self.max_queue = layout, rows, capacity, max_queue
         self.waiting: queue.Queue[Completion] = queue.Queue()
         self.on_step = on_step
@@ -106,35 +121,60 @@ class ContinuousBatcher:
             if not self.active:
                 continue
             self._step()
-            self.on_step(len(self.active), self.waiting.qsize())
+            self.on_step(len(self.active), self.waiting.qsize() + (self.filling is not None))
 
     def _admit(self) -> None:
+        """Start a waiting request when a row is free, then prefill its next chunk (the whole
+        prompt without ``chunk``): between two decode steps at most one chunk runs, so the
+        running rows wait at most one chunk's time for their next token."""
         while len(self.active) < self.rows:
-            try:
-                request = self.waiting.get(timeout=0.05 if not self.active else 0)
-            except queue.Empty:
-                return
-            if request.cancelled:
-                continue
-            length = len(request.prompt)
-            if not self.active:
-                self.width = length
-            elif length > self.width:  # a longer prompt: every row moves right, padded on the left
-                self.slots.shift(len(self.active), self.width, length - self.width)
-                for row in self.active:
-                    row.mask = np.concatenate([np.zeros(length - self.width, np.int64), row.mask])
-                self.width = length
-            mask = np.zeros(self.width, np.int64)
-            mask[self.width - length :] = 1
-            try:
-                logits = self.slots.prefill(len(self.active), np.asarray(request.prompt), mask)
-            except Exception as exc:  # the request gets the engine's error, the others go on
-                request.emit(None, f"error: {exc}")
-                continue
-            row = _Row(request, mask, length, -1)
-            self.active.append(row)
-            self._take(row, logits)
+            if self.filling is None:
+                try:
+                    request = self.waiting.get(timeout=0.05 if not self.active else 0)
+                except queue.Empty:
+                    return
+                if request.cancelled:
+                    continue
+                self.filling = _Filling(request, len(self.active))
+            if self._prefill_chunk() or self.chunk:
+                break
         self._drop_finished()
+
+    def _prefill_chunk(self) -> bool:
+        """One chunk of the filling request's prompt; True when the request still has chunks."""
+        f = self.filling
+        if f.request.cancelled:
+            self.filling = None
+            return False
+        prompt = f.request.prompt
+        written = f.written
+        size = min(self.chunk or len(prompt), len(prompt) - written)
+        wanted = written + size
+        if not self.active:
+            self.width = wanted
+        elif wanted > self.width:  # the row needs more width: every running row moves right, padded left
+            self.slots.shift(len(self.active), self.width, wanted - self.width)
+            for row in self.active:
+                row.mask = np.concatenate([np.zeros(wanted - self.width, np.int64), row.mask])
+            self.width = wanted
+        if written and f.end != self.width - size:  # the chunks so far end where this one starts
+            self.slots.shift_row(f.index, f.end - written, written, self.width - size - f.end)
+        mask = np.zeros(self.width, np.int64)
+        mask[self.width - wanted :] = 1
+        try:
+            logits = self.slots.prefill(f.index, np.asarray(prompt[written:wanted]), mask, written)
+        except Exception as exc:  # the request gets the engine's error, the others go on
+            f.request.emit(None, f"error: {exc}")
+            self.filling = None
+            return False
+        f.written, f.end = wanted, self.width
+        if wanted < len(prompt):
+            return True
+        self.filling = None
+        row = _Row(f.request, mask, len(prompt), -1)
+        self.active.append(row)
+        self._take(row, logits)
+        return False
 
     def _take(self, row: _Row, logits: np.ndarray) -> None:
         request = row.request
@@ -195,3 +235,6 @@ class ContinuousBatcher:
                 self.active.pop()
             else:
                 i += 1
+        if self.filling is not None and self.filling.index > len(self.active):  # keep it next to the running rows
+            self.slots.move(self.filling.index, len(self.active))
+            self.filling.index = len(self.active)
