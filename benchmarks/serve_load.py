@@ -44,11 +44,12 @@ def _port() -> int:
 class Server:
     """``adapter serve`` in a process of its own, stopped with SIGTERM."""
 
-    def __init__(self, engine: Path, rows: int, capacity: int, chunk: int = 0) -> None:
+    def __init__(self, engine: Path, rows: int, capacity: int, chunk: int = 0, extra: list[str] | None = None) -> None:
         self.port = _port()
+        sizes = ["--capacity", str(capacity), "--prefill-chunk", str(chunk)] if capacity else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapter.cli", "serve", str(engine), "--port", str(self.port), "--max-batch",
-             str(rows), "--capacity", str(capacity), "--max-queue", "1024", "--prefill-chunk", str(chunk)],
+             str(rows), "--max-queue", "1024", *sizes, *(extra or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ),
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"

@@ -193,3 +193,36 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
     # uvicorn re-raises the signal once it has shut down gracefully: the exit status says SIGTERM
     assert code in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr[-1000:]
     assert results and all(status == 200 for status in results), results
+
+
+def test_bucketed_batches_hold_one_bucket_and_answer_like_padded_ones(minilm):
+    """The batcher alone: with buckets of 16, lengths 5..12 and 20..30 never share a batch."""
+    from adapter.serve.batching import BatchStats, DynamicBatcher
+
+    engine = load(minilm)
+    sizes: list[int] = []
+    seen: list[int] = []
+
+    def run(feed):
+        seen.append(feed["input_ids"].shape[1])
+        return engine.run(feed)
+
+    batcher = DynamicBatcher(run, engine.inputs, engine.outputs, max_batch=8, max_wait_ms=30,
+                             stats=BatchStats(on_batch=lambda n, s: sizes.append(n)), bucket=16)  # fmt: skip
+    lengths = [5, 20, 8, 25, 12, 30, 7, 22]
+
+    async def go():
+        batcher.start()
+        feeds = []
+        for n in lengths:
+            ids = np.asarray([_ids(n, n)], np.int64)
+            feeds.append({s.name: ids if s.name == "input_ids" else np.ones_like(ids) if s.name == "attention_mask"
+                          else np.zeros_like(ids) for s in engine.inputs})  # fmt: skip
+        answers = await asyncio.gather(*[batcher.submit(f) for f in feeds])
+        await batcher.stop()
+        return feeds, answers
+
+    feeds, answers = asyncio.run(go())
+    assert sorted(seen) == [12, 30] and sorted(sizes) == [4, 4]  # one batch per bucket, padded to its longest
+    for feed, answer in zip(feeds, answers):
+        assert np.abs(answer["sentence_embedding"] - engine.run(feed)["sentence_embedding"]).max() <= 1e-5

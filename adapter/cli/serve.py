@@ -36,7 +36,9 @@ from adapter.serve.completions import build_llm_app
               help="Generation: positions a request may use (prompt + new tokens); default min(model, 2048).")  # fmt: skip
 @click.option("--prefill-chunk", type=click.IntRange(0), default=0, show_default=True,
               help="Generation: prefill prompts this many tokens at a time between decode steps (0: whole).")  # fmt: skip
-def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk):
+@click.option("--bucket", type=click.IntRange(0), default=32, show_default=True,
+              help="Forward-pass engines: batch only lengths rounding up to one multiple of N (0: pad to the longest).")  # fmt: skip
+def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk, bucket):
     """Serve an engine ARTIFACT over HTTP.
 
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
@@ -55,7 +57,7 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
     import uvicorn
 
     manifest = artifact.validate(artifact_path)
-    options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20))
+    options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20), bucket)
     if is_llm_artifact(manifest):
         try:
             app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity,

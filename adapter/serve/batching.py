@@ -4,8 +4,10 @@
 Requests whose inputs have a dynamic sequence axis are **padded** to the longest in the batch
 when the engine takes an ``attention_mask`` (padding is masked out: the outputs of each
 request equal a run on its own, to float rounding), and the sequence axes of the outputs are
-cut back per request; without a mask, only requests of identical shapes share a batch
-(**bucketed**), since padding would change their results. The engine runs in one worker
+cut back per request; with ``bucket`` N, only requests whose lengths round up to the same
+multiple of N share a batch (less padding, fewer rows per batch). Without a mask, only
+requests of identical shapes share a batch, since padding would change their results.
+``benchmarks/serve_embed_load.py`` measures the choice. The engine runs in one worker
 thread, so the event loop keeps accepting (and refusing) requests while a batch runs; the
 queue is bounded: a full queue refuses at once (:class:`Overloaded`) instead of growing.
 """
@@ -52,12 +54,13 @@ class DynamicBatcher:
 
     def __init__(self, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: list[TensorSpec],
                  outputs: list[TensorSpec], max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
-                 stats: BatchStats | None = None) -> None:  # fmt: skip
+                 stats: BatchStats | None = None, bucket: int = 0) -> None:  # fmt: skip
         self.run = run
         self.inputs, self.outputs = inputs, outputs
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
         self.stats = stats or BatchStats()
         self.pad = any(s.name == MASK for s in inputs)
+        self.bucket = bucket if self.pad else 0
         self.batch_dim = {s.name: s.shape[0].name for s in inputs + outputs if s.shape and isinstance(s.shape[0], Dim)}
         # the dynamic non-batch axes of the inputs, by dim name: what padding (or bucketing) is about
         self.seq_axes = {s.name: {a: d.name for a, d in enumerate(s.shape) if a and isinstance(d, Dim)}
@@ -86,7 +89,10 @@ class DynamicBatcher:
             raise Overloaded(f"{self.depth} requests are already waiting (the limit is {self.max_queue}).")
         sizes = {dim: feed[name].shape[axis] for name, axes in self.seq_axes.items() if name in feed
                  for axis, dim in axes.items()}  # fmt: skip
-        key = () if self.pad else tuple(sorted(sizes.items()))
+        if self.bucket:  # lengths rounded up to the bucket: only requests of one bucket share a batch
+            key = tuple(sorted((dim, -(-size // self.bucket)) for dim, size in sizes.items()))
+        else:
+            key = () if self.pad else tuple(sorted(sizes.items()))
         item = _Item(feed, asyncio.get_running_loop().create_future(), key, sizes)
         self.depth += 1
         self.stats.on_queue(self.depth)
