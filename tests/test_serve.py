@@ -4,7 +4,6 @@ batches, every bad input its 4xx while the server goes on, a full queue 429, met
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import socket
 import threading
@@ -159,9 +158,11 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", str(minilm), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", str(minilm), "--port", str(port),
+                             "--max-batch", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ))  # fmt: skip
     threads: list[threading.Thread] = []
+    results: list[int] = []
     try:
         deadline, health = time.time() + 60, None
         while time.time() < deadline and health is None:
@@ -172,18 +173,22 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
         assert health and health["status"] == "ok"
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": [[101, 7592, 102]]}, timeout=60)
         assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 384
-        # SIGTERM while requests are in flight: they are answered, then the server exits
-        results: list[int] = []
 
+        # SIGTERM once the server is working through 6 requests (one at a time): they are all answered
         def ask(i: int) -> None:
-            with contextlib.suppress(httpx.HTTPError):
-                results.append(httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": _ids(100, i)},
-                                          timeout=60).status_code)  # fmt: skip
+            try:
+                status = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": _ids(200, i)},
+                                    timeout=60).status_code  # fmt: skip
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            results.append(status)
 
         threads += [threading.Thread(target=ask, args=(i,)) for i in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.05)
+        deadline = time.time() + 30
+        while not results and time.time() < deadline:
+            time.sleep(0.002)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
@@ -192,7 +197,7 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
     stderr = proc.stderr.read().decode()
     # uvicorn re-raises the signal once it has shut down gracefully: the exit status says SIGTERM
     assert code in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr[-1000:]
-    assert results and all(status == 200 for status in results), results
+    assert len(results) == 6 and all(status == 200 for status in results), results
 
 
 def test_bucketed_batches_hold_one_bucket_and_answer_like_padded_ones(minilm):
