@@ -112,14 +112,25 @@ class OrtDecoder:
                 f"The decoder step needs {attention_mask.shape[1]} cache positions; start() allocated {self.capacity}.",
                 "Start the generation with the whole context (prompt + new tokens) as its capacity.",
             )
+        outputs = self.run_bound(input_ids, attention_mask, position_ids, self.cache, self.shared)
+        if not self.shared:
+            self.cache = outputs[1:]
+        logits = outputs[0].numpy()
+        return logits[:, -1:] if last_only else logits
+
+    def run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                  cache: list[Any], shared: bool) -> list[Any]:  # fmt: skip
+        """One step with I/O binding: ``cache`` (an OrtValue per past input) bound as the pasts and,
+        when ``shared``, as the presents too (the kernel writes the new positions in place);
+        returns the outputs (logits first) as OrtValues."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         binding.bind_output("logits", "cpu")
-        for past, present, value in zip(self.past_names, self.present_names, self.cache):
+        for past, present, value in zip(self.past_names, self.present_names, cache):
             binding.bind_ortvalue_input(past, value)
-            if self.shared:  # the same buffer in and out: the kernel writes the new positions in place
+            if shared:
                 binding.bind_ortvalue_output(present, value)
             else:
                 binding.bind_output(present, "cpu")
@@ -127,11 +138,7 @@ class OrtDecoder:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise AdapterError(f"ONNX Runtime failed in a decoder step: {str(exc).splitlines()[0][:400]}") from exc
-        outputs = binding.get_outputs()
-        if not self.shared:
-            self.cache = outputs[1:]
-        logits = outputs[0].numpy()
-        return logits[:, -1:] if last_only else logits
+        return binding.get_outputs()
 
     def slots(self, count: int, capacity: int) -> OrtSlots:
         """``count`` rows of ``capacity`` positions that requests join and leave (continuous batching)."""
@@ -163,20 +170,8 @@ class OrtSlots:
 
     def _run(self, rows: slice, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         d = self.decoder
-        binding = d.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, np.int64))
-        binding.bind_output("logits", "cpu")
-        for past, present, array in zip(d.past_names, d.present_names, self.arrays):
-            value = d.ort.OrtValue.ortvalue_from_numpy(array[rows])  # a view: rows are the outer axis
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        try:
-            d.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise AdapterError(f"ONNX Runtime failed in a decoder step: {str(exc).splitlines()[0][:400]}") from exc
-        return binding.get_outputs()[0].numpy()[:, -1]
+        views = [d.ort.OrtValue.ortvalue_from_numpy(array[rows]) for array in self.arrays]  # rows: the outer axis
+        return d.run_bound(ids, mask, positions, views, shared=True)[0].numpy()[:, -1]
 
     def prefill(self, row: int, prompt: np.ndarray, mask: np.ndarray, start: int = 0) -> np.ndarray:
         """Write ``prompt`` (the prompt's tokens from position ``start`` on: a chunk) into ``row``

@@ -10,7 +10,7 @@ that are not per rank are joined by an ``AllGather``.
 
 from __future__ import annotations
 
-__all__ = ["apply_plan", "tensor_parallel_graph"]
+__all__ = ["apply_plan", "lazy_parts", "take_parts", "tensor_parallel_graph"]
 
 import numpy as np
 import onnx_ir as ir
@@ -27,8 +27,17 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtoc
     return value
 
 
-def _take(array: np.ndarray, axis: int, parts: list[tuple[int, int]]) -> np.ndarray:
+def take_parts(array: np.ndarray, axis: int, parts: list[tuple[int, int]]) -> np.ndarray:
+    """The ranges ``parts`` of ``axis``, concatenated (a rank's share of every block)."""
     return np.concatenate([np.take(array, np.arange(a, b), axis=axis) for a, b in parts], axis=axis)
+
+
+def lazy_parts(tensor: ir.TensorProtocol, axis: int, parts: list[tuple[int, int]]) -> ir.LazyTensor:
+    """``take_parts`` of ``tensor``, computed when the tensor is saved (then dropped)."""
+    dims = list(tensor.shape)
+    dims[axis] = sum(b - a for a, b in parts)
+    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(take_parts(tensor.numpy(), axis, parts))),
+                         tensor.dtype, ir.Shape(dims))  # fmt: skip
 
 
 def _sliced(tensor: ir.TensorProtocol, axis: int, parts: list[tuple[int, int]]) -> ir.LazyTensor:
@@ -37,10 +46,7 @@ def _sliced(tensor: ir.TensorProtocol, axis: int, parts: list[tuple[int, int]]) 
     that knows how to read only its slice (``sliced``, a streamed checkpoint's) does that."""
     if hasattr(tensor, "sliced"):
         return tensor.sliced(axis, parts)
-    dims = list(tensor.shape)
-    dims[axis] = sum(b - a for a, b in parts)
-    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(_take(tensor.numpy(), axis, parts))),
-                         tensor.dtype, ir.Shape(dims))  # fmt: skip
+    return lazy_parts(tensor, axis, parts)
 
 
 def _shape_piece(value: ir.Value, index: int) -> tuple[ir.Node | None, int, ir.Value] | None:
@@ -92,7 +98,7 @@ def apply_plan(model: ir.Model, plan: TPPlan, rank: int) -> ir.Model:
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             bias = node.inputs[2].const_value.numpy()
             if bias.ndim and bias.shape[-1] > 1:
-                node.replace_input_with(2, _initializer(graph, fresh(node.inputs[2].name), _take(bias, -1, parts)))
+                node.replace_input_with(2, _initializer(graph, fresh(node.inputs[2].name), take_parts(bias, -1, parts)))
     for edit in plan.edits:
         node = nodes[edit[1]]
         if edit[0] == "slice_in":
@@ -147,7 +153,7 @@ def _slice_input(graph, node: ir.Node, index: int, axis: int, parts: list[tuple[
     value = node.inputs[index]
     array = const_of(value)
     if array is not None:
-        node.replace_input_with(index, _initializer(graph, fresh(value.name), _take(array, axis, parts)))
+        node.replace_input_with(index, _initializer(graph, fresh(value.name), take_parts(array, axis, parts)))
         return
     pieces = []
     nodes = []

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from _loopback import LoopbackServer, free_port
 
 from adapter import ConvertOptions, convert, load
 from adapter.converter.precision import PrecisionOptions
@@ -28,29 +27,6 @@ def minilm(tmp_path_factory):
     return folder
 
 
-class _Server:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 def _ids(n: int, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     return [101, *rng.integers(1000, 30000, n - 2).tolist(), 102]
@@ -60,7 +36,7 @@ def _ids(n: int, seed: int) -> list[int]:
 def served(minilm):
     engine = load(minilm)
     app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=8, max_wait_ms=20, max_queue=64))
-    with _Server(app) as url:
+    with LoopbackServer(app) as url:
         yield url, engine, app
 
 
@@ -136,7 +112,7 @@ def test_a_full_queue_refuses_with_429_and_health_stays_up(minilm):
 
     engine.run = run
     app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2))
-    with _Server(app) as url:
+    with LoopbackServer(app) as url:
 
         async def flood():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -155,9 +131,7 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", str(minilm), "--port", str(port),
                              "--max-batch", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ))  # fmt: skip

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from _loopback import LoopbackServer
 
 from adapter.llm.convert import LLMOptions, convert_causal_lm
 from adapter.llm.engine import LLMEngine
@@ -30,32 +29,11 @@ def llama(tmp_path_factory):
     return root / "engine"
 
 
-class _Server:
-    def __init__(self, app) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def served(llama):
     engine = LLMEngine.load(llama)
     app = build_llm_app(engine, engine.manifest, ServeOptions(max_queue=64), rows=6, capacity=48)
-    with _Server(app) as url:
+    with LoopbackServer(app) as url:
         yield url, LLMEngine.load(llama), app
 
 
@@ -152,7 +130,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(llama):
 
     engine.session.slots = slow_slots
     app = build_llm_app(engine, engine.manifest, ServeOptions(), rows=2, capacity=160)
-    with _Server(app) as url:
+    with LoopbackServer(app) as url:
         body = {"prompt": [4, 5, 6], "max_tokens": 150, "temperature": 0, "stream": True, "stop": [-1]}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
@@ -187,7 +165,7 @@ def worded(tmp_path_factory):
     (source / "chat_template.jinja").write_text(TEMPLATE)
     convert_causal_lm(str(source), root / "engine", LLMOptions(backend="onnxruntime", benchmark=False))
     engine = LLMEngine.load(root / "engine")
-    with _Server(build_llm_app(engine, engine.manifest, ServeOptions(), rows=4, capacity=64)) as url:
+    with LoopbackServer(build_llm_app(engine, engine.manifest, ServeOptions(), rows=4, capacity=64)) as url:
         yield url, LLMEngine.load(root / "engine")
 
 

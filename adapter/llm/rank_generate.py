@@ -66,8 +66,6 @@ class RankSession:
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last_only: bool = True) -> np.ndarray:
         """Each row's last-position logits (batch, 1, vocab), whatever ``last_only`` says: only they
         are broadcast from the last stage (the generation loop asks for no more)."""
-        import torch.distributed as dist
-
         rank, k = self.rank, self.count
         self.count += 1
         rank.microbatches = self.count  # the report's count: generation steps
@@ -77,8 +75,7 @@ class RankSession:
             env.update(rank.recv(k))
         env = rank.run_microbatch(env, k)
         if rank.spec.get("send_to") is not None:
-            for work, _buffer in rank.send(env, k):
-                rank._wait(work, f"sending step {k}", [rank.spec["send_to"]])
+            rank._finish_send(k, rank.send(env, k))
         for past, present in self.presents.items():
             self.cache[past] = env[present]
         shape = (self.batch, 1, self.layout.vocab_size)
@@ -86,9 +83,7 @@ class RankSession:
             logits = np.ascontiguousarray(env["logits"][:, -1:, :], dtype=np.float32)
         else:
             logits = np.zeros(shape, np.float32)
-        tensor = rank._tensor(logits)
-        rank._wait(dist.broadcast(tensor, src=self.writer, async_op=True), f"the logits of step {k}", [self.writer])
-        return rank._numpy(tensor).reshape(shape)
+        return rank.broadcast(logits, self.writer, f"the logits of step {k}").reshape(shape)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -32,6 +32,7 @@ from adapter.core.errors import SourceError, UnsafeSourceError
 from adapter.llm.export import export_decoder
 from adapter.llm.families import FAMILIES, family_of_config
 from adapter.llm.layout import DecoderLayout
+from adapter.passes.tensor_parallel_ranks import lazy_parts, take_parts
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}  # fmt: skip
@@ -184,7 +185,7 @@ class CheckpointTensor(ir.LazyTensor):
     def sliced(self, axis: int, parts: list[tuple[int, int]]) -> ir.LazyTensor:
         """The ranges ``parts`` of ``axis`` (what tensor parallelism keeps of this weight)."""
         if self.cut is not None:
-            return _generic_slice(self, axis, parts)
+            return lazy_parts(self, axis, parts)
         return CheckpointTensor(self.index, self.key, self.perm, (axis % len(self.shape), parts), self.name)
 
     def _load(self) -> ir.TensorProtocol:
@@ -198,21 +199,8 @@ class CheckpointTensor(ir.LazyTensor):
             array = self.index.read(self.key)
             array = np.transpose(array, self.perm) if self.perm else array
             if self.cut is not None:
-                axis, parts = self.cut
-                array = np.concatenate([np.take(array, np.arange(a, b), axis=axis) for a, b in parts], axis=axis)
+                array = take_parts(array, *self.cut)
         return ir.tensor(np.ascontiguousarray(array, dtype=np.float32))
-
-
-def _generic_slice(tensor: ir.TensorProtocol, axis: int, parts: list[tuple[int, int]]) -> ir.LazyTensor:
-    dims = list(tensor.shape)
-    dims[axis] = sum(b - a for a, b in parts)
-
-    def load() -> ir.TensorProtocol:
-        array = tensor.numpy()
-        return ir.tensor(np.ascontiguousarray(np.concatenate([np.take(array, np.arange(a, b), axis=axis)
-                                                              for a, b in parts], axis=axis)))  # fmt: skip
-
-    return ir.LazyTensor(load, tensor.dtype, ir.Shape(dims))
 
 
 def export_streamed(folder: Path | str) -> tuple[ir.Model, DecoderLayout, dict[str, float], SafetensorsIndex]:

@@ -44,6 +44,7 @@ import numpy as np
 
 from adapter.backends import BACKENDS, DEFAULT, get_backend
 from adapter.core.errors import AdapterError
+from adapter.core.mapped import peak_rss_bytes
 from adapter.core.specs import TensorSpec
 from adapter.runtime.sharded import (
     FAULT_ENV,
@@ -316,6 +317,14 @@ class _Rank:
         pieces = [np.take(self._numpy(p), np.arange(n), axis=axis) for p, n in zip(parts, lengths)]
         return np.concatenate(pieces, axis=axis)
 
+    def broadcast(self, value: np.ndarray, source: int, what: str) -> np.ndarray:
+        """``value`` of rank ``source`` on every rank (the others pass a buffer of its shape and dtype)."""
+        import torch.distributed as dist
+
+        tensor = self._tensor(value)
+        self._wait(dist.broadcast(tensor, src=source, async_op=True), what, [source])
+        return self._numpy(tensor)
+
     def barrier(self, what: str) -> None:
         import torch.distributed as dist
 
@@ -396,7 +405,7 @@ class _Rank:
             "engine_s": round(self.engine_s, 4),
             "comm_s": round(self.comm_s, 4),
             "microbatches": self.microbatches,
-            "peak_rss_bytes": _peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),  # VmHWM: ru_maxrss would count the launcher's peak too
             "pid": os.getpid(),
         }
         try:
@@ -512,19 +521,6 @@ def main(argv: list[str] | None = None) -> int:
             save_outputs(args.output, outputs)
 
     run_rank(args, Job(lambda manifest: load_inputs(args.inputs, manifest), lambda w, inputs: w.run(inputs), write))
-    return 0
-
-
-def _peak_rss_bytes() -> int:
-    """This rank's own peak resident memory.
-
-    ``VmHWM`` belongs to the process's address space; ``getrusage``'s ``ru_maxrss``
-    would report the launcher's peak too, because Linux keeps it across ``execve``.
-    """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
     return 0
 
 

@@ -17,7 +17,16 @@ Bad input never reaches the engine: malformed JSON or ``.npz`` → 400, a body o
 
 from __future__ import annotations
 
-__all__ = ["Refused", "ServeOptions", "build_app", "error_response", "guarded", "read_body", "read_json"]
+__all__ = [
+    "Refused",
+    "RequestMetrics",
+    "ServeOptions",
+    "build_app",
+    "error_response",
+    "guarded",
+    "read_body",
+    "read_json",
+]
 
 import asyncio
 import contextlib
@@ -68,17 +77,28 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": {"message": " ".join(str(message).split())[:500], "type": kind}}, status_code=status)
 
 
-class _Metrics:
+class RequestMetrics:
+    """A server's own registry with what every endpoint counts (see :func:`guarded`)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("adapter_requests", "Requests by endpoint and status code", ["endpoint", "code"],
                                 registry=self.registry)  # fmt: skip
+        self.latency = Histogram("adapter_request_seconds", "Request latency (arrival to answer)", ["endpoint"],
+                                 registry=self.registry)  # fmt: skip
+
+    async def endpoint(self, _request: Request) -> Response:
+        """``GET /metrics``: the registry in Prometheus' text format."""
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Metrics(RequestMetrics):
+    def __init__(self) -> None:
+        super().__init__()
         self.queue = Gauge("adapter_queue_depth", "Requests waiting for a batch", registry=self.registry)
         self.batch = Histogram("adapter_batch_size", "Rows per engine run", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip
         self.engine = Histogram("adapter_engine_seconds", "Engine time per batch", registry=self.registry)
-        self.latency = Histogram("adapter_request_seconds", "Request latency (arrival to answer)", ["endpoint"],
-                                 registry=self.registry)  # fmt: skip
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -212,9 +232,6 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
         return JSONResponse({"status": "ok", "backend": manifest.get("backend", {}).get("name"),
                              "queue": batcher.depth})  # fmt: skip
 
-    async def prometheus(_request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         batcher.start()
@@ -225,7 +242,7 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
         Route("/v1/embeddings", endpoint("embeddings", embeddings), methods=["POST"]),
         Route("/v1/infer", endpoint("infer", infer), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.batcher, app.state.metrics = batcher, metrics

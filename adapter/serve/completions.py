@@ -26,25 +26,21 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from adapter.llm.generate import Sampling
-from adapter.serve.app import Refused, ServeOptions, guarded, read_json
+from adapter.serve.app import Refused, RequestMetrics, ServeOptions, guarded, read_json
 from adapter.serve.continuous import Completion, ContinuousBatcher, QueueFull, TooLong
 
 
-class _Metrics:
+class _Metrics(RequestMetrics):
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("adapter_requests", "Requests by endpoint and status code", ["endpoint", "code"],
-                                registry=r)  # fmt: skip
-        self.latency = Histogram("adapter_request_seconds", "Request latency (arrival to answer)", ["endpoint"],
-                                 registry=r)  # fmt: skip
+        super().__init__()
+        r = self.registry
         self.waiting = Gauge("adapter_queue_depth", "Requests waiting for a row", registry=r)
         self.active = Gauge("adapter_active_rows", "Requests in the running batch", registry=r)
         self.rows = Histogram("adapter_batch_size", "Rows per decode step", registry=r, buckets=(1, 2, 4, 8, 16, 32))
@@ -248,9 +244,6 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         return JSONResponse({"status": "ok", "backend": engine.backend, "active": len(batcher.active),
                              "waiting": batcher.waiting.qsize()})  # fmt: skip
 
-    async def prometheus(_request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         batcher.start()
@@ -261,7 +254,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         Route("/v1/completions", guarded("completions", completions, metrics), methods=["POST"]),
         Route("/v1/chat/completions", guarded("chat", chat, metrics), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.batcher, app.state.metrics = batcher, metrics
