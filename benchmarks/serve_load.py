@@ -44,14 +44,16 @@ def _port() -> int:
 class Server:
     """``adapter serve`` in a process of its own, stopped with SIGTERM."""
 
-    def __init__(self, engine: Path, rows: int, capacity: int, chunk: int = 0, extra: list[str] | None = None) -> None:
+    def __init__(self, engine: Path, rows: int, capacity: int, chunk: int = 0, extra: list[str] | None = None,
+                 peer_python: str | None = None) -> None:  # fmt: skip
         self.port = _port()
         sizes = ["--capacity", str(capacity), "--prefill-chunk", str(chunk)] if capacity else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adapter.cli", "serve", str(engine), "--port", str(self.port), "--max-batch",
-             str(rows), "--max-queue", "1024", *sizes, *(extra or [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ),
-        )  # fmt: skip
+        command = [sys.executable, "-m", "adapter.cli", "serve", str(engine), "--port", str(self.port), "--max-batch",
+                   str(rows), "--max-queue", "1024", *sizes, *(extra or [])]  # fmt: skip
+        if peer_python:  # the peer: OpenVINO GenAI's continuous batching in its own environment
+            command = [peer_python, str(Path(__file__).with_name("_ov_genai_server.py")), str(engine), "--port",
+                       str(self.port), "--max-seqs", str(rows), "--threads", str(os.cpu_count() or 1)]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -118,7 +120,7 @@ def run_load(url: str, rate: float, prompts: list[list[int]], max_tokens: int, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("engine", type=Path, help="A generation engine artifact (ONNX Runtime, shared KV cache).")
+    parser.add_argument("engine", type=Path, help="A generation engine artifact (OpenVINO, or ONNX Runtime with a shared KV cache).")
     parser.add_argument("--rates", default="0.5,1,2", help="Arrival rates, requests per second.")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--prompt", type=int, default=32, help="Prompt tokens per request.")
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=8, help="Rows of the continuous batch.")
     parser.add_argument("--deadline", type=float, default=300.0, help="Seconds a run may take.")
     parser.add_argument("--chunks", default="0", help="Prefill chunk sizes of the continuous server (0: whole).")
+    parser.add_argument("--peer", type=Path, default=None,
+                        help="An OpenVINO GenAI model folder (optimum-intel export) served as the peer server.")
+    parser.add_argument("--peer-python", default="build/ovgenai-venv/bin/python",
+                        help="The Python of the environment with openvino-genai, starlette and uvicorn.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     manifest = json.loads((args.engine / "manifest.json").read_text())
@@ -136,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"one at a time": (1, 0)}
     for chunk in (int(c) for c in args.chunks.split(",")):
         modes["continuous" + (f", prefill chunk {chunk}" if chunk else "")] = (args.rows, chunk)
+    if args.peer:
+        modes["peer: OpenVINO GenAI ContinuousBatchingPipeline"] = (args.rows, -1)
     rows: list[dict] = []
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
         order = list(modes.items()) if k % 2 == 0 else list(reversed(modes.items()))
         for name, (batch, chunk) in order:
-            server = Server(args.engine, batch, capacity, chunk)
+            if chunk < 0:
+                server = Server(args.peer, batch, 0, peer_python=args.peer_python)
+            else:
+                server = Server(args.engine, batch, capacity, chunk)
             try:
                 result = run_load(server.url, rate, prompts, args.max_tokens, seed=k, limit_s=args.deadline)
             finally:

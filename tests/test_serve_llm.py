@@ -30,6 +30,14 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_ov(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-llm-ov")
+    source = write_random_folder(tiny_config("llama"), root / "src")
+    convert_causal_lm(str(source), root / "engine", LLMOptions(backend="openvino", benchmark=False))
+    return root / "engine"
+
+
+@pytest.fixture(scope="module")
 def served(llama):
     engine = LLMEngine.load(llama)
     app = build_llm_app(engine, engine.manifest, ServeOptions(max_queue=64), rows=6, capacity=48)
@@ -192,14 +200,18 @@ def test_text_prompts_stop_strings_and_chat_through_the_tokenizer(worded, served
     assert no_template.status_code == 400 and "chat template" in no_template.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("chunk", [0, 1, 4])
-def test_the_batcher_with_and_without_chunked_prefill_equals_offline(llama, chunk):
+@pytest.mark.parametrize("backend,chunk", [("onnxruntime", 0), ("onnxruntime", 1), ("onnxruntime", 4),
+                                           ("openvino", 0), ("openvino", 1), ("openvino", 4)])  # fmt: skip
+def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, backend, chunk):
     """Requests joining 3 rows of 40 positions (shifts right for longer prompts, left at the
-    capacity), their prompts prefilled whole or a few tokens between decode steps."""
+    capacity), their prompts prefilled whole or a few tokens between decode steps. OpenVINO:
+    rows leave through beam_idx, prompts are prefilled in a second infer request and join by
+    rewriting the running state."""
     from adapter.llm.generate import Sampling
     from adapter.serve.continuous import Completion, ContinuousBatcher
 
-    engine = LLMEngine.load(llama)
+    engine = LLMEngine.load(request.getfixturevalue("llama" if backend == "onnxruntime" else "llama_ov"))
+    assert engine.backend == backend
     asks = _requests(engine.layout.vocab_size)
     want = [engine.generate([p], max_new_tokens=m).tokens[0] for p, m in asks]
     ended = [threading.Event() for _ in asks]
@@ -224,3 +236,5 @@ def test_the_batcher_with_and_without_chunked_prefill_equals_offline(llama, chun
         batcher.stop()
     assert [r.tokens for r in requests] == want
     assert set(reasons.values()) <= {"stop", "length"}
+    if backend == "openvino":  # every request joined a running state (none ran alone from the start)
+        assert batcher.slots.joins >= len(asks) // 3

@@ -63,7 +63,7 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
             app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity,
                                 chunk=prefill_chunk)  # fmt: skip
         except Refused as exc:
-            raise AdapterError(str(exc), "Convert the causal LM with --backend onnxruntime to serve it.") from exc
+            raise AdapterError(str(exc), "Convert the causal LM with --backend openvino or onnxruntime to serve it.") from exc
     else:
         app = build_app(load(artifact_path, check=False), manifest, options)
     if host not in ("127.0.0.1", "localhost", "::1"):

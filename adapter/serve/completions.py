@@ -84,7 +84,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
     if not hasattr(engine.session, "slots"):
         raise Refused(
             501, f"The {engine.backend} generation session cannot take requests into a running batch; "
-            "continuous batching runs on ONNX Runtime engines (convert with --backend onnxruntime)."
+            "continuous batching runs on ONNX Runtime and OpenVINO engines (convert with --backend onnxruntime or openvino)."
         )  # fmt: skip
     layout = engine.layout
     capacity = capacity or min(layout.max_positions, 2048)
