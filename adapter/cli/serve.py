@@ -16,6 +16,7 @@ from adapter.cli.console import err
 from adapter.converter.api import load
 from adapter.core import artifact
 from adapter.core.errors import AdapterError
+from adapter.core.tokenizer import load_tokenizer, max_length
 from adapter.llm.engine import LLMEngine, is_llm_artifact
 from adapter.serve.app import Refused, ServeOptions, build_app
 from adapter.serve.completions import build_llm_app
@@ -65,7 +66,10 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
         except Refused as exc:
             raise AdapterError(str(exc), "Convert the causal LM with --backend openvino or onnxruntime to serve it.") from exc
     else:
-        app = build_app(load(artifact_path, check=False), manifest, options)
+        folder = Path(artifact_path) / manifest["tokenizer"] if manifest.get("tokenizer") else None
+        tokenizer = load_tokenizer(folder) if folder else None
+        app = build_app(load(artifact_path, check=False), manifest, options, tokenizer,
+                        max_length(folder) if folder else None)  # fmt: skip
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host}: the server has no authentication[/]")
     err.print(f"serving {artifact_path} on http://{host}:{port} (batches of up to {max_batch}, {max_wait_ms:g} ms)")

@@ -32,6 +32,7 @@ from adapter.core.errors import AdapterError, ArtifactError
 from adapter.core.onnx_io import PROTOBUF_SAFE_BYTES, initializer_bytes
 from adapter.core.specs import parse_dynamic
 from adapter.core.timing import median_ms
+from adapter.core.tokenizer import TOKENIZER_DIR, save_tokenizer
 from adapter.core.verify import Tolerance
 from adapter.passes import build_pipeline, run_pipeline
 from adapter.profiles import load_profile
@@ -279,6 +280,10 @@ def convert(
         now = time.perf_counter()
         stamps = list(stages.items()) + [("end", now)]
         timings = {name: round(stamps[i + 1][1] - t, 4) for i, (name, t) in enumerate(stamps[:-1])}
+        tokenizer = None
+        if imported.tokenizer is not None:  # text for `adapter serve`'s /v1/embeddings
+            save_tokenizer(imported.tokenizer, staged / TOKENIZER_DIR)
+            tokenizer = TOKENIZER_DIR
         manifest = {
             "adapter_version": artifact.library_versions()["adapter"],
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -303,6 +308,7 @@ def convert(
             "precision": lowered.report if lowered else {"mode": "fp32"},
             "inputs": [s.to_json() for s in engine.inputs],  # a fixed-shape build declares its shapes
             "outputs": [s.to_json() for s in imported.outputs],
+            "tokenizer": tokenizer,
             "verification": best.verification,
             "latency": latency,
             "timings_s": {**imported.seconds, **timings},

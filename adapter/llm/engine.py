@@ -11,6 +11,7 @@ from typing import Any
 from adapter.backends import get_backend
 from adapter.core import artifact
 from adapter.core.errors import ArtifactError, InputMismatchError
+from adapter.core.tokenizer import encode_texts, load_tokenizer
 from adapter.llm.generate import Generation, Sampling, generate
 from adapter.llm.layout import DecoderLayout
 
@@ -49,17 +50,7 @@ class LLMEngine:
         """The bundled tokenizer (loaded on first use), or None."""
         name = self.manifest.get("tokenizer")
         if self._tokenizer is None and name:
-            fast = self.folder / name / "tokenizer.json"
-            if fast.is_file():
-                # the Rust tokenizer alone: transformers would import torch (~0.3 GB resident) into
-                # a process that only generates
-                from tokenizers import Tokenizer
-
-                self._tokenizer = Tokenizer.from_file(str(fast))
-            else:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder / name), local_files_only=True)
+            self._tokenizer = load_tokenizer(self.folder / name)
         return self._tokenizer
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -69,9 +60,7 @@ class LLMEngine:
                 "This engine has no tokenizer (its source folder had none), so it takes token ids only.",
                 "Give --prompt-ids 1,2,3 instead of --prompt.",
             )
-        if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
-            return [e.ids for e in tokenizer.encode_batch(texts)]
-        return [tokenizer(text)["input_ids"] for text in texts]
+        return encode_texts(tokenizer, texts)
 
     def decode(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)

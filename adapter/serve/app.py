@@ -1,10 +1,11 @@
 """The HTTP server of a forward-pass engine (Starlette on uvicorn): embeddings, named tensors,
 health and Prometheus metrics.
 
-* ``POST /v1/embeddings`` — OpenAI's request and response shapes. ``input`` is token ids (a
-  list of ints, or a list of such lists: one embedding each); text needs the model's
-  tokenizer, which an engine artifact does not carry yet, so text is refused with a 400 that
-  says so. Each input is one request of the dynamic batcher.
+* ``POST /v1/embeddings`` — OpenAI's request and response shapes. ``input`` is text (a
+  string or a list of strings, through the tokenizer the artifact carries) or token ids (a
+  list of ints, or a list of such lists): one embedding each. An input longer than the
+  tokenizer's ``model_max_length`` is refused (400), not cut. Each input is one request of
+  the dynamic batcher.
 * ``POST /v1/infer`` — named tensors as JSON (``{"inputs": {name: nested lists}}``) or an
   ``.npz`` body (``Content-Type: application/x-npz``; read with ``allow_pickle=False``);
   the answer comes in the same format.
@@ -47,6 +48,7 @@ from starlette.routing import Route
 
 from adapter.core.errors import AdapterError, InputMismatchError
 from adapter.core.specs import TensorSpec, check_inputs
+from adapter.core.tokenizer import encode_texts
 from adapter.serve.batching import BatchStats, DynamicBatcher, Overloaded
 
 NPZ = "application/x-npz"
@@ -153,8 +155,10 @@ def _embedding_output(outputs: list[TensorSpec]) -> str | None:
     return flat[0] if len(flat) == 1 else None
 
 
-def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = ServeOptions()) -> Starlette:
-    """A Starlette app over a loaded forward-pass ``engine`` (``run``, ``inputs``, ``outputs``)."""
+def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = ServeOptions(), tokenizer: Any = None,
+              max_tokens: int | None = None) -> Starlette:  # fmt: skip
+    """A Starlette app over a loaded forward-pass ``engine`` (``run``, ``inputs``, ``outputs``);
+    ``tokenizer`` (see ``core.tokenizer``) takes text embeddings of up to ``max_tokens`` tokens."""
     metrics = _Metrics()
     stats = BatchStats(on_batch=lambda size, seconds: (metrics.batch.observe(size), metrics.engine.observe(seconds)),
                        on_queue=metrics.queue.set)  # fmt: skip
@@ -177,13 +181,21 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
         if embedding is None:
             raise Refused(400, "This engine has no sentence-embedding output (a 2-D float output); use /v1/infer.")
         inputs = data.get("input") if isinstance(data, dict) else None
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
-            raise Refused(400, "This engine carries no tokenizer: send token ids ('input': [[101, 2023, ...]]).")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs):
+            if tokenizer is None:
+                raise Refused(400, "This engine carries no tokenizer: send token ids ('input': [[101, 2023, ...]]).")
+            inputs = encode_texts(tokenizer, inputs)
         if isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs):
             inputs = [inputs]
         if not (isinstance(inputs, list) and inputs and all(isinstance(r, list) and r and
                                                             all(isinstance(t, int) for t in r) for r in inputs)):  # fmt: skip
-            raise Refused(400, "'input' must be token ids: a non-empty list of ints, or a list of such lists.")
+            raise Refused(400, "'input' must be text or token ids: a string, a list of strings, a non-empty list "
+                          "of ints, or a list of such lists.")  # fmt: skip
+        longest = max(len(r) for r in inputs)
+        if max_tokens and longest > max_tokens:
+            raise Refused(400, f"An input has {longest} tokens; this model takes at most {max_tokens}.")
         results = []
         for row in inputs:
             ids = np.asarray([row], np.int64)
