@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from serve_load import Server
+from serve_load import Server, scrape
 
 
 async def _one(client: httpx.AsyncClient, delay: float, ids: list[int]) -> tuple[int, float]:
@@ -76,16 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         for name, batch, bucket in modes[k % 3 :] + modes[: k % 3]:
             server = Server(args.engine, batch, 0, extra=["--bucket", str(bucket), "--max-wait-ms", "5"])
             try:
-                results.append({"mode": name, **run_load(server.url, rate, rows, seed=k)})
+                result = run_load(server.url, rate, rows, seed=k)
+                got = scrape(server.url)  # Prometheus' parser: answered requests, and rows over all engine runs
+                counts = (
+                    got.get("adapter_requests_total{code=200}{endpoint=embeddings}"),
+                    got.get("adapter_batch_size_sum"),
+                )
+                result["metrics_match"] = "yes" if counts == (result["completed"],) * 2 else f"no: {counts}"
+                results.append({"mode": name, **result})
             finally:
                 server.stop()
     print(f"engine {args.engine}; {args.requests} embedding requests of {args.min_len}-{args.max_len} tokens, "
           f"Poisson arrivals; batches of up to {args.max_batch}, 5 ms wait")  # fmt: skip
-    print("| rate req/s | mode | completed | answered/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print("| rate req/s | mode | completed | answered/s | p50 ms | p99 ms | /metrics counts match |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['rate']:g} | {r['mode']} | {r['completed']}/{r['requests']} | {r['per_s']:.1f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")  # fmt: skip
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['metrics_match']} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"rows": results}, indent=2))
     return 0

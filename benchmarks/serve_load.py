@@ -93,6 +93,32 @@ async def _one(client: httpx.AsyncClient, delay: float, prompt: list[int], max_t
     return {"status": 200, "times": times, "sent": sent}
 
 
+def scrape(url: str) -> dict[str, float]:
+    """The server's ``GET /metrics`` through Prometheus' own text parser: sample name (with its
+    labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metrics_match(url: str, result: dict) -> str:
+    """Whether the server's counters equal the load test's own counts: answered requests,
+    generated tokens, first tokens."""
+    got = scrape(url)
+    pairs = {
+        "requests": (got.get("adapter_requests_total{code=200}{endpoint=completions}", 0.0), result["completed"]),
+        "tokens": (got.get("adapter_generated_tokens_total", 0.0), result["tokens"]),
+        "first tokens": (got.get("adapter_time_to_first_token_seconds_count", 0.0), result["completed"]),
+    }
+    wrong = [f"{k} {a:g} != {b:g}" for k, (a, b) in pairs.items() if a != b]
+    return "yes" if not wrong else "no: " + ", ".join(wrong)
+
+
 def run_load(url: str, rate: float, prompts: list[list[int]], max_tokens: int, seed: int, limit_s: float) -> dict:
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(prompts))
     arrivals = np.cumsum(gaps) - gaps[0]
@@ -113,7 +139,7 @@ def run_load(url: str, rate: float, prompts: list[list[int]], max_tokens: int, s
     return {
         "rate": rate, "requests": len(prompts), "completed": len(done),
         "refused": sum(1 for r in results if r["status"] == 429), "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+        "tokens": tokens, "tokens_per_s": round(tokens / wall, 2), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99),
     }  # fmt: skip
 
@@ -154,19 +180,21 @@ def main(argv: list[str] | None = None) -> int:
                 server = Server(args.engine, batch, capacity, chunk)
             try:
                 result = run_load(server.url, rate, prompts, args.max_tokens, seed=k, limit_s=args.deadline)
+                result["metrics_match"] = metrics_match(server.url, result) if chunk >= 0 else "(no /metrics)"
             finally:
                 server.stop()
             rows.append({"mode": name, "rows": batch, "chunk": chunk, **result})
     print(f"engine {args.engine} ({manifest['backend']['name']}, {manifest.get('weights')}); {args.requests} "
           f"requests of {args.prompt} prompt + {args.max_tokens} new tokens, greedy, streamed; Poisson arrivals")  # fmt: skip
     print("| rate req/s | mode | completed | refused | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
-          "| ITL p99 ms | tokens/s vs one at a time |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ITL p99 ms | tokens/s vs one at a time | /metrics counts match |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         base = next(r for r in rows if r["rate"] == row["rate"] and r["rows"] == 1)["tokens_per_s"] or float("nan")
         print(f"| {row['rate']:g} | {row['mode']} | {row['completed']}/{row['requests']} | {row['refused']} | "
               f"{row['wall_s']:.1f} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | {row['ttft_p99_ms']:.0f} | "
-              f"{row['itl_p50_ms']:.1f} | {row['itl_p99_ms']:.1f} | {row['tokens_per_s'] / base:.2f}x |")  # fmt: skip
+              f"{row['itl_p50_ms']:.1f} | {row['itl_p99_ms']:.1f} | {row['tokens_per_s'] / base:.2f}x | "
+              f"{row['metrics_match']} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=2))
     return 0

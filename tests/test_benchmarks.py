@@ -121,3 +121,4 @@ def test_serve_load_benchmark_short_run(tmp_path, capsys, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert {r["mode"] for r in rows} == {"continuous", "one at a time"}
     assert all(r["completed"] == 8 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
+    assert all(r["metrics_match"] == "yes" for r in rows), rows  # /metrics parsed, counters equal the client's

@@ -143,14 +143,14 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
 
     async def tokens_of(request: Completion, channel: asyncio.Queue, stop_texts: list[str]):
         """(token, finish reason) as the engine makes them, timed; a stop string ends the text."""
-        last = request.arrived
+        last, seen = request.arrived, 0
         while True:
             token, reason = await channel.get()
             now = time.perf_counter()
-            if token is not None:
-                (metrics.ttft if len(request.tokens) <= 1 else metrics.itl).observe(now - last)
+            if token is not None:  # (request.tokens may be ahead: the engine thread appends to it)
+                (metrics.ttft if seen == 0 else metrics.itl).observe(now - last)
                 metrics.tokens.inc()
-                last = now
+                last, seen = now, seen + 1
             if reason and reason.startswith("error"):
                 raise Refused(500, reason, "engine_error")
             if stop_texts and token is not None:
