@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends._state_slots import StateSlots
 from adapter.backends.base import graph_as_is
 from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.mapped import Releaser
@@ -289,26 +290,15 @@ class OpenVINODecoder:
         return OpenVINOSlots(self, count, capacity)
 
 
-class _Filled:
-    """A prompt prefilled in the filling request, not yet in the running batch's state."""
+class OpenVINOSlots(StateSlots):
+    """Continuous batching over the stateful decoder (``_state_slots.StateSlots``): the running
+    rows are one infer request's state, prompts are prefilled in a second request of the same
+    compiled model. Rows leave and change places through ``beam_idx`` (the fused attention
+    gathers the state by it): no copy. A join reads both requests' states and writes the
+    running one (8 rows of 200 positions, TinyLlama: 20 + 26 ms); one rebuild takes every
+    prompt admitted since the last step."""
 
-    arrays: dict[str, np.ndarray] | None = None
-    """Its cache, read out once another prompt needed the filling request (else still there)."""
-
-
-class OpenVINOSlots:
-    """Continuous batching over a stateful decoder: the running rows are one infer request's
-    state, prompts are prefilled in a second request of the same compiled model.
-
-    Rows leave and change places through ``beam_idx`` (the state is gathered by it inside the
-    fused attention, so a decode step with rows ``[2, 0]`` keeps those two rows' caches, in that
-    order): no copy. A prefilled prompt joins at the next decode step: the states of both
-    requests are read, the rows aligned on the step's mask width (left padding masked, or the
-    padding all rows share cut off) and written back as the running state. That read and write
-    is the cost of a join (8 rows of 200 positions, TinyLlama: 20 + 26 ms); one rebuild takes
-    every prompt admitted since the last step. ``shift``/``shift_row`` move nothing: the new
-    alignment follows from the widths of the next step's masks.
-    """
+    fixed_batch = True
 
     def __init__(self, decoder: OpenVINODecoder, slots: int, capacity: int) -> None:
         if not decoder.beam:
@@ -316,15 +306,10 @@ class OpenVINOSlots:
                 "This OpenVINO decoder was built without the beam_idx input (an engine from before it), so "
                 "requests cannot join a running batch. Convert the model again."
             )
-        self.decoder, self.slots, self.capacity = decoder, slots, capacity
+        super().__init__(slots, capacity)
+        self.decoder = decoder
         self.main = decoder.compiled.create_infer_request()
         self.fill = decoder.compiled.create_infer_request()
-        self.rows: list[int | _Filled] = []
-        """Where each row's cache is: a row of the running state, or a prefilled prompt."""
-        self.width = self.batch = 0
-        """Positions and rows in the running state."""
-        self.live: _Filled | None = None
-        self.joins = 0
 
     def _infer(self, request, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, beam) -> np.ndarray:
         feed = {
@@ -345,72 +330,25 @@ class OpenVINOSlots:
     def _read(request) -> dict[str, np.ndarray]:
         return {state.name: np.array(state.state.data, copy=True) for state in request.query_state()}
 
-    def _place(self, row: int, source: int | _Filled) -> None:
-        self.rows.extend([-1] * (row + 1 - len(self.rows)))
-        self.rows[row] = source
-
-    def prefill(self, row: int, prompt: np.ndarray, mask: np.ndarray, start: int = 0) -> np.ndarray:
-        """Prefill ``prompt`` (its tokens from position ``start`` on) in the filling request;
-        the row joins the running state at the next decode. Its last logits (vocab,)."""
-        if start == 0:
-            if self.live is not None and any(source is self.live for source in self.rows):
-                self.live.arrays = self._read(self.fill)  # admitted, not yet joined: keep its cache
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, fresh: bool) -> np.ndarray:
+        if fresh:
             self.fill.reset_state()
-            self.live = _Filled()
-        end = start + len(prompt)
-        positions = np.arange(start, end, dtype=np.int64)[None]
-        logits = self._infer(self.fill, np.asarray(prompt)[None], np.ones((1, end), np.int64), positions, [0])
-        self._place(row, self.live)
-        return logits[0]
+        return self._infer(self.fill, ids, mask, positions, [0])
 
-    def shift_row(self, row: int, start: int, length: int, by: int) -> None:
-        """Nothing to move: a filling prompt's cache is its own until it joins."""
+    def _read_fill(self) -> dict[str, np.ndarray]:
+        return self._read(self.fill)
 
-    def shift(self, rows: int, width: int, by: int) -> None:
-        """Nothing to move now: the next step's mask width gives the new alignment."""
+    def _read_main(self) -> dict[str, np.ndarray]:
+        return self._read(self.main)
 
-    def move(self, source: int, target: int) -> None:
-        if source < len(self.rows):
-            self._place(target, self.rows[source])
+    def _write_main(self, state: dict[str, np.ndarray]) -> None:
+        import openvino as ov
 
-    def _rebuild(self, sources: list[int | _Filled], width: int) -> None:
-        """Write the running state as ``sources``' caches, right-aligned on ``width`` positions."""
-        main = self._read(self.main) if any(isinstance(s, int) for s in sources) else {}
-        live = self._read(self.fill) if any(s is self.live for s in sources) else {}
-        for state in self.main.query_state():
-            parts = [main[state.name][s] if isinstance(s, int) else (s.arrays or live)[state.name][0] for s in sources]
-            heads, _, dim = parts[0].shape
-            merged = np.zeros((len(parts), heads, width, dim), parts[0].dtype)
-            for i, part in enumerate(parts):
-                keep = min(width, part.shape[1])
-                merged[i, :, width - keep :] = part[:, part.shape[1] - keep :]
-            state.state = ov_tensor(merged)
-        self.joins += 1
+        for variable in self.main.query_state():
+            variable.state = ov.Tensor(np.ascontiguousarray(state[variable.name]))
 
-    def decode(self, tokens: np.ndarray, masks: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One token for each of the first ``len(tokens)`` rows; their logits (rows, vocab)."""
-        n, width = len(tokens), masks.shape[1] - 1
-        sources = self.rows[:n]
-        tokens, positions = np.asarray(tokens).reshape(n, 1), np.asarray(positions).reshape(n, 1)
-        dead = self.batch - n
-        if width == self.width and all(isinstance(s, int) for s in sources) and 0 <= dead <= n:
-            # the graph's shapes read the state's own batch, so a step keeps its row count: rows that
-            # left are filled with copies of row 0 (dropped at the next rebuild)
-            beam = sources + [sources[0]] * dead
-            tokens, positions = np.pad(tokens, ((0, dead), (0, 0))), np.pad(positions, ((0, dead), (0, 0)))
-            masks = np.concatenate([masks, np.repeat(masks[:1], dead, axis=0)])
-        else:
-            self._rebuild(sources, width)
-            beam, self.batch = list(range(n)), n
-        logits = self._infer(self.main, tokens, masks, positions, beam)[:n]
-        self.rows, self.width = list(range(n)), width + 1
-        return logits
-
-
-def ov_tensor(array: np.ndarray):
-    import openvino as ov
-
-    return ov.Tensor(np.ascontiguousarray(array))
+    def _decode(self, tokens: np.ndarray, masks: np.ndarray, positions: np.ndarray, beam: list[int]) -> np.ndarray:
+        return self._infer(self.main, tokens, masks, positions, beam)
 
 
 def load(folder: Path, config: dict[str, Any], layout: Any) -> OpenVINODecoder:

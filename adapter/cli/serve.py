@@ -20,6 +20,7 @@ from adapter.core.tokenizer import load_tokenizer, max_length
 from adapter.llm.engine import LLMEngine, is_llm_artifact
 from adapter.serve.app import Refused, ServeOptions, build_app
 from adapter.serve.completions import build_llm_app
+from adapter.serve.sharded import ShardedEngine, is_sharded_llm
 
 
 @click.command("serve")
@@ -39,26 +40,38 @@ from adapter.serve.completions import build_llm_app
               help="Generation: prefill prompts this many tokens at a time between decode steps (0: whole).")  # fmt: skip
 @click.option("--bucket", type=click.IntRange(0), default=32, show_default=True,
               help="Forward-pass engines: batch only lengths rounding up to one multiple of N (0: pad to the longest).")  # fmt: skip
-def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk, bucket):
+@click.option("--timeout", type=click.FloatRange(1), default=60.0, show_default=True,
+              help="Sharded engines: seconds any wait between ranks may take.")  # fmt: skip
+def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk, bucket,
+          timeout):  # fmt: skip
     """Serve an engine ARTIFACT over HTTP.
 
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
     at --max-batch or --max-wait-ms; sequences padded when the engine takes an attention
     mask). Generation engines: /v1/completions (OpenAI's API, streaming as server-sent
-    events) over continuous batching (--max-batch rows join and leave at every step). Both:
+    events) over continuous batching (--max-batch rows join and leave at every step); a
+    sharded generation artifact (`adapter shard`) runs on its ranks under torchrun. Both:
     /health and /metrics (Prometheus). SIGTERM stops accepting and finishes the requests in
     flight.
 
     \b
     Examples:
       adapter serve minilm-host --port 8000
+      adapter serve llama-tp2 --max-batch 8   (a sharded artifact: 2 ranks under torchrun)
       curl -s localhost:8000/v1/embeddings -d '{"input": [[101, 7592, 102]]}'
       adapter serve qwen-host --max-batch 16 && curl -s localhost:8000/v1/completions -d '{"prompt": "Hi", "max_tokens": 8}'
     """
-    import uvicorn
-
     manifest = artifact.validate(artifact_path)
     options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20), bucket)
+    if is_sharded_llm(manifest):
+        engine = ShardedEngine(artifact_path, manifest, timeout)
+        err.print(f"starting {manifest['world_size']} ranks ({engine.backend})")
+        try:
+            app = build_llm_app(engine, manifest, options, rows=max_batch, capacity=capacity, chunk=prefill_chunk)
+            _run(app, artifact_path, host, port, max_batch, max_wait_ms)
+        finally:
+            engine.close()
+        return
     if is_llm_artifact(manifest):
         try:
             app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity,
@@ -70,6 +83,12 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
         tokenizer = load_tokenizer(folder) if folder else None
         app = build_app(load(artifact_path, check=False), manifest, options, tokenizer,
                         max_length(folder) if folder else None)  # fmt: skip
+    _run(app, artifact_path, host, port, max_batch, max_wait_ms)
+
+
+def _run(app, artifact_path: Path, host: str, port: int, max_batch: int, max_wait_ms: float) -> None:
+    import uvicorn
+
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host}: the server has no authentication[/]")
     err.print(f"serving {artifact_path} on http://{host}:{port} (batches of up to {max_batch}, {max_wait_ms:g} ms)")

@@ -18,7 +18,7 @@ the generation step.
 
 from __future__ import annotations
 
-__all__ = ["RankSession", "main"]
+__all__ = ["RankSession", "main", "rank0_writer"]
 
 import argparse
 import json
@@ -58,32 +58,53 @@ class RankSession:
         self.count = 0
 
     def start(self, batch: int, capacity: int) -> None:
-        self.cache = {
-            name: np.zeros((batch, heads, 0, self.layout.head_dim), np.float32) for name, heads in self.heads.items()
-        }
-        self.batch = batch
+        self.cache = self.empty_cache(batch)
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, last_only: bool = True) -> np.ndarray:
         """Each row's last-position logits (batch, 1, vocab), whatever ``last_only`` says: only they
         are broadcast from the last stage (the generation loop asks for no more)."""
+        logits, self.cache = self.forward(ids, mask, positions, self.cache)
+        return logits
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((batch, heads, 0, self.layout.head_dim), np.float32) for name, heads in self.heads.items()}
+
+    def forward(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One step of this rank's stage over ``cache`` (its past inputs): the last-position
+        logits of every row (batch, 1, vocab) on every rank, and the stage's presents."""
         rank, k = self.rank, self.count
         self.count += 1
         rank.microbatches = self.count  # the report's count: generation steps
         env: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        env.update(self.cache)
+        env.update(cache)
         if rank.spec.get("recv_from") is not None:
             env.update(rank.recv(k))
         env = rank.run_microbatch(env, k)
         if rank.spec.get("send_to") is not None:
             rank._finish_send(k, rank.send(env, k))
-        for past, present in self.presents.items():
-            self.cache[past] = env[present]
-        shape = (self.batch, 1, self.layout.vocab_size)
+        presents = {past: env[present] for past, present in self.presents.items()}
+        shape = (ids.shape[0], 1, self.layout.vocab_size)
         if rank.rank == self.writer:
             logits = np.ascontiguousarray(env["logits"][:, -1:, :], dtype=np.float32)
         else:
             logits = np.zeros(shape, np.float32)
-        return rank.broadcast(logits, self.writer, f"the logits of step {k}").reshape(shape)
+        return rank.broadcast(logits, self.writer, f"the logits of step {k}").reshape(shape), presents
+
+
+def rank0_writer(output: Path):
+    """A job's ``write``: rank 0 writes the result as JSON to ``output`` atomically."""
+
+    def write(rank, data: dict[str, Any]) -> None:
+        if rank.rank != 0:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".result.", dir=Path(output).parent)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, output)
+
+    return write
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -144,15 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             data["first_logits"] = first[0].tolist()
         return data
 
-    def write(rank, data: dict[str, Any]) -> None:
-        if rank.rank != 0:
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".result.", dir=Path(args.output).parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, args.output)
-
-    run_rank(args, Job(prepare, run, write))
+    run_rank(args, Job(prepare, run, rank0_writer(args.output)))
     return 0
 
 
