@@ -41,6 +41,9 @@ INSTALL_REQUIRES = [
     "starlette==1.10.0",
     "uvicorn==0.55.0",
     "prometheus-client==0.26.0",
+    # adapter.kernels: Triton kernels, compiled ahead of time for NVIDIA (cubin) and AMD (hsaco)
+    # targets without a GPU, run by its interpreter on CPUs (the tests)
+    "triton==3.9.0",
 ]
 
 EXTRAS = {

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# adapter.kernels' Triton kernels run on the CPU interpreter here (set before triton is first
+# imported: it decides at decoration time); a run with a GPU sets TRITON_INTERPRET=0 itself
+os.environ.setdefault("TRITON_INTERPRET", "1")
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
