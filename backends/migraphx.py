@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends._kernels import attach_kernels, example_sizes
 from adapter.backends._recipe import (
     check_onnx,
     cpu_stand_in,
@@ -224,14 +225,17 @@ def compile(
     }
     write_atomic(workdir / PROVIDERS_FILE, json.dumps(providers, indent=2) + "\n")
     write_atomic(workdir / RUN_FILE, _RUN_SCRIPT.format(model=MODEL_FILE))
+    kernels = attach_kernels(graph, profile, example_sizes(specs[0], dict(options.shapes or {})), options.precision,
+                             workdir)  # fmt: skip
     here = _available()
     config: dict[str, Any] = {
         **asdict(options),
+        **kernels,
         "providers": providers["providers"],
         "provider_options": providers["provider_options"][0],
         "ort_version": version(),
         "session_here": here,
-        "files": files + [PROVIDERS_FILE, RUN_FILE],
+        "files": files + [PROVIDERS_FILE, RUN_FILE] + [f for k in kernels.get("triton_kernels", []) for f in k["files"]],
         "note": (
             f"The session runs on {PROVIDER} here."
             if here

@@ -38,6 +38,7 @@ __all__ = [
 
 import functools
 import importlib.util
+import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -49,12 +50,14 @@ import onnx_ir as ir
 
 from adapter.backends import _tensorrt_decoder
 from adapter.backends import _tensorrt_scripts as scripts
+from adapter.backends._kernels import attach_kernels
 from adapter.backends._recipe import (
     check_onnx,
     cpu_stand_in,
     documented_support,
     prepare_graph,
     standard_domain_problems,
+    write_atomic,
 )
 from adapter.backends._tensorrt_qdq import check_qdq, fold_bias_dequantize, qdq_problem, quantized_type
 from adapter.backends.base import EngineBase, Support, profile_options, unsupported_nodes
@@ -80,6 +83,8 @@ PROFILES_FILE, BUILD_FILE, SHELL_FILE, README_FILE = (
     scripts.PROFILES_FILE, scripts.BUILD_FILE, scripts.SHELL_FILE, scripts.README_FILE
 )  # fmt: skip
 PLAN_FILE = scripts.PLAN_FILE
+PLUGINS_FILE = "plugins.json"
+"""The recipe's ahead-of-time plugins: the Triton kernels bundled under ``kernels/``."""
 TIMING_CACHE_FILE = scripts.TIMING_CACHE_FILE
 
 _FLAGS = ("TF32", "FP16", "BF16", "INT8", "FP8")
@@ -299,7 +304,12 @@ def compile(
     reason = "building was turned off (build=never)" if options.build == "never" else _unavailable()
     note = _note(reason) if reason else "The TensorRT engine model.plan was built here."
     files += scripts.write_recipe(workdir, settings, note)
+    kernels = attach_kernels(graph, profile, dict(options.opt_dims), options.precision, workdir)
+    if kernels.get("plugins"):  # the recipe's list of ahead-of-time plugins (cubins under kernels/)
+        write_atomic(workdir / PLUGINS_FILE, json.dumps({"tensorrt_plugins": kernels["plugins"]}, indent=2) + "\n")
+        files += [PLUGINS_FILE] + [f for k in kernels["triton_kernels"] for f in k["files"]]
     config: dict[str, Any] = {
+        **kernels,
         **asdict(options),
         "builder_flags": list(flags),
         "tf32_enabled": tf32,

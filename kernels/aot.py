@@ -74,27 +74,41 @@ def compile_kernel(kernel: Kernel, problem: Mapping[str, int], config: Config, a
     return compile_function(kernel.name, kernel.fn, signature, constants, config, arch, dtype, cache)
 
 
+def _job(name: str, fn: Any, signature: Mapping[str, str], constants: Mapping[str, Any], config: Config, arch: str,
+         dtype: str, cache: Path | None) -> dict[str, Any]:  # fmt: skip
+    gpu_target(arch)  # a clear error for an architecture Triton does not target
+    function = fn.fn if hasattr(fn, "fn") else fn
+    folder = (cache or artifact.cache_root() / "kernels") / _key(function, signature, constants, config, arch)
+    return {"module": function.__module__, "function": function.__name__, "name": name, "signature": dict(signature),
+            "constants": dict(constants), "config": config.to_json(), "arch": arch, "dtype": dtype,
+            "folder": str(folder)}  # fmt: skip
+
+
+def _ensure(jobs: list[dict[str, Any]], fns: list[Any]) -> None:
+    """Compile the jobs not in the cache yet. Under ``TRITON_INTERPRET=1`` (the interpreter
+    patches Triton's language in this process) they compile in one child process without it
+    (``python -m adapter.kernels.aot``)."""
+    missing = [(job, fn) for job, fn in zip(jobs, fns) if not (Path(job["folder"]) / "meta.json").is_file()]
+    if missing and triton.knobs.runtime.interpret:
+        _compile_elsewhere([job for job, _ in missing])
+    else:
+        for job, fn in missing:
+            _compile(job, fn)
+
+
+def _loaded(job: dict[str, Any]) -> CompiledKernel:
+    folder = Path(job["folder"])
+    binary_kind, asm_kind = _BINARY[gpu_target(job["arch"]).backend]
+    meta = json.loads((folder / "meta.json").read_text())
+    return CompiledKernel(job["name"], job["arch"], folder / f"kernel.{binary_kind}", folder / f"kernel.{asm_kind}", meta)
+
+
 def compile_function(name: str, fn: Any, signature: Mapping[str, str], constants: Mapping[str, Any], config: Config,
                      arch: str, dtype: str = "fp16", cache: Path | None = None) -> CompiledKernel:  # fmt: skip
-    """One ``triton.jit`` function compiled for ``arch`` with these argument types and constants.
-
-    Under ``TRITON_INTERPRET=1`` (the interpreter patches Triton's language in this process)
-    the compile runs in a child process without it (``python -m adapter.kernels.aot``)."""
-    target = gpu_target(arch)
-    function = fn.fn if hasattr(fn, "fn") else fn
-    key = _key(function, signature, constants, config, arch)
-    folder = (cache or artifact.cache_root() / "kernels") / key
-    binary_kind, asm_kind = _BINARY[target.backend]
-    if not (folder / "meta.json").is_file():
-        job = {"module": function.__module__, "function": function.__name__, "name": name,
-               "signature": dict(signature), "constants": dict(constants), "config": config.to_json(), "arch": arch,
-               "dtype": dtype, "folder": str(folder)}  # fmt: skip
-        if triton.knobs.runtime.interpret:
-            _compile_elsewhere(job)
-        else:
-            _compile(job, fn)
-    meta = json.loads((folder / "meta.json").read_text())
-    return CompiledKernel(name, arch, folder / f"kernel.{binary_kind}", folder / f"kernel.{asm_kind}", meta)
+    """One ``triton.jit`` function compiled for ``arch`` with these argument types and constants."""
+    job = _job(name, fn, signature, constants, config, arch, dtype, cache)
+    _ensure([job], [fn])
+    return _loaded(job)
 
 
 def _compile(job: dict[str, Any], fn: Any) -> None:
@@ -127,9 +141,9 @@ def _compile(job: dict[str, Any], fn: Any) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _compile_elsewhere(job: dict[str, Any]) -> None:
+def _compile_elsewhere(jobs: list[dict[str, Any]]) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-m", "adapter.kernels.aot"], input=json.dumps(job), text=True,
+    done = subprocess.run([sys.executable, "-m", "adapter.kernels.aot"], input=json.dumps(jobs), text=True,
                           capture_output=True, env=env, timeout=600)  # fmt: skip
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -137,11 +151,10 @@ def _compile_elsewhere(job: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    """``python -m adapter.kernels.aot`` < job.json: compile one job (see compile_function)."""
-    job = json.loads(sys.stdin.read())
-    fn = getattr(importlib.import_module(job["module"]), job["function"])
+    """``python -m adapter.kernels.aot`` < jobs.json: compile a list of jobs (see ``_ensure``)."""
     try:
-        _compile(job, fn)
+        for job in json.loads(sys.stdin.read()):
+            _compile(job, getattr(importlib.import_module(job["module"]), job["function"]))
     except AdapterError as exc:
         sys.stderr.write(f"{exc}\n")
         return 1
@@ -164,24 +177,28 @@ def bundle(folder: Path, profile, problems: Mapping[str, tuple[Kernel, Mapping[s
     artifact). Returns the manifest entries: launch metadata, files, the predicted figures and
     the runner-up configurations."""
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
+    plans, jobs, fns = [], [], []
     for label, (kernel, problem) in problems.items():
         ranked = rank(kernel, problem, profile, dtype)
         best = ranked[0]
         if not best.feasible:
             raise AdapterError(f"No configuration of kernel '{kernel.name}' fits {profile.arch}: {best.reason}.")
-        compiled = compile_kernel(kernel, problem, best.config, profile.arch, dtype, cache)
-        entries.append({
-            "name": label, **compiled.meta, "problem": dict(problem), "files": _copy(compiled, folder, label),
-            "grid": list(kernel.grid(problem, best.config)), "predicted": best.to_json(),
-            "candidates": [p.to_json() for p in ranked[1:4] if p.feasible],
-            "fused": list(kernel.onnx_ops),
-        })  # fmt: skip
+        signature, constants = kernel.signature(problem, best.config, dtype)
+        jobs.append(_job(kernel.name, kernel.fn, signature, constants, best.config, profile.arch, dtype, cache))
+        fns.append(kernel.fn)
+        plans.append({"name": label, "problem": dict(problem), "grid": list(kernel.grid(problem, best.config)),
+                      "predicted": best.to_json(), "candidates": [p.to_json() for p in ranked[1:4] if p.feasible],
+                      "fused": list(kernel.onnx_ops)})  # fmt: skip
         for part, fn, signature, constants, grid in (kernel.companions or (lambda *_: []))(problem, best.config, dtype):
-            extra = compile_function(f"{kernel.name}.{part}", fn, signature, constants, Config({}, 4), profile.arch,
-                                     dtype, cache)  # fmt: skip
-            entries.append({"name": f"{label}.{part}", **extra.meta, "companion_of": label, "grid": list(grid),
-                            "files": _copy(extra, folder, f"{label}.{part}")})  # fmt: skip
+            jobs.append(_job(f"{kernel.name}.{part}", fn, signature, constants, Config({}, 4), profile.arch, dtype,
+                             cache))  # fmt: skip
+            fns.append(fn)
+            plans.append({"name": f"{label}.{part}", "companion_of": label, "grid": list(grid)})
+    _ensure(jobs, fns)  # all at once: one child process under the interpreter
+    entries = []
+    for plan, job in zip(plans, jobs):
+        compiled = _loaded(job)
+        entries.append({**plan, **compiled.meta, "name": plan["name"], "files": _copy(compiled, folder, plan["name"])})
     return entries
 
 

@@ -187,3 +187,39 @@ def test_kernels_compile_ahead_of_time_and_bundle(arch, tmp_path):
     first = compile_kernel(kernel, problem, Config({"BLOCK_S": 4}, 2), arch, "fp16", tmp_path / "cache")
     again = compile_kernel(kernel, problem, Config({"BLOCK_S": 4}, 2), arch, "fp16", tmp_path / "cache")
     assert first.binary == again.binary and json.loads((first.binary.parent / "meta.json").read_text())["arch"] == arch
+
+
+def _check_binary(path: Path, arch: str) -> None:
+    if arch.startswith("sm_"):
+        listing = subprocess.run([_cuobjdump(), "--list-elf", str(path)], capture_output=True, text=True)
+        assert listing.returncode == 0 and arch in listing.stdout, listing.stdout + listing.stderr
+    else:
+        notes = subprocess.run(["llvm-readelf", "--notes", str(path)], capture_output=True, text=True)
+        target = [line for line in notes.stdout.splitlines() if "amdhsa.target" in line]
+        assert notes.returncode == 0 and target and target[0].rstrip().endswith(arch), notes.stdout[-2000:]
+
+
+@pytest.mark.parametrize(("target", "backend", "arch"), [("nvidia-h100", "tensorrt", "sm_90"),
+                                                         ("nvidia-a100", "tensorrt", "sm_80"),
+                                                         ("amd-mi300x", "migraphx", "gfx942")])  # fmt: skip
+def test_convert_to_a_gpu_target_bundles_the_kernels(target, backend, arch, tmp_path, cli):
+    """MiniLM to a GPU target: its residual+LayerNorm, bias+GELU and masked attention patterns
+    get kernels compiled for the target's architecture, inside the artifact's checksums; the
+    TensorRT recipe lists them as plugins; the report shows the tile model's choice."""
+    from adapter.core import artifact
+
+    code, out, err = cli("convert", "adapter.zoo:minilm", "--target", target, "--backend", backend, "-o",
+                         str(tmp_path / "engine"))  # fmt: skip
+    assert code == 0, err
+    manifest = artifact.validate(tmp_path / "engine")  # the kernel files are in the manifest's checksums
+    kernels = {k["name"]: k for k in manifest["backend"]["config"]["triton_kernels"]}
+    assert set(kernels) == {"attention", "add_layernorm", "bias_gelu"}
+    assert len(kernels["attention"]["nodes"]) == 6 and len(kernels["add_layernorm"]["nodes"]) == 12
+    assert kernels["attention"]["problem"]["mask"] == 1 and kernels["attention"]["problem"]["head_dim"] == 32
+    for kernel in kernels.values():
+        assert kernel["arch"] == arch and kernel["predicted"]["feasible"] and 0 < kernel["predicted"]["time_us"]
+        _check_binary(tmp_path / "engine" / kernel["files"][0], arch)
+    if backend == "tensorrt":
+        plugins = json.loads((tmp_path / "engine" / "plugins.json").read_text())["tensorrt_plugins"]
+        assert {p["plugin"] for p in plugins} == {f"adapter::{name}" for name in kernels}
+    assert f"Triton kernels for {arch}" in out

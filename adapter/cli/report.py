@@ -110,6 +110,18 @@ def render_target_files(console: Console, config: dict[str, Any], verification: 
                 found = ", ".join(f"{kind} {' '.join(archs)}" for kind, archs in found.items() if archs)
             table.add_row(escape(name), escape(str(found)))
         console.print(table)
+    triton = [k for k in config.get("triton_kernels") or [] if "companion_of" not in k]
+    if triton:
+        table = Table(title=f"Triton kernels for {escape(triton[0]['arch'])} (tile model's choice)", title_justify="left")
+        for col in ("kernel", "nodes", "tiles", "warps", "predicted us", "of peak bandwidth", "bound"):
+            table.add_column(col)
+        for k in triton:
+            guess = k.get("predicted") or {}
+            tiles = ",".join(f"{n}={v}" for n, v in k["config"]["blocks"].items())
+            table.add_row(escape(k["name"]), str(len(k.get("nodes", []))), escape(tiles), str(k["num_warps"]),
+                          f"{guess.get('time_us', 0):.1f}", f"{100 * guess.get('bandwidth_fraction', 0):.0f}%",
+                          escape(str(guess.get("bound", ""))))  # fmt: skip
+        console.print(table)
     if config.get("note"):
         console.print(escape(str(config["note"])))
 

@@ -1,0 +1,147 @@
+"""Which kernels a graph can use: the fused patterns of an ONNX graph and their problem sizes.
+
+Patterns (standard-domain graphs as the dynamo exporter writes them, and ONNX Runtime's
+fused contrib ops):
+
+* ``Add(x, residual) -> LayerNormalization`` (same shapes), ``SkipLayerNormalization`` -> ``add_layernorm``;
+  ``SkipSimplifiedLayerNormalization`` -> ``add_rmsnorm``;
+* ``Add(x, constant bias) -> Gelu`` (``BiasGelu``) -> ``bias_gelu``;
+* ``Softmax(scores [+ mask]) -> MatMul(., v)`` over (batch, heads, m, n) -> ``attention``;
+  ``GroupQueryAttention`` -> ``attention`` (decode: one query position over the past);
+* ``MatMulNBits`` (4 bits) -> ``int4_gemm``; ``RotaryEmbedding`` -> ``rotary``.
+
+Symbolic dimensions take the example sizes (``sizes``: dim name -> size); a pattern whose
+shape stays unknown is skipped. Nodes with the same problem share one kernel.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Found", "problems_in"]
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from adapter.kernels.attention import ATTENTION
+from adapter.kernels.elementwise import BIAS_GELU
+from adapter.kernels.int4_gemm import INT4_GEMM
+from adapter.kernels.norms import ADD_LAYERNORM, ADD_RMSNORM
+from adapter.kernels.rotary import ROTARY
+from adapter.kernels.spec import Kernel
+
+
+@dataclass
+class Found:
+    kernel: Kernel
+    problem: dict[str, int]
+    nodes: list[str] = field(default_factory=list)
+
+
+def _dims(value: ir.Value | None, sizes: Mapping[str, int]) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    out = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            out.append(dim)
+        elif getattr(dim, "value", None) in sizes:
+            out.append(int(sizes[dim.value]))
+        else:
+            return None
+    return out
+
+
+def _producer(value: ir.Value | None) -> ir.Node | None:
+    return value.producer() if value is not None else None
+
+
+def _const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    found = node.attributes.get(name)
+    return found.value if found is not None else default
+
+
+def _rows(shape: list[int]) -> dict[str, int]:
+    return {"rows": math.prod(shape[:-1]), "n": shape[-1]}
+
+
+def _match(node: ir.Node, sizes: Mapping[str, int]) -> tuple[Kernel, dict[str, int]] | None:
+    op = node.op_type
+    first = node.inputs[0] if node.inputs else None
+    if op == "LayerNormalization":
+        add = _producer(first)
+        if add is None or add.op_type != "Add" or any(_const(i) for i in add.inputs):
+            return None
+        shape = _dims(add.inputs[0], sizes)
+        if shape is None or add.inputs[0].shape != add.inputs[1].shape:  # a broadcast add (positions) is no residual
+            return None
+        return ADD_LAYERNORM, _rows(shape)
+    if op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        shape = _dims(first, sizes)
+        return (ADD_RMSNORM if "Simplified" in op else ADD_LAYERNORM, _rows(shape)) if shape else None
+    if op in ("Gelu", "BiasGelu"):
+        add = _producer(first) if op == "Gelu" else node
+        if add is None or (op == "Gelu" and add.op_type != "Add"):
+            return None
+        bias = [i for i in add.inputs if _const(i) and len(i.shape or ()) == 1]
+        shape = _dims(add.inputs[0] if not _const(add.inputs[0]) else add.inputs[1], sizes)
+        return (BIAS_GELU, _rows(shape)) if bias and shape else None
+    if op == "Softmax":
+        scores = _dims(node.outputs[0], sizes)
+        users = [u for u, _ in node.outputs[0].uses() if u.op_type == "MatMul"]
+        values = _dims(users[0].inputs[1], sizes) if users else None
+        if scores is None or values is None or len(scores) != 4 or len(values) != 4:
+            return None
+        add = _producer(first)
+        masked = add is not None and add.op_type == "Add"
+        b, h, m, n = scores
+        return ATTENTION, {"batch": b, "q_heads": h, "kv_heads": values[1], "m": m, "n": n, "head_dim": values[3],
+                           "mask": int(masked), "causal": 0}  # fmt: skip
+    if op == "GroupQueryAttention":
+        q = _dims(first, sizes)
+        heads, kv_heads = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
+        context = sizes.get("past", 0) + (q[1] if q else 0)
+        if not q or not heads or not kv_heads:
+            return None
+        return ATTENTION, {"batch": q[0], "q_heads": heads, "kv_heads": kv_heads, "m": q[1], "n": max(context, q[1]),
+                           "head_dim": q[2] // heads, "mask": 0, "causal": 1}  # fmt: skip
+    if op == "MatMulNBits" and _attr(node, "bits", 4) == 4:
+        a = _dims(first, sizes)
+        zeros = len(node.inputs) > 3 and node.inputs[3] is not None
+        if not a:
+            return None
+        return INT4_GEMM, {"m": math.prod(a[:-1]), "n": _attr(node, "N"), "k": _attr(node, "K"),
+                           "group": _attr(node, "block_size", 32), "zeros": int(zeros)}  # fmt: skip
+    if op == "RotaryEmbedding":
+        x = _dims(first, sizes)
+        heads = _attr(node, "num_heads", 0)
+        if not x:
+            return None
+        if len(x) == 4:
+            return ROTARY, {"batch": x[0], "heads": x[1], "seq": x[2], "head_dim": x[3]}
+        if heads:
+            return ROTARY, {"batch": x[0], "heads": heads, "seq": x[1], "head_dim": x[2] // heads}
+    return None
+
+
+def problems_in(model: ir.Model, sizes: Mapping[str, int]) -> dict[str, Found]:
+    """Label -> the kernel, its problem and the nodes it serves (see the module docstring)."""
+    found: dict[tuple[str, tuple], Found] = {}
+    for node in model.graph.all_nodes():
+        matched = _match(node, sizes)
+        if matched is None:
+            continue
+        kernel, problem = matched
+        key = (kernel.name, tuple(sorted(problem.items())))
+        found.setdefault(key, Found(kernel, problem)).nodes.append(node.name or node.op_type)
+    labels: dict[str, Found] = {}
+    for (name, _), item in found.items():
+        count = sum(1 for label in labels if label.split("-")[0] == name)
+        labels[name if count == 0 else f"{name}-{count + 1}"] = item
+    return labels
