@@ -223,3 +223,15 @@ def test_convert_to_a_gpu_target_bundles_the_kernels(target, backend, arch, tmp_
         plugins = json.loads((tmp_path / "engine" / "plugins.json").read_text())["tensorrt_plugins"]
         assert {p["plugin"] for p in plugins} == {f"adapter::{name}" for name in kernels}
     assert f"Triton kernels for {arch}" in out
+
+
+def test_the_device_check_runs_on_the_interpreter():
+    """kernels/device_check.py --smoke: every kernel, tiny shapes, the model's best config,
+    against PyTorch on the CPU (the GPU run is the same script without --smoke)."""
+    import sys
+
+    done = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "kernels" / "device_check.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "problem" not in line]
+    assert len(rows) == 7 and all(row.rstrip().endswith("| yes |") for row in rows), done.stdout
