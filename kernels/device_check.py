@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         for position, guess in enumerate(ranked[: 1 if args.smoke else args.top]):
             got = _first(kernel.launch(guess.config, *tensors, **kwargs))
             error = float((got.float() - want).abs().max() / max(1.0, float(want.abs().max())))
-            ms = _bench(lambda c=guess.config: kernel.launch(c, *tensors, **kwargs))
+            ms = _bench(lambda c=guess.config, k=kernel, t=tensors, kw=kwargs: k.launch(c, *t, **kw))
             measured.append((ms, position, guess, error))
         ms, position, guess, error = min(measured, key=lambda m: m[0])
-        eager_ms = _bench(lambda: _eager(name, tensors, kwargs))
+        eager_ms = _bench(lambda n=name, t=tensors, kw=kwargs: _eager(n, t, kw))
         itemsize = ITEMSIZE["bf16" if gpu else "fp32"]
         least = min(w.bytes - w.reread for w in (kernel.work(problem, p.config, itemsize) for p in ranked))
         rows.append({
