@@ -1,7 +1,8 @@
 """``adapter serve`` of a sharded decoder: the batcher runs in the server, the model on its
 ranks under torchrun (``adapter.llm.rank_serve``). Concurrent greedy completions over TP2,
 PP2 and TP2 x PP2 artifacts equal the unsharded engine's offline ``generate`` token for
-token, with requests joining and leaving the running rows (and prompts prefilled in chunks)."""
+token, with requests joining and leaving the running rows (and prompts prefilled in chunks);
+text prompts go through the tokenizer the sharded artifact bundles."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from _loopback import LoopbackServer
 from adapter.core import artifact
 from adapter.llm.convert import LLMOptions, convert_causal_lm
 from adapter.llm.engine import LLMEngine
-from adapter.llm.families import tiny_config, write_random_folder
+from adapter.llm.families import tiny_config, write_random_folder, write_word_tokenizer
 from adapter.llm.generate import Sampling
 from adapter.llm.sharded import build_sharded_llm
 from adapter.serve.app import ServeOptions
@@ -29,6 +30,7 @@ from adapter.serve.sharded import ShardedEngine
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-sharded")
     folder = write_random_folder(tiny_config("llama"), root / "src")
+    write_word_tokenizer(folder, 128)  # the sharded artifact bundles it: text prompts in, text out
     convert_causal_lm(str(folder), root / "whole", LLMOptions(backend="onnxruntime", benchmark=False))
     return root, folder, LLMEngine.load(root / "whole")
 
@@ -65,6 +67,10 @@ def test_concurrent_completions_over_tp2_equal_the_unsharded_engine(source):
             answers = asyncio.run(ask())
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
             assert [a.json()["choices"][0]["token_ids"] for a in answers] == want
+            text = httpx.post(f"{url}/v1/completions", json={"prompt": "w5 w9 w17", "max_tokens": 6,
+                                                             "temperature": 0}, timeout=120).json()  # fmt: skip
+            tokens = whole.generate(whole.encode(["w5 w9 w17"]), max_new_tokens=6).tokens[0]
+            assert text["choices"][0]["token_ids"] == tokens and text["choices"][0]["text"] == whole.decode(tokens)
             health = httpx.get(f"{url}/health").json()
             assert "sharded (tp 2 x pp 1)" in health["backend"]
             metrics = httpx.get(f"{url}/metrics").text

@@ -17,7 +17,7 @@ of FP32 weights, the peak being the export's).
 
 from __future__ import annotations
 
-__all__ = ["LLMOptions", "convert_causal_lm", "decoder_backends", "load_source"]
+__all__ = ["LLMOptions", "bundle_tokenizer", "convert_causal_lm", "decoder_backends", "load_source"]
 
 import dataclasses
 import datetime as _dt
@@ -307,19 +307,22 @@ def _build_one(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def _bundle_tokenizer(lm: CausalLM, folder: Path) -> None:
+def bundle_tokenizer(source: Path | None, tokenizer: Any, folder: Path) -> bool:
     """The source folder's tokenizer files as they are (regular files inside the folder; no
     transformers round trip, which may rebuild a tokenizer from the config's family), else
-    the loaded tokenizer saved by transformers."""
-    source = Path(lm.source)
-    if lm.kind == "huggingface-folder" and (source / "tokenizer.json").is_file():
+    the loaded ``tokenizer`` saved by transformers. Whether anything was written."""
+    if source is not None and (Path(source) / "tokenizer.json").is_file():
+        source = Path(source)
         folder.mkdir(parents=True, exist_ok=True)
         for name in _TOKENIZER_FILES:
             path = source / name
             if path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(source.resolve()):
                 shutil.copyfile(path, folder / name)
-        return
-    lm.tokenizer.save_pretrained(str(folder))
+        return True
+    if tokenizer is None:
+        return False
+    tokenizer.save_pretrained(str(folder))
+    return True
 
 
 def convert_causal_lm(
@@ -411,7 +414,8 @@ def convert_causal_lm(
                 item.rename(staged / item.name)
             shutil.rmtree(staged / ".candidates", ignore_errors=True)
         if lm.tokenizer is not None:
-            _bundle_tokenizer(lm, staged / "tokenizer")
+            bundle_tokenizer(Path(lm.source) if lm.kind == "huggingface-folder" else None, lm.tokenizer,
+                             staged / "tokenizer")  # fmt: skip
         manifest = {
             "adapter_version": artifact.library_versions()["adapter"],
             "kind": KIND,

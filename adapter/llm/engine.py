@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LLMEngine", "is_llm_artifact"]
+__all__ = ["TextCodec", "LLMEngine", "is_llm_artifact"]
 
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +22,36 @@ def is_llm_artifact(manifest: dict[str, Any]) -> bool:
     return manifest.get("kind") == KIND
 
 
-class LLMEngine:
+class TextCodec:
+    """Text in and out through the tokenizer an artifact bundles (``manifest["tokenizer"]``
+    under ``folder``): what a generation engine and a served sharded one share."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        """The bundled tokenizer (loaded on first use), or None."""
+        name = self.manifest.get("tokenizer")
+        if self._tokenizer is None and name:
+            self._tokenizer = load_tokenizer(self.folder / name)
+        return self._tokenizer
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise InputMismatchError(
+                "This engine has no tokenizer (its source folder had none), so it takes token ids only.",
+                "Give --prompt-ids 1,2,3 instead of --prompt.",
+            )
+        return encode_texts(tokenizer, texts)
+
+    def decode(self, tokens: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+class LLMEngine(TextCodec):
     """A verified decoder engine with its layout and (when the source had one) tokenizer."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
@@ -44,26 +73,6 @@ class LLMEngine:
         folder = Path(folder)
         manifest = artifact.validate(folder) if check else artifact.read_manifest(folder)
         return cls(folder, manifest)
-
-    @property
-    def tokenizer(self):
-        """The bundled tokenizer (loaded on first use), or None."""
-        name = self.manifest.get("tokenizer")
-        if self._tokenizer is None and name:
-            self._tokenizer = load_tokenizer(self.folder / name)
-        return self._tokenizer
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise InputMismatchError(
-                "This engine has no tokenizer (its source folder had none), so it takes token ids only.",
-                "Give --prompt-ids 1,2,3 instead of --prompt.",
-            )
-        return encode_texts(tokenizer, texts)
-
-    def decode(self, tokens: list[int]) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def generate(
         self,

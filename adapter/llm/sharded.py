@@ -40,7 +40,7 @@ from adapter.core import artifact
 from adapter.core.errors import AdapterError, VerificationError
 from adapter.core.mapped import memory_budget, peak_rss_bytes
 from adapter.core.specs import Dim, TensorSpec, spec_of
-from adapter.llm.convert import LLMOptions, load_source
+from adapter.llm.convert import LLMOptions, bundle_tokenizer, load_source
 from adapter.llm.export import DIM_LIMITS, export_decoder
 from adapter.llm.generate import Sampling, generate, left_pad
 from adapter.llm.layout import DecoderLayout
@@ -195,6 +195,7 @@ def build_sharded_llm(
     started = time.perf_counter()
     profile = load_profile(target)
     module = get_backend(backend)
+    tokenizer = None
     if Path(source).is_dir():
         say("export the decoder with its KV cache, without its weights (read from the checkpoint when written)")
         graph, layout, seconds, _ = export_streamed(source)
@@ -203,7 +204,7 @@ def build_sharded_llm(
         lm = load_source(source)
         say("export the decoder with its KV cache")
         graph, layout, seconds = export_decoder(lm.model, lm.family)
-        lm = None
+        tokenizer, lm = lm.tokenizer, None
     run_pipeline(graph, build_pipeline(["canonicalize"]))
     whole = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     budget = memory_budget()
@@ -231,6 +232,8 @@ def build_sharded_llm(
                     "inputs": [i.to_json() for i in ins], "outputs": [o.to_json() for o in outs]}  # fmt: skip
 
         ranks, weights = rank_specs(models, bounds, compile_segment, set(layout.present_names()))
+        folder = Path(source) if Path(source).is_dir() else None
+        bundled = bundle_tokenizer(folder, tokenizer, staged / "tokenizer")  # text for `adapter serve`
         inputs = [spec_of(v, dims) for v in graph.graph.inputs]
         outputs = [spec_of(v, dims) for v in graph.graph.outputs]
         reference = None
@@ -249,6 +252,7 @@ def build_sharded_llm(
             "source": {"spec": source},
             "target": profile.name,
             "layout": layout.to_json(),
+            "tokenizer": "tokenizer" if bundled else None,
             "inputs": [s.to_json() for s in inputs],
             "outputs": [s.to_json() for s in outputs],
             "ranks": ranks,

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from adapter.core.errors import AdapterError, InputMismatchError
+from adapter.core.errors import AdapterError
+from adapter.llm.engine import TextCodec
 from adapter.llm.layout import DecoderLayout
 from adapter.runtime.frames import pack, recv_frame, send_frame, unpack
 from adapter.runtime.launch import run_sharded
@@ -71,26 +72,20 @@ class RemoteSlots:
         """Nothing to send: a filling prompt's cache is its own until it joins."""
 
 
-class ShardedEngine:
-    """A sharded generation artifact served from this process (see the module docstring)."""
+class ShardedEngine(TextCodec):
+    """A sharded generation artifact served from this process (see the module docstring);
+    text through the tokenizer it bundles, when its source had one."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], timeout: float = 60.0, start_s: float = 600.0) -> None:
         self.folder, self.manifest = Path(folder), manifest
         self.layout = DecoderLayout.from_json(manifest["layout"])
         self.backend = f"{manifest['backend']} sharded (tp {manifest.get('tp', 1)} x pp {manifest.get('pp', 1)})"
         self.session = self
-        self.tokenizer = None
         self.timeout, self.start_s = timeout, start_s
         self.conn: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self.outcome: dict[str, Any] = {}
         self.lines: list[str] = []
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        raise InputMismatchError("This sharded engine carries no tokenizer, so it takes token ids only.")
-
-    def decode(self, tokens: list[int]) -> None:
-        return None
 
     def failure(self) -> str:
         error = self.outcome.get("error")
