@@ -164,8 +164,10 @@ def _built(folders, tmp_path_factory, family: str, tp: int, pp: int):
     return _BUILT[key]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "falcon", "gpt2"])
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
+# every family at TP2 and PP2; TP2 x PP2 once (llama, also the fault tests' artifact; the CLI
+# test shards qwen2 over 4 ranks as the planner chooses): the suite's time is bounded
+@pytest.mark.parametrize(("family", "tp", "pp"), [(f, tp, pp) for f in ("llama", "qwen2", "falcon", "gpt2")
+                                                  for tp, pp in ((2, 1), (1, 2))] + [("llama", 2, 2)])  # fmt: skip
 def test_sharded_greedy_generation_equals_the_unsharded_engine(folders, tmp_path_factory, family, tp, pp):
     folder, manifest = _built(folders, tmp_path_factory, family, tp, pp)
     ver = manifest["verification"]
