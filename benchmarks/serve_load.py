@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=8, help="Rows of the continuous batch.")
     parser.add_argument("--deadline", type=float, default=300.0, help="Seconds a run may take.")
     parser.add_argument("--chunks", default="0", help="Prefill chunk sizes of the continuous server (0: whole).")
+    parser.add_argument("--budgets", default="", help="Prefill budgets (prompt tokens between two decode steps) "
+                        "of further continuous servers, whole prompts.")  # fmt: skip
     parser.add_argument("--peer", type=Path, default=None,
                         help="An OpenVINO GenAI model folder (optimum-intel export) served as the peer server.")
     parser.add_argument("--peer-python", default="build/ovgenai-venv/bin/python",
@@ -165,19 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, size=args.prompt).tolist() for _ in range(args.requests)]
     capacity = args.prompt + args.max_tokens + 8
-    modes = {"one at a time": (1, 0)}
+    modes = {"one at a time": (1, 0, 0)}
     for chunk in (int(c) for c in args.chunks.split(",")):
-        modes["continuous" + (f", prefill chunk {chunk}" if chunk else "")] = (args.rows, chunk)
+        modes["continuous" + (f", prefill chunk {chunk}" if chunk else "")] = (args.rows, chunk, 0)
+    for budget in (int(b) for b in args.budgets.split(",") if b):
+        modes[f"continuous, prefill budget {budget}"] = (args.rows, 0, budget)
     if args.peer:
-        modes["peer: OpenVINO GenAI ContinuousBatchingPipeline"] = (args.rows, -1)
+        modes["peer: OpenVINO GenAI ContinuousBatchingPipeline"] = (args.rows, -1, 0)
     rows: list[dict] = []
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
         order = list(modes.items()) if k % 2 == 0 else list(reversed(modes.items()))
-        for name, (batch, chunk) in order:
+        for name, (batch, chunk, budget) in order:
             if chunk < 0:
                 server = Server(args.peer, batch, 0, peer_python=args.peer_python)
             else:
-                server = Server(args.engine, batch, capacity, chunk)
+                server = Server(args.engine, batch, capacity, chunk, ["--prefill-budget", str(budget)])
             try:
                 result = run_load(server.url, rate, prompts, args.max_tokens, seed=k, limit_s=args.deadline)
                 result["metrics_match"] = metrics_match(server.url, result) if chunk >= 0 else "(no /metrics)"

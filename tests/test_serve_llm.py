@@ -200,11 +200,12 @@ def test_text_prompts_stop_strings_and_chat_through_the_tokenizer(worded, served
     assert no_template.status_code == 400 and "chat template" in no_template.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("backend,chunk", [("onnxruntime", 0), ("onnxruntime", 1), ("onnxruntime", 4),
-                                           ("openvino", 0), ("openvino", 1), ("openvino", 4)])  # fmt: skip
-def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, backend, chunk):
+@pytest.mark.parametrize("backend,chunk,budget", [("onnxruntime", 0, 0), ("onnxruntime", 1, 0), ("onnxruntime", 4, 0),
+                                                  ("openvino", 0, 0), ("openvino", 4, 0), ("openvino", 0, 1)])  # fmt: skip
+def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, backend, chunk, budget):
     """Requests joining 3 rows of 40 positions (shifts right for longer prompts, left at the
-    capacity), their prompts prefilled whole or a few tokens between decode steps. OpenVINO:
+    capacity), their prompts prefilled whole or a few tokens between decode steps, or one prompt
+    per step (budget 1). OpenVINO:
     rows leave through beam_idx, prompts are prefilled in a second infer request and join by
     rewriting the running state."""
     from adapter.llm.generate import Sampling
@@ -225,7 +226,7 @@ def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, ba
 
         return emit
 
-    batcher = ContinuousBatcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk)
+    batcher = ContinuousBatcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk, budget=budget)
     requests = [Completion(p, m, Sampling(), emitter(i)) for i, (p, m) in enumerate(asks)]
     batcher.start()
     try:

@@ -79,7 +79,7 @@ def _ids(value: Any, what: str) -> list[int]:
 
 
 def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = ServeOptions(), rows: int = 8,
-                  capacity: int | None = None, chunk: int = 0) -> Starlette:  # fmt: skip
+                  capacity: int | None = None, chunk: int = 0, budget: int = 0) -> Starlette:  # fmt: skip
     """A Starlette app over a loaded ``LLMEngine`` whose session takes rows mid-batch (``slots``)."""
     if not hasattr(engine.session, "slots"):
         raise Refused(
@@ -95,7 +95,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         metrics.waiting.set(waiting)
         metrics.rows.observe(active)
 
-    batcher = ContinuousBatcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk)
+    batcher = ContinuousBatcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk, budget)
     tokenizer = engine.tokenizer
 
     def encode(prompt: Any) -> list[int]:

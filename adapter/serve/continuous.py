@@ -8,7 +8,9 @@ decode step for every active row together and hands each request its token. A re
 ends (its ``max_tokens``, an end-of-sequence or stop token) leaves at that step and its row is
 reused. With ``chunk``, a prompt is prefilled ``chunk`` tokens at a time, one chunk between two
 decode steps (chunked prefill: a long prompt arriving delays the running rows' next token by
-one chunk, not by the whole prompt); a client that goes away is dropped the same way. The rows stay aligned on a common
+one chunk, not by the whole prompt); with ``budget`` (whole prompts) the prompts admitted
+between two steps stop once that many prompt tokens went in; a client that goes away is
+dropped the same way. The rows stay aligned on a common
 width (padding masked); when the width reaches the capacity, every row's cache moves left by
 the padding all rows share, and a row that itself fills the capacity ends with ``length``.
 
@@ -78,9 +80,13 @@ class ContinuousBatcher:
     """The engine thread and its queue (see the module docstring)."""
 
     def __init__(self, session, layout, rows: int = 8, capacity: int = 512, max_queue: int = 64,
-                 on_step: Callable[[int, int], None] = lambda active, waiting: None, chunk: int = 0) -> None:  # fmt: skip
+                 on_step: Callable[[int, int], None] = lambda active, waiting: None, chunk: int = 0,
+                 budget: int = 0) -> None:  # fmt: skip
         self.slots = session.slots(rows, capacity)
         self.chunk = chunk
+        self.budget = budget
+        """Prompt tokens prefilled between two decode steps while rows run (0: no limit; the
+        first prompt or chunk always goes)."""
         self.filling: _Filling | None = None
         self.layout, self.rows, self.capacity, self.max_queue = layout, rows, capacity, max_queue
         self.waiting: queue.Queue[Completion] = queue.Queue()
@@ -126,8 +132,12 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         """Start a waiting request when a row is free, then prefill its next chunk (the whole
         prompt without ``chunk``): between two decode steps at most one chunk runs, so the
-        running rows wait at most one chunk's time for their next token."""
+        running rows wait at most one chunk's time for their next token. With ``budget`` whole
+        prompts are admitted until that many prompt tokens went in since the last step."""
+        spent = 0
         while len(self.active) < self.rows:
+            if self.budget and self.active and spent >= self.budget:
+                break
             if self.filling is None:
                 try:
                     request = self.waiting.get(timeout=0.05 if not self.active else 0)
@@ -136,6 +146,7 @@ class ContinuousBatcher:
                 if request.cancelled:
                     continue
                 self.filling = _Filling(request, len(self.active))
+            spent += min(self.chunk or len(self.filling.request.prompt), len(self.filling.request.prompt))
             if self._prefill_chunk() or self.chunk:
                 break
         self._drop_finished()
