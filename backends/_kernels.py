@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from adapter.core.specs import Dim, TensorSpec
 from adapter.kernels.aot import bundle
-from adapter.kernels.plan import problems_in
+from adapter.kernels.plan import Found, problems_in
 from adapter.kernels.tuning import LIMITS
 
 KERNELS_DIR = "kernels"
@@ -35,13 +35,15 @@ def example_sizes(inputs: list[TensorSpec], shapes: Mapping[str, Any]) -> dict[s
     return sizes
 
 
-def attach_kernels(graph: ir.Model, profile: Any, sizes: Mapping[str, int], precision: str, workdir: Path) -> dict:
-    """Bundle the kernels ``graph`` can use for ``profile``; the backend config's
+def attach_kernels(graph: ir.Model, profile: Any, sizes: Mapping[str, int], precision: str, workdir: Path,
+                   found: Mapping[str, Found] | None = None) -> dict:  # fmt: skip
+    """Bundle the kernels ``graph`` can use for ``profile`` (``found``: the patterns already
+    matched, else ``kernels.plan.problems_in`` at ``sizes``); the backend config's
     ``triton_kernels`` and ``plugins`` (empty when the target has no Triton architecture or
     nothing matched)."""
     if getattr(profile, "kind", "") != "gpu" or profile.arch not in LIMITS:
         return {}
-    found = problems_in(graph, sizes)
+    found = problems_in(graph, sizes) if found is None else found
     if not found:
         return {"triton_kernels": [], "plugins": []}
     dtype = _DTYPE.get(precision, "fp32")

@@ -26,11 +26,14 @@ from typing import Any
 import onnx_ir as ir
 
 from adapter.backends import _tensorrt_scripts as scripts
+from adapter.backends._kernels import attach_kernels
 from adapter.backends._ort_decoder import OrtDecoder
 from adapter.backends._recipe import check_onnx, prepare_graph, standard_domain_problems
 from adapter.backends.base import graph_as_is
 from adapter.core.errors import UnsupportedOpsError
 from adapter.core.onnx_io import save_model
+from adapter.kernels.plan import decoder_problems
+from adapter.profiles import load_profile
 
 MODEL_FILE = "decoder.onnx"
 PASSES: tuple[str, ...] = ()
@@ -101,13 +104,19 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     check_onnx(workdir / MODEL_FILE)
     profiles = decoder_profiles(layout)
     recipe = scripts.BuildSettings(MODEL_FILE, (), False, 3, 0, False, profiles)
+    # the Triton kernels of its prefill and decode steps, compiled for the target's GPU
+    found = decoder_problems(graph, layout, context=profiles["dims"]["context"])
+    kernels = attach_kernels(graph, load_profile(settings["profile"]), {}, settings.get("weights", "fp32"), workdir,
+                             found) if settings.get("profile") else {}  # fmt: skip
     note = (
         "No TensorRT engine was built: TensorRT's runtime is not installed here. Build it on the target "
         f"with: python {scripts.BUILD_FILE} (both profiles) or the trtexec line in {scripts.SHELL_FILE} (profile 0)."
     )
     return {
         "model_file": MODEL_FILE,
-        "files": [*files, *scripts.write_recipe(workdir, recipe, note)],
+        "files": [*files, *scripts.write_recipe(workdir, recipe, note),
+                  *(f for k in kernels.get("triton_kernels", []) for f in k["files"])],
+        **kernels,
         "kv_cache": "concat",
         "engine_built": False,
         "trtexec": scripts.trtexec_args(recipe),

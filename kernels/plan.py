@@ -16,7 +16,7 @@ shape stays unknown is skipped. Nodes with the same problem share one kernel.
 
 from __future__ import annotations
 
-__all__ = ["Found", "problems_in"]
+__all__ = ["Found", "decoder_problems", "problems_in"]
 
 import math
 from collections.abc import Mapping
@@ -145,3 +145,66 @@ def problems_in(model: ir.Model, sizes: Mapping[str, int]) -> dict[str, Found]:
         count = sum(1 for label in labels if label.split("-")[0] == name)
         labels[name if count == 0 else f"{name}-{count + 1}"] = item
     return labels
+
+
+def _norm_nodes(model: ir.Model) -> tuple[list[str], list[str], int | None]:
+    """RMSNorms of an exported decoder (``Pow -> ReduceMean``, or the fused ops): (after a
+    residual Add, the others, hidden size)."""
+    residual, plain, hidden = [], [], None
+    for node in model.graph.all_nodes():
+        x = None
+        if node.op_type == "ReduceMean" and _producer(node.inputs[0]) is not None:
+            pow_node = _producer(node.inputs[0])
+            x = pow_node.inputs[0] if pow_node.op_type == "Pow" else None
+        elif node.op_type in ("SimplifiedLayerNormalization", "RMSNormalization"):
+            x = node.inputs[0]
+        elif node.op_type == "SkipSimplifiedLayerNormalization":
+            residual.append(node.name)
+            hidden = hidden or (node.inputs[0].shape[-1] if node.inputs[0].shape else None)
+            continue
+        if x is None:
+            continue
+        if x.shape is not None and isinstance(x.shape[-1], int):
+            hidden = x.shape[-1]
+        made = _producer(x)
+        (residual if made is not None and made.op_type == "Add" else plain).append(node.name)
+    return residual, plain, hidden
+
+
+def decoder_problems(model: ir.Model, layout: Any, prompt: int = 512, context: int = 4096,
+                     batch: int = 1) -> dict[str, Found]:  # fmt: skip
+    """The kernels of a decoder with a KV cache, for a prefill of ``prompt`` tokens and a decode
+    step over ``context`` positions: its shapes come from the layout (KV heads, head size) and
+    the graph's static dims (query heads, hidden size), the graph's symbolic ones being sums
+    the exporter named for itself."""
+    context = min(context, layout.max_positions)
+    prompt = min(prompt, context)
+    found: dict[str, Found] = {}
+    attention = [n for n in model.graph.all_nodes() if n.op_type in ("Softmax", "GroupQueryAttention")]
+    heads = None
+    for node in attention:
+        if node.op_type == "GroupQueryAttention":
+            heads = _attr(node, "num_heads")
+        elif node.inputs[0].shape is not None and isinstance(node.inputs[0].shape[1], int):
+            heads = node.inputs[0].shape[1]
+    if attention and heads:
+        base = {"batch": batch, "q_heads": heads, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
+                "causal": 1}  # fmt: skip
+        names = [n.name for n in attention]
+        found["attention_prefill"] = Found(ATTENTION, {**base, "m": prompt, "n": prompt}, names)
+        found["attention_decode"] = Found(ATTENTION, {**base, "m": 1, "n": context}, names)
+    residual, plain, hidden = _norm_nodes(model)
+    if residual and hidden:
+        found["add_rmsnorm_prefill"] = Found(ADD_RMSNORM, {"rows": batch * prompt, "n": hidden}, residual)
+        found["add_rmsnorm_decode"] = Found(ADD_RMSNORM, {"rows": batch, "n": hidden}, residual)
+    rotary = [n.name for n in model.graph.all_nodes() if n.op_type in ("RotaryEmbedding", "Neg")]
+    if rotary and heads:  # rotate-half's Neg, one per rotated tensor
+        found["rotary_prefill"] = Found(ROTARY, {"batch": batch, "heads": heads, "seq": prompt,
+                                                 "head_dim": layout.head_dim}, rotary)  # fmt: skip
+    for node in model.graph.all_nodes():
+        if node.op_type == "MatMulNBits" and _attr(node, "bits", 4) == 4:
+            problem = {"m": batch, "n": _attr(node, "N"), "k": _attr(node, "K"), "group": _attr(node, "block_size", 32),
+                       "zeros": int(len(node.inputs) > 3 and node.inputs[3] is not None)}  # fmt: skip
+            label = f"int4_gemm_decode_{problem['n']}x{problem['k']}"
+            found.setdefault(label, Found(INT4_GEMM, problem)).nodes.append(node.name)
+    return found

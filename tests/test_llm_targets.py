@@ -76,6 +76,16 @@ def test_tensorrt_decoder_recipe_has_kv_profiles_and_matches_eager(tmp_path):
         assert phase["attention_mask"]["opt"][1] == phase["input_ids"]["opt"][1] + phase["past_key_values.0.key"]["opt"][2]
     assert all(f"{name}:" in " ".join(config["trtexec"]) for name in layout.past_names())
     assert "--minShapes=" in " ".join(config["trtexec"])
+    # the Triton kernels of its prefill and decode steps, compiled for sm_90 (4 query heads on 2 KV heads)
+    kernels = {k["name"]: k for k in config["triton_kernels"]}
+    assert {"attention_prefill", "attention_decode", "add_rmsnorm_prefill", "add_rmsnorm_decode",
+            "rotary_prefill"} <= set(kernels), sorted(kernels)  # fmt: skip
+    decode = kernels["attention_decode"]
+    assert decode["problem"]["q_heads"] == 4 and decode["problem"]["kv_heads"] == 2 and decode["problem"]["m"] == 1
+    assert len(kernels["add_rmsnorm_decode"]["nodes"]) == 2  # the norms after the two residual adds of the layer
+    for kernel in kernels.values():
+        binary = tmp_path / "e" / kernel["files"][0]
+        assert binary.is_file() and binary.suffix == ".cubin" and kernel["arch"] == "sm_90"
 
 
 def test_tvm_decoder_for_amd_carries_gfx942_code_and_its_stand_in_equals_eager(tmp_path):
