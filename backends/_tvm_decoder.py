@@ -45,10 +45,12 @@ import onnx_ir as ir
 
 from adapter.backends import _tvm_rocm
 from adapter.backends import tvm as tvm_backend
+from adapter.backends._kernels import attach_kernels
 from adapter.backends.base import fix_shapes, graph_as_is
 from adapter.core import safety as _safety
 from adapter.core.errors import AdapterError
 from adapter.core.onnx_io import save_model
+from adapter.kernels.plan import decoder_problems
 from adapter.profiles import load_profile
 
 MODEL_FILE = "decoder.onnx"
@@ -155,7 +157,8 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     TVM target into ``lib.so`` (plus the GPU's kernels); returns the config."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    target = dict(tvm_backend.Options.from_profile(load_profile(settings.get("profile", "host"))).target)
+    profile = load_profile(settings.get("profile", "host"))
+    target = dict(tvm_backend.Options.from_profile(profile).target)
     window = int(settings.get("window") or layout.max_positions)
     chunk = min(int(settings.get("chunk") or CHUNK), window)
     files = save_model(model, workdir / MODEL_FILE, external=True)
@@ -168,10 +171,14 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
         files += tvm_backend._cuda_kernels(executable, workdir, str(target.get("arch", "sm_80")))
     elif kind == "rocm":
         files += _tvm_rocm.save_code_objects(executable, workdir)
+    # GPU targets: the Triton kernels at the programs' own shapes (a chunk's prefill, a decode over the window)
+    found = decoder_problems(model, layout, prompt=chunk, context=window, batch=BATCH)
+    kernels = attach_kernels(model, profile, {}, settings.get("weights", "fp32"), workdir, found)
     return {
         **settings,
+        **kernels,
         "model_file": MODEL_FILE,
-        "files": files,
+        "files": files + [f for k in kernels.get("triton_kernels", []) for f in k["files"]],
         "library": tvm_backend.LIBRARY,
         "target": target,
         "kv_cache": "window",

@@ -54,6 +54,7 @@ import numpy as np
 import onnx_ir as ir
 
 from adapter.backends import _tvm_decoder, _tvm_profile, _tvm_rocm
+from adapter.backends._kernels import attach_kernels, example_sizes
 from adapter.backends.base import EngineBase, Support, fix_shapes, profile_options, require_module, threads_for
 from adapter.core.errors import AdapterError, BackendUnavailableError
 from adapter.core.onnx_io import save_model
@@ -465,8 +466,12 @@ def compile(
     if tuning is not None:
         files += [str(p.relative_to(workdir)) for p in sorted(tuning.rglob("*")) if p.is_file()]
     inputs = [_fixed_spec(s, options.shapes) for s in specs[0]]
+    # GPU targets: the Triton kernels of the graph's fused patterns, beside TVM's own code
+    kernels = attach_kernels(fixed, profile, example_sizes(specs[0], options.shapes), "fp32", workdir) if kind in (
+        "cuda", "rocm") else {}  # fmt: skip
     config: dict[str, Any] = {
         **asdict(options),
+        **kernels,
         "target": target,
         "threads": threads_for(options.threads, profile) if kind == "llvm" else 0,
         "files": files,
@@ -475,6 +480,7 @@ def compile(
         "tvm_version": version(),
         "kernels": _check_kernels(workdir, files, target),
     }
+    config["files"] = files + [f for k in kernels.get("triton_kernels", []) for f in k["files"]]
     return Engine(workdir, inputs, specs[1], config)
 
 

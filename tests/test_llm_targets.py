@@ -108,8 +108,13 @@ def test_tvm_decoder_for_amd_carries_gfx942_code_and_its_stand_in_equals_eager(t
     assert backend["name"] == "tvm" and [c["name"] for c in backend["candidates"]] == ["tvm"], backend
     config = backend["config"]
     assert config["kv_cache"] == "window" and config["window"] == model.config.max_position_embeddings
-    objects = [f for f in config["files"] if f.endswith(".hsaco")]
+    triton = {k["name"]: k for k in config["triton_kernels"]}
+    theirs = {f for k in triton.values() for f in k["files"]}
+    objects = [f for f in config["files"] if f.endswith(".hsaco") and f not in theirs]  # TVM's own code objects
     assert objects and all(_tvm_rocm.code_object_arch(tmp_path / "e" / f) == "gfx942" for f in objects)
+    # the Triton kernels beside TVM's code, at the programs' shapes (decode over the window)
+    assert {"attention_decode", "attention_prefill", "add_rmsnorm_decode"} <= set(triton), sorted(triton)
+    assert triton["attention_decode"]["problem"]["n"] == config["window"] and triton["attention_decode"]["arch"] == "gfx942"
     weights = ir.load(tmp_path / "e" / "decoder.onnx").graph.initializers
     assert config["params"] and all(weights[n].dtype.is_floating_point() for n in config["params"])
     assert result.manifest["verification"]["greedy"]["equal"], result.manifest["verification"]

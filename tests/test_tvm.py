@@ -112,6 +112,7 @@ def test_rocm_code_objects_are_for_the_targets_gfx(tmp_path, target, arch):
     assert result.manifest["backend"]["name"] == "tvm"
     objects = [f for f in config["files"] if f.endswith(".hsaco")]
     assert objects and all(_tvm_rocm.code_object_arch(tmp_path / "e" / f) == arch for f in objects)
+    assert config["triton_kernels"] == []  # an MLP has no pattern the Triton kernels serve
     assert result.manifest["verification"]["passed"] and result.manifest["verification"]["engine_ran"] is False
 
 
