@@ -16,10 +16,20 @@ from typing import Any
 
 import onnx_ir as ir
 
+from adapter.core.errors import AdapterError
 from adapter.core.specs import Dim, TensorSpec
-from adapter.kernels.aot import bundle
-from adapter.kernels.plan import Found, problems_in
-from adapter.kernels.tuning import LIMITS
+
+try:  # Triton (a Linux wheel) compiles the kernels; without it GPU artifacts are written without them
+    from adapter.kernels.aot import bundle
+    from adapter.kernels.plan import Found, problems_in
+    from adapter.kernels.tuning import LIMITS
+except ImportError as exc:  # pragma: no cover - triton is a pinned dependency on Linux
+    bundle = problems_in = None
+    Found = Any
+    LIMITS = {}
+    _MISSING = f"the Triton kernels need triton ({exc})"
+else:
+    _MISSING = None
 
 KERNELS_DIR = "kernels"
 _DTYPE = {"fp16": "fp16", "bf16": "bf16"}
@@ -41,19 +51,25 @@ def attach_kernels(graph: ir.Model, profile: Any, sizes: Mapping[str, int], prec
     matched, else ``kernels.plan.problems_in`` at ``sizes``); the backend config's
     ``triton_kernels`` and ``plugins`` (empty when the target has no Triton architecture or
     nothing matched)."""
-    if getattr(profile, "kind", "") != "gpu" or profile.arch not in LIMITS:
+    if getattr(profile, "kind", "") != "gpu":
         return {}
+    if _MISSING or profile.arch not in LIMITS:
+        return {"triton_kernels": [], "plugins": [], "kernels_note": _MISSING or f"no tile limits for {profile.arch}"}
     found = problems_in(graph, sizes) if found is None else found
     if not found:
         return {"triton_kernels": [], "plugins": []}
     dtype = _DTYPE.get(precision, "fp32")
-    entries = bundle(Path(workdir) / KERNELS_DIR, profile, {k: (f.kernel, f.problem) for k, f in found.items()}, dtype)
+    try:  # the kernels are an addition: a kernel that fits no tile or does not compile leaves the engine as it is
+        entries = bundle(Path(workdir) / KERNELS_DIR, profile, {k: (f.kernel, f.problem) for k, f in found.items()},
+                         dtype)  # fmt: skip
+    except AdapterError as exc:
+        return {"triton_kernels": [], "plugins": [], "kernels_note": f"no Triton kernels bundled: {exc}"}
     plugins = []
     for entry in entries:
         item = found.get(entry.get("companion_of") or entry["name"])
         entry["files"] = [f"{KERNELS_DIR}/{name}" for name in entry["files"]]
         if "companion_of" not in entry:
             entry["nodes"] = item.nodes
-            plugins.append({"plugin": f"adapter::{entry['name']}", "replaces": entry["fused"], "nodes": len(item.nodes),
+            plugins.append({"plugin": f"adapter::{entry['name']}", "replaces": sorted(set(item.ops)), "nodes": len(item.nodes),
                             "binary": entry["files"][0], "symbol": entry["symbol"]})  # fmt: skip
     return {"triton_kernels": entries, "plugins": plugins}

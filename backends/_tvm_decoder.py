@@ -172,7 +172,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     elif kind == "rocm":
         files += _tvm_rocm.save_code_objects(executable, workdir)
     # GPU targets: the Triton kernels at the programs' own shapes (a chunk's prefill, a decode over the window)
-    found = decoder_problems(model, layout, prompt=chunk, context=window, batch=BATCH)
+    found = decoder_problems(model, layout, prompt=chunk, context=window, batch=BATCH, past=window)
     kernels = attach_kernels(model, profile, {}, settings.get("weights", "fp32"), workdir, found)
     return {
         **settings,

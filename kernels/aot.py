@@ -61,9 +61,10 @@ class CompiledKernel:
 
 
 def _key(fn: Any, signature: Mapping[str, str], constants: Mapping[str, Any], config: Config, arch: str) -> str:
+    settings = {k: v for k, v in os.environ.items() if k.startswith("TRITON_") and k != "TRITON_INTERPRET"}
     text = json.dumps({"source": inspect.getsource(fn), "signature": dict(signature), "constants": dict(constants),
                        "warps": config.num_warps, "stages": config.num_stages, "arch": arch,
-                       "triton": triton.__version__}, sort_keys=True, default=str)  # fmt: skip
+                       "triton": triton.__version__, "settings": settings}, sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -143,8 +144,11 @@ def _compile(job: dict[str, Any], fn: Any) -> None:
 
 def _compile_elsewhere(jobs: list[dict[str, Any]]) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-m", "adapter.kernels.aot"], input=json.dumps(jobs), text=True,
-                          capture_output=True, env=env, timeout=600)  # fmt: skip
+    try:
+        done = subprocess.run([sys.executable, "-m", "adapter.kernels.aot"], input=json.dumps(jobs), text=True,
+                              capture_output=True, env=env, timeout=600)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise AdapterError(f"Compiling {len(jobs)} Triton kernel(s) took over 600 s; none was bundled.") from exc
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise AdapterError(lines[-1] if lines else f"The kernel compiler exited with {done.returncode}.")

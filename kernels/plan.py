@@ -32,12 +32,17 @@ from adapter.kernels.norms import ADD_LAYERNORM, ADD_RMSNORM
 from adapter.kernels.rotary import ROTARY
 from adapter.kernels.spec import Kernel
 
+_FLAGS = frozenset({"mask", "causal", "zeros"})
+"""Problem keys that are switches, not sizes."""
+
 
 @dataclass
 class Found:
     kernel: Kernel
     problem: dict[str, int]
     nodes: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    """The op types of the anchor nodes matched (what a plugin node would stand for)."""
 
 
 def _dims(value: ir.Value | None, sizes: Mapping[str, int]) -> list[int] | None:
@@ -83,9 +88,14 @@ def _match(node: ir.Node, sizes: Mapping[str, int]) -> tuple[Kernel, dict[str, i
             return None
         return ADD_LAYERNORM, _rows(shape)
     if op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        bias_at = 4 if op == "SkipLayerNormalization" else 3
+        if len(node.inputs) > bias_at and node.inputs[bias_at] is not None:  # an input bias: not this kernel's sum
+            return None
         shape = _dims(first, sizes)
         return (ADD_RMSNORM if "Simplified" in op else ADD_LAYERNORM, _rows(shape)) if shape else None
     if op in ("Gelu", "BiasGelu"):
+        if _attr(node, "approximate", "none") != "none":  # the kernel is the erf form
+            return None
         add = _producer(first) if op == "Gelu" else node
         if add is None or (op == "Gelu" and add.op_type != "Add"):
             return None
@@ -104,6 +114,8 @@ def _match(node: ir.Node, sizes: Mapping[str, int]) -> tuple[Kernel, dict[str, i
         return ATTENTION, {"batch": b, "q_heads": h, "kv_heads": values[1], "m": m, "n": n, "head_dim": values[3],
                            "mask": int(masked), "causal": 0}  # fmt: skip
     if op == "GroupQueryAttention":
+        if len(node.inputs) < 2 or node.inputs[1] is None:  # packed QKV: the query is not (b, s, heads x d)
+            return None
         q = _dims(first, sizes)
         heads, kv_heads = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
         context = sizes.get("past", 0) + (q[1] if q else 0)
@@ -113,20 +125,18 @@ def _match(node: ir.Node, sizes: Mapping[str, int]) -> tuple[Kernel, dict[str, i
                            "head_dim": q[2] // heads, "mask": 0, "causal": 1}  # fmt: skip
     if op == "MatMulNBits" and _attr(node, "bits", 4) == 4:
         a = _dims(first, sizes)
+        # ONNX Runtime packs zero points 4-bit and pads K to whole blocks; the kernel takes a byte
+        # per group and whole groups: those nodes keep ONNX Runtime's kernel
         zeros = len(node.inputs) > 3 and node.inputs[3] is not None
-        if not a:
+        if not a or zeros or _attr(node, "K", 0) % _attr(node, "block_size", 32):
             return None
         return INT4_GEMM, {"m": math.prod(a[:-1]), "n": _attr(node, "N"), "k": _attr(node, "K"),
                            "group": _attr(node, "block_size", 32), "zeros": int(zeros)}  # fmt: skip
     if op == "RotaryEmbedding":
         x = _dims(first, sizes)
-        heads = _attr(node, "num_heads", 0)
-        if not x:
-            return None
-        if len(x) == 4:
-            return ROTARY, {"batch": x[0], "heads": x[1], "seq": x[2], "head_dim": x[3]}
-        if heads:
-            return ROTARY, {"batch": x[0], "heads": heads, "seq": x[1], "head_dim": x[2] // heads}
+        if not x or len(x) != 4 or _attr(node, "interleaved", 0) or _attr(node, "rotary_embedding_dim", 0):
+            return None  # the kernel rotates whole (batch, heads, seq, head) tensors, halves not interleaved
+        return ROTARY, {"batch": x[0], "heads": x[1], "seq": x[2], "head_dim": x[3]}
     return None
 
 
@@ -138,8 +148,12 @@ def problems_in(model: ir.Model, sizes: Mapping[str, int]) -> dict[str, Found]:
         if matched is None:
             continue
         kernel, problem = matched
+        if min(v for k, v in problem.items() if k not in _FLAGS) <= 0:
+            continue  # an empty example dimension: nothing to launch
         key = (kernel.name, tuple(sorted(problem.items())))
-        found.setdefault(key, Found(kernel, problem)).nodes.append(node.name or node.op_type)
+        item = found.setdefault(key, Found(kernel, problem))
+        item.nodes.append(node.name or node.op_type)
+        item.ops.append(node.op_type)
     labels: dict[str, Found] = {}
     for (name, _), item in found.items():
         count = sum(1 for label in labels if label.split("-")[0] == name)
@@ -172,11 +186,12 @@ def _norm_nodes(model: ir.Model) -> tuple[list[str], list[str], int | None]:
 
 
 def decoder_problems(model: ir.Model, layout: Any, prompt: int = 512, context: int = 4096,
-                     batch: int = 1) -> dict[str, Found]:  # fmt: skip
+                     batch: int = 1, past: int = 0) -> dict[str, Found]:  # fmt: skip
     """The kernels of a decoder with a KV cache, for a prefill of ``prompt`` tokens and a decode
     step over ``context`` positions: its shapes come from the layout (KV heads, head size) and
     the graph's static dims (query heads, hidden size), the graph's symbolic ones being sums
-    the exporter named for itself."""
+    the exporter named for itself. The attention takes the additive mask (left padding, empty
+    cache slots); a prefill attends over ``past`` cached positions plus its own."""
     context = min(context, layout.max_positions)
     prompt = min(prompt, context)
     found: dict[str, Found] = {}
@@ -189,22 +204,28 @@ def decoder_problems(model: ir.Model, layout: Any, prompt: int = 512, context: i
             heads = node.inputs[0].shape[1]
     if attention and heads:
         base = {"batch": batch, "q_heads": heads, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
-                "causal": 1}  # fmt: skip
-        names = [n.name for n in attention]
-        found["attention_prefill"] = Found(ATTENTION, {**base, "m": prompt, "n": prompt}, names)
-        found["attention_decode"] = Found(ATTENTION, {**base, "m": 1, "n": context}, names)
+                "causal": 1, "mask": 1}  # fmt: skip
+        names, ops = [n.name for n in attention], [n.op_type for n in attention]
+        found["attention_prefill"] = Found(ATTENTION, {**base, "m": prompt, "n": past + prompt}, names, ops)
+        found["attention_decode"] = Found(ATTENTION, {**base, "m": 1, "n": context}, names, ops)
     residual, plain, hidden = _norm_nodes(model)
     if residual and hidden:
-        found["add_rmsnorm_prefill"] = Found(ADD_RMSNORM, {"rows": batch * prompt, "n": hidden}, residual)
-        found["add_rmsnorm_decode"] = Found(ADD_RMSNORM, {"rows": batch, "n": hidden}, residual)
-    rotary = [n.name for n in model.graph.all_nodes() if n.op_type in ("RotaryEmbedding", "Neg")]
+        norm_ops = ["RMSNorm"] * len(residual)
+        found["add_rmsnorm_prefill"] = Found(ADD_RMSNORM, {"rows": batch * prompt, "n": hidden}, residual, norm_ops)
+        found["add_rmsnorm_decode"] = Found(ADD_RMSNORM, {"rows": batch, "n": hidden}, residual, norm_ops)
+    rotary = [n for n in model.graph.all_nodes() if n.op_type in ("RotaryEmbedding", "Neg")]
     if rotary and heads:  # rotate-half's Neg, one per rotated tensor
         found["rotary_prefill"] = Found(ROTARY, {"batch": batch, "heads": heads, "seq": prompt,
-                                                 "head_dim": layout.head_dim}, rotary)  # fmt: skip
+                                                 "head_dim": layout.head_dim}, [n.name for n in rotary],
+                                        ["RotaryEmbedding"] * len(rotary))  # fmt: skip
     for node in model.graph.all_nodes():
         if node.op_type == "MatMulNBits" and _attr(node, "bits", 4) == 4:
             problem = {"m": batch, "n": _attr(node, "N"), "k": _attr(node, "K"), "group": _attr(node, "block_size", 32),
                        "zeros": int(len(node.inputs) > 3 and node.inputs[3] is not None)}  # fmt: skip
+            if problem["zeros"] or problem["k"] % problem["group"]:  # see _match: ONNX Runtime's layout differs
+                continue
             label = f"int4_gemm_decode_{problem['n']}x{problem['k']}"
-            found.setdefault(label, Found(INT4_GEMM, problem)).nodes.append(node.name)
+            item = found.setdefault(label, Found(INT4_GEMM, problem))
+            item.nodes.append(node.name)
+            item.ops.append("MatMulNBits")
     return found

@@ -114,6 +114,8 @@ def predict(kernel: Kernel, problem: Mapping[str, int], config: Config, profile,
     """The model's verdict on one configuration (see the module docstring)."""
     gpu = limits_for(profile)
     work = kernel.work(problem, config, ITEMSIZE[dtype])
+    if work.grid <= 0:
+        return Prediction(config, False, "nothing to launch (an empty dimension)")
     threads = config.num_warps * gpu.warp_size
     registers = 32 + math.ceil(work.accumulators / threads)
     if work.shared > gpu.shared_per_block:
@@ -153,6 +155,8 @@ def rank(kernel: Kernel, problem: Mapping[str, int], profile, dtype: str = "fp16
     space = kernel.space(problem)
     if not space:
         raise AdapterError(f"Kernel '{kernel.name}' has no configuration for {dict(problem)}.")
+    if any(v <= 0 for k, v in problem.items() if k not in ("mask", "causal", "zeros")):
+        raise AdapterError(f"Kernel '{kernel.name}' has nothing to launch for {dict(problem)} (an empty dimension).")
     itemsize = ITEMSIZE[dtype]
     ideal = min(w.bytes - w.reread for w in (kernel.work(problem, c, itemsize) for c in space))
     found = [predict(kernel, problem, c, profile, dtype, ideal) for c in space]

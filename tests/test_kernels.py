@@ -234,3 +234,41 @@ def test_the_device_check_runs_on_the_interpreter():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "problem" not in line]
     assert len(rows) == 7 and all(row.rstrip().endswith("| yes |") for row in rows), done.stdout
+
+
+def test_patterns_the_kernels_do_not_compute_are_left_alone():
+    """tanh-GELU is not the erf kernel; an empty example dimension launches nothing."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from adapter.core.errors import AdapterError
+    from adapter.kernels.plan import problems_in
+
+    def graph(approximate: str):
+        bias = helper.make_tensor("b", TensorProto.FLOAT, [8], np.ones(8, np.float32))
+        nodes = [helper.make_node("Add", ["x", "b"], ["h"]), helper.make_node("Gelu", ["h"], ["y"], approximate=approximate)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 8])], [bias])  # fmt: skip
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+        return ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model))
+
+    assert set(problems_in(graph("none"), {"rows": 4})) == {"bias_gelu"}
+    assert problems_in(graph("tanh"), {"rows": 4}) == {}
+    assert problems_in(graph("none"), {"rows": 0}) == {}
+    with pytest.raises(AdapterError, match="empty dimension"):
+        rank(KERNELS["bias_gelu"], {"rows": 0, "n": 8}, load_profile("nvidia-h100"))
+
+
+def test_a_frame_longer_than_the_limit_is_refused():
+    import socket
+
+    from adapter.runtime.frames import pack, recv_frame, send_frame
+
+    left, right = socket.socketpair()
+    with left, right:
+        send_frame(left, pack({"op": "decode"}, [np.zeros(4, np.float32)]))
+        assert recv_frame(right) is not None
+        left.sendall((1 << 40).to_bytes(8, "little"))
+        with pytest.raises(ValueError, match="more than"):
+            recv_frame(right)

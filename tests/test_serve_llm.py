@@ -239,3 +239,45 @@ def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, ba
     assert set(reasons.values()) <= {"stop", "length"}
     if backend == "openvino":  # every request joined a running state (none ran alone from the start)
         assert batcher.slots.joins >= len(asks) // 3
+
+
+def test_an_engine_failure_ends_its_requests_and_the_next_ones_run(llama):
+    """A decode step that raises (a device lost, a rank gone) ends the running requests with
+    the error instead of stopping the engine thread; the next request runs from empty rows."""
+    from adapter.llm.generate import Sampling
+    from adapter.serve.continuous import Completion, ContinuousBatcher
+
+    engine = LLMEngine.load(llama)
+    batcher = ContinuousBatcher(engine.session, engine.layout, rows=2, capacity=40)
+    real, calls = batcher.slots.decode, []
+
+    def broken(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    batcher.slots.decode = broken
+    ended: dict[int, str] = {}
+    events = [threading.Event(), threading.Event()]
+
+    def emitter(i: int):
+        def emit(token, reason):
+            if reason:
+                ended[i] = reason
+                events[i].set()
+
+        return emit
+
+    first = Completion([5, 6, 7], 8, Sampling(), emitter(0))
+    batcher.start()
+    try:
+        batcher.submit(first)
+        assert events[0].wait(60) and ended[0] == "error: device lost"
+        second = Completion([5, 6, 7], 6, Sampling(), emitter(1))
+        batcher.submit(second)
+        assert events[1].wait(60) and ended[1] in ("stop", "length")
+    finally:
+        batcher.stop()
+    assert second.tokens == engine.generate([[5, 6, 7]], max_new_tokens=6).tokens[0]
+    assert batcher.failures == 1 and batcher.thread.is_alive() is False  # stopped by us, not by the error

@@ -8,7 +8,7 @@ Only plain numeric dtypes are read back (``np.frombuffer``): nothing is unpickle
 
 from __future__ import annotations
 
-__all__ = ["pack", "recv_frame", "send_frame", "unpack"]
+__all__ = ["MAX_FRAME", "pack", "recv_frame", "send_frame", "unpack"]
 
 import json
 import math
@@ -56,7 +56,20 @@ def _exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buffer)
 
 
-def recv_frame(sock: socket.socket) -> bytes | None:
-    """The next frame, or None when the other end closed."""
+MAX_FRAME = 4 << 30
+"""The largest frame read (a decode step's logits for 64 rows of a 256k vocabulary are 64 MB)."""
+
+
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> bytes | None:
+    """The next frame, or None when the other end closed.
+
+    Raises:
+        ValueError: The length prefix is over ``limit`` (a stream out of step, or no frame at all).
+    """
     head = _exactly(sock, _SIZE.size)
-    return None if head is None else _exactly(sock, _SIZE.unpack(head)[0])
+    if head is None:
+        return None
+    size = _SIZE.unpack(head)[0]
+    if size > limit:
+        raise ValueError(f"a frame of {size} bytes announced, more than the {limit} allowed")
+    return _exactly(sock, size)

@@ -241,8 +241,12 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         return JSONResponse(body)
 
     async def health(_request: Request) -> Response:
-        return JSONResponse({"status": "ok", "backend": engine.backend, "active": len(batcher.active),
-                             "waiting": batcher.waiting.qsize()})  # fmt: skip
+        alive = batcher.thread.is_alive() and getattr(engine, "alive", True)  # a sharded engine's ranks
+        body = {"status": "ok" if alive else "unavailable", "backend": engine.backend, "active": len(batcher.active),
+                "waiting": batcher.waiting.qsize(), "engine_failures": batcher.failures}  # fmt: skip
+        if batcher.last_error:
+            body["last_error"] = batcher.last_error
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -95,6 +95,8 @@ class ContinuousBatcher:
         self.active: list[_Row] = []
         self.width = 0
         self.stopped = threading.Event()
+        self.last_error: str | None = None
+        self.failures = 0
         self.thread = threading.Thread(target=self._loop, name="adapter-generate", daemon=True)
 
     def start(self) -> None:
@@ -123,11 +125,26 @@ class ContinuousBatcher:
 
     def _loop(self) -> None:
         while not self.stopped.is_set():
-            self._admit()
-            if not self.active:
+            try:
+                self._admit()
+                if not self.active:
+                    continue
+                self._step()
+            except Exception as exc:  # the engine failed: its requests get the error, the loop goes on
+                self._fail(f"error: {str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__}")
                 continue
-            self._step()
             self.on_step(len(self.active), self.waiting.qsize() + (self.filling is not None))
+
+    def _fail(self, reason: str) -> None:
+        """End every running and filling request with ``reason`` (an engine step failed); the
+        next requests start from empty rows (a broken engine fails them the same way)."""
+        self.last_error = reason
+        self.failures += 1
+        for row in self.active:
+            row.request.emit(None, reason)
+        if self.filling is not None:
+            self.filling.request.emit(None, reason)
+        self.active, self.filling, self.width = [], None, 0
 
     def _admit(self) -> None:
         """Start a waiting request when a row is free, then prefill its next chunk (the whole

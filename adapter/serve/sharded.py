@@ -41,15 +41,18 @@ class RemoteSlots:
         self.engine = engine
 
     def _call(self, header: dict[str, Any], arrays: list[np.ndarray], answer: bool = True) -> np.ndarray | None:
-        conn = self.engine.conn
-        try:
-            send_frame(conn, pack(header, arrays))
-            data = recv_frame(conn) if answer else b""
-        except OSError as exc:
-            data = None
-            reason = str(exc)
-        else:
-            reason = "the ranks closed the connection"
+        with self.engine.lock:  # one call on the socket at a time (close() takes it too)
+            conn = self.engine.conn
+            if conn is None:
+                raise AdapterError(f"The sharded engine's ranks are stopped: {self.engine.failure()}")
+            try:
+                send_frame(conn, pack(header, arrays))
+                data = recv_frame(conn) if answer else b""
+            except (OSError, ValueError) as exc:
+                data = None
+                reason = str(exc)
+            else:
+                reason = "the ranks closed the connection"
         if data is None:
             raise AdapterError(f"The sharded engine's ranks stopped ({reason}): {self.engine.failure()}")
         return unpack(data)[1][0] if answer else None
@@ -83,9 +86,15 @@ class ShardedEngine(TextCodec):
         self.session = self
         self.timeout, self.start_s = timeout, start_s
         self.conn: socket.socket | None = None
+        self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.outcome: dict[str, Any] = {}
         self.lines: list[str] = []
+
+    @property
+    def alive(self) -> bool:
+        """Whether the ranks still run (``/health`` answers 503 once they stopped)."""
+        return self.conn is not None and self.thread is not None and self.thread.is_alive()
 
     def failure(self) -> str:
         error = self.outcome.get("error")
@@ -96,7 +105,11 @@ class ShardedEngine(TextCodec):
         self.dir = Path(tempfile.mkdtemp(prefix="adapter-serve-"))  # private (0700): the socket's folder
         path = self.dir / "calls.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
+        try:
+            listener.bind(str(path))
+        except OSError as exc:  # e.g. a TMPDIR so long the path passes the unix-socket limit
+            listener.close()
+            raise AdapterError(f"Cannot create the ranks' socket {path}: {exc}.", "Set TMPDIR to a short path.") from exc
         listener.listen(1)
         listener.settimeout(1.0)
         request = {"socket": str(path), "rows": rows, "capacity": capacity, "heartbeat": min(10.0, self.timeout / 4)}
@@ -126,11 +139,15 @@ class ShardedEngine(TextCodec):
 
     def close(self) -> dict[str, Any]:
         """End the ranks (the socket closing is their stop) and wait for them; their outcome."""
-        if self.conn is not None:
+        conn = self.conn
+        if conn is not None:
             with contextlib.suppress(OSError):
-                send_frame(self.conn, pack({"op": "stop"}))
-            self.conn.close()
-            self.conn = None
+                conn.shutdown(socket.SHUT_RD)  # wakes a call still waiting for an answer
+            with self.lock:
+                with contextlib.suppress(OSError):
+                    send_frame(conn, pack({"op": "stop"}))
+                conn.close()
+                self.conn = None
         if self.thread is not None:
             self.thread.join(timeout=self.timeout + 60)
         if getattr(self, "dir", None) is not None:
