@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = ["StateSlots"]
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ class _Filled:
     """Its cache, read out once another prompt needed the filling cache (else still there)."""
 
 
-class StateSlots:
+class StateSlots(ABC):
     """The row bookkeeping (see the module docstring); a backend fills in the hooks below."""
 
     fixed_batch = False
@@ -45,24 +46,27 @@ class StateSlots:
         self.live: _Filled | None = None
         self.joins = 0
 
-    # -- the backend's hooks
+    # -- the backend's hooks (abstract)
 
+    @abstractmethod
     def _prefill(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, fresh: bool) -> np.ndarray:
         """One chunk on the filling cache (emptied first when ``fresh``); last logits (1, vocab)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _read_fill(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The filling prompt's cache, by state name (1 row)."""
 
+    @abstractmethod
     def _read_main(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The running state, by state name."""
 
+    @abstractmethod
     def _write_main(self, state: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
+        """Make ``state`` the running state."""
 
+    @abstractmethod
     def _decode(self, tokens: np.ndarray, masks: np.ndarray, positions: np.ndarray, beam: list[int]) -> np.ndarray:
         """A step of the running state with its rows gathered by ``beam``; last logits (rows, vocab)."""
-        raise NotImplementedError
 
     # -- the batcher's calls
 
@@ -84,10 +88,10 @@ class StateSlots:
         self._place(row, self.live)
         return logits[0]
 
-    def shift_row(self, row: int, start: int, length: int, by: int) -> None:
+    def shift_row(self, row: int, start: int, length: int, by: int) -> None:  # noqa: B027 (a no-op on purpose)
         """Nothing to move: a filling prompt's cache is its own until it joins."""
 
-    def shift(self, rows: int, width: int, by: int) -> None:
+    def shift(self, rows: int, width: int, by: int) -> None:  # noqa: B027 (a no-op on purpose)
         """Nothing to move now: the next step's mask width gives the new alignment."""
 
     def move(self, source: int, target: int) -> None:

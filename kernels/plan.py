@@ -30,10 +30,7 @@ from adapter.kernels.elementwise import BIAS_GELU
 from adapter.kernels.int4_gemm import INT4_GEMM
 from adapter.kernels.norms import ADD_LAYERNORM, ADD_RMSNORM
 from adapter.kernels.rotary import ROTARY
-from adapter.kernels.spec import Kernel
-
-_FLAGS = frozenset({"mask", "causal", "zeros"})
-"""Problem keys that are switches, not sizes."""
+from adapter.kernels.spec import FLAGS, Kernel
 
 
 @dataclass
@@ -148,7 +145,7 @@ def problems_in(model: ir.Model, sizes: Mapping[str, int]) -> dict[str, Found]:
         if matched is None:
             continue
         kernel, problem = matched
-        if min(v for k, v in problem.items() if k not in _FLAGS) <= 0:
+        if min(v for k, v in problem.items() if k not in FLAGS) <= 0:
             continue  # an empty example dimension: nothing to launch
         key = (kernel.name, tuple(sorted(problem.items())))
         item = found.setdefault(key, Found(kernel, problem))

@@ -10,11 +10,14 @@ ahead of time for a target architecture (:mod:`adapter.kernels.aot`).
 
 from __future__ import annotations
 
-__all__ = ["Config", "Kernel", "Work", "next_pow2"]
+__all__ = ["FLAGS", "Config", "Kernel", "Work", "next_pow2"]
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+FLAGS = frozenset({"mask", "causal", "zeros"})
+"""Problem keys that are switches, not sizes."""
 
 
 def next_pow2(n: int) -> int:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from adapter.core.errors import AdapterError
-from adapter.kernels.spec import Config, Kernel
+from adapter.kernels.spec import FLAGS, Config, Kernel
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 LAUNCH_S = 3e-6
@@ -155,7 +155,7 @@ def rank(kernel: Kernel, problem: Mapping[str, int], profile, dtype: str = "fp16
     space = kernel.space(problem)
     if not space:
         raise AdapterError(f"Kernel '{kernel.name}' has no configuration for {dict(problem)}.")
-    if any(v <= 0 for k, v in problem.items() if k not in ("mask", "causal", "zeros")):
+    if any(v <= 0 for k, v in problem.items() if k not in FLAGS):
         raise AdapterError(f"Kernel '{kernel.name}' has nothing to launch for {dict(problem)} (an empty dimension).")
     itemsize = ITEMSIZE[dtype]
     ideal = min(w.bytes - w.reread for w in (kernel.work(problem, c, itemsize) for c in space))

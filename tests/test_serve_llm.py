@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-from _loopback import LoopbackServer
+from _loopback import Endings, LoopbackServer, run_batcher
 
 from adapter.llm.convert import LLMOptions, convert_causal_lm
 from adapter.llm.engine import LLMEngine
@@ -21,20 +20,21 @@ from adapter.serve.app import ServeOptions
 from adapter.serve.completions import build_llm_app
 
 
+def _tiny_llama(tmp_path_factory, backend: str):
+    root = tmp_path_factory.mktemp(f"serve-llm-{backend}")
+    source = write_random_folder(tiny_config("llama"), root / "src")
+    convert_causal_lm(str(source), root / "engine", LLMOptions(backend=backend, benchmark=False))
+    return root / "engine"
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-llm")
-    source = write_random_folder(tiny_config("llama"), root / "src")
-    convert_causal_lm(str(source), root / "engine", LLMOptions(backend="onnxruntime", benchmark=False))
-    return root / "engine"
+    return _tiny_llama(tmp_path_factory, "onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def llama_ov(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-llm-ov")
-    source = write_random_folder(tiny_config("llama"), root / "src")
-    convert_causal_lm(str(source), root / "engine", LLMOptions(backend="openvino", benchmark=False))
-    return root / "engine"
+    return _tiny_llama(tmp_path_factory, "openvino")
 
 
 @pytest.fixture(scope="module")
@@ -215,28 +215,12 @@ def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, ba
     assert engine.backend == backend
     asks = _requests(engine.layout.vocab_size)
     want = [engine.generate([p], max_new_tokens=m).tokens[0] for p, m in asks]
-    ended = [threading.Event() for _ in asks]
-    reasons: dict[int, str] = {}
-
-    def emitter(i: int):
-        def emit(token, reason):
-            if reason:
-                reasons[i] = reason
-                ended[i].set()
-
-        return emit
-
+    endings = Endings(len(asks))
     batcher = ContinuousBatcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk, budget=budget)
-    requests = [Completion(p, m, Sampling(), emitter(i)) for i, (p, m) in enumerate(asks)]
-    batcher.start()
-    try:
-        for request in requests:
-            batcher.submit(request)
-        assert all(e.wait(60) for e in ended)
-    finally:
-        batcher.stop()
+    requests = [Completion(p, m, Sampling(), endings.emit(i)) for i, (p, m) in enumerate(asks)]
+    run_batcher(batcher, requests, endings, 60)
     assert [r.tokens for r in requests] == want
-    assert set(reasons.values()) <= {"stop", "length"}
+    assert set(endings.reasons.values()) <= {"stop", "length"}
     if backend == "openvino":  # every request joined a running state (none ran alone from the start)
         assert batcher.slots.joins >= len(asks) // 3
 
@@ -258,25 +242,15 @@ def test_an_engine_failure_ends_its_requests_and_the_next_ones_run(llama):
         return real(*args)
 
     batcher.slots.decode = broken
-    ended: dict[int, str] = {}
-    events = [threading.Event(), threading.Event()]
-
-    def emitter(i: int):
-        def emit(token, reason):
-            if reason:
-                ended[i] = reason
-                events[i].set()
-
-        return emit
-
-    first = Completion([5, 6, 7], 8, Sampling(), emitter(0))
+    endings = Endings(2)
+    first = Completion([5, 6, 7], 8, Sampling(), endings.emit(0))
     batcher.start()
     try:
         batcher.submit(first)
-        assert events[0].wait(60) and ended[0] == "error: device lost"
-        second = Completion([5, 6, 7], 6, Sampling(), emitter(1))
+        assert endings.wait(60, 0) and endings.reasons[0] == "error: device lost"
+        second = Completion([5, 6, 7], 6, Sampling(), endings.emit(1))
         batcher.submit(second)
-        assert events[1].wait(60) and ended[1] in ("stop", "length")
+        assert endings.wait(60, 1) and endings.reasons[1] in ("stop", "length")
     finally:
         batcher.stop()
     assert second.tokens == engine.generate([[5, 6, 7]], max_new_tokens=6).tokens[0]

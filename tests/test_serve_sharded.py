@@ -7,12 +7,11 @@ text prompts go through the tokenizer the sharded artifact bundles."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import httpx
 import numpy as np
 import pytest
-from _loopback import LoopbackServer
+from _loopback import Endings, LoopbackServer, run_batcher
 
 from adapter.core import artifact
 from adapter.llm.convert import LLMOptions, convert_causal_lm
@@ -89,16 +88,12 @@ def test_the_batcher_over_ranks_equals_the_unsharded_engine(source, tp, pp, chun
     engine = ShardedEngine(folder, artifact.read_manifest(folder))
     asks = _asks(whole.layout.vocab_size, 8)
     want = [whole.generate([p], max_new_tokens=m).tokens[0] for p, m in asks]
-    ended = [threading.Event() for _ in asks]
+    endings = Endings(len(asks))
     batcher = ContinuousBatcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk)
-    requests = [Completion(p, m, Sampling(), lambda t, r, e=ended[i]: r and e.set()) for i, (p, m) in enumerate(asks)]
-    batcher.start()
+    requests = [Completion(p, m, Sampling(), endings.emit(i)) for i, (p, m) in enumerate(asks)]
     try:
-        for request in requests:
-            batcher.submit(request)
-        assert all(e.wait(120) for e in ended)
+        run_batcher(batcher, requests, endings, 120)
     finally:
-        batcher.stop()
         outcome = engine.close()
     assert [r.tokens for r in requests] == want
     assert outcome["result"]["joins"] >= 2 and len(outcome["ranks"]) == tp * pp
