@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from adapter.backends._openvino_paged import PagedSlots, to_paged
 from adapter.backends._state_slots import StateSlots
 from adapter.backends.base import graph_as_is
 from adapter.core.errors import AdapterError, BackendUnavailableError
@@ -215,6 +216,11 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     return config
 
 
+def _stop_all(releasers: list[Releaser]) -> None:
+    for releaser in releasers:
+        releaser.stop()
+
+
 class OpenVINODecoder:
     """A compiled stateful decoder with one infer request (the running batch's cache)."""
 
@@ -243,21 +249,48 @@ class OpenVINODecoder:
         kv_precision = config.get("kv_precision") or ("f32" if config.get("weights") == "fp32" else None)
         if kv_precision:
             properties["KV_CACHE_PRECISION"] = kv_precision
-        path = Path(folder) / config["model_file"]
+        self.path, self.properties = Path(folder) / config["model_file"], properties
+        try:
+            model = ov.Core().read_model(str(self.path))  # the weights stay mapped from the file
+        except Exception as exc:
+            raise AdapterError(f"OpenVINO could not read '{self.path}': {_reason(exc)}") from exc
+        self.beam = any(BEAM_INPUT in p.get_names() for p in model.inputs)
+        self.slices = any(LOGITS_FROM in p.get_names() for p in model.inputs)  # engines built before it lack it
+        del model
         # the plugin copies the weights into its own layout while compiling and at its first
         # prefill and decode; the mapped IR's pages are handed back all along (not only after)
-        self.releaser = Releaser(path.with_suffix(".bin")).start()
-        weakref.finalize(self, self.releaser.stop)  # a session dropped before its second step
-        try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
-            self.request = self.compiled.create_infer_request()
-        except Exception as exc:
-            self.releaser.stop()
-            raise AdapterError(f"OpenVINO could not compile '{path}': {_reason(exc)}") from exc
+        self.releaser = Releaser(self.path.with_suffix(".bin"))
+        self._releasers = [self.releaser]
+        weakref.finalize(self, _stop_all, self._releasers)  # a session dropped before its second step
+        self._compiled = self._request = None
         self.steps = 0
         self.layout = layout
-        self.beam = any(BEAM_INPUT in p.get_names() for p in self.compiled.inputs)
-        self.slices = any(LOGITS_FROM in p.get_names() for p in self.compiled.inputs)  # engines built before it lack it
+
+    def _compile(self, model):
+        """Compile ``model`` (a path or an ``ov.Model``) with this engine's properties: on first
+        use, so that a served engine compiles only the model it serves (stateful or paged)."""
+        import openvino as ov
+
+        self.releaser.stop()
+        self.releaser = Releaser(self.path.with_suffix(".bin")).start()
+        self._releasers.append(self.releaser)
+        try:
+            return ov.Core().compile_model(model, "CPU", self.properties)
+        except Exception as exc:
+            self.releaser.stop()
+            raise AdapterError(f"OpenVINO could not compile '{self.path}': {_reason(exc)}") from exc
+
+    @property
+    def compiled(self):
+        if self._compiled is None:
+            self._compiled = self._compile(str(self.path))
+        return self._compiled
+
+    @property
+    def request(self):
+        if self._request is None:
+            self._request = self.compiled.create_infer_request()
+        return self._request
 
     def start(self, batch: int, capacity: int) -> None:
         self.request.reset_state()
@@ -288,6 +321,26 @@ class OpenVINODecoder:
     def slots(self, count: int, capacity: int) -> OpenVINOSlots:
         """Rows that requests join and leave between steps (continuous batching)."""
         return OpenVINOSlots(self, count, capacity)
+
+    def paged_slots(self, count: int, capacity: int) -> PagedSlots:
+        """Rows over a paged KV cache (``_openvino_paged``): a step runs the running rows'
+        tokens and joining prompts' chunks together. Compiles the paged model (the stateful one
+        is not compiled unless ``step`` or ``slots`` is used too)."""
+        import openvino as ov
+
+        if not self.beam or not self.slices:
+            raise AdapterError(
+                "This OpenVINO decoder was built before the inputs paging needs (beam_idx, logits_from). "
+                "Convert the model again."
+            )
+        model = to_paged(ov.Core().read_model(str(self.path)), self.layout.kv_heads, self.layout.head_dim)
+
+        def packed() -> None:  # the weights are in the plugin's layout after its first two steps
+            if slots.steps == 2:
+                self.releaser.stop()
+
+        slots = PagedSlots(self._compile(model), count, capacity, packed)
+        return slots
 
 
 class OpenVINOSlots(StateSlots):

@@ -200,28 +200,37 @@ def test_text_prompts_stop_strings_and_chat_through_the_tokenizer(worded, served
     assert no_template.status_code == 400 and "chat template" in no_template.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("backend,chunk,budget", [("onnxruntime", 0, 0), ("onnxruntime", 1, 0), ("onnxruntime", 4, 0),
-                                                  ("openvino", 0, 0), ("openvino", 4, 0), ("openvino", 0, 1)])  # fmt: skip
-def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, backend, chunk, budget):
+@pytest.mark.parametrize("backend,chunk,budget,paged", [
+    ("onnxruntime", 0, 0, False), ("onnxruntime", 1, 0, False), ("onnxruntime", 4, 0, False),
+    ("openvino", 0, 0, False), ("openvino", 4, 0, False), ("openvino", 0, 1, False),
+    ("openvino", 0, 0, True), ("openvino", 5, 0, True), ("openvino", 0, 1, True)])  # fmt: skip
+def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, backend, chunk, budget, paged):
     """Requests joining 3 rows of 40 positions (shifts right for longer prompts, left at the
     capacity), their prompts prefilled whole or a few tokens between decode steps, or one prompt
     per step (budget 1). OpenVINO:
     rows leave through beam_idx, prompts are prefilled in a second infer request and join by
-    rewriting the running state."""
+    rewriting the running state. OpenVINO paged: each step runs the running rows' tokens and
+    the joining prompts' chunks (5 tokens a step, split across prompts) in one forward over
+    block tables; every block is back in the free list at the end."""
     from adapter.llm.generate import Sampling
-    from adapter.serve.continuous import Completion, ContinuousBatcher
+    from adapter.serve.continuous import Completion
+    from adapter.serve.mixed import MixedBatcher, make_batcher
 
     engine = LLMEngine.load(request.getfixturevalue("llama" if backend == "onnxruntime" else "llama_ov"))
     assert engine.backend == backend
     asks = _requests(engine.layout.vocab_size)
     want = [engine.generate([p], max_new_tokens=m).tokens[0] for p, m in asks]
     endings = Endings(len(asks))
-    batcher = ContinuousBatcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk, budget=budget)
+    batcher = make_batcher(engine.session, engine.layout, rows=3, capacity=40, chunk=chunk, budget=budget, paged=paged)
+    assert isinstance(batcher, MixedBatcher) == paged
     requests = [Completion(p, m, Sampling(), endings.emit(i)) for i, (p, m) in enumerate(asks)]
     run_batcher(batcher, requests, endings, 60)
     assert [r.tokens for r in requests] == want
     assert set(endings.reasons.values()) <= {"stop", "length"}
-    if backend == "openvino":  # every request joined a running state (none ran alone from the start)
+    if paged:  # fewer steps than tokens: rows ran together; no block kept
+        assert batcher.slots.steps < sum(len(t) for t in want)
+        assert sorted(batcher.slots.free) == list(range(3 * -(-40 // batcher.slots.block)))
+    elif backend == "openvino":  # every request joined a running state (none ran alone from the start)
         assert batcher.slots.joins >= len(asks) // 3
 
 

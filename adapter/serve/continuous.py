@@ -82,7 +82,7 @@ class ContinuousBatcher:
     def __init__(self, session, layout, rows: int = 8, capacity: int = 512, max_queue: int = 64,
                  on_step: Callable[[int, int], None] = lambda active, waiting: None, chunk: int = 0,
                  budget: int = 0) -> None:  # fmt: skip
-        self.slots = session.slots(rows, capacity)
+        self.slots = self._open(session, rows, capacity)
         self.chunk = chunk
         self.budget = budget
         """Prompt tokens prefilled between two decode steps while rows run (0: no limit; the
@@ -98,6 +98,10 @@ class ContinuousBatcher:
         self.last_error: str | None = None
         self.failures = 0
         self.thread = threading.Thread(target=self._loop, name="adapter-generate", daemon=True)
+
+    @staticmethod
+    def _open(session, rows: int, capacity: int):
+        return session.slots(rows, capacity)
 
     def start(self) -> None:
         self.thread.start()
@@ -127,13 +131,21 @@ class ContinuousBatcher:
         while not self.stopped.is_set():
             try:
                 self._admit()
-                if not self.active:
+                if not self._busy():
                     continue
                 self._step()
             except Exception as exc:  # the engine failed: its requests get the error, the loop goes on
                 self._fail(f"error: {str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__}")
                 continue
-            self.on_step(len(self.active), self.waiting.qsize() + (self.filling is not None))
+            self.on_step(len(self.active), self.waiting.qsize() + self._filling())
+
+    def _busy(self) -> bool:
+        """Whether there is a step to run (rows decoding)."""
+        return bool(self.active)
+
+    def _filling(self) -> int:
+        """Requests out of the queue whose prompts are not all in yet."""
+        return int(self.filling is not None)
 
     def _fail(self, reason: str) -> None:
         """End every running and filling request with ``reason`` (an engine step failed); the

@@ -1,0 +1,120 @@
+"""Continuous batching over a paged KV cache: every step is one forward of the running rows'
+next tokens together with prompt chunks of the requests joining (mixed prefill and decode).
+
+A row's cache is a list of blocks (``backends/_openvino_paged.PagedSlots``), so a request
+joins and leaves with no copy and no re-alignment of the others: the running rows never wait
+for a prompt on its own, only for the extra tokens a step carries. ``chunk`` bounds the
+prompt tokens per step (split across the joining requests, oldest first; 0: whole prompts),
+which bounds the inter-token gap a joining prompt adds; ``budget`` stops adding whole prompts
+to a step once that many prompt tokens are in it. Requests, limits, sampling, the queue and
+the failure handling are :class:`adapter.serve.continuous.ContinuousBatcher`'s.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MixedBatcher", "make_batcher"]
+
+import queue
+from dataclasses import dataclass
+
+from adapter.serve.continuous import Completion, ContinuousBatcher
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request on row ``row``: ``written`` of its prompt tokens and ``position`` tokens in all
+    are in the row's cache; ``last`` is the token the next step feeds once it decodes."""
+
+    request: Completion
+    row: int
+    written: int = 0
+    position: int = 0
+    last: int = -1
+
+
+class MixedBatcher(ContinuousBatcher):
+    """The engine thread over paged rows (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fillings: list[_Sequence] = []
+        self.free = list(range(self.rows))[::-1]
+        self.active: list[_Sequence] = []  # type: ignore[assignment]
+
+    @staticmethod
+    def _open(session, rows: int, capacity: int):
+        return session.paged_slots(rows, capacity)
+
+    def _busy(self) -> bool:
+        return bool(self.active or self.fillings)
+
+    def _filling(self) -> int:
+        return len(self.fillings)
+
+    def _admit(self) -> None:
+        """Take waiting requests while rows are free; their prompts go in with the next steps."""
+        while len(self.active) + len(self.fillings) < self.rows:
+            try:
+                request = self.waiting.get(timeout=0 if self._busy() else 0.05)
+            except queue.Empty:
+                break
+            if not request.cancelled:
+                self.fillings.append(_Sequence(request, self.free.pop()))
+        self._drop_finished()
+
+    def _step(self) -> None:
+        batch = [(s.row, [s.last], s.position) for s in self.active]
+        room = self.chunk or None
+        spent = 0
+        chunks: list[tuple[_Sequence, int]] = []
+        for f in self.fillings:
+            if room == 0 or (self.budget and spent >= self.budget and batch):
+                break
+            prompt = f.request.prompt
+            size = len(prompt) - f.written if room is None else min(room, len(prompt) - f.written)
+            batch.append((f.row, prompt[f.written : f.written + size], f.written))
+            chunks.append((f, size))
+            spent += size
+            room = None if room is None else room - size
+        logits = self.slots.step(batch)
+        running = len(self.active)
+        for s, row_logits in zip(self.active, logits[:running]):
+            s.position += 1
+            if not s.request.cancelled:
+                self._take(s, row_logits)
+        for (f, size), row_logits in zip(chunks, logits[running:]):
+            f.written += size
+            f.position = f.written
+            if f.written == len(f.request.prompt):
+                self.fillings.remove(f)
+                self.active.append(f)
+                self._take(f, row_logits)
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        for group in (self.active, self.fillings):
+            for s in [s for s in group if s.request.cancelled]:
+                group.remove(s)
+                self.slots.release(s.row)
+                self.free.append(s.row)
+
+    def _fail(self, reason: str) -> None:
+        for s in self.fillings:
+            s.request.emit(None, reason)
+        for s in self.active + self.fillings:
+            self.slots.release(s.row)
+            self.free.append(s.row)
+        self.fillings = []
+        super()._fail(reason)
+
+
+def make_batcher(session, layout, rows: int = 8, capacity: int = 512, max_queue: int = 64,
+                 on_step=lambda active, waiting: None, chunk: int = 0, budget: int = 0,
+                 paged: bool | None = None) -> ContinuousBatcher:  # fmt: skip
+    """The batcher for ``session``: paged (mixed steps) where the session has paged rows and
+    ``paged`` is not False, else rows that join between decode steps."""
+    if paged is None:
+        paged = hasattr(session, "paged_slots")
+    cls = MixedBatcher if paged else ContinuousBatcher
+    return cls(session, layout, rows, capacity, max_queue, on_step, chunk, budget)
+
