@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=8, help="Rows of the continuous batch.")
     parser.add_argument("--deadline", type=float, default=300.0, help="Seconds a run may take.")
     parser.add_argument("--chunks", default="0", help="Prefill chunk sizes of the continuous server (0: whole).")
+    parser.add_argument("--paged-chunks", default="",
+                        help="Prefill chunk sizes (prompt tokens per step, 0: whole prompts) of paged servers "
+                        "(OpenVINO: mixed prefill and decode steps over a paged KV cache).")
     parser.add_argument("--budgets", default="", help="Prefill budgets (prompt tokens between two decode steps) "
                         "of further continuous servers, whole prompts.")  # fmt: skip
     parser.add_argument("--peer", type=Path, default=None,
@@ -167,21 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, vocab, size=args.prompt).tolist() for _ in range(args.requests)]
     capacity = args.prompt + args.max_tokens + 8
-    modes = {"one at a time": (1, 0, 0)}
-    for chunk in (int(c) for c in args.chunks.split(",")):
-        modes["continuous" + (f", prefill chunk {chunk}" if chunk else "")] = (args.rows, chunk, 0)
+    modes = {"one at a time": (1, 0, 0, False)}
+    for chunk in (int(c) for c in args.chunks.split(",") if c):
+        modes["continuous" + (f", prefill chunk {chunk}" if chunk else "")] = (args.rows, chunk, 0, False)
     for budget in (int(b) for b in args.budgets.split(",") if b):
-        modes[f"continuous, prefill budget {budget}"] = (args.rows, 0, budget)
+        modes[f"continuous, prefill budget {budget}"] = (args.rows, 0, budget, False)
+    for chunk in (int(c) for c in args.paged_chunks.split(",") if c):
+        modes["paged" + (f", {chunk} prompt tokens a step" if chunk else ", whole prompts")] = (args.rows, chunk, 0, True)
     if args.peer:
-        modes["peer: OpenVINO GenAI ContinuousBatchingPipeline"] = (args.rows, -1, 0)
+        modes["peer: OpenVINO GenAI ContinuousBatchingPipeline"] = (args.rows, -1, 0, False)
     rows: list[dict] = []
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
         order = list(modes.items()) if k % 2 == 0 else list(reversed(modes.items()))
-        for name, (batch, chunk, budget) in order:
+        for name, (batch, chunk, budget, paged) in order:
             if chunk < 0:
                 server = Server(args.peer, batch, 0, peer_python=args.peer_python)
             else:
-                server = Server(args.engine, batch, capacity, chunk, ["--prefill-budget", str(budget)])
+                server = Server(args.engine, batch, capacity, chunk,
+                                ["--prefill-budget", str(budget), "--paged" if paged else "--no-paged"])
             try:
                 result = run_load(server.url, rate, prompts, args.max_tokens, seed=k, limit_s=args.deadline)
                 result["metrics_match"] = metrics_match(server.url, result) if chunk >= 0 else "(no /metrics)"

@@ -104,7 +104,8 @@ def test_llm_peer_benchmark_short_run(tmp_path, capsys, monkeypatch):
 
 
 def test_serve_load_benchmark_short_run(tmp_path, capsys, monkeypatch):
-    """Poisson arrivals against `adapter serve` (continuous vs one at a time) on a tiny engine."""
+    """Poisson arrivals against `adapter serve` (continuous, paged with 4 prompt tokens a step,
+    and one at a time) on a tiny OpenVINO engine."""
     from adapter.llm.convert import LLMOptions, convert_causal_lm
     from adapter.llm.families import tiny_config, write_random_folder
 
@@ -113,12 +114,13 @@ def test_serve_load_benchmark_short_run(tmp_path, capsys, monkeypatch):
     import serve_load
 
     source = write_random_folder(tiny_config("llama"), tmp_path / "src")
-    convert_causal_lm(str(source), tmp_path / "engine", LLMOptions(backend="onnxruntime", benchmark=False))
+    convert_causal_lm(str(source), tmp_path / "engine", LLMOptions(backend="openvino", benchmark=False))
     out = tmp_path / "load.json"
-    args = [str(tmp_path / "engine"), "--rates", "40", "--requests", "8", "--prompt", "6", "--max-tokens", "8"]
+    args = [str(tmp_path / "engine"), "--rates", "40", "--requests", "8", "--prompt", "6", "--max-tokens", "8",
+            "--paged-chunks", "4"]  # fmt: skip
     assert serve_load.main([*args, "--json", str(out)]) == 0
-    assert "| 40 | continuous | 8/8 |" in capsys.readouterr().out
+    assert "| 40 | paged, 4 prompt tokens a step | 8/8 |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
-    assert {r["mode"] for r in rows} == {"continuous", "one at a time"}
+    assert {r["mode"] for r in rows} == {"continuous", "one at a time", "paged, 4 prompt tokens a step"}
     assert all(r["completed"] == 8 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
     assert all(r["metrics_match"] == "yes" for r in rows), rows  # /metrics parsed, counters equal the client's

@@ -40,12 +40,15 @@ from adapter.serve.sharded import ShardedEngine, is_sharded_llm
               help="Generation: prefill prompts this many tokens at a time between decode steps (0: whole).")  # fmt: skip
 @click.option("--prefill-budget", type=click.IntRange(0), default=0, show_default=True,
               help="Generation: prompt tokens admitted between two decode steps while requests run (0: no limit).")  # fmt: skip
+@click.option("--paged/--no-paged", default=None,
+              help="Generation on OpenVINO: a paged KV cache, each step running the rows' tokens and joining "
+                   "prompts' chunks together (default where the engine has it; --no-paged: rows join between steps).")  # fmt: skip
 @click.option("--bucket", type=click.IntRange(0), default=32, show_default=True,
               help="Forward-pass engines: batch only lengths rounding up to one multiple of N (0: pad to the longest).")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(1), default=60.0, show_default=True,
               help="Sharded engines: seconds any wait between ranks may take.")  # fmt: skip
 def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk,
-          prefill_budget, bucket, timeout):  # fmt: skip
+          prefill_budget, paged, bucket, timeout):  # fmt: skip
     """Serve an engine ARTIFACT over HTTP.
 
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
@@ -78,7 +81,7 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
     if is_llm_artifact(manifest):
         try:
             app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity,
-                                chunk=prefill_chunk, budget=prefill_budget)  # fmt: skip
+                                chunk=prefill_chunk, budget=prefill_budget, paged=paged)  # fmt: skip
         except Refused as exc:
             raise AdapterError(str(exc), "Convert the causal LM with --backend openvino or onnxruntime to serve it.") from exc
     else:

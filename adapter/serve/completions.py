@@ -34,7 +34,8 @@ from starlette.routing import Route
 
 from adapter.llm.generate import Sampling
 from adapter.serve.app import Refused, RequestMetrics, ServeOptions, guarded, read_json
-from adapter.serve.continuous import Completion, ContinuousBatcher, QueueFull, TooLong
+from adapter.serve.continuous import Completion, QueueFull, TooLong
+from adapter.serve.mixed import make_batcher
 
 
 class _Metrics(RequestMetrics):
@@ -79,8 +80,11 @@ def _ids(value: Any, what: str) -> list[int]:
 
 
 def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = ServeOptions(), rows: int = 8,
-                  capacity: int | None = None, chunk: int = 0, budget: int = 0) -> Starlette:  # fmt: skip
-    """A Starlette app over a loaded ``LLMEngine`` whose session takes rows mid-batch (``slots``)."""
+                  capacity: int | None = None, chunk: int = 0, budget: int = 0, paged: bool | None = None) -> Starlette:  # fmt: skip
+    """A Starlette app over a loaded ``LLMEngine`` whose session takes rows mid-batch (``slots``,
+    or ``paged_slots``: see :func:`adapter.serve.mixed.make_batcher` for ``paged``)."""
+    if paged and not hasattr(engine.session, "paged_slots"):
+        raise Refused(501, f"The {engine.backend} generation session has no paged KV cache (OpenVINO engines have one).")
     if not hasattr(engine.session, "slots"):
         raise Refused(
             501, f"The {engine.backend} generation session cannot take requests into a running batch; "
@@ -95,7 +99,7 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         metrics.waiting.set(waiting)
         metrics.rows.observe(active)
 
-    batcher = ContinuousBatcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk, budget)
+    batcher = make_batcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk, budget, paged)
     tokenizer = engine.tokenizer
 
     def encode(prompt: Any) -> list[int]:
