@@ -80,7 +80,7 @@ def _ids(value: Any, what: str) -> list[int]:
 
 
 def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = ServeOptions(), rows: int = 8,
-                  capacity: int | None = None, chunk: int = 0, budget: int = 0, paged: bool | None = None) -> Starlette:  # fmt: skip
+                  capacity: int | None = None, chunk: int | None = None, budget: int = 0, paged: bool | None = None) -> Starlette:  # fmt: skip
     """A Starlette app over a loaded ``LLMEngine`` whose session takes rows mid-batch (``slots``,
     or ``paged_slots``: see :func:`adapter.serve.mixed.make_batcher` for ``paged``)."""
     if paged and not hasattr(engine.session, "paged_slots"):

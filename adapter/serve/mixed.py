@@ -12,7 +12,7 @@ the failure handling are :class:`adapter.serve.continuous.ContinuousBatcher`'s.
 
 from __future__ import annotations
 
-__all__ = ["MixedBatcher", "make_batcher"]
+__all__ = ["PAGED_CHUNK", "MixedBatcher", "make_batcher"]
 
 import queue
 from dataclasses import dataclass
@@ -108,13 +108,23 @@ class MixedBatcher(ContinuousBatcher):
         super()._fail(reason)
 
 
+PAGED_CHUNK = 16
+"""Prompt tokens a paged step takes by default. TinyLlama INT4 on OpenVINO, 2 cores, 32 requests
+of 32 + 32 tokens at 8 req/s: whole prompts 112 tokens/s with inter-token p99 93 ms, 16 a step
+110 tokens/s and 77 ms, 8 a step 100 tokens/s and 69 ms (one request at a time: 26 tokens/s,
+p99 47 ms); a step of 8 rows costs 44 ms, plus 1.4-1.8 ms per prompt token it carries."""
+
+
 def make_batcher(session, layout, rows: int = 8, capacity: int = 512, max_queue: int = 64,
-                 on_step=lambda active, waiting: None, chunk: int = 0, budget: int = 0,
+                 on_step=lambda active, waiting: None, chunk: int | None = None, budget: int = 0,
                  paged: bool | None = None) -> ContinuousBatcher:  # fmt: skip
     """The batcher for ``session``: paged (mixed steps) where the session has paged rows and
-    ``paged`` is not False, else rows that join between decode steps."""
+    ``paged`` is not False, else rows that join between decode steps. ``chunk`` None: 16
+    prompt tokens a step paged (:data:`PAGED_CHUNK`), whole prompts otherwise."""
     if paged is None:
         paged = hasattr(session, "paged_slots")
+    if chunk is None:
+        chunk = PAGED_CHUNK if paged else 0
     cls = MixedBatcher if paged else ContinuousBatcher
     return cls(session, layout, rows, capacity, max_queue, on_step, chunk, budget)
 
