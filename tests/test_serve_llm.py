@@ -121,22 +121,24 @@ def test_bad_requests_get_a_4xx_and_the_next_one_succeeds(served, body, status, 
     assert ok.status_code == 200
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(llama):
-    engine = LLMEngine.load(llama)
-    make = engine.session.slots
+@pytest.mark.parametrize("fixture,opener,call", [("llama", "slots", "decode"), ("llama_ov", "paged_slots", "step")])
+def test_a_client_that_disconnects_mid_stream_frees_its_row(request, fixture, opener, call):
+    """ONNX Runtime's rows, and OpenVINO's paged rows (whose blocks all go back)."""
+    engine = LLMEngine.load(request.getfixturevalue(fixture))
+    make = getattr(engine.session, opener)
 
     def slow_slots(rows, capacity):  # 20 ms per decode step: the client leaves long before the end
         slots = make(rows, capacity)
-        decode = slots.decode
+        step = getattr(slots, call)
 
         def slow(*args):
             time.sleep(0.02)
-            return decode(*args)
+            return step(*args)
 
-        slots.decode = slow
+        setattr(slots, call, slow)
         return slots
 
-    engine.session.slots = slow_slots
+    setattr(engine.session, opener, slow_slots)
     app = build_llm_app(engine, engine.manifest, ServeOptions(), rows=2, capacity=160)
     with LoopbackServer(app) as url:
         body = {"prompt": [4, 5, 6], "max_tokens": 150, "temperature": 0, "stream": True, "stop": [-1]}
@@ -149,6 +151,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(llama):
             time.sleep(0.02)
         # the row is free well before its 150 tokens (3 s of decode steps) would have been made
         assert not app.state.batcher.active and time.time() - left < 2.0
+        if opener == "paged_slots":
+            assert len(app.state.batcher.slots.free) == 2 * -(-160 // app.state.batcher.slots.block)
         metrics = httpx.get(f"{url}/metrics").text
         assert "adapter_client_disconnects_total 1.0" in metrics
         done = httpx.post(f"{url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 2, "temperature": 0},

@@ -38,7 +38,7 @@ from adapter.serve.sharded import ShardedEngine, is_sharded_llm
               help="Generation: positions a request may use (prompt + new tokens); default min(model, 2048).")  # fmt: skip
 @click.option("--prefill-chunk", type=click.IntRange(0), default=None,
               help="Generation: prompt tokens a step takes (paged: split across joining prompts; else prefilled this many "
-                   "at a time between decode steps); 0: whole prompts. Default: 16 paged, else 0.")  # fmt: skip
+                   "at a time between decode steps); 0: whole prompts. Default: 8 paged, else 0.")  # fmt: skip
 @click.option("--prefill-budget", type=click.IntRange(0), default=0, show_default=True,
               help="Generation: prompt tokens admitted between two decode steps while requests run (0: no limit).")  # fmt: skip
 @click.option("--paged/--no-paged", default=None,

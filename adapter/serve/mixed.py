@@ -108,18 +108,19 @@ class MixedBatcher(ContinuousBatcher):
         super()._fail(reason)
 
 
-PAGED_CHUNK = 16
+PAGED_CHUNK = 8
 """Prompt tokens a paged step takes by default. TinyLlama INT4 on OpenVINO, 2 cores, 32 requests
-of 32 + 32 tokens at 8 req/s: whole prompts 112 tokens/s with inter-token p99 93 ms, 16 a step
-110 tokens/s and 77 ms, 8 a step 100 tokens/s and 69 ms (one request at a time: 26 tokens/s,
-p99 47 ms); a step of 8 rows costs 44 ms, plus 1.4-1.8 ms per prompt token it carries."""
+of 32 + 32 tokens (``benchmarks/serve_load.py``, two runs): at 4 and 8 req/s, 8 a step gave
+87 and 99-100 tokens/s at inter-token p99 69-72 ms (1.5x one request at a time's 46-53 ms);
+16 a step 87-97 and 109-110 tokens/s at 77-94 ms (up to 2.0x); whole prompts 97 and 112 at
+93-209 ms. A step of 8 rows costs 44 ms, plus 1.4-1.8 ms per prompt token it carries."""
 
 
 def make_batcher(session, layout, rows: int = 8, capacity: int = 512, max_queue: int = 64,
                  on_step=lambda active, waiting: None, chunk: int | None = None, budget: int = 0,
                  paged: bool | None = None) -> ContinuousBatcher:  # fmt: skip
     """The batcher for ``session``: paged (mixed steps) where the session has paged rows and
-    ``paged`` is not False, else rows that join between decode steps. ``chunk`` None: 16
+    ``paged`` is not False, else rows that join between decode steps. ``chunk`` None: 8
     prompt tokens a step paged (:data:`PAGED_CHUNK`), whole prompts otherwise."""
     if paged is None:
         paged = hasattr(session, "paged_slots")
