@@ -211,7 +211,8 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
 
 
 def test_bucketed_batches_hold_one_bucket_and_answer_like_padded_ones(minilm):
-    """The batcher alone: with buckets of 16, lengths 5..12 and 20..30 never share a batch."""
+    """The batcher alone: with buckets of 16, lengths 5..12 and 20..30 never share a batch, and
+    each batch is padded to its bucket's top (16, 32): few shapes, which the runtime reuses."""
     from adapter.serve.batching import BatchStats, DynamicBatcher
 
     engine = load(minilm)
@@ -238,6 +239,38 @@ def test_bucketed_batches_hold_one_bucket_and_answer_like_padded_ones(minilm):
         return feeds, answers
 
     feeds, answers = asyncio.run(go())
-    assert sorted(seen) == [12, 30] and sorted(sizes) == [4, 4]  # one batch per bucket, padded to its longest
+    assert sorted(seen) == [16, 32] and sorted(sizes) == [4, 4]  # one batch per bucket, padded to its top
     for feed, answer in zip(feeds, answers):
         assert np.abs(answer["sentence_embedding"] - engine.run(feed)["sentence_embedding"]).max() <= 1e-5
+
+
+def test_a_request_that_waited_behind_a_running_batch_goes_with_the_next_at_once():
+    """max_wait counts from a request's arrival: A's batch closes at 300 ms and runs 500 ms; B
+    arrives at 350 ms, while it runs, and has waited its 300 ms when A ends, so B's batch starts
+    then (answered ~950 ms after B came), not 300 ms later (~1250 ms, the old per-batch
+    deadline). Numerics: each answer is its own."""
+    from adapter.core.specs import Dim, TensorSpec
+    from adapter.serve.batching import DynamicBatcher
+
+    spec = [TensorSpec("x", "float32", (Dim("batch"), 4))]
+
+    def run(feed):
+        time.sleep(0.5)
+        return {"x": feed["x"] * 2}
+
+    batcher = DynamicBatcher(run, spec, spec, max_batch=8, max_wait_ms=300)
+
+    async def go():
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 4), np.float32)}))
+        await asyncio.sleep(0.35)
+        sent = time.perf_counter()
+        second = await batcher.submit({"x": np.full((1, 4), 3, np.float32)})
+        waited = time.perf_counter() - sent
+        answers = (await first, second)
+        await batcher.stop()
+        return waited, answers
+
+    waited, (first, second) = asyncio.run(go())
+    assert 0.85 <= waited < 1.12, waited
+    assert (first["x"] == 2).all() and (second["x"] == 6).all()
