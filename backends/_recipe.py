@@ -87,8 +87,9 @@ def standard_domain_problems(model: ir.Model, why: str) -> list[UnsupportedOp]:
     ]
 
 
-def prepare_graph(model: ir.Model) -> ir.Model:
-    """A copy with local functions inlined and the standard opset at most :data:`MAX_OPSET`.
+def prepare_graph(model: ir.Model, max_opset: int = MAX_OPSET) -> ir.Model:
+    """A copy with local functions inlined and the standard opset at most ``max_opset``
+    (:data:`MAX_OPSET`; 21 for blocked INT4 ``DequantizeLinear``, which needs it).
 
     Raises:
         AdapterError: The graph's opset is newer and ONNX's version converter cannot lower it.
@@ -96,18 +97,18 @@ def prepare_graph(model: ir.Model) -> ir.Model:
     model = model.clone()
     if model.functions:
         ir.passes.common.InlinePass()(model)
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", MAX_OPSET))
-    if opset > MAX_OPSET:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", max_opset))
+    if opset > max_opset:
         import onnx
         from onnx import version_converter
 
         try:
-            lowered = version_converter.convert_version(ir.serde.serialize_model(model), MAX_OPSET)
+            lowered = version_converter.convert_version(ir.serde.serialize_model(model), max_opset)
         except Exception as exc:
             raise AdapterError(
-                f"The graph uses ONNX opset {opset}; the GPU parsers read up to opset {MAX_OPSET} and ONNX's "
+                f"The graph uses ONNX opset {opset}; the GPU parsers read up to opset {max_opset} and ONNX's "
                 f"version converter could not lower it: {str(exc).splitlines()[0][:300]}",
-                f"Export with opset {MAX_OPSET} or lower.",
+                f"Export with opset {max_opset} or lower.",
             ) from exc
         model = ir.serde.deserialize_model(onnx.ModelProto.FromString(lowered.SerializeToString()))
     return model

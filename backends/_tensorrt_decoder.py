@@ -10,7 +10,11 @@ generator. The KV inputs get two optimization profiles over one context window:
 * profile 1, prefill: the prompt 1..context with an empty past.
 
 trtexec takes one profile, so ``build.sh`` builds profile 0, which covers both phases;
-``build.py`` builds both. TensorRT's runtime cannot be installed on this machine, so no
+``build.py`` builds both. Weight-only INT4 (``--weights int4``) puts each projection's weights
+through a blocked ``DequantizeLinear`` (INT4, symmetric, blocks of 128 along K, FP32 scales;
+opset 21) before its MatMul, written by ONNX Runtime's quantizer in its QDQ form: the form
+TensorRT takes for weight-only INT4 (explicit quantization, built as a strongly typed
+network; NVIDIA's ModelOpt writes the same). The LM head and any widened blocks stay FP32. TensorRT's runtime cannot be installed on this machine, so no
 plan is built here and the session is ONNX Runtime's CPU provider over the same
 ``decoder.onnx`` (:class:`~adapter.backends._ort_decoder.OrtDecoder`, cache ``concat``):
 verification checks the graph TensorRT would build, not the GPU's numerics.
@@ -28,9 +32,9 @@ import onnx_ir as ir
 from adapter.backends import _tensorrt_scripts as scripts
 from adapter.backends._kernels import attach_kernels
 from adapter.backends._ort_decoder import OrtDecoder
-from adapter.backends._recipe import check_onnx, prepare_graph, standard_domain_problems
+from adapter.backends._recipe import MAX_OPSET, check_onnx, prepare_graph, standard_domain_problems
 from adapter.backends.base import graph_as_is
-from adapter.core.errors import UnsupportedOpsError
+from adapter.core.errors import AdapterError, UnsupportedOpsError
 from adapter.core.onnx_io import save_model
 from adapter.kernels.plan import decoder_problems
 from adapter.profiles import load_profile
@@ -41,10 +45,13 @@ PASSES: tuple[str, ...] = ()
 SOURCE = "graph"
 AUTO_KINDS = frozenset({"cpu", "gpu"})
 """Joins the generation race wherever the target lists the backend."""
-WEIGHTS = frozenset({"fp32"})
-"""FP32 graphs; TensorRT's weight-only INT4 (blocked DequantizeLinear) is not written yet."""
-QUANTIZE_IN_GRAPH: frozenset[str] = frozenset()
+WEIGHTS = frozenset({"fp32", "int4"})
+"""FP32 graphs, and weight-only INT4 through blocked ``DequantizeLinear`` (see the module)."""
+QUANTIZE_IN_GRAPH = frozenset({"int4"})
+WEIGHT_FORM = "qdq"
+"""The driver's weight-only pass writes ``DequantizeLinear`` + ``MatMul``, not ``MatMulNBits``."""
 WEIGHT_DEFAULTS = {"block_size": 128, "symmetric": True}
+"""TensorRT's INT4 weights are symmetric: its dequantize takes no INT4 zero points."""
 MAX_BATCH = 8
 """The profiles' largest batch."""
 OPT_PROMPT = 128
@@ -94,7 +101,13 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     Raises:
         UnsupportedOpsError: Nodes outside the standard domain (TensorRT's parser reads no other).
     """
-    graph = prepare_graph(model)
+    int4 = settings.get("weights") == "int4"
+    if int4 and not settings.get("symmetric", True):
+        raise AdapterError(
+            "TensorRT's INT4 weights are symmetric (its dequantize takes no INT4 zero points).",
+            "Convert without --asymmetric for --backend tensorrt, or use another backend for asymmetric INT4.",
+        )
+    graph = prepare_graph(model, max(MAX_OPSET, 21) if int4 else MAX_OPSET)
     refused = standard_domain_problems(graph, "TensorRT's ONNX parser reads the standard domain only")
     if refused:
         raise UnsupportedOpsError("tensorrt", refused, "Build this decoder with another backend (--backend).")
@@ -103,7 +116,7 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
     files = save_model(graph, workdir / MODEL_FILE)
     check_onnx(workdir / MODEL_FILE)
     profiles = decoder_profiles(layout)
-    recipe = scripts.BuildSettings(MODEL_FILE, (), False, 3, 0, False, profiles)
+    recipe = scripts.BuildSettings(MODEL_FILE, (), False, 3, 0, False, profiles, strongly_typed=int4)
     # the Triton kernels of its prefill and decode steps, compiled for the target's GPU
     found = decoder_problems(graph, layout, context=profiles["dims"]["context"])
     kernels = attach_kernels(graph, load_profile(settings["profile"]), {}, settings.get("weights", "fp32"), workdir,

@@ -43,6 +43,9 @@ class BuildSettings:
     timing_cache: bool
     profiles: dict[str, Any]
     """The ``profiles.json`` content."""
+    strongly_typed: bool = False
+    """Build a strongly typed network (the graph's types decide each layer's precision): what
+    TensorRT asks of explicitly quantized graphs such as INT4 weight-only ``DequantizeLinear``."""
 
 
 def _shape(dims: list[int]) -> str:
@@ -58,6 +61,8 @@ def trtexec_args(settings: BuildSettings) -> list[str]:
             for switch, key in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
                 args.append(f"{switch}=" + ",".join(f"{name}:{_shape(s[key])}" for name, s in dynamic.items()))
     args += [_TRTEXEC_PRECISION[flag] for flag in settings.precision_flags]
+    if settings.strongly_typed:
+        args.append("--stronglyTyped")
     if not settings.tf32:
         args.append("--noTF32")
     if settings.timing_cache:
@@ -107,6 +112,7 @@ TIMING_CACHE_FILE = {timing_cache}
 OPTIMIZATION_LEVEL = {level}
 WORKSPACE_BYTES = {workspace}  # 0: TensorRT's default (the device's memory)
 PROFILES = json.loads((HERE / "profiles.json").read_text())
+STRONGLY_TYPED = {strongly_typed}  # the graph's types decide each layer's precision (explicit quantization)
 
 
 def write_atomic(path, data):
@@ -139,6 +145,8 @@ def main():
     if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
         # explicit batch: required before TensorRT 10, where every network is explicit batch
         creation |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if STRONGLY_TYPED:
+        creation |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(creation)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(ONNX_FILE)):
@@ -198,6 +206,7 @@ def build_script(settings: BuildSettings) -> str:
         level=int(settings.optimization_level),
         workspace=int(settings.workspace_mib) * (1 << 20),
         precision_lines="\n".join(lines) if lines else "    # FP32 build: no precision flags",
+        strongly_typed=bool(settings.strongly_typed),
     )
 
 

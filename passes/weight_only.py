@@ -1,4 +1,6 @@
-"""Weight-only quantization of a decoder's MatMuls to ``MatMulNBits`` (INT4 or INT8).
+"""Weight-only quantization of a decoder's MatMuls to ``MatMulNBits`` (INT4 or INT8), or to
+a blocked INT4 ``DequantizeLinear`` before the MatMul (``form="qdq"``: opset 21, symmetric,
+the form TensorRT's parser takes for weight-only INT4).
 
 ONNX Runtime's own quantizer (``MatMulNBitsQuantizer``) does the work: each MatMul whose
 second input is a constant weight becomes ``com.microsoft::MatMulNBits`` with block-wise
@@ -46,17 +48,23 @@ class WeightOnlyQuantize(CountedPass):
             shorter than ``block_size`` along K are always left.
         only: When given, quantize only the MatMuls whose names contain one of these
             (a second run at other bits then takes the rest: mixed INT8/INT4 recipes).
+        form: ``"nbits"`` (``com.microsoft::MatMulNBits``) or ``"qdq"`` (a standard
+            ``DequantizeLinear`` of INT4 weights in blocks along K, then the MatMul; 4 bits
+            only, as ONNX Runtime's tool writes it; the model's opset becomes at least 21).
     """
 
     name = "weight-only-quantize"
 
     def __init__(
         self, bits: int = 4, block_size: int = 32, symmetric: bool = True, accuracy_level: int = 4,
-        keep: tuple[str, ...] = ("lm_head",), only: tuple[str, ...] = (),
+        keep: tuple[str, ...] = ("lm_head",), only: tuple[str, ...] = (), form: str = "nbits",
     ) -> None:  # fmt: skip
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
+        if form not in ("nbits", "qdq") or form == "qdq" and bits != 4:
+            raise ValueError(f"weight-only forms are nbits (4 or 8 bits) and qdq (4 bits), not {form} at {bits}")
+        self.form = form
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
@@ -77,7 +85,8 @@ class WeightOnlyQuantize(CountedPass):
     def _quantized(self, name: str, weight: np.ndarray) -> tuple[dict[str, int], list[ir.Value]]:
         """ONNX Runtime's quantizer on one MatMul: a one-node model holding only this weight
         (the whole graph as one ModelProto would hold a second copy of every weight), its
-        MatMulNBits' attributes and constant inputs back."""
+        MatMulNBits' (or DequantizeLinear's) attributes and constant inputs back."""
+        from onnxruntime.quantization import QuantFormat
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         k, n = weight.shape
@@ -94,15 +103,20 @@ class WeightOnlyQuantize(CountedPass):
         quantizer = MatMulNBitsQuantizer(
             one, bits=self.bits, block_size=self.block_size, is_symmetric=self.symmetric,
             accuracy_level=self.accuracy_level,
+            quant_format=QuantFormat.QDQ if self.form == "qdq" else QuantFormat.QOperator,
         )  # fmt: skip
         quantizer.process()
-        (node,) = quantizer.model.model.graph.node
-        if node.op_type != "MatMulNBits":
-            raise RuntimeError(f"ONNX Runtime's quantizer left '{name}' as {node.op_type}")
+        want = "DequantizeLinear" if self.form == "qdq" else "MatMulNBits"
+        node = next((n for n in quantizer.model.model.graph.node if n.op_type == want), None)
+        if node is None:
+            left = [n.op_type for n in quantizer.model.model.graph.node]
+            raise RuntimeError(f"ONNX Runtime's quantizer left '{name}' as {left}")
         tensors = {t.name: t for t in quantizer.model.model.graph.initializer}
-        attributes = {a.name: a.i for a in node.attribute}  # K, N, bits, block_size, accuracy_level
-        constants = [ir.val(tensors[i].name, const_value=ir.tensor(onnx.numpy_helper.to_array(tensors[i])))
-                     for i in node.input[1:] if i]  # fmt: skip
+        attributes = {a.name: a.i for a in node.attribute}  # MatMulNBits: K, N, bits, block_size, accuracy_level
+        # (the INT4 weights of a DequantizeLinear stay packed two to a byte, as the file holds them)
+        read = ir.serde.deserialize_tensor if self.form == "qdq" else lambda t: ir.tensor(onnx.numpy_helper.to_array(t))
+        constants = [ir.val(tensors[i].name, const_value=read(tensors[i]))
+                     for i in node.input[(1 if self.form == "nbits" else 0):] if i]  # fmt: skip
         return attributes, constants
 
     def apply(self, model: ir.Model) -> dict[str, int]:
@@ -113,7 +127,10 @@ class WeightOnlyQuantize(CountedPass):
         if not chosen:
             return {"quantized": 0, "kept_fp32": len(candidates)}
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        model.opset_imports.setdefault("com.microsoft", 1)
+        if self.form == "qdq":  # a blocked DequantizeLinear is opset 21's
+            model.opset_imports[""] = max(21, model.opset_imports.get("", 0))
+        else:
+            model.opset_imports.setdefault("com.microsoft", 1)
         done: dict[str, tuple[dict[str, int], list[ir.Value]]] = {}  # a weight shared by MatMuls once
         for node in chosen:
             weight = node.inputs[1]
@@ -123,6 +140,16 @@ class WeightOnlyQuantize(CountedPass):
                 for value in done[weight.name][1]:
                     model.graph.register_initializer(value)
             attributes, constants = done[weight.name]
+            if self.form == "qdq":
+                if not isinstance(constants, ir.Value):  # one DequantizeLinear per weight, before its first user
+                    dequantized = ir.node("DequantizeLinear", constants, attributes, name=f"{node.name}/dequantize",
+                                          metadata_props=dict(node.metadata_props))  # fmt: skip
+                    model.graph.insert_before(node, dequantized)
+                    done[weight.name] = (attributes, dequantized.outputs[0])
+                node.replace_input_with(1, done[weight.name][1])
+                if not weight.uses() and weight.name in model.graph.initializers:
+                    del model.graph.initializers[weight.name]
+                continue
             packed = ir.node(
                 "MatMulNBits", [node.inputs[0], *constants], attributes, domain="com.microsoft",
                 name=node.name, metadata_props=dict(node.metadata_props),

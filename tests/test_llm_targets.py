@@ -165,3 +165,42 @@ def test_gpu_targets_take_their_default_backend_where_it_builds_the_weights():
     assert _candidates(LLMOptions(target="amd-mi300x", weights="int4"), amd) == ["onnxruntime"]
     assert _candidates(LLMOptions(target="nvidia-h100"), nvidia) == ["tensorrt"]
     assert "tensorrt" not in _candidates(LLMOptions(target="nvidia-h100", weights="int8"), nvidia)
+
+
+def test_tensorrt_int4_decoder_dequantizes_blocked_int4_weights(tmp_path):
+    """--weights int4 for the H100's TensorRT decoder: each projection's weights are INT4 in
+    blocks along K behind a standard DequantizeLinear (opset 21, FP32 scales, no zero points:
+    TensorRT's weight-only INT4), the LM head stays FP32, the recipe builds a strongly typed
+    network, and the stand-in (ONNX Runtime over the same graph) is within the KL budget of
+    eager FP32. Asymmetric INT4 is refused with a clear error."""
+    import onnx
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    lm = CausalLM(model, "llama", "tiny-llama", "factory")
+    options = LLMOptions(target="nvidia-h100", backend="tensorrt", weights="int4", group_size=32, benchmark=False)
+    result = convert_causal_lm(lm, tmp_path / "e", options)
+    config = result.manifest["backend"]["config"]
+    report = result.manifest["verification"]
+    assert 0 < report["kl_mean"] <= 0.05, report
+    proto = onnx.load(str(tmp_path / "e" / "decoder.onnx"))
+    assert {o.domain: o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {"": 21}
+    weights = {t.name: t for t in proto.graph.initializer}
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 7, [n.name for n in dequantize]  # q, k, v, o, gate, up, down
+    for node in dequantize:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes == {"axis": 0, "block_size": 32} and len(node.input) == 2, (node.name, attributes)
+        q, scale = (weights[i] for i in node.input)
+        assert q.data_type == onnx.TensorProto.INT4 and scale.data_type == onnx.TensorProto.FLOAT
+        assert list(scale.dims) == [q.dims[0] // 32, q.dims[1]]
+    users = {i for n in proto.graph.node if n.op_type == "MatMul" for i in n.input}
+    assert all(n.output[0] in users for n in dequantize)
+    head = [n for n in proto.graph.node if n.op_type == "MatMul" and any(
+        weights.get(i) is not None and weights[i].data_type == onnx.TensorProto.FLOAT and list(weights[i].dims)[-1] == 128
+        for i in n.input)]  # fmt: skip
+    assert len(head) == 1  # the LM head's FP32 weight (vocabulary 128)
+    assert "--stronglyTyped" in config["trtexec"]
+    assert "STRONGLY_TYPED = True" in (tmp_path / "e" / "build.py").read_text()
+    with pytest.raises(AdapterError, match="symmetric"):
+        convert_causal_lm(lm, tmp_path / "asym", LLMOptions(target="nvidia-h100", backend="tensorrt", weights="int4",
+                                                            group_size=32, symmetric=False, benchmark=False))  # fmt: skip

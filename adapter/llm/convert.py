@@ -209,14 +209,18 @@ def _weight_quantized(
     if options.weights not in decoder.QUANTIZE_IN_GRAPH:
         return model, []
     model, records = model.clone(), []
+    form = getattr(decoder, "WEIGHT_FORM", "nbits")
     head = ("lm_head",) if options.weights == "int4" and options.head_int8 else ()
     keep = tuple(k for k in options.keep_fp32 if k not in head)
     wider = _block_patterns(blocks) + head
+    if form == "qdq":  # INT4 DequantizeLinear only (ONNX Runtime's tool writes no INT8 QDQ): wider is FP32
+        keep, wider = keep + wider, ()
     steps = [(8, wider)] if wider else []
     steps.append((4 if options.weights == "int4" else 8, ()))
     for bits, only in steps:
         quantize = WeightOnlyQuantize(
             bits=bits, block_size=settings["block_size"], symmetric=settings["symmetric"], keep=keep, only=only,
+            form=form,
         )  # fmt: skip
         quantize(model)
         records.append(quantize.record.to_json())
