@@ -155,7 +155,7 @@ class PagedSlots:
                 tensor = ov.Tensor(port.get_element_type(), shape)
                 self.cache_bytes += tensor.byte_size
                 self.request.set_tensor(name, tensor)
-        self.rows, self.capacity = rows, capacity
+        self.rows, self.capacity, self.blocks = rows, capacity, blocks
         self.free = list(range(blocks))
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}

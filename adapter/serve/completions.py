@@ -51,6 +51,8 @@ class _Metrics(RequestMetrics):
         self.tokens = Counter("adapter_generated_tokens", "Tokens generated", registry=r)
         self.disconnects = Counter("adapter_client_disconnects", "Requests ended because the client went away",
                                    registry=r)  # fmt: skip
+        self.kv_usage = Gauge("adapter_kv_cache_usage_ratio", "Share of the paged KV cache's blocks held by "
+                              "requests (paged engines; 0 otherwise)", registry=r)  # fmt: skip
 
 
 def _chat_template(engine) -> Any:
@@ -98,6 +100,9 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         metrics.active.set(active)
         metrics.waiting.set(waiting)
         metrics.rows.observe(active)
+        slots = batcher.slots
+        if getattr(slots, "mixed", False):
+            metrics.kv_usage.set(1 - len(slots.free) / slots.blocks)
 
     batcher = make_batcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk, budget, paged)
     tokenizer = engine.tokenizer
