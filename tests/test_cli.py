@@ -24,6 +24,7 @@ def test_targets_lists_every_profile(cli):
     for name in (
         "intel-xeon-spr",
         "amd-epyc-genoa",
+        "amd-epyc-rome",
         "arm-cortex-a76",
         "nvidia-a100",
         "nvidia-h100",

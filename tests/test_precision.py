@@ -377,3 +377,19 @@ def test_onnxruntime_reports_which_quantized_products_run_integer_kernels(tmp_pa
     assert all(p == "f32" for p in ran["not_low"].values()), ran
     plain = convert("models:sensitive", tmp_path / "f", ConvertOptions(benchmark=False, backend="onnxruntime"))
     assert "kernel_precisions" not in plain.manifest["backend"]["config"]  # an FP32 graph: no second session
+
+
+def test_an_avx2_only_target_keeps_fp32_and_says_its_cpu_has_no_bf16(tmp_path):
+    """The AVX2-only x86 class (the amd-epyc-rome profile: no AVX-512, BF16 or VNNI): the
+    default convert keeps exact FP32 whichever backend wins, and the reason names the target's
+    missing BF16 first; asking for BF16 there is refused with the same reason."""
+    from adapter.core.errors import SourceError
+
+    result = convert("models:mlp", tmp_path / "rome", ConvertOptions(benchmark=False, target="amd-epyc-rome"))
+    report = result.manifest["precision"]
+    assert report["mode"] == "fp32" and report["requested"] == "default", report
+    assert report["reason"].startswith("target 'amd-epyc-rome' lists no bf16 support (it has fp32, int8)"), report
+    assert all(f["max_abs"] <= 1e-4 for f in result.manifest["verification"]["worst"].values())
+    with pytest.raises(SourceError, match="target 'amd-epyc-rome' lists no bf16 support"):
+        convert("models:mlp", tmp_path / "bf16", ConvertOptions(benchmark=False, target="amd-epyc-rome",
+                                                                 precision=PrecisionOptions(mode="bf16")))  # fmt: skip

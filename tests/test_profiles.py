@@ -20,6 +20,7 @@ BUNDLED = [name for name in list_profiles() if name != "host"]
 EXPECTED = {
     "intel-xeon-spr",
     "amd-epyc-genoa",
+    "amd-epyc-rome",
     "arm-cortex-a76",
     "nvidia-a100",
     "nvidia-a100-pcie",

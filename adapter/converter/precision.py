@@ -144,16 +144,17 @@ class PrecisionResult:
 
 
 def _allowed(mode: str, profile: Any, backend) -> str | None:
-    """Why ``mode`` cannot be used with this target and backend (None when it can)."""
+    """Why ``mode`` cannot be used with this target and backend (None when it can); the
+    target's reason first where both hold (on an AVX2-only CPU no backend would run BF16)."""
+    native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
+    target = None
+    if native not in getattr(profile, "precisions", ()):
+        target = f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
     if mode not in backend.PRECISIONS:
         runs = sorted(name for name, other in BACKENDS.items() if mode in other.PRECISIONS)
-        return (
-            f"backend '{backend.NAME}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
-        )
-    native = {"int8-dynamic": "int8", "int4-weight": "fp32"}.get(mode, mode)
-    if native not in getattr(profile, "precisions", ()):
-        return f"target '{profile.name}' lists no {native} support (it has {', '.join(profile.precisions)})"
-    return None
+        why = f"backend '{backend.NAME}' does not run {mode} engines here (backends that do: {', '.join(runs) or 'none'})"
+        return f"{target}; and {why}" if target else why
+    return target
 
 
 def _skipped(mode: str, why: str, kept: int = 0, accuracy: dict | None = None) -> dict[str, Any]:
