@@ -333,6 +333,13 @@ class OpenVINODecoder:
                 "This OpenVINO decoder was built before the inputs paging needs (beam_idx, logits_from). "
                 "Convert the model again."
             )
+        window = getattr(self.layout, "sliding_window", None)
+        if window and window < capacity:  # the paged attention here attends over the whole sequence
+            raise AdapterError(
+                f"The model attends over a sliding window of {window} positions, fewer than the {capacity} a request "
+                "may use; its paged attention would attend over all of them.",
+                f"Serve it with --capacity {window} or without paging (--no-paged).",
+            )
         model = to_paged(ov.Core().read_model(str(self.path)), self.layout.kv_heads, self.layout.head_dim)
 
         def packed() -> None:  # the weights are in the plugin's layout after its first two steps

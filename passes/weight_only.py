@@ -128,7 +128,10 @@ class WeightOnlyQuantize(CountedPass):
             return {"quantized": 0, "kept_fp32": len(candidates)}
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
         if self.form == "qdq":  # a blocked DequantizeLinear is opset 21's
-            model.opset_imports[""] = max(21, model.opset_imports.get("", 0))
+            opset = model.opset_imports.get("", 0)
+            if opset < 18:  # 18 -> 21 changes no op this pass meets; older graphs need the version converter
+                raise ValueError(f"the qdq form raises the opset to 21; this graph is opset {opset} (export at 18+)")
+            model.opset_imports[""] = max(21, opset)
         else:
             model.opset_imports.setdefault("com.microsoft", 1)
         done: dict[str, tuple[dict[str, int], list[ir.Value]]] = {}  # a weight shared by MatMuls once

@@ -274,3 +274,17 @@ def test_a_request_that_waited_behind_a_running_batch_goes_with_the_next_at_once
     waited, (first, second) = asyncio.run(go())
     assert 0.85 <= waited < 1.12, waited
     assert (first["x"] == 2).all() and (second["x"] == 6).all()
+
+
+def test_bucket_padding_stops_at_the_models_limit():
+    """Padding to the bucket's top never passes the sequence's declared range or the limit the
+    caller gives (the tokenizer's length), and never cuts a request: 18 tokens in buckets of 16
+    pad to 20 under a limit of 20, to 32 without one."""
+    from adapter.core.specs import Dim, TensorSpec
+    from adapter.serve.batching import DynamicBatcher, _Item
+
+    spec = [TensorSpec("ids", "int64", (Dim("batch"), Dim("seq", 1, 4096)))]
+    item = _Item({"ids": np.ones((1, 18), np.int64)}, None, (), {"seq": 18})
+    for limit, width in ((20, 20), (None, 32), (18, 18)):
+        merged, _ = DynamicBatcher(lambda f: f, spec, spec, bucket=16, limit=limit)._merge([item])
+        assert merged["ids"].shape == (1, width), (limit, merged["ids"].shape)

@@ -278,3 +278,22 @@ def test_an_engine_failure_ends_its_requests_and_the_next_ones_run(llama):
         batcher.stop()
     assert second.tokens == engine.generate([[5, 6, 7]], max_new_tokens=6).tokens[0]
     assert batcher.failures == 1 and batcher.thread.is_alive() is False  # stopped by us, not by the error
+
+
+def test_an_engine_that_cannot_page_is_served_with_rows_joining_between_steps(llama_ov):
+    """A model attending over a sliding window shorter than the rows' capacity is not paged
+    (the paged attention here sees the whole sequence): by default its rows join between
+    steps instead, with the reason logged; asking for paging is refused with it."""
+    import dataclasses
+
+    from adapter.core.errors import AdapterError
+    from adapter.serve.continuous import ContinuousBatcher
+    from adapter.serve.mixed import MixedBatcher, make_batcher
+
+    engine = LLMEngine.load(llama_ov)
+    engine.session.layout = dataclasses.replace(engine.layout, sliding_window=16)
+    batcher = make_batcher(engine.session, engine.layout, rows=2, capacity=40)
+    assert type(batcher) is ContinuousBatcher and batcher.chunk == 0
+    with pytest.raises(AdapterError, match="sliding window of 16 positions"):
+        make_batcher(engine.session, engine.layout, rows=2, capacity=40, paged=True)
+    assert isinstance(make_batcher(engine.session, engine.layout, rows=2, capacity=16), MixedBatcher)

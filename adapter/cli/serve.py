@@ -73,8 +73,11 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
         engine = ShardedEngine(artifact_path, manifest, timeout)
         err.print(f"starting {manifest['world_size']} ranks ({engine.backend})")
         try:
-            app = build_llm_app(engine, manifest, options, rows=max_batch, capacity=capacity, chunk=prefill_chunk,
-                                budget=prefill_budget)  # fmt: skip
+            try:
+                app = build_llm_app(engine, manifest, options, rows=max_batch, capacity=capacity, chunk=prefill_chunk,
+                                    budget=prefill_budget, paged=paged)  # fmt: skip
+            except Refused as exc:
+                raise AdapterError(str(exc), "Drop --paged: sharded engines serve with rows joining between steps.") from exc
             _run(app, artifact_path, host, port, max_batch, max_wait_ms)
         finally:
             engine.close()
@@ -84,7 +87,9 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
             app = build_llm_app(LLMEngine(artifact_path, manifest), manifest, options, rows=max_batch, capacity=capacity,
                                 chunk=prefill_chunk, budget=prefill_budget, paged=paged)  # fmt: skip
         except Refused as exc:
-            raise AdapterError(str(exc), "Convert the causal LM with --backend openvino or onnxruntime to serve it.") from exc
+            hint = ("Drop --paged: this engine serves with rows joining between steps." if paged else
+                    "Convert the causal LM with --backend openvino or onnxruntime to serve it.")  # fmt: skip
+            raise AdapterError(str(exc), hint) from exc
     else:
         folder = Path(artifact_path) / manifest["tokenizer"] if manifest.get("tokenizer") else None
         tokenizer = load_tokenizer(folder) if folder else None

@@ -214,6 +214,11 @@ def _weight_quantized(
     keep = tuple(k for k in options.keep_fp32 if k not in head)
     wider = _block_patterns(blocks) + head
     if form == "qdq":  # INT4 DequantizeLinear only (ONNX Runtime's tool writes no INT8 QDQ): wider is FP32
+        if not settings["symmetric"]:
+            raise AdapterError(
+                "This backend's INT4 weights are symmetric: its DequantizeLinear takes no INT4 zero points "
+                "(TensorRT's weight-only INT4).", "Convert without --asymmetric, or choose another backend.",
+            )  # fmt: skip
         keep, wider = keep + wider, ()
     steps = [(8, wider)] if wider else []
     steps.append((4 if options.weights == "int4" else 8, ()))

@@ -144,6 +144,7 @@ def layout_of(model: torch.nn.Module, family: str) -> DecoderLayout:
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
     pad = getattr(config, "pad_token_id", None)
     bos = getattr(config, "bos_token_id", None)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     return DecoderLayout(
         family=family,
         num_layers=len(layers),
@@ -154,6 +155,7 @@ def layout_of(model: torch.nn.Module, family: str) -> DecoderLayout:
         bos_token_id=int(bos) if isinstance(bos, int) else None,
         eos_token_ids=_eos_ids(config),
         pad_token_id=int(pad) if isinstance(pad, int) else None,
+        sliding_window=int(window) if isinstance(window, int) and not isinstance(window, bool) else None,
     )
 
 

@@ -25,6 +25,8 @@ class DecoderLayout:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    sliding_window: int | None = None
+    """Positions a token attends back over, where the model limits it (Mistral v0.1, Phi-3)."""
 
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i}.{part}" for i in range(self.num_layers) for part in ("key", "value")]

@@ -163,7 +163,7 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
     stats = BatchStats(on_batch=lambda size, seconds: (metrics.batch.observe(size), metrics.engine.observe(seconds)),
                        on_queue=metrics.queue.set)  # fmt: skip
     batcher = DynamicBatcher(engine.run, engine.inputs, engine.outputs, options.max_batch, options.max_wait_ms,
-                             options.max_queue, stats, options.bucket)  # fmt: skip
+                             options.max_queue, stats, options.bucket, max_tokens)  # fmt: skip
     specs = {s.name: s for s in engine.inputs}
     embedding = _embedding_output(engine.outputs)
 

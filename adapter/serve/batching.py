@@ -58,7 +58,7 @@ class DynamicBatcher:
 
     def __init__(self, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: list[TensorSpec],
                  outputs: list[TensorSpec], max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
-                 stats: BatchStats | None = None, bucket: int = 0) -> None:  # fmt: skip
+                 stats: BatchStats | None = None, bucket: int = 0, limit: int | None = None) -> None:  # fmt: skip
         self.run = run
         self.inputs, self.outputs = inputs, outputs
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
@@ -69,7 +69,10 @@ class DynamicBatcher:
         # the dynamic non-batch axes of the inputs, by dim name: what padding (or bucketing) is about
         self.seq_axes = {s.name: {a: d.name for a, d in enumerate(s.shape) if a and isinstance(d, Dim)}
                          for s in inputs}  # fmt: skip
-        self.dim_max = {d.name: d.max for s in inputs for a, d in enumerate(s.shape) if a and isinstance(d, Dim)}
+        # how far a bucket may pad a sequence axis: its declared range, and the model's own limit
+        # where the caller knows it (the tokenizer's length: BERT's 512 positions under a 4096 range)
+        self.dim_max = {d.name: min(d.max, limit or d.max) for s in inputs for a, d in enumerate(s.shape)
+                        if a and isinstance(d, Dim)}  # fmt: skip
         self.queue: asyncio.Queue[_Item] | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-engine")
         self.task: asyncio.Task | None = None

@@ -100,11 +100,11 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
         metrics.active.set(active)
         metrics.waiting.set(waiting)
         metrics.rows.observe(active)
-        slots = batcher.slots
-        if getattr(slots, "mixed", False):
-            metrics.kv_usage.set(1 - len(slots.free) / slots.blocks)
 
     batcher = make_batcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk, budget, paged)
+    slots = batcher.slots
+    if getattr(slots, "mixed", False):  # read when scraped: current after a failure or an idle drop too
+        metrics.kv_usage.set_function(lambda: 1 - len(slots.free) / slots.blocks)
     tokenizer = engine.tokenizer
 
     def encode(prompt: Any) -> list[int]:

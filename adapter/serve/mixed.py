@@ -5,18 +5,22 @@ A row's cache is a list of blocks (``backends/_openvino_paged.PagedSlots``), so 
 joins and leaves with no copy and no re-alignment of the others: the running rows never wait
 for a prompt on its own, only for the extra tokens a step carries. ``chunk`` bounds the
 prompt tokens per step (split across the joining requests, oldest first; 0: whole prompts),
-which bounds the inter-token gap a joining prompt adds; ``budget`` stops adding whole prompts
-to a step once that many prompt tokens are in it. Requests, limits, sampling, the queue and
-the failure handling are :class:`adapter.serve.continuous.ContinuousBatcher`'s.
+which bounds the inter-token gap a joining prompt adds (with no row decoding, prompts go in
+whole: nobody waits on them); ``budget`` stops adding whole prompts to a step once that many
+prompt tokens are in it. Requests, limits, sampling and the queue are
+:class:`adapter.serve.continuous.ContinuousBatcher`'s; an engine error in a step ends every
+request in that step (they share one forward), and the loop goes on from empty rows.
 """
 
 from __future__ import annotations
 
 __all__ = ["PAGED_CHUNK", "MixedBatcher", "make_batcher"]
 
+import logging
 import queue
 from dataclasses import dataclass
 
+from adapter.core.errors import AdapterError
 from adapter.serve.continuous import Completion, ContinuousBatcher
 
 
@@ -64,10 +68,12 @@ class MixedBatcher(ContinuousBatcher):
 
     def _step(self) -> None:
         batch = [(s.row, [s.last], s.position) for s in self.active]
-        room = self.chunk or None
+        room = (self.chunk or None) if self.active else None  # no row waits: prompts go in whole
         spent = 0
         chunks: list[tuple[_Sequence, int]] = []
         for f in self.fillings:
+            if f.request.cancelled:  # its client left: dropped below, its prompt not run
+                continue
             if room == 0 or (self.budget and spent >= self.budget and batch):
                 break
             prompt = f.request.prompt
@@ -94,9 +100,9 @@ class MixedBatcher(ContinuousBatcher):
     def _drop_finished(self) -> None:
         for group in (self.active, self.fillings):
             for s in [s for s in group if s.request.cancelled]:
-                group.remove(s)
-                self.slots.release(s.row)
+                self.slots.release(s.row)  # blocks back before the row leaves the lists others read
                 self.free.append(s.row)
+                group.remove(s)
 
     def _fail(self, reason: str) -> None:
         for s in self.fillings:
@@ -122,10 +128,14 @@ def make_batcher(session, layout, rows: int = 8, capacity: int = 512, max_queue:
     """The batcher for ``session``: paged (mixed steps) where the session has paged rows and
     ``paged`` is not False, else rows that join between decode steps. ``chunk`` None: 8
     prompt tokens a step paged (:data:`PAGED_CHUNK`), whole prompts otherwise."""
-    if paged is None:
-        paged = hasattr(session, "paged_slots")
-    if chunk is None:
-        chunk = PAGED_CHUNK if paged else 0
-    cls = MixedBatcher if paged else ContinuousBatcher
-    return cls(session, layout, rows, capacity, max_queue, on_step, chunk, budget)
+    args = (session, layout, rows, capacity, max_queue, on_step)
+    if paged or paged is None and hasattr(session, "paged_slots"):
+        try:
+            return MixedBatcher(*args, PAGED_CHUNK if chunk is None else chunk, budget)
+        except AdapterError as exc:
+            if paged:
+                raise
+            # an engine that cannot run paged (built before it, a sliding window): rows join between steps
+            logging.getLogger("adapter.serve").warning("Serving without a paged KV cache: %s", exc)
+    return ContinuousBatcher(*args, chunk or 0, budget)
 
