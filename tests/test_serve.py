@@ -283,8 +283,8 @@ def test_bucket_padding_stops_at_the_models_limit():
     from adapter.core.specs import Dim, TensorSpec
     from adapter.serve.batching import DynamicBatcher, _Item
 
-    spec = [TensorSpec("ids", "int64", (Dim("batch"), Dim("seq", 1, 4096)))]
-    item = _Item({"ids": np.ones((1, 18), np.int64)}, None, (), {"seq": 18})
+    spec = [TensorSpec(name, "int64", (Dim("batch"), Dim("seq", 1, 4096))) for name in ("ids", "attention_mask")]
+    item = _Item({"ids": np.ones((1, 18), np.int64), "attention_mask": np.ones((1, 18), np.int64)}, None, (), {"seq": 18})
     for limit, width in ((20, 20), (None, 32), (18, 18)):
         merged, _ = DynamicBatcher(lambda f: f, spec, spec, bucket=16, limit=limit)._merge([item])
         assert merged["ids"].shape == (1, width), (limit, merged["ids"].shape)
