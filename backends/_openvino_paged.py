@@ -15,12 +15,19 @@ patterns of optimum-intel's exports; this rewrite works from the attention nodes
 :class:`PagedSlots` holds the blocks: allocated once for ``rows`` requests of ``capacity``
 positions, handed to a row as its sequence grows and back when it ends. A row joins with no
 copy and leaves with none, so a step costs its tokens' compute and nothing else.
+
+Prefix caching: every full block is keyed by its tokens and the key of the block before it
+(the whole prefix up to it). A prompt that starts with cached blocks takes them as they are
+(:meth:`PagedSlots.reuse`) and computes only the rest, at least its last token. A block no row
+holds keeps its contents until a new block is needed and none is free; then the one left
+longest ago is taken.
 """
 
 from __future__ import annotations
 
 __all__ = ["PagedSlots", "to_paged"]
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -161,6 +168,62 @@ class PagedSlots:
         self.lengths: dict[int, int] = {}
         self.on_step = on_step
         self.steps = 0
+        # prefix caching (the module docstring)
+        self.holders = [0] * blocks
+        self.key_of: dict[int, int] = {}
+        """A full block's key: its tokens and the key of the block before it."""
+        self.block_of: dict[int, int] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()
+        """Cached blocks no row holds, in the order they were let go (the first is taken first)."""
+        self.tokens: dict[int, list[int]] = {}
+        self.keys: dict[int, list[int]] = {}
+        self.reused = 0
+        """Prompt tokens taken from the cache instead of computed."""
+
+    def _take(self) -> int:
+        if self.free:
+            block = self.free.pop()
+        else:  # the cached block let go longest ago
+            block, _ = self.idle.popitem(last=False)
+            del self.block_of[self.key_of.pop(block)]
+        self.holders[block] = 1
+        return block
+
+    def unused(self) -> int:
+        """Blocks no row holds (free, or cached and idle)."""
+        return len(self.free) + len(self.idle)
+
+    def reuse(self, row: int, prompt: Sequence[int]) -> int:
+        """Start ``row`` on the cached blocks ``prompt`` begins with (whole blocks, leaving at
+        least its last token to compute); how many of its tokens they hold."""
+        if self.tables.get(row):
+            raise AdapterError(f"Row {row} is in use.")
+        blocks, keys, held, key = [], [], 0, 0
+        while held + self.block < len(prompt):
+            key = hash((key, tuple(prompt[held : held + self.block])))
+            block = self.block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+            keys.append(key)
+            held += self.block
+        for block in blocks:
+            self.holders[block] += 1
+            self.idle.pop(block, None)
+        self.tables[row], self.keys[row], self.lengths[row] = blocks, keys, held
+        self.tokens[row] = list(prompt[:held])
+        self.reused += held
+        return held
+
+    def _register(self, row: int) -> None:
+        """Key ``row``'s blocks that are full now (the first block of a key keeps it)."""
+        tokens, keys, table = self.tokens[row], self.keys.setdefault(row, []), self.tables[row]
+        while len(keys) < self.lengths[row] // self.block:
+            i = len(keys)
+            key = hash((keys[-1] if keys else 0, tuple(tokens[i * self.block : (i + 1) * self.block])))
+            keys.append(key)
+            if key not in self.block_of and table[i] not in self.key_of:
+                self.block_of[key], self.key_of[table[i]] = table[i], key
 
     def step(self, sequences: Sequence[tuple[int, Sequence[int], int]]) -> np.ndarray:
         """One forward of every ``(row, tokens, start)``: ``tokens`` go in at positions
@@ -178,7 +241,7 @@ class PagedSlots:
                 raise AdapterError(f"Row {row} would hold {end} positions, more than its capacity of {self.capacity}.")
             blocks = self.tables.setdefault(row, [])
             while len(blocks) * self.block < end:
-                blocks.append(self.free.pop())
+                blocks.append(self._take())
             ids += list(tokens)
             positions += range(start, end)
             past.append(start)
@@ -202,14 +265,24 @@ class PagedSlots:
             raise AdapterError(f"OpenVINO failed in a paged decoder step: {str(exc).splitlines()[0][:300]}") from exc
         for row, tokens, start in sequences:
             self.lengths[row] = start + len(tokens)
+            self.tokens.setdefault(row, []).extend(tokens)
+            self._register(row)
         self.steps += 1
         self.on_step()
         return np.array(self.request.get_output_tensor(0).data[:, -1], dtype=np.float32, copy=True)
 
     def release(self, row: int) -> None:
-        """``row``'s blocks go back to the free list; the row starts empty next time."""
-        self.free.extend(self.tables.pop(row, []))
-        self.lengths.pop(row, None)
+        """``row``'s blocks are let go (a cached one stays cached while no block is short); the
+        row starts empty next time."""
+        for block in self.tables.pop(row, []):
+            self.holders[block] -= 1
+            if self.holders[block] == 0:
+                if block in self.key_of:
+                    self.idle[block] = None
+                else:
+                    self.free.append(block)
+        for held in (self.lengths, self.tokens, self.keys):
+            held.pop(row, None)
 
     def __repr__(self) -> str:
-        return f"PagedSlots(rows={self.rows}, block={self.block}, free blocks={len(self.free)})"
+        return f"PagedSlots(rows={self.rows}, block={self.block}, unused blocks={self.unused()})"

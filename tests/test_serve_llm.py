@@ -157,7 +157,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(request, fixture, op
         # the row is free well before its 150 tokens (3 s of decode steps) would have been made
         assert not app.state.batcher.active and time.time() - left < 2.0
         if opener == "paged_slots":
-            assert len(app.state.batcher.slots.free) == 2 * -(-160 // app.state.batcher.slots.block)
+            assert app.state.batcher.slots.unused() == 2 * -(-160 // app.state.batcher.slots.block)
         metrics = httpx.get(f"{url}/metrics").text
         assert "adapter_client_disconnects_total 1.0" in metrics
         done = httpx.post(f"{url}/v1/completions", json={"prompt": [4, 5], "max_tokens": 2, "temperature": 0},
@@ -243,7 +243,7 @@ def test_the_batcher_with_and_without_chunked_prefill_equals_offline(request, ba
     assert set(endings.reasons.values()) <= {"stop", "length"}
     if paged:  # fewer steps than tokens: rows ran together; no block kept
         assert batcher.slots.steps < sum(len(t) for t in want)
-        assert sorted(batcher.slots.free) == list(range(3 * -(-40 // batcher.slots.block)))
+        assert batcher.slots.unused() == batcher.slots.blocks == 3 * -(-40 // batcher.slots.block)
     elif backend == "openvino":  # every request joined a running state (none ran alone from the start)
         assert batcher.slots.joins >= len(asks) // 3
 
@@ -297,3 +297,28 @@ def test_an_engine_that_cannot_page_is_served_with_rows_joining_between_steps(ll
     with pytest.raises(AdapterError, match="sliding window of 16 positions"):
         make_batcher(engine.session, engine.layout, rows=2, capacity=40, paged=True)
     assert isinstance(make_batcher(engine.session, engine.layout, rows=2, capacity=16), MixedBatcher)
+
+
+def test_paged_rows_take_a_cached_prompt_prefix_and_answer_as_offline(llama_ov):
+    """Prompts that share a 70-token prefix (a system prompt): once a row has computed it, the
+    prompts after take its full blocks from the cache and compute only the rest; every answer
+    equals offline generate, and every block is unused again at the end."""
+    from adapter.llm.generate import Sampling
+    from adapter.serve.continuous import Completion
+    from adapter.serve.mixed import make_batcher
+
+    engine = LLMEngine.load(llama_ov)
+    vocab = engine.layout.vocab_size
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(3, vocab, size=70).tolist()
+    asks = [(prefix + rng.integers(3, vocab, size=n).tolist(), 6) for n in (3, 9, 5, 12)]
+    want = [engine.generate([p], max_new_tokens=m).tokens[0] for p, m in asks]
+    endings = Endings(len(asks))
+    batcher = make_batcher(engine.session, engine.layout, rows=2, capacity=120, paged=True)
+    requests = [Completion(p, m, Sampling(), endings.emit(i)) for i, (p, m) in enumerate(asks)]
+    run_batcher(batcher, requests, endings, 60)
+    assert [r.tokens for r in requests] == want
+    slots = batcher.slots
+    shared = 70 // slots.block * slots.block
+    assert shared and slots.reused >= 2 * shared, (slots.reused, shared)  # the last two took the prefix's blocks
+    assert slots.unused() == slots.blocks

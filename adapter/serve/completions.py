@@ -53,6 +53,8 @@ class _Metrics(RequestMetrics):
                                    registry=r)  # fmt: skip
         self.kv_usage = Gauge("adapter_kv_cache_usage_ratio", "Share of the paged KV cache's blocks held by "
                               "requests (paged engines; 0 otherwise)", registry=r)  # fmt: skip
+        self.reused = Gauge("adapter_prefix_cache_reused_tokens", "Prompt tokens taken from the paged KV cache's "
+                            "cached prefixes instead of computed, since the start", registry=r)  # fmt: skip
 
 
 def _chat_template(engine) -> Any:
@@ -104,7 +106,8 @@ def build_llm_app(engine, manifest: dict[str, Any], options: ServeOptions = Serv
     batcher = make_batcher(engine.session, layout, rows, capacity, options.max_queue, on_step, chunk, budget, paged)
     slots = batcher.slots
     if getattr(slots, "mixed", False):  # read when scraped: current after a failure or an idle drop too
-        metrics.kv_usage.set_function(lambda: 1 - len(slots.free) / slots.blocks)
+        metrics.kv_usage.set_function(lambda: 1 - slots.unused() / slots.blocks)
+        metrics.reused.set_function(lambda: slots.reused)
     tokenizer = engine.tokenizer
 
     def encode(prompt: Any) -> list[int]:

@@ -63,7 +63,10 @@ class MixedBatcher(ContinuousBatcher):
             except queue.Empty:
                 break
             if not request.cancelled:
-                self.fillings.append(_Sequence(request, self.free.pop()))
+                filling = _Sequence(request, self.free.pop())
+                # a prompt that starts with cached blocks (a shared system prompt) computes the rest only
+                filling.written = filling.position = self.slots.reuse(filling.row, request.prompt)
+                self.fillings.append(filling)
         self._drop_finished()
 
     def _step(self) -> None:
