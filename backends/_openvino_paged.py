@@ -165,7 +165,6 @@ class PagedSlots:
         self.rows, self.capacity, self.blocks = rows, capacity, blocks
         self.free = list(range(blocks))
         self.tables: dict[int, list[int]] = {}
-        self.lengths: dict[int, int] = {}
         self.on_step = on_step
         self.steps = 0
         # prefix caching (the module docstring)
@@ -176,6 +175,7 @@ class PagedSlots:
         self.idle: OrderedDict[int, None] = OrderedDict()
         """Cached blocks no row holds, in the order they were let go (the first is taken first)."""
         self.tokens: dict[int, list[int]] = {}
+        """Each row's tokens in its cache (how many: the positions it holds)."""
         self.keys: dict[int, list[int]] = {}
         self.reused = 0
         """Prompt tokens taken from the cache instead of computed."""
@@ -210,15 +210,14 @@ class PagedSlots:
         for block in blocks:
             self.holders[block] += 1
             self.idle.pop(block, None)
-        self.tables[row], self.keys[row], self.lengths[row] = blocks, keys, held
-        self.tokens[row] = list(prompt[:held])
+        self.tables[row], self.keys[row], self.tokens[row] = blocks, keys, list(prompt[:held])
         self.reused += held
         return held
 
     def _register(self, row: int) -> None:
         """Key ``row``'s blocks that are full now (the first block of a key keeps it)."""
         tokens, keys, table = self.tokens[row], self.keys.setdefault(row, []), self.tables[row]
-        while len(keys) < self.lengths[row] // self.block:
+        while len(keys) < len(tokens) // self.block:
             i = len(keys)
             key = hash((keys[-1] if keys else 0, tuple(tokens[i * self.block : (i + 1) * self.block])))
             keys.append(key)
@@ -234,8 +233,9 @@ class PagedSlots:
         past, begins, table, table_begins = [], [0], [], [0]
         longest = 0
         for row, tokens, start in sequences:
-            if start != self.lengths.get(row, 0):
-                raise AdapterError(f"Row {row} holds {self.lengths.get(row, 0)} positions, not {start}.")
+            held = len(self.tokens.get(row, ()))
+            if start != held:
+                raise AdapterError(f"Row {row} holds {held} positions, not {start}.")
             end = start + len(tokens)
             if end > self.capacity:
                 raise AdapterError(f"Row {row} would hold {end} positions, more than its capacity of {self.capacity}.")
@@ -263,8 +263,7 @@ class PagedSlots:
             self.request.infer(feed)
         except Exception as exc:
             raise AdapterError(f"OpenVINO failed in a paged decoder step: {str(exc).splitlines()[0][:300]}") from exc
-        for row, tokens, start in sequences:
-            self.lengths[row] = start + len(tokens)
+        for row, tokens, _ in sequences:
             self.tokens.setdefault(row, []).extend(tokens)
             self._register(row)
         self.steps += 1
@@ -281,8 +280,8 @@ class PagedSlots:
                     self.idle[block] = None
                 else:
                     self.free.append(block)
-        for held in (self.lengths, self.tokens, self.keys):
-            held.pop(row, None)
+        self.tokens.pop(row, None)
+        self.keys.pop(row, None)
 
     def __repr__(self) -> str:
         return f"PagedSlots(rows={self.rows}, block={self.block}, unused blocks={self.unused()})"

@@ -14,9 +14,10 @@ trtexec takes one profile, so ``build.sh`` builds profile 0, which covers both p
 through a blocked ``DequantizeLinear`` (INT4, symmetric, blocks of 128 along K, FP32 scales;
 opset 21) before its MatMul, written by ONNX Runtime's quantizer in its QDQ form: the form
 TensorRT takes for weight-only INT4 (explicit quantization, built as a strongly typed
-network; NVIDIA's ModelOpt writes the same). The LM head and any widened blocks stay FP32. TensorRT's runtime cannot be installed on this machine, so no
-plan is built here and the session is ONNX Runtime's CPU provider over the same
-``decoder.onnx`` (:class:`~adapter.backends._ort_decoder.OrtDecoder`, cache ``concat``):
+network; NVIDIA's ModelOpt writes the same). The LM head and any widened blocks stay FP32
+(asymmetric INT4 is refused by the driver before quantizing). TensorRT's runtime cannot be
+installed on this machine, so no plan is built here and the session is ONNX Runtime's CPU
+provider over the same ``decoder.onnx`` (:class:`~adapter.backends._ort_decoder.OrtDecoder`, cache ``concat``):
 verification checks the graph TensorRT would build, not the GPU's numerics.
 """
 
@@ -34,7 +35,7 @@ from adapter.backends._kernels import attach_kernels
 from adapter.backends._ort_decoder import OrtDecoder
 from adapter.backends._recipe import MAX_OPSET, check_onnx, prepare_graph, standard_domain_problems
 from adapter.backends.base import graph_as_is
-from adapter.core.errors import AdapterError, UnsupportedOpsError
+from adapter.core.errors import UnsupportedOpsError
 from adapter.core.onnx_io import save_model
 from adapter.kernels.plan import decoder_problems
 from adapter.profiles import load_profile
@@ -102,11 +103,6 @@ def build(model: ir.Model, layout: Any, workdir: Path, settings: dict[str, Any])
         UnsupportedOpsError: Nodes outside the standard domain (TensorRT's parser reads no other).
     """
     int4 = settings.get("weights") == "int4"
-    if int4 and not settings.get("symmetric", True):
-        raise AdapterError(
-            "TensorRT's INT4 weights are symmetric (its dequantize takes no INT4 zero points).",
-            "Convert without --asymmetric for --backend tensorrt, or use another backend for asymmetric INT4.",
-        )
     graph = prepare_graph(model, max(MAX_OPSET, 21) if int4 else MAX_OPSET)
     refused = standard_domain_problems(graph, "TensorRT's ONNX parser reads the standard domain only")
     if refused:

@@ -26,12 +26,11 @@ from adapter.serve.continuous import Completion, ContinuousBatcher
 
 @dataclass(eq=False)
 class _Sequence:
-    """A request on row ``row``: ``written`` of its prompt tokens and ``position`` tokens in all
-    are in the row's cache; ``last`` is the token the next step feeds once it decodes."""
+    """A request on row ``row``: ``position`` tokens are in the row's cache (while it fills, the
+    first ``position`` of its prompt); ``last`` is the token the next step feeds once it decodes."""
 
     request: Completion
     row: int
-    written: int = 0
     position: int = 0
     last: int = -1
 
@@ -65,7 +64,7 @@ class MixedBatcher(ContinuousBatcher):
             if not request.cancelled:
                 filling = _Sequence(request, self.free.pop())
                 # a prompt that starts with cached blocks (a shared system prompt) computes the rest only
-                filling.written = filling.position = self.slots.reuse(filling.row, request.prompt)
+                filling.position = self.slots.reuse(filling.row, request.prompt)
                 self.fillings.append(filling)
         self._drop_finished()
 
@@ -80,8 +79,8 @@ class MixedBatcher(ContinuousBatcher):
             if room == 0 or (self.budget and spent >= self.budget and batch):
                 break
             prompt = f.request.prompt
-            size = len(prompt) - f.written if room is None else min(room, len(prompt) - f.written)
-            batch.append((f.row, prompt[f.written : f.written + size], f.written))
+            size = len(prompt) - f.position if room is None else min(room, len(prompt) - f.position)
+            batch.append((f.row, prompt[f.position : f.position + size], f.position))
             chunks.append((f, size))
             spent += size
             room = None if room is None else room - size
@@ -92,9 +91,8 @@ class MixedBatcher(ContinuousBatcher):
             if not s.request.cancelled:
                 self._take(s, row_logits)
         for (f, size), row_logits in zip(chunks, logits[running:]):
-            f.written += size
-            f.position = f.written
-            if f.written == len(f.request.prompt):
+            f.position += size
+            if f.position == len(f.request.prompt):
                 self.fillings.remove(f)
                 self.active.append(f)
                 self._take(f, row_logits)
