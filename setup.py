@@ -44,6 +44,8 @@ INSTALL_REQUIRES = [
     # one at a time 228 -> 245 req/s on 2 cores (the pure-Python h11 parser shares the cores)
     "httptools==0.7.1",
     "uvloop==0.22.1",
+    # the server's JSON: an embedding written from its numpy array in 5 us (json: 159 us)
+    "orjson==3.11.4",
     "prometheus-client==0.26.0",
     # adapter.kernels: Triton kernels, compiled ahead of time for NVIDIA (cubin) and AMD (hsaco)
     # targets without a GPU, run by its interpreter on CPUs (the tests)

@@ -277,6 +277,14 @@ class EngineBase(abc.ABC):
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on inputs already checked against the specs."""
 
+    def streams(self, count: int = 0) -> list[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+        """Callables like :meth:`run` that may run at once, one per thread, sharing the
+        engine's threads between them (a server runs a batch on each: on few cores one
+        thread per stream wastes no time at the barriers of a parallel kernel); ``count`` 0
+        is the runtime's own choice for throughput. The engine's :meth:`run` then shares
+        the first stream. An engine that cannot run concurrently has one: itself."""
+        return [self.run]
+
     def stand_in(self) -> tuple[EngineBase, str] | None:
         """For an engine that does not run here: a runnable engine over the same graph, and
         a one-line description of it for the report (None when there is nothing to run)."""

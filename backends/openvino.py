@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["NAME", "PASSES", "Options", "version", "require", "supports", "compile", "Engine"]
 
+import functools
 import json
 import time
 from collections import defaultdict
@@ -30,7 +31,7 @@ from adapter.core import safety as _safety
 from adapter.core.artifact import MANIFEST, cache_root
 from adapter.core.errors import AdapterError, BackendFailedError
 from adapter.core.onnx_io import save_model
-from adapter.core.specs import TensorSpec
+from adapter.core.specs import TensorSpec, check_inputs
 
 NAME = "openvino"
 MODEL_FILE = "model.onnx"
@@ -290,14 +291,33 @@ class Engine(EngineBase):
         self.output_names = [o.name for o in outputs]
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._infer(self.request, feed)
+
+    def _infer(self, request, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            results = self.request.infer(feed)
+            results = request.infer(feed)
         except Exception as exc:
             raise AdapterError(
                 f"OpenVINO failed while running the engine: {str(exc).strip().splitlines()[0][:400]}"
             ) from exc
         values = list(results.values())
         return {name: np.array(value, copy=True) for name, value in zip(self.output_names, values)}
+
+    def streams(self, count: int = 0) -> list[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+        """The model compiled again with ``count`` streams (0: the plugin's choice under its
+        throughput hint), the engine's threads split between them, one infer request each;
+        the plugin's streams share one copy of the weights, and the one-stream model is let go."""
+        threads = int(self.config["threads"])
+        config = {**self.config, "performance_hint": "THROUGHPUT", "streams": min(count, threads) if count else -1}
+        if count == 1 or threads == 1:
+            return [self.run]
+        compiled = _compile(self.folder, config)
+        requests = [compiled.create_infer_request() for _ in range(int(compiled.get_property("NUM_STREAMS")))]
+        self.compiled, self.request = compiled, requests[0]
+        return [functools.partial(self._checked, request) for request in requests]
+
+    def _checked(self, request, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._infer(request, check_inputs(self.inputs, inputs))
 
 
 # --------------------------------------------------------------------------- profiler hook

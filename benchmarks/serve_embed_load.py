@@ -1,17 +1,24 @@
-"""Load test of `adapter serve` for a forward-pass engine: padded batches, bucketed batches, one at a time.
+"""Load test of `adapter serve` for a forward-pass engine: dynamic batching against one at a time.
 
 Open-loop Poisson arrivals of ``/v1/embeddings`` requests (token ids of random lengths between
-``--min-len`` and ``--max-len``) at several rates against the same engine served three ways,
-each in a process of its own, the order rotating from rate to rate:
+``--min-len`` and ``--max-len``) at several rates against the same engine served in several
+modes, each in a process of its own, the order rotating from rate to rate (``--modes``):
 
-* **padded**: batches of up to ``--max-batch`` padded to their longest request;
-* **bucketed**: only lengths that round up to one multiple of ``--bucket`` share a batch;
-* **one at a time**: ``--max-batch 1``, padded to the bucket as well (a runtime that prepares
-  its kernels per shape runs a shape it has seen faster: MiniLM on OpenVINO 194 -> 228 req/s).
+* **one at a time**: ``--max-batch 1 --streams 1``, padded to the bucket (a runtime that
+  prepares its kernels per shape runs a shape it has seen faster: MiniLM on OpenVINO 194 ->
+  228 req/s); the baseline;
+* **batched**: the server's defaults: batches of up to ``--max-batch`` of one ``--bucket``,
+  as many running at once as the runtime's throughput choice of streams;
+* **batched on one stream**: the same batches, one at a time (``--streams 1``);
+* **streams without batching**: one request per run, on the streams (what streams alone give);
+* **padded**: batches padded to their longest request (``--bucket 0``).
 
-Reports completed requests, throughput and p50/p99 latency (arrival to answer).
+Reports per rate and mode the answered requests/s, p50/p99 latency (arrival to answer), the
+mean rows per engine run, the client's CPU and whether /metrics counts what the client saw;
+then per mode the **capacity under the latency objective**: the highest offered rate at which
+every request was answered with p99 <= ``--slo-ms``, against one at a time's.
 
-    python benchmarks/serve_embed_load.py ENGINE --rates 50,100,200
+    python benchmarks/serve_embed_load.py ENGINE --rates 100,200,300,400,500
     (ENGINE: e.g. ``adapter convert adapter.zoo:minilm --backend onnxruntime --precision fp32 -o minilm-ort``)
 """
 
@@ -65,6 +72,22 @@ def run_load(url: str, rate: float, rows: list[list[int]], seed: int) -> dict:
 
 
 
+MODES = {  # name: (max batch, bucket, streams); None: the command line's value
+    "one at a time": (1, None, 1),
+    "batched": (None, None, 0),
+    "batched on one stream": (None, None, 1),
+    "streams without batching": (1, None, 0),
+    "padded": (None, 0, 0),
+}
+
+
+def capacity(results: list[dict], mode: str, slo_ms: float) -> float:
+    """The highest rate at which ``mode`` answered every request with p99 within ``slo_ms`` (0: none)."""
+    held = [r["rate"] for r in results if r["mode"] == mode and r["completed"] == r["requests"]
+            and r["p99_ms"] is not None and r["p99_ms"] <= slo_ms]  # fmt: skip
+    return max(held, default=0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine", type=Path)
@@ -74,17 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--bucket", type=int, default=32)
+    parser.add_argument("--modes", default="one at a time,batched,batched on one stream,streams without batching",
+                        help=f"comma-separated, from: {', '.join(MODES)}")  # fmt: skip
+    parser.add_argument("--slo-ms", type=float, default=50.0, help="the p99 latency objective")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    names = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in names if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
     rng = np.random.default_rng(0)
     rows = [[101, *rng.integers(1000, 30000, int(n) - 2).tolist(), 102]
             for n in rng.integers(args.min_len, args.max_len + 1, args.requests)]  # fmt: skip
-    modes = [("padded", args.max_batch, 0), (f"bucketed by {args.bucket}", args.max_batch, args.bucket),
-             ("one at a time", 1, args.bucket)]  # fmt: skip
     results = []
     for k, rate in enumerate(float(r) for r in args.rates.split(",")):
-        for name, batch, bucket in modes[k % 3 :] + modes[: k % 3]:
-            server = Server(args.engine, batch, 0, extra=["--bucket", str(bucket), "--max-wait-ms", "5"])
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            batch, bucket, streams = MODES[name]
+            batch = args.max_batch if batch is None else batch
+            bucket = args.bucket if bucket is None else bucket
+            server = Server(args.engine, batch, 0,
+                            extra=["--bucket", str(bucket), "--max-wait-ms", "5", "--streams", str(streams)])  # fmt: skip
             try:
                 result = run_load(server.url, rate, rows, seed=k)
                 got = scrape(server.url)  # Prometheus' parser: answered requests, and rows over all engine runs
@@ -93,20 +125,30 @@ def main(argv: list[str] | None = None) -> int:
                     got.get("adapter_batch_size_sum"),
                 )
                 result["metrics_match"] = "yes" if counts == (result["completed"],) * 2 else f"no: {counts}"
+                result["rows_per_run"] = round((counts[1] or 0) / max(1.0, got.get("adapter_batch_size_count") or 1), 2)
                 results.append({"mode": name, **result})
             finally:
                 server.stop()
     print(f"engine {args.engine}; {args.requests} embedding requests of {args.min_len}-{args.max_len} tokens, "
-          f"Poisson arrivals; batches of up to {args.max_batch}, 5 ms wait")  # fmt: skip
-    print("| rate req/s | mode | completed | answered/s | vs one at a time | p50 ms | p99 ms | client CPU s | /metrics counts match |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"Poisson arrivals; batches of up to {args.max_batch} of one bucket of {args.bucket}, 5 ms wait")  # fmt: skip
+    print("| rate req/s | mode | completed | answered/s | vs one at a time | p50 ms | p99 ms | rows per run | "
+          "client CPU s | /metrics counts match |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        alone = next(x for x in results if x["rate"] == r["rate"] and x["mode"] == "one at a time")["per_s"]
-        print(f"| {r['rate']:g} | {r['mode']} | {r['completed']}/{r['requests']} | {r['per_s']:.1f} | "
-              f"{r['per_s'] / alone:.2f}x | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['client_cpu_s']:.2f} | "
+        alone = next((x["per_s"] for x in results if x["rate"] == r["rate"] and x["mode"] == "one at a time"), None)
+        ratio = f"{r['per_s'] / alone:.2f}x" if alone else "-"
+        print(f"| {r['rate']:g} | {r['mode']} | {r['completed']}/{r['requests']} | {r['per_s']:.1f} | {ratio} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['rows_per_run']} | {r['client_cpu_s']:.2f} | "
               f"{r['metrics_match']} |")  # fmt: skip
+    base = capacity(results, "one at a time", args.slo_ms)
+    print(f"\ncapacity at p99 <= {args.slo_ms:g} ms (the highest offered rate with every request answered within it):")
+    for name in names:
+        held = capacity(results, name, args.slo_ms)
+        ratio = f" ({held / base:.2f}x one at a time)" if base and name != "one at a time" else ""
+        print(f"  {name}: {held:g} req/s{ratio}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": results}, indent=2))
+        caps = {n: capacity(results, n, args.slo_ms) for n in names}
+        args.json.write_text(json.dumps({"rows": results, "slo_ms": args.slo_ms, "capacity": caps}, indent=2))
     return 0
 
 

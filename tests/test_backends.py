@@ -80,3 +80,25 @@ def test_auto_names_every_backend_when_none_can(cli, tmp_path):
 def test_a_named_backend_is_the_only_candidate(tmp_path, backend):
     result = convert("models:mlp", tmp_path / "e", ConvertOptions(benchmark=False, backend=backend))
     assert [c["backend"] for c in result.manifest["backend"]["candidates"]] == [backend]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_streams_run_at_once_and_each_equals_eager(tmp_path, backend):
+    """``streams(2)``: two runners, called from two threads at once on different inputs, each
+    answer equal to eager's; the engine's own ``run`` still answers after (it shares the first)."""
+    import concurrent.futures
+    import os
+
+    from models import mlp
+
+    convert("models:mlp", tmp_path / "e", ConvertOptions(benchmark=False, backend=backend))
+    engine = load(tmp_path / "e")
+    runners = engine.streams(2)
+    assert len(runners) == min(2, len(os.sched_getaffinity(0)))
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((3 + i, 8)).astype(np.float32)} for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda k: runners[k % len(runners)](feeds[k]), range(len(feeds))))
+    for feed, answer in zip(feeds, answers):
+        np.testing.assert_allclose(next(iter(answer.values())), _eager(mlp, feed), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(next(iter(engine.run(feeds[0]).values())), _eager(mlp, feeds[0]), rtol=1e-5, atol=1e-5)

@@ -95,7 +95,7 @@ def test_text_embeddings_go_through_the_bundled_tokenizer(served, minilm):
 def test_text_without_a_bundled_tokenizer_is_refused(minilm):
     from starlette.testclient import TestClient
 
-    app = build_app(load(minilm), artifact.read_manifest(minilm), ServeOptions())
+    app = build_app(load(minilm), artifact.read_manifest(minilm), ServeOptions(warmup_s=0))
     with TestClient(app) as client:
         answer = client.post("/v1/embeddings", json={"input": "a sentence"})
     assert answer.status_code == 400 and "no tokenizer" in answer.json()["error"]["message"]
@@ -147,7 +147,7 @@ def test_a_full_queue_refuses_with_429_and_health_stays_up(minilm):
         return slow(feed)
 
     engine.run = run
-    app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2))
+    app = build_app(engine, artifact.read_manifest(minilm), ServeOptions(max_batch=1, max_wait_ms=0, max_queue=2, warmup_s=0))
     with LoopbackServer(app) as url:
 
         async def flood():
@@ -288,3 +288,63 @@ def test_bucket_padding_stops_at_the_models_limit():
     for limit, width in ((20, 20), (None, 32), (18, 18)):
         merged, _ = DynamicBatcher(lambda f: f, spec, spec, bucket=16, limit=limit)._merge([item])
         assert merged["ids"].shape == (1, width), (limit, merged["ids"].shape)
+
+
+def test_batches_run_on_every_stream_at_once():
+    """Two streams: two batches run at the same time (each runner waits at a barrier for the
+    other; one at a time, the barrier would break and both requests fail), and each request
+    gets its own rows back."""
+    from adapter.core.specs import Dim, TensorSpec
+    from adapter.serve.batching import DynamicBatcher
+
+    spec = [TensorSpec("x", "float32", (Dim("batch"), 4))]
+    barrier = threading.Barrier(2, timeout=5)
+    threads: set[str] = set()
+
+    def run(feed):
+        threads.add(threading.current_thread().name)
+        barrier.wait()
+        return {"x": feed["x"] * 2}
+
+    batcher = DynamicBatcher([run, run], spec, spec, max_batch=1, max_wait_ms=0)
+
+    async def go():
+        batcher.start()
+        answers = await asyncio.gather(*[batcher.submit({"x": np.full((1, 4), k, np.float32)}) for k in (1, 3)])
+        await batcher.stop()
+        return answers
+
+    first, second = asyncio.run(go())
+    assert (first["x"] == 2).all() and (second["x"] == 6).all() and len(threads) == 2
+
+
+def test_warm_up_runs_every_batch_shape_on_every_stream_cheapest_first():
+    """Bucketed lengths (16, 32 under a limit of 40, and 40) by batch sizes 1-3, once per
+    stream, smallest first; within a time budget of 0, none."""
+    from adapter.core.specs import Dim, TensorSpec
+    from adapter.serve.batching import DynamicBatcher
+
+    spec = [TensorSpec(name, "int64", (Dim("batch"), Dim("seq", 1, 4096))) for name in ("ids", "attention_mask")]
+    seen: list[tuple[str, tuple[int, int], int]] = []
+
+    def runner(tag):
+        def run(feed):
+            seen.append((tag, feed["ids"].shape, int(feed["attention_mask"].min())))
+            return feed
+
+        return run
+
+    async def go(seconds):
+        batcher = DynamicBatcher([runner("a"), runner("b")], spec, spec, max_batch=3, bucket=16, limit=40)
+        batcher.start()
+        counts = await batcher.warm(seconds)
+        await batcher.stop()
+        return counts
+
+    assert asyncio.run(go(0)) == (0, 9) and not seen
+    assert asyncio.run(go(30)) == (9, 9)
+    shapes = [(rows, length) for rows in (1, 2, 3) for length in (16, 32, 40)]
+    for tag in "ab":
+        mine = [shape for t, shape, _ in seen if t == tag]
+        assert sorted(mine) == sorted(shapes) and mine == sorted(mine, key=lambda s: s[0] * s[1])
+    assert all(mask == 1 for _, _, mask in seen)  # the mask is ones: every position real

@@ -46,10 +46,15 @@ from adapter.serve.sharded import ShardedEngine, is_sharded_llm
                    "prompts' chunks together (default where the engine has it; --no-paged: rows join between steps).")  # fmt: skip
 @click.option("--bucket", type=click.IntRange(0), default=32, show_default=True,
               help="Forward-pass engines: batch only lengths rounding up to one multiple of N (0: pad to the longest).")  # fmt: skip
+@click.option("--streams", type=click.IntRange(0), default=0, show_default=True,
+              help="Forward-pass engines: batches run at once, the engine's threads split between them (0: the "
+                   "runtime's choice for throughput; 1: one batch at a time).")  # fmt: skip
+@click.option("--warmup-s", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Forward-pass engines: seconds spent at start running the batch shapes to come, cheapest first.")  # fmt: skip
 @click.option("--timeout", type=click.FloatRange(1), default=60.0, show_default=True,
               help="Sharded engines: seconds any wait between ranks may take.")  # fmt: skip
 def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, capacity, prefill_chunk,
-          prefill_budget, paged, bucket, timeout):  # fmt: skip
+          prefill_budget, paged, bucket, streams, warmup_s, timeout):  # fmt: skip
     """Serve an engine ARTIFACT over HTTP.
 
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
@@ -68,7 +73,7 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
       adapter serve qwen-host --max-batch 16 && curl -s localhost:8000/v1/completions -d '{"prompt": "Hi", "max_tokens": 8}'
     """
     manifest = artifact.validate(artifact_path)
-    options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20), bucket)
+    options = ServeOptions(max_batch, max_wait_ms, max_queue, int(max_body_mb * 2**20), bucket, streams, warmup_s)
     if is_sharded_llm(manifest):
         engine = ShardedEngine(artifact_path, manifest, timeout)
         err.print(f"starting {manifest['world_size']} ranks ({engine.backend})")
@@ -103,5 +108,7 @@ def _run(app, artifact_path: Path, host: str, port: int, max_batch: int, max_wai
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host}: the server has no authentication[/]")
-    err.print(f"serving {artifact_path} on http://{host}:{port} (batches of up to {max_batch}, {max_wait_ms:g} ms)")
+    runners = getattr(getattr(app.state, "batcher", None), "runners", None)
+    streams = f", {len(runners)} at once" if runners else ""
+    err.print(f"serving {artifact_path} on http://{host}:{port} (batches of up to {max_batch}, {max_wait_ms:g} ms{streams})")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

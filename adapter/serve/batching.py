@@ -10,9 +10,11 @@ multiple of N share a batch, padded to that multiple (less padding than the long
 mix, and few distinct shapes: OpenVINO prepares its kernels per input shape, and MiniLM in
 batches of 8 ran 18 ms a batch padded to each batch's longest, 12 ms to multiples of 32). Without a mask, only
 requests of identical shapes share a batch, since padding would change their results.
-``benchmarks/serve_embed_load.py`` measures the choice. The engine runs in one worker
-thread, so the event loop keeps accepting (and refusing) requests while a batch runs; the
-queue is bounded: a full queue refuses at once (:class:`Overloaded`) instead of growing.
+``benchmarks/serve_embed_load.py`` measures the choice. The engine runs in worker threads,
+one per stream (``EngineBase.streams``: a batch on each stream at once), so the event loop
+keeps accepting (and refusing) requests while batches run; a batch closes only when a
+stream is free to run it, so batches grow while every stream is busy. The queue is bounded:
+a full queue refuses at once (:class:`Overloaded`) instead of growing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ __all__ = ["DynamicBatcher", "Overloaded", "BatchStats"]
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +32,7 @@ import numpy as np
 from adapter.core.specs import Dim, TensorSpec
 
 MASK = "attention_mask"
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class Overloaded(Exception):
@@ -56,10 +59,10 @@ class _Item:
 class DynamicBatcher:
     """Batches the requests of one engine (see the module docstring)."""
 
-    def __init__(self, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: list[TensorSpec],
+    def __init__(self, run: Runner | Sequence[Runner], inputs: list[TensorSpec],
                  outputs: list[TensorSpec], max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
                  stats: BatchStats | None = None, bucket: int = 0, limit: int | None = None) -> None:  # fmt: skip
-        self.run = run
+        self.runners = [run] if callable(run) else list(run)  # one per stream, each called from its own thread
         self.inputs, self.outputs = inputs, outputs
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
         self.stats = stats or BatchStats()
@@ -74,8 +77,9 @@ class DynamicBatcher:
         self.dim_max = {d.name: min(d.max, limit or d.max) for s in inputs for a, d in enumerate(s.shape)
                         if a and isinstance(d, Dim)}  # fmt: skip
         self.queue: asyncio.Queue[_Item] | None = None
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-engine")
+        self.pool = concurrent.futures.ThreadPoolExecutor(len(self.runners), thread_name_prefix="adapter-engine")
         self.task: asyncio.Task | None = None
+        self.running: set[asyncio.Task] = set()
         self.depth = 0
 
     def start(self) -> None:
@@ -85,7 +89,52 @@ class DynamicBatcher:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        for task in list(self.running):
+            task.cancel()
         self.pool.shutdown(wait=True)
+
+    async def warm(self, seconds: float) -> tuple[int, int]:
+        """Run the shapes batches will take once on every stream (a runtime prepares its
+        kernels per shape: MiniLM's first run at a new shape on OpenVINO took 5-20 ms more
+        than the next, and a queue waits behind it), cheapest first, for at most ``seconds``;
+        ``(shapes warmed, shapes there are)``. Shapes are known where lengths are bucketed or
+        fixed: a batch padded to its longest request can take any length, and is not warmed."""
+        shapes = self._shapes()
+        loop = asyncio.get_running_loop()
+        deadline, done = loop.time() + seconds, 0
+        for feed in shapes:
+            if loop.time() >= deadline:
+                break
+            runs = [loop.run_in_executor(self.pool, run, feed) for run in self.runners]  # the streams at once
+            results = await asyncio.gather(*runs, return_exceptions=True)
+            if any(isinstance(r, BaseException) for r in results):  # the requests will say why
+                break
+            done += 1
+        return done, len(shapes)
+
+    def _shapes(self) -> list[dict[str, np.ndarray]]:
+        seq = {dim for axes in self.seq_axes.values() for dim in axes.values()}
+        if seq and not self.bucket:
+            return []
+        lengths: list[int] = []
+        if seq:
+            low = max(s.shape[a].min for s in self.inputs for a, d in self.seq_axes[s.name].items())
+            top = min(self.dim_max[dim] for dim in seq)
+            lengths = sorted({min(max(k * self.bucket, low), top) for k in range(1, -(-top // self.bucket) + 1)})
+        feeds = []
+        for rows in range(1, self.max_batch + 1):
+            for length in lengths or [0]:
+                feed = {}
+                for spec in self.inputs:
+                    shape = [length if a in self.seq_axes[spec.name] else (rows if a == 0 and isinstance(d, Dim) else d)
+                             for a, d in enumerate(spec.shape)]  # fmt: skip
+                    first = spec.shape[0] if spec.shape else rows
+                    if not (first.min <= rows <= first.max if isinstance(first, Dim) else first == rows):
+                        break
+                    feed[spec.name] = (np.ones if spec.name == MASK else np.zeros)(shape, spec.dtype)
+                else:
+                    feeds.append(feed)
+        return sorted(feeds, key=lambda f: sum(v.size for v in f.values()))
 
     async def submit(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request (batch axis of size 1 or more); its outputs once its batch has run.
@@ -110,10 +159,14 @@ class DynamicBatcher:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        free: asyncio.Queue[int] = asyncio.Queue()  # the streams with no batch running
+        for index in range(len(self.runners)):
+            free.put_nowait(index)
         waiting: list[_Item] = []
         while True:
             if not waiting:
                 waiting.append(await self.queue.get())
+            stream = await free.get()  # requests keep arriving while every stream is busy
             while True:  # the oldest request waits at most max_wait, counted from its arrival
                 while not self.queue.empty():
                     waiting.append(self.queue.get_nowait())
@@ -131,20 +184,29 @@ class DynamicBatcher:
             self.stats.on_queue(self.depth)
             live = [item for item in batch if not item.future.cancelled()]
             if not live:
+                free.put_nowait(stream)
                 continue
-            started = time.perf_counter()
-            try:
-                merged, cuts = self._merge(live)
-                outputs = await loop.run_in_executor(self.pool, self.run, merged)
-            except Exception as exc:  # every request of the batch gets the engine's error
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            self.stats.on_batch(sum(c[1] - c[0] for c in cuts), time.perf_counter() - started)
-            for item, (start, stop) in zip(live, cuts):
+            task = loop.create_task(self._run(stream, live, free))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def _run(self, stream: int, live: list[_Item], free: asyncio.Queue[int]) -> None:
+        """One batch on ``stream``; every request of it gets its rows, or the engine's error."""
+        started = time.perf_counter()
+        try:
+            merged, cuts = self._merge(live)
+            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.runners[stream], merged)
+        except Exception as exc:
+            for item in live:
                 if not item.future.done():
-                    item.future.set_result(self._cut(outputs, start, stop, item.sizes))
+                    item.future.set_exception(exc)
+            return
+        finally:
+            free.put_nowait(stream)
+        self.stats.on_batch(sum(c[1] - c[0] for c in cuts), time.perf_counter() - started)
+        for item, (start, stop) in zip(live, cuts):
+            if not item.future.done():
+                item.future.set_result(self._cut(outputs, start, stop, item.sizes))
 
     def _batchable(self, waiting: list[_Item]) -> list[_Item]:
         """The waiting requests that can share a batch with the first (all when padding)."""
@@ -155,21 +217,23 @@ class DynamicBatcher:
         if self.bucket:  # to the bucket's top: a few shapes recur, so the runtime's kernels for them are reused
             longest = {dim: max(size, min(-(-size // self.bucket) * self.bucket, self.dim_max.get(dim, size)))
                        for dim, size in longest.items()}  # fmt: skip
+        rows = [next(iter(item.feed.values())).shape[0] for item in items]
         merged: dict[str, np.ndarray] = {}
-        for spec in self.inputs:
-            parts = []
-            for item in items:
+        for spec in self.inputs:  # right padding with zeros, masked out (a copy into one array: np.pad is slow)
+            first = items[0].feed[spec.name]
+            shape = [sum(rows), *first.shape[1:]]
+            for axis, dim in self.seq_axes.get(spec.name, {}).items():
+                shape[axis] = longest[dim]
+            out = merged[spec.name] = np.zeros(shape, first.dtype)
+            offset = 0
+            for item, count in zip(items, rows):
                 value = item.feed[spec.name]
-                pads = [(0, 0)] * value.ndim
-                for axis, dim in self.seq_axes.get(spec.name, {}).items():
-                    pads[axis] = (0, longest[dim] - value.shape[axis])  # right padding, masked out
-                parts.append(np.pad(value, pads) if any(p[1] for p in pads) else value)
-            merged[spec.name] = np.concatenate(parts, axis=0)
+                out[(slice(offset, offset + count), *(slice(0, n) for n in value.shape[1:]))] = value
+                offset += count
         cuts, offset = [], 0
-        for item in items:
-            rows = next(iter(item.feed.values())).shape[0]
-            cuts.append((offset, offset + rows))
-            offset += rows
+        for count in rows:
+            cuts.append((offset, offset + count))
+            offset += count
         return merged, cuts
 
     def _cut(
@@ -180,6 +244,6 @@ class DynamicBatcher:
             value = outputs[spec.name][start:stop]
             for axis, dim in enumerate(spec.shape):
                 if axis and isinstance(dim, Dim) and dim.name in sizes:
-                    value = np.take(value, np.arange(sizes[dim.name]), axis=axis)
+                    value = value[(slice(None),) * axis + (slice(0, sizes[dim.name]),)]
             result[spec.name] = value
         return result
