@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = ["serve"]
 
+import logging
 from pathlib import Path
 
 import click
@@ -103,8 +104,21 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
     _run(app, artifact_path, host, port, max_batch, max_wait_ms)
 
 
+class _Console(logging.Handler):
+    """The server's own lines (warm-up, fallbacks) on the CLI's stderr console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno >= logging.WARNING else None
+        err.print(record.getMessage(), style=style, markup=False, highlight=False)
+
+
 def _run(app, artifact_path: Path, host: str, port: int, max_batch: int, max_wait_ms: float) -> None:
     import uvicorn
+
+    logger = logging.getLogger("adapter.serve")
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        logger.addHandler(_Console())
+    logger.setLevel(logging.INFO)
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]listening on {host}: the server has no authentication[/]")

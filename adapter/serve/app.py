@@ -282,7 +282,7 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
         if options.warmup_s > 0:
             started = time.perf_counter()
             done, total = await batcher.warm(options.warmup_s)
-            logging.getLogger("adapter.serve").warning(
+            logging.getLogger("adapter.serve").info(
                 "warmed %d of %d batch shapes on %d stream(s) in %.1f s", done, total, len(batcher.runners),
                 time.perf_counter() - started)  # fmt: skip
         yield
