@@ -256,10 +256,12 @@ class Engine(EngineBase):
         return self._infer(self.session, feed)
 
     def streams(self, count: int = 0) -> list[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
-        """One session opened again with the engine's threads split into ``count`` streams (0:
-        one thread each; ONNX Runtime has no throughput hint), run from as many threads at once:
-        a session's runs are thread-safe and share its weights. MiniLM FP32 on 2 cores: 2 x 1
-        thread answered 5-10% more requests than 1 x 2 threads."""
+        """One session opened again and run from ``count`` threads at once (0: as many as the
+        engine's threads; ONNX Runtime has no throughput hint): a session's runs are
+        thread-safe and share its weights. With one thread per stream each run computes in its
+        caller's thread; with fewer streams, the concurrent runs share the session's pool of
+        threads // count. MiniLM FP32 on 2 cores: 2 x 1 thread answered 5-10% more requests
+        than 1 x 2 threads."""
         threads = threads_for(self.config.get("threads", 0), None)
         count = min(count or threads, threads)
         if count == 1:

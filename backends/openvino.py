@@ -307,13 +307,15 @@ class Engine(EngineBase):
         """The model compiled again with ``count`` streams (0: the plugin's choice under its
         throughput hint), the engine's threads split between them, one infer request each;
         the plugin's streams share one copy of the weights, and the one-stream model is let go."""
-        threads = int(self.config["threads"])
-        config = {**self.config, "performance_hint": "THROUGHPUT", "streams": min(count, threads) if count else -1}
+        threads = threads_for(int(self.config["threads"]), None)  # the manifest's, within this machine's cores
+        config = {**self.config, "threads": threads, "performance_hint": "THROUGHPUT",
+                  "streams": min(count, threads) if count else -1}  # fmt: skip
         if count == 1 or threads == 1:
             return [self.run]
         compiled = _compile(self.folder, config)
         requests = [compiled.create_infer_request() for _ in range(int(compiled.get_property("NUM_STREAMS")))]
         self.compiled, self.request = compiled, requests[0]
+        self.config = {**config, "streams": len(requests)}
         return [functools.partial(self._checked, request) for request in requests]
 
     def _checked(self, request, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

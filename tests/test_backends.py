@@ -97,8 +97,12 @@ def test_streams_run_at_once_and_each_equals_eager(tmp_path, backend):
     assert len(runners) == min(2, len(os.sched_getaffinity(0)))
     rng = np.random.default_rng(4)
     feeds = [{"x": rng.standard_normal((3 + i, 8)).astype(np.float32)} for i in range(8)]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda k: runners[k % len(runners)](feeds[k]), range(len(feeds))))
-    for feed, answer in zip(feeds, answers):
+    def stream(k):  # each thread keeps to its own runner, as the server's batches do
+        return [(feed, runners[k](feed)) for feed in feeds[k :: len(runners)]]
+
+    with concurrent.futures.ThreadPoolExecutor(len(runners)) as pool:
+        answers = [pair for part in pool.map(stream, range(len(runners))) for pair in part]
+    assert len(answers) == len(feeds)
+    for feed, answer in answers:
         np.testing.assert_allclose(next(iter(answer.values())), _eager(mlp, feed), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(next(iter(engine.run(feeds[0]).values())), _eager(mlp, feeds[0]), rtol=1e-5, atol=1e-5)

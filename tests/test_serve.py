@@ -299,14 +299,17 @@ def test_batches_run_on_every_stream_at_once():
 
     spec = [TensorSpec("x", "float32", (Dim("batch"), 4))]
     barrier = threading.Barrier(2, timeout=5)
-    threads: set[str] = set()
+    calls: list[tuple[str, str]] = []
 
-    def run(feed):
-        threads.add(threading.current_thread().name)
-        barrier.wait()
-        return {"x": feed["x"] * 2}
+    def runner(tag):
+        def run(feed):
+            calls.append((tag, threading.current_thread().name))
+            barrier.wait()
+            return {"x": feed["x"] * 2}
 
-    batcher = DynamicBatcher([run, run], spec, spec, max_batch=1, max_wait_ms=0)
+        return run
+
+    batcher = DynamicBatcher([runner("a"), runner("b")], spec, spec, max_batch=1, max_wait_ms=0)
 
     async def go():
         batcher.start()
@@ -315,7 +318,8 @@ def test_batches_run_on_every_stream_at_once():
         return answers
 
     first, second = asyncio.run(go())
-    assert (first["x"] == 2).all() and (second["x"] == 6).all() and len(threads) == 2
+    assert (first["x"] == 2).all() and (second["x"] == 6).all()
+    assert sorted(tag for tag, _ in calls) == ["a", "b"] and len({thread for _, thread in calls}) == 2
 
 
 def test_warm_up_runs_every_batch_shape_on_every_stream_cheapest_first():
@@ -348,3 +352,32 @@ def test_warm_up_runs_every_batch_shape_on_every_stream_cheapest_first():
         mine = [shape for t, shape, _ in seen if t == tag]
         assert sorted(mine) == sorted(shapes) and mine == sorted(mine, key=lambda s: s[0] * s[1])
     assert all(mask == 1 for _, _, mask in seen)  # the mask is ones: every position real
+
+
+def test_a_stream_whose_batch_failed_takes_the_next_batch():
+    """One stream: an engine error answers that batch's request with the error, and the stream
+    is free again for the next request, which gets its rows."""
+    from adapter.core.specs import Dim, TensorSpec
+    from adapter.serve.batching import DynamicBatcher
+
+    spec = [TensorSpec("x", "float32", (Dim("batch"), 4))]
+
+    def run(feed):
+        if (feed["x"] < 0).any():
+            raise ValueError("negative input")
+        return {"x": feed["x"] * 2}
+
+    batcher = DynamicBatcher(run, spec, spec, max_batch=1, max_wait_ms=0)
+
+    async def go():
+        batcher.start()
+        try:
+            await batcher.submit({"x": -np.ones((1, 4), np.float32)})
+        except ValueError as exc:
+            failed = str(exc)
+        answer = await asyncio.wait_for(batcher.submit({"x": np.ones((1, 4), np.float32)}), 5)
+        await batcher.stop()
+        return failed, answer
+
+    failed, answer = asyncio.run(go())
+    assert failed == "negative input" and (answer["x"] == 2).all()

@@ -105,11 +105,12 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
 
 
 class _Console(logging.Handler):
-    """The server's own lines (warm-up, fallbacks) on the CLI's stderr console."""
+    """The server's information lines (its warm-up) on the CLI's stderr console; its warnings
+    go on to the handlers above, as before."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        style = "yellow" if record.levelno >= logging.WARNING else None
-        err.print(record.getMessage(), style=style, markup=False, highlight=False)
+        if record.levelno < logging.WARNING:
+            err.print(record.getMessage(), markup=False, highlight=False)
 
 
 def _run(app, artifact_path: Path, host: str, port: int, max_batch: int, max_wait_ms: float) -> None:

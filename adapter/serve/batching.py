@@ -87,10 +87,10 @@ class DynamicBatcher:
         self.task = asyncio.get_running_loop().create_task(self._serve())
 
     async def stop(self) -> None:
+        """Stop forming batches; the batches running finish and answer their requests."""
         if self.task is not None:
             self.task.cancel()
-        for task in list(self.running):
-            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
         self.pool.shutdown(wait=True)
 
     async def warm(self, seconds: float) -> tuple[int, int]:
@@ -102,9 +102,11 @@ class DynamicBatcher:
         shapes = self._shapes()
         loop = asyncio.get_running_loop()
         deadline, done = loop.time() + seconds, 0
-        for feed in shapes:
+        for rows, length in shapes:
             if loop.time() >= deadline:
                 break
+            feed = {spec.name: (np.ones if spec.name == MASK else np.zeros)(shape, spec.dtype)
+                    for spec, shape in zip(self.inputs, self._shape_of(rows, length))}  # fmt: skip
             runs = [loop.run_in_executor(self.pool, run, feed) for run in self.runners]  # the streams at once
             results = await asyncio.gather(*runs, return_exceptions=True)
             if any(isinstance(r, BaseException) for r in results):  # the requests will say why
@@ -112,29 +114,31 @@ class DynamicBatcher:
             done += 1
         return done, len(shapes)
 
-    def _shapes(self) -> list[dict[str, np.ndarray]]:
+    def _shapes(self) -> list[tuple[int, int]]:
+        """(rows, length) of every batch shape to come, cheapest first (length 0: no sequence axis)."""
         seq = {dim for axes in self.seq_axes.values() for dim in axes.values()}
         if seq and not self.bucket:
             return []
-        lengths: list[int] = []
+        lengths = [0]
         if seq:
-            low = max(s.shape[a].min for s in self.inputs for a, d in self.seq_axes[s.name].items())
+            low = max(s.shape[a].min for s in self.inputs for a in self.seq_axes[s.name])
             top = min(self.dim_max[dim] for dim in seq)
             lengths = sorted({min(max(k * self.bucket, low), top) for k in range(1, -(-top // self.bucket) + 1)})
-        feeds = []
-        for rows in range(1, self.max_batch + 1):
-            for length in lengths or [0]:
-                feed = {}
-                for spec in self.inputs:
-                    shape = [length if a in self.seq_axes[spec.name] else (rows if a == 0 and isinstance(d, Dim) else d)
-                             for a, d in enumerate(spec.shape)]  # fmt: skip
-                    first = spec.shape[0] if spec.shape else rows
-                    if not (first.min <= rows <= first.max if isinstance(first, Dim) else first == rows):
-                        break
-                    feed[spec.name] = (np.ones if spec.name == MASK else np.zeros)(shape, spec.dtype)
-                else:
-                    feeds.append(feed)
-        return sorted(feeds, key=lambda f: sum(v.size for v in f.values()))
+        shapes = [(rows, length) for rows in range(1, self.max_batch + 1) for length in lengths
+                  if self._shape_of(rows, length) is not None]  # fmt: skip
+        return sorted(shapes, key=lambda shape: (shape[0] * max(shape[1], 1), shape))
+
+    def _shape_of(self, rows: int, length: int) -> list[list[int]] | None:
+        """Each input's shape for a batch of ``rows`` padded to ``length``; None where an
+        input's batch axis does not take ``rows`` (a fixed size, or outside its range)."""
+        shapes = []
+        for spec in self.inputs:
+            first = spec.shape[0] if spec.shape else rows
+            if not (first.min <= rows <= first.max if isinstance(first, Dim) else first == rows):
+                return None
+            shapes.append([length if a in self.seq_axes[spec.name] else (rows if a == 0 and isinstance(d, Dim) else d)
+                           for a, d in enumerate(spec.shape)])  # fmt: skip
+        return shapes
 
     async def submit(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request (batch axis of size 1 or more); its outputs once its batch has run.
@@ -195,18 +199,20 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             merged, cuts = self._merge(live)
-            outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.runners[stream], merged)
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.runners[stream], merged)
+            finally:
+                free.put_nowait(stream)
+            answers = [self._cut(outputs, start, stop, item.sizes) for item, (start, stop) in zip(live, cuts)]
         except Exception as exc:
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        finally:
-            free.put_nowait(stream)
         self.stats.on_batch(sum(c[1] - c[0] for c in cuts), time.perf_counter() - started)
-        for item, (start, stop) in zip(live, cuts):
+        for item, answer in zip(live, answers):
             if not item.future.done():
-                item.future.set_result(self._cut(outputs, start, stop, item.sizes))
+                item.future.set_result(answer)
 
     def _batchable(self, waiting: list[_Item]) -> list[_Item]:
         """The waiting requests that can share a batch with the first (all when padding)."""
@@ -219,17 +225,16 @@ class DynamicBatcher:
                        for dim, size in longest.items()}  # fmt: skip
         rows = [next(iter(item.feed.values())).shape[0] for item in items]
         merged: dict[str, np.ndarray] = {}
-        for spec in self.inputs:  # right padding with zeros, masked out (a copy into one array: np.pad is slow)
-            first = items[0].feed[spec.name]
-            shape = [sum(rows), *first.shape[1:]]
+        for spec in self.inputs:  # stacked along axis 0, right padding with zeros (masked out), np.pad is slow
+            values = [item.feed[spec.name] for item in items]
+            shape = [sum(v.shape[0] for v in values), *values[0].shape[1:]]
             for axis, dim in self.seq_axes.get(spec.name, {}).items():
                 shape[axis] = longest[dim]
-            out = merged[spec.name] = np.zeros(shape, first.dtype)
+            out = merged[spec.name] = np.zeros(shape, values[0].dtype)
             offset = 0
-            for item, count in zip(items, rows):
-                value = item.feed[spec.name]
-                out[(slice(offset, offset + count), *(slice(0, n) for n in value.shape[1:]))] = value
-                offset += count
+            for value in values:
+                out[(slice(offset, offset + value.shape[0]), *(slice(0, n) for n in value.shape[1:]))] = value
+                offset += value.shape[0]
         cuts, offset = [], 0
         for count in rows:
             cuts.append((offset, offset + count))
