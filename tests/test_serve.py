@@ -381,3 +381,21 @@ def test_a_stream_whose_batch_failed_takes_the_next_batch():
 
     failed, answer = asyncio.run(go())
     assert failed == "negative input" and (answer["x"] == 2).all()
+
+
+def test_json_answers_keep_float32_values_and_refuse_nan():
+    """Arrays are written as they are: float32 values read back to the same float32, a
+    transposed (non-contiguous) array and ints too; NaN or infinity (JSON has neither, orjson
+    would write null) is an engine error naming the .npz way."""
+    import json
+
+    from adapter.core.errors import AdapterError
+    from adapter.serve.app import ArrayJSON
+
+    values = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    body = json.loads(ArrayJSON({"a": values, "b": values.T, "c": np.arange(4)}).body)
+    assert (np.asarray(body["a"], np.float32) == values).all() and (np.asarray(body["b"], np.float32) == values.T).all()
+    assert body["c"] == [0, 1, 2, 3]
+    for bad in (np.nan, np.inf):
+        with pytest.raises(AdapterError, match="NaN or infinity.*npz"):
+            ArrayJSON({"a": np.array([1.0, bad], np.float32)})
