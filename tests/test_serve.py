@@ -169,7 +169,7 @@ def test_the_cli_serves_on_loopback_and_stops_on_sigterm(minilm):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", str(minilm), "--port", str(port),
-                             "--max-batch", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--max-batch", "1", "--streams", "1", "--warmup-s", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ))  # fmt: skip
     threads: list[threading.Thread] = []
     results: list[int] = []
