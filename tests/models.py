@@ -177,3 +177,25 @@ class Saturating(nn.Module):
 def saturating():
     torch.manual_seed(0)
     return Saturating().eval(), {"x": torch.randn(2, 4, 64)}, {"x": {0: "batch"}}
+
+
+class MeanEmbed(nn.Module):
+    """A sentence-embedding stand-in: token embeddings, a layer, masked mean over the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32000, 16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        tokens = torch.tanh(self.fc(self.embed(input_ids)))
+        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def mean_embed():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32000, (2, 12))
+    dims = {0: "batch", 1: "sequence"}
+    return MeanEmbed().eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, \
+        {"input_ids": dims, "attention_mask": dims}

@@ -124,3 +124,33 @@ def test_serve_load_benchmark_short_run(tmp_path, capsys, monkeypatch):
     assert {r["mode"] for r in rows} == {"continuous", "one at a time", "paged, 4 prompt tokens a step"}
     assert all(r["completed"] == 8 and r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
     assert all(r["metrics_match"] == "yes" for r in rows), rows  # /metrics parsed, counters equal the client's
+
+
+def test_serve_embed_load_benchmark_short_run(tmp_path, capsys, monkeypatch):
+    """Poisson arrivals of embeddings against `adapter serve` one at a time and batched on a
+    tiny masked-mean encoder (ONNX Runtime); the capacity under the objective stops at the
+    first rate that missed it."""
+    from adapter import ConvertOptions, convert
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent / "tests"))
+    for name in ("serve_load", "serve_embed_load"):
+        sys.modules.pop(name, None)
+    import serve_embed_load
+
+    convert("models:mean_embed", tmp_path / "engine", ConvertOptions(benchmark=False, backend="onnxruntime"))
+    out = tmp_path / "load.json"
+    args = [str(tmp_path / "engine"), "--modes", "one at a time,batched", "--rates", "40", "--requests", "12",
+            "--slo-ms", "10000", "--json", str(out)]  # fmt: skip
+    assert serve_embed_load.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| 40 | batched | 12/12 |" in printed and "batched: 40 req/s (or more: no rate tried missed)" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"one at a time", "batched"}
+    assert all(r["completed"] == 12 and r["metrics_match"] == "yes" for r in rows), rows
+    assert next(r for r in rows if r["mode"] == "one at a time")["rows_per_run"] == 1.0
+    # capacity: the highest rate below the first miss, even when a higher rate held again
+    runs = [{"mode": "m", "rate": rate, "completed": 5, "requests": 5, "p99_ms": p99}
+            for rate, p99 in ((100, 20.0), (200, 60.0), (300, 40.0))]  # fmt: skip
+    assert serve_embed_load.capacity(runs, "m", 50.0) == (100, 200)
+    assert serve_embed_load.capacity(runs[:1], "m", 50.0) == (100, None)
