@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--bucket", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--modes", default="one at a time,batched,batched on one stream,streams without batching",
                         help=f"comma-separated, from: {', '.join(MODES)}")  # fmt: skip
     parser.add_argument("--rates-for", action="append", default=[], metavar="MODE=R1,R2",
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = args.max_batch if batch is None else batch
             bucket = args.bucket if bucket is None else bucket
             server = Server(args.engine, batch, 0,
-                            extra=["--bucket", str(bucket), "--max-wait-ms", "5", "--streams", str(streams)])  # fmt: skip
+                            extra=["--bucket", str(bucket), "--max-wait-ms", f"{args.max_wait_ms:g}", "--streams", str(streams)])  # fmt: skip
             try:
                 result = run_load(server.url, rate, rows, seed=k)
                 got = scrape(server.url)  # Prometheus' parser: answered requests, and rows over all engine runs
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
     print(f"engine {args.engine}; {args.requests} embedding requests of {args.min_len}-{args.max_len} tokens, "
-          f"Poisson arrivals; batches of up to {args.max_batch} of one bucket of {args.bucket}, 5 ms wait")  # fmt: skip
+          f"Poisson arrivals; batches of up to {args.max_batch} of one bucket of {args.bucket}, {args.max_wait_ms:g} ms wait")  # fmt: skip
     print("| rate req/s | mode | completed | answered/s | vs one at a time | p50 ms | p99 ms | rows per run | "
           "client CPU s | /metrics counts match |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -30,8 +30,9 @@ from adapter.serve.sharded import ShardedEngine, is_sharded_llm
               help="Address to listen on (no authentication: keep it loopback unless a proxy guards it).")  # fmt: skip
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Rows per engine run.")
-@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="How long a batch waits for more requests after its first.")  # fmt: skip
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Forward-pass engines: how long the oldest request may wait for more to join its batch once a "
+                   "stream is free (0: the batch closes then, with the requests that came while every stream was busy).")  # fmt: skip
 @click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests that may wait; more are refused with 429.")  # fmt: skip
 @click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True)
@@ -59,8 +60,9 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
     """Serve an engine ARTIFACT over HTTP.
 
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
-    at --max-batch or --max-wait-ms; sequences padded when the engine takes an attention
-    mask). Generation engines: /v1/completions (OpenAI's API, streaming as server-sent
+    when one of the engine's --streams is free, at --max-batch rows or once its oldest request
+    waited --max-wait-ms; sequences padded to the top of their --bucket when the engine takes
+    an attention mask; the bucketed shapes warmed for --warmup-s before listening). Generation engines: /v1/completions (OpenAI's API, streaming as server-sent
     events) over continuous batching (--max-batch rows join and leave at every step); a
     sharded generation artifact (`adapter shard`) runs on its ranks under torchrun. Both:
     /health and /metrics (Prometheus). SIGTERM stops accepting and finishes the requests in
