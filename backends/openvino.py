@@ -286,20 +286,16 @@ class Engine(EngineBase):
     ) -> None:
         require()
         super().__init__(folder, inputs, outputs, config)
-        self._compiled = self._request = None  # compiled on first use: a server that asks for streams compiles once
         self.output_names = [o.name for o in outputs]
 
-    @property
+    @functools.cached_property
     def compiled(self):
-        if self._compiled is None:
-            self._compiled = _compile(self.folder, self.config)
-        return self._compiled
+        """Compiled on first use: a server that asks for streams compiles once."""
+        return _compile(self.folder, self.config)
 
-    @property
+    @functools.cached_property
     def request(self):
-        if self._request is None:
-            self._request = self.compiled.create_infer_request()
-        return self._request
+        return self.compiled.create_infer_request()
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._infer(self.request, feed)
@@ -325,7 +321,7 @@ class Engine(EngineBase):
             return [self.run]
         compiled = _compile(self.folder, config)
         requests = [compiled.create_infer_request() for _ in range(int(compiled.get_property("NUM_STREAMS")))]
-        self._compiled, self._request = compiled, requests[0]
+        self.compiled, self.request = compiled, requests[0]
         self.config = {**config, "streams": len(requests)}
         return [functools.partial(self._checked, request) for request in requests]
 
