@@ -62,9 +62,10 @@ def serve(artifact_path, host, port, max_batch, max_wait_ms, max_queue, max_body
     Forward-pass engines: /v1/embeddings and /v1/infer, batched dynamically (a batch closes
     when one of the engine's --streams is free, at --max-batch rows or once its oldest request
     waited --max-wait-ms; sequences padded to the top of their --bucket when the engine takes
-    an attention mask; the bucketed shapes warmed for --warmup-s before listening). Generation engines: /v1/completions (OpenAI's API, streaming as server-sent
-    events) over continuous batching (--max-batch rows join and leave at every step); a
-    sharded generation artifact (`adapter shard`) runs on its ranks under torchrun. Both:
+    an attention mask; the bucketed shapes warmed for --warmup-s before listening).
+    Generation engines: /v1/completions (OpenAI's API, streaming as server-sent events) over
+    continuous batching (--max-batch rows join and leave at every step); a sharded
+    generation artifact (`adapter shard`) runs on its ranks under torchrun. Both:
     /health and /metrics (Prometheus). SIGTERM stops accepting and finishes the requests in
     flight.
 

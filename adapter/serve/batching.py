@@ -60,7 +60,7 @@ class DynamicBatcher:
     """Batches the requests of one engine (see the module docstring)."""
 
     def __init__(self, run: Runner | Sequence[Runner], inputs: list[TensorSpec],
-                 outputs: list[TensorSpec], max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
+                 outputs: list[TensorSpec], max_batch: int = 8, max_wait_ms: float = 0.0, max_queue: int = 64,
                  stats: BatchStats | None = None, bucket: int = 0, limit: int | None = None) -> None:  # fmt: skip
         self.runners = [run] if callable(run) else list(run)  # one per stream, each called from its own thread
         self.inputs, self.outputs = inputs, outputs
