@@ -142,6 +142,11 @@ def to_paged(model, kv_heads: int, head_dim: int):
     return paged_model
 
 
+def _key(before: int, tokens: Sequence[int]) -> int:
+    """A full block's key: its tokens and the key of the block before it (0 for the first)."""
+    return hash((before, tuple(tokens)))
+
+
 class PagedSlots:
     """Rows over block tables (the module docstring); :class:`adapter.serve.mixed.MixedBatcher`
     calls ``step`` and ``release``."""
@@ -200,7 +205,7 @@ class PagedSlots:
             raise AdapterError(f"Row {row} is in use.")
         blocks, keys, held, key = [], [], 0, 0
         while held + self.block < len(prompt):
-            key = hash((key, tuple(prompt[held : held + self.block])))
+            key = _key(key, prompt[held : held + self.block])
             block = self.block_of.get(key)
             if block is None:
                 break
@@ -219,7 +224,7 @@ class PagedSlots:
         tokens, keys, table = self.tokens[row], self.keys.setdefault(row, []), self.tables[row]
         while len(keys) < len(tokens) // self.block:
             i = len(keys)
-            key = hash((keys[-1] if keys else 0, tuple(tokens[i * self.block : (i + 1) * self.block])))
+            key = _key(keys[-1] if keys else 0, tokens[i * self.block : (i + 1) * self.block])
             keys.append(key)
             if key not in self.block_of and table[i] not in self.key_of:
                 self.block_of[key], self.key_of[table[i]] = table[i], key

@@ -67,14 +67,11 @@ class ArrayJSON(Response):
         if not _finite(content):
             raise AdapterError("The engine's output holds NaN or infinity, which JSON cannot carry; on /v1/infer, "
                                "ask for .npz (Accept: application/x-npz) to get the values as they are.")  # fmt: skip
-        try:
-            return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-        except orjson.JSONEncodeError:  # a dtype orjson does not write: as Python values
-            try:
-                return orjson.dumps(_plain(content))
-            except orjson.JSONEncodeError as exc:
-                raise AdapterError(f"The engine's output cannot be written as JSON ({exc}); on /v1/infer, ask "
-                                   "for .npz (Accept: application/x-npz).") from exc  # fmt: skip
+        try:  # an array orjson does not write as it is (not contiguous, ...) goes as Python values
+            return orjson.dumps(content, default=_as_list, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError as exc:
+            raise AdapterError(f"The engine's output cannot be written as JSON ({exc}); on /v1/infer, ask "
+                               "for .npz (Accept: application/x-npz).") from exc  # fmt: skip
 
 
 def _finite(value: Any) -> bool:
@@ -87,14 +84,10 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def _plain(value: Any) -> Any:
+def _as_list(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 @dataclass(frozen=True)
@@ -216,8 +209,7 @@ def build_app(engine: Any, manifest: dict[str, Any], options: ServeOptions = Ser
     metrics = _Metrics()
     stats = BatchStats(on_batch=lambda size, seconds: (metrics.batch.observe(size), metrics.engine.observe(seconds)),
                        on_queue=metrics.queue.set)  # fmt: skip
-    runners = engine.streams(options.streams) if hasattr(engine, "streams") else [engine.run]
-    batcher = DynamicBatcher(runners, engine.inputs, engine.outputs, options.max_batch, options.max_wait_ms,
+    batcher = DynamicBatcher(engine.streams(options.streams), engine.inputs, engine.outputs, options.max_batch, options.max_wait_ms,
                              options.max_queue, stats, options.bucket, max_tokens)  # fmt: skip
     specs = {s.name: s for s in engine.inputs}
     embedding = _embedding_output(engine.outputs)

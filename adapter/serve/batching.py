@@ -102,11 +102,11 @@ class DynamicBatcher:
         shapes = self._shapes()
         loop = asyncio.get_running_loop()
         deadline, done = loop.time() + seconds, 0
-        for rows, length in shapes:
+        for shape in shapes:
             if loop.time() >= deadline:
                 break
-            feed = {spec.name: (np.ones if spec.name == MASK else np.zeros)(shape, spec.dtype)
-                    for spec, shape in zip(self.inputs, self._shape_of(rows, length))}  # fmt: skip
+            feed = {spec.name: (np.ones if spec.name == MASK else np.zeros)(dims, spec.dtype)
+                    for spec, dims in zip(self.inputs, shape)}  # fmt: skip
             runs = [loop.run_in_executor(self.pool, run, feed) for run in self.runners]  # the streams at once
             results = await asyncio.gather(*runs, return_exceptions=True)
             if any(isinstance(r, BaseException) for r in results):  # the requests will say why
@@ -114,8 +114,8 @@ class DynamicBatcher:
             done += 1
         return done, len(shapes)
 
-    def _shapes(self) -> list[tuple[int, int]]:
-        """(rows, length) of every batch shape to come, cheapest first (length 0: no sequence axis)."""
+    def _shapes(self) -> list[list[list[int]]]:
+        """Every batch shape to come (each input's dims), cheapest first."""
         seq = {dim for axes in self.seq_axes.values() for dim in axes.values()}
         if seq and not self.bucket:
             return []
@@ -124,9 +124,8 @@ class DynamicBatcher:
             low = max(s.shape[a].min for s in self.inputs for a in self.seq_axes[s.name])
             top = min(self.dim_max[dim] for dim in seq)
             lengths = sorted({min(max(k * self.bucket, low), top) for k in range(1, -(-top // self.bucket) + 1)})
-        shapes = [(rows, length) for rows in range(1, self.max_batch + 1) for length in lengths
-                  if self._shape_of(rows, length) is not None]  # fmt: skip
-        return sorted(shapes, key=lambda shape: (shape[0] * max(shape[1], 1), shape))
+        shapes = [self._shape_of(rows, length) for rows in range(1, self.max_batch + 1) for length in lengths]
+        return sorted((s for s in shapes if s is not None), key=lambda s: (sum(int(np.prod(d)) for d in s), s))
 
     def _shape_of(self, rows: int, length: int) -> list[list[int]] | None:
         """Each input's shape for a batch of ``rows`` padded to ``length``; None where an
