@@ -55,6 +55,23 @@ _FEATURES = (
     "sve",
     "sve2",
 )
+_CPUID_NAMES = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA3",
+    "f16c": "F16C",
+    "avx512f": "AVX512F",
+    "avx512cd": "AVX512CD",
+    "avx512bw": "AVX512BW",
+    "avx512dq": "AVX512DQ",
+    "avx512vl": "AVX512VL",
+    "avx512ifma": "AVX512IFMA",
+    "avx512vbmi": "AVX512VBMI",
+    "avx512_vnni": "AVX512VNNI",
+    "avx512_bf16": "AVX512BF16",
+    "avx512_fp16": "AVX512FP16",
+}
+"""x86 flags as /proc/cpuinfo names them -> numpy's name for the same CPUID answer."""
 _ARM_PARTS = {
     "0xd08": "cortex-a72",
     "0xd0b": "cortex-a76",
@@ -190,17 +207,37 @@ def _cpu_info() -> dict[str, Any]:
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    flags = sorted(set((fields.get("flags") or fields.get("Features") or "").split()))
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = _executable(flags)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "model": fields.get("model name") or platform.processor() or platform.machine(),
         "vendor_id": fields.get("vendor_id", ""),
         "cpu_part": fields.get("CPU part", ""),
         "machine": platform.machine(),
-        "flags": flags,
+        "flags": sorted(flags),
         "cpus": cpus or 1,
         "memory": _memory_bytes(),
     }
+
+
+def _executable(flags: set[str], cpuid: dict[str, bool] | None = None) -> set[str]:
+    """The x86 flags of ``flags`` (/proc/cpuinfo's) that the CPUID instruction confirms to
+    this process. They differ under an emulator or binary translator (qemu-user, an x86
+    container on another machine's kernel): /proc/cpuinfo then describes the host, while
+    torch, oneDNN and MLAS pick their kernels by CPUID. ``cpuid`` is numpy's runtime
+    dispatch table (CPUID and the OS's saved register state) unless given. AMX and the
+    AVX-512 flags the table does not name go with AVX512F (no CPU has them without it)."""
+    if cpuid is None:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as cpuid
+        except ImportError:  # another numpy layout: keep what the kernel lists
+            return flags
+    kept = {flag for flag in flags if flag not in _CPUID_NAMES or cpuid.get(_CPUID_NAMES[flag], False)}
+    if "avx512f" not in kept:
+        kept = {flag for flag in kept if not flag.startswith(("avx512", "amx"))}
+    return kept
 
 
 def _memory_bytes() -> int:
@@ -288,7 +325,7 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
             "int8 with torch._int_mm)",
             f"measured: numpy copy of {_copy_bytes(info['memory']) // 2**20} MiB (at least 4x the last-level "
             f"cache), best of up to {_REPEATS}, bytes read + written per second",
-            "read: /proc/cpuinfo (model name, flags), os.sched_getaffinity, /proc/meminfo, cgroup memory limit",
+            "read: /proc/cpuinfo (model name, flags: the x86 ones as CPUID confirms them), os.sched_getaffinity, /proc/meminfo, cgroup memory limit",
         ],
     }
     return Profile.from_dict(data, origin="host probe")

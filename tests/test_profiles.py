@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +216,32 @@ def test_default_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.delenv("ADAPTER_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert probe_module.default_cache_dir() == tmp_path / "x" / "adapter"
+
+
+def test_probe_keeps_only_the_flags_cpuid_confirms() -> None:
+    flags = {"sse2", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"}
+    everything = {name: True for name in probe_module._CPUID_NAMES.values()}
+    assert probe_module._executable(flags, everything) == flags
+    no_bf16 = dict(everything, AVX512BF16=False)
+    assert probe_module._executable(flags, no_bf16) == flags - {"avx512_bf16"}
+    avx2_only = dict(everything, AVX512F=False, AVX512VNNI=False, AVX512BF16=False)
+    kept = probe_module._executable(flags, avx2_only)
+    assert kept == {"sse2", "avx2", "fma"} and probe_module._precisions(kept) == ["fp32", "int8"]
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or os.uname().machine != "x86_64",
+                    reason="needs qemu-user's x86_64 emulator (tools/install-test-deps.sh installs qemu-user)")  # fmt: skip
+def test_an_emulated_avx2_cpu_probes_as_fp32_int8() -> None:
+    """Under qemu-user with a Haswell CPU model, /proc/cpuinfo still lists this host's flags
+    (AVX-512, maybe AMX), while CPUID answers AVX2: the probe follows CPUID, as the engines do."""
+    code = (
+        "import json; from adapter.profiles.probe import _cpu_info, _precisions; f = set(_cpu_info()['flags']);"
+        "print(json.dumps([sorted(x for x in f if x.startswith(('avx', 'amx'))), _precisions(f)]))"
+    )
+    python = os.path.realpath(sys.executable)
+    done = subprocess.run(["qemu-x86_64", "-cpu", "Haswell-noTSX-IBRS", python, "-c", code],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    flags, precisions = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "avx2" in flags and not [f for f in flags if f.startswith(("avx512", "amx"))], flags
+    assert precisions == ["fp32", "int8"]
