@@ -99,7 +99,10 @@ def probe_host(force: bool = False, cache_dir: Path | None = None) -> Profile:
         if cached is not None:
             return cached
     native = _precisions(set(info["flags"]))
-    profile = _build_profile(info, _measure(info["cpus"], bf16="bf16" in native, fp16="fp16" in native))
+    figures = _measure(info["cpus"], bf16="bf16" in native, fp16="fp16" in native)
+    profile = _build_profile(info, figures)
+    if figures["constrained"]:  # measured under an address-space limit: not cached for unlimited processes
+        return profile
     try:
         _write_cache(path, profile)
     except OSError as exc:
@@ -124,7 +127,9 @@ def _measure(threads: int, bf16: bool = True, fp16: bool = False) -> dict[str, A
             peaks["int8"] = int8
     finally:
         torch.set_num_threads(previous)
-    return {"peak_flops": peaks, "memory_bandwidth": _copy_bandwidth(threads, _memory_bytes())}
+    size, wanted = _copy_bytes(_memory_bytes())
+    return {"peak_flops": peaks, "memory_bandwidth": _copy_bandwidth(threads, size), "copy_bytes": size,
+            "constrained": size < wanted}  # fmt: skip
 
 
 def _best_time(run: Callable[[], object]) -> float:
@@ -173,20 +178,41 @@ def _last_level_cache() -> int:
     return max(sizes, default=0)
 
 
-def _copy_bytes(memory: int) -> int:
-    """Each copy buffer: 4x the last-level cache, so that the copy streams from memory (a 256 MiB
-    copy under a 300 MiB L3 measured 71 GB/s on a 2-core guest that copies 43-45 GB/s from
-    memory), at least 256 MiB and at most 1/16 of the memory."""
+def _copy_bytes(memory: int) -> tuple[int, int]:
+    """(bytes to copy, bytes wanted) for each copy buffer. Wanted: 4x the last-level cache, so
+    that the copy streams from memory (a 256 MiB copy under a 300 MiB L3 measured 71 GB/s on a
+    2-core guest that copies 43-45 GB/s from memory), at least 256 MiB and at most 1/16 of the
+    memory. Copied: no more than a quarter of the address space this process has left under
+    its limit (``RLIMIT_AS``; a 4x copy of a 480 MiB L3 took 2.9 GiB and stopped a convert
+    limited to 3 GiB), so a limited process measures smaller buffers rather than failing."""
     cap = memory // 16 if memory else 1 << 34
-    return int(max(_COPY_BYTES, min(4 * _last_level_cache(), cap)))
+    wanted = int(max(_COPY_BYTES, min(4 * _last_level_cache(), cap)))
+    room = _address_space_left()
+    return (wanted if room is None else max(16 * 2**20, min(wanted, room // 4))), wanted
 
 
-def _copy_bandwidth(threads: int, memory: int = 0) -> float:
+def _address_space_left() -> int | None:
+    """Bytes of address space left under this process's ``RLIMIT_AS`` (None: unlimited)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return max(0, limit - int(line.split()[1]) * 1024)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _copy_bandwidth(threads: int, size: int) -> float:
     """Best copy bandwidth (bytes read + written per second), one thread or all of them, over
-    buffers larger than the last-level cache."""
+    two buffers of ``size`` bytes."""
     import numpy as np
 
-    src = np.ones(_copy_bytes(memory), dtype=np.uint8)
+    src = np.ones(size, dtype=np.uint8)
     dst = np.zeros_like(src)
     best = _best_time(lambda: np.copyto(dst, src))
     if threads > 1:
@@ -323,8 +349,10 @@ def _build_profile(info: dict[str, Any], figures: dict[str, Any]) -> Profile:
             f"measured by adapter.profiles.probe on {today}: torch {_torch_version()} matmul "
             f"{_MATMUL_N}x{_MATMUL_N}, best of up to {_REPEATS}, {cpus} threads (fp32; bf16 and fp16 where native; "
             "int8 with torch._int_mm)",
-            f"measured: numpy copy of {_copy_bytes(info['memory']) // 2**20} MiB (at least 4x the last-level "
-            f"cache), best of up to {_REPEATS}, bytes read + written per second",
+            f"measured: numpy copy of {figures['copy_bytes'] // 2**20} MiB "
+            + ("(less than 4x the last-level cache: the process's address space is limited)" if figures["constrained"]
+               else "(at least 4x the last-level cache)")
+            + f", best of up to {_REPEATS}, bytes read + written per second",
             "read: /proc/cpuinfo (model name, flags: the x86 ones as CPUID confirms them), os.sched_getaffinity, /proc/meminfo, cgroup memory limit",
         ],
     }

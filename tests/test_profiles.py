@@ -193,7 +193,7 @@ def test_probe_cache_is_private_and_reused(probed: tuple[Profile, Path], monkeyp
 
 def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _, cache_dir = probed
-    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
+    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9, "copy_bytes": 2**28, "constrained": False}
     monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
     forced = probe_host(force=True, cache_dir=cache_dir)
     assert forced.peak("fp32") == 2e9 and forced.memory_bandwidth == 4e9
@@ -201,7 +201,7 @@ def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: p
 
 
 def test_probe_ignores_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9}
+    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9, "copy_bytes": 2**28, "constrained": False}
     monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
     first = probe_host(cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("host-*.json")
@@ -245,3 +245,20 @@ def test_an_emulated_avx2_cpu_probes_as_fp32_int8() -> None:
     flags, precisions = json.loads(done.stdout.strip().splitlines()[-1])
     assert "avx2" in flags and not [f for f in flags if f.startswith(("avx512", "amx"))], flags
     assert precisions == ["fp32", "int8"]
+
+
+def test_a_probe_under_an_address_space_limit_copies_less_and_caches_nothing(tmp_path: Path) -> None:
+    """A process limited to 3 GiB (as ``adapter shard`` is in its test) probes without failing:
+    its copy buffers fit in what the limit leaves, and the figure is not cached for others."""
+    code = (
+        "import resource, json, sys; from pathlib import Path; "
+        "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30)); "
+        "from adapter.profiles import probe; probe._last_level_cache = lambda: 2**30; "  # 4x: 4 GiB wanted
+        "p = probe.probe_host(force=True, cache_dir=Path(sys.argv[1])); "
+        "print(json.dumps([p.memory_bandwidth, p.sources[1]]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bandwidth, source = json.loads(done.stdout.strip().splitlines()[-1])
+    assert bandwidth > 1e9 and "address space is limited" in source, source
+    assert not list(tmp_path.glob("host-*.json"))
