@@ -188,7 +188,7 @@ def _copy_bytes(memory: int) -> tuple[int, int]:
     cap = memory // 16 if memory else 1 << 34
     wanted = int(max(_COPY_BYTES, min(4 * _last_level_cache(), cap)))
     room = _address_space_left()
-    return (wanted if room is None else max(16 * 2**20, min(wanted, room // 4))), wanted
+    return (wanted if room is None else max(2**20, min(wanted, room // 4))), wanted
 
 
 def _address_space_left() -> int | None:
@@ -253,16 +253,18 @@ def _executable(flags: set[str], cpuid: dict[str, bool] | None = None) -> set[st
     this process. They differ under an emulator or binary translator (qemu-user, an x86
     container on another machine's kernel): /proc/cpuinfo then describes the host, while
     torch, oneDNN and MLAS pick their kernels by CPUID. ``cpuid`` is numpy's runtime
-    dispatch table (CPUID and the OS's saved register state) unless given. AMX and the
-    AVX-512 flags the table does not name go with AVX512F (no CPU has them without it)."""
+    dispatch table (CPUID and the OS's saved register state) unless given. The table does
+    not name AMX, AVX-VNNI and some AVX-512 extensions: they are kept while CPUID confirms
+    every flag it can check, and dropped once it denies one (the process then runs on a CPU
+    model other than the one the kernel lists)."""
     if cpuid is None:
         try:
             from numpy._core._multiarray_umath import __cpu_features__ as cpuid
         except ImportError:  # another numpy layout: keep what the kernel lists
             return flags
     kept = {flag for flag in flags if flag not in _CPUID_NAMES or cpuid.get(_CPUID_NAMES[flag], False)}
-    if "avx512f" not in kept:
-        kept = {flag for flag in kept if not flag.startswith(("avx512", "amx"))}
+    if kept != flags:
+        kept = {flag for flag in kept if flag in _CPUID_NAMES or not flag.startswith(("avx", "amx"))}
     return kept
 
 

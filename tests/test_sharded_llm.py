@@ -167,11 +167,12 @@ def _built(folders, tmp_path_factory, family: str, tp: int, pp: int):
 # every family at TP2 and PP2; TP2 x PP2 once (llama, also the fault tests' artifact; the CLI
 # test shards qwen2 over 4 ranks as the planner chooses): the suite's time is bounded
 # Tensor parallelism splits each family's own layers (Falcon's parallel attention, GPT-2's
-# fused QKV), so every family runs TP under torchrun; pipeline stages cut between decoder
-# blocks the same way for all of them, so PP runs on Llama (alone and with TP), and every
-# family's split is checked in the graph above.
+# fused QKV; the graph test above checks every family's split), so every family runs TP under
+# torchrun. Pipeline stages cut between decoder blocks alike for most families: PP runs on
+# Llama (alone and with TP) and on GPT-2, whose tied embedding and LM head and learned
+# positions sit on the first and last stages.
 @pytest.mark.parametrize(("family", "tp", "pp"), [(f, 2, 1) for f in ("llama", "qwen2", "falcon", "gpt2")]
-                                                 + [("llama", 1, 2), ("llama", 2, 2)])  # fmt: skip
+                                                 + [("llama", 1, 2), ("gpt2", 1, 2), ("llama", 2, 2)])  # fmt: skip
 def test_sharded_greedy_generation_equals_the_unsharded_engine(folders, tmp_path_factory, family, tp, pp):
     folder, manifest = _built(folders, tmp_path_factory, family, tp, pp)
     ver = manifest["verification"]
