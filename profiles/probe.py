@@ -183,8 +183,8 @@ def _copy_bytes(memory: int) -> tuple[int, int]:
     that the copy streams from memory (a 256 MiB copy under a 300 MiB L3 measured 71 GB/s on a
     2-core guest that copies 43-45 GB/s from memory), at least 256 MiB and at most 1/16 of the
     memory. Copied: no more than a quarter of the address space this process has left under
-    its limit (``RLIMIT_AS``; a 4x copy of a 480 MiB L3 took 2.9 GiB and stopped a convert
-    limited to 3 GiB), so a limited process measures smaller buffers rather than failing."""
+    its limit (``RLIMIT_AS``; a 4x copy of a 480 MiB L3 took 2.9 GiB and stopped ``adapter shard``
+    under a 3 GiB limit), so a limited process measures smaller buffers rather than failing."""
     cap = memory // 16 if memory else 1 << 34
     wanted = int(max(_COPY_BYTES, min(4 * _last_level_cache(), cap)))
     room = _address_space_left()
