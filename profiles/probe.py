@@ -233,15 +233,16 @@ def _cpu_info() -> dict[str, Any]:
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    machine = platform.machine()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    if platform.machine() in ("x86_64", "AMD64"):
+    if machine in ("x86_64", "AMD64"):
         flags = _executable(flags)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "model": fields.get("model name") or platform.processor() or machine,
         "vendor_id": fields.get("vendor_id", ""),
         "cpu_part": fields.get("CPU part", ""),
-        "machine": platform.machine(),
+        "machine": machine,
         "flags": sorted(flags),
         "cpus": cpus or 1,
         "memory": _memory_bytes(),

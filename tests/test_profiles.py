@@ -18,6 +18,9 @@ from adapter.profiles import DTYPES, Profile, list_profiles, load_profile
 from adapter.profiles import probe as probe_module
 from adapter.profiles.probe import probe_host
 
+FIGURES = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9, "copy_bytes": 2**28, "constrained": False}
+"""What ``probe._measure`` returns, for tests that stand in for the measurement."""
+
 DATA_DIR = Path(profiles.__file__).parent
 BUNDLED = [name for name in list_profiles() if name != "host"]
 EXPECTED = {
@@ -193,7 +196,7 @@ def test_probe_cache_is_private_and_reused(probed: tuple[Profile, Path], monkeyp
 
 def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _, cache_dir = probed
-    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9, "copy_bytes": 2**28, "constrained": False}
+    figures = FIGURES
     monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
     forced = probe_host(force=True, cache_dir=cache_dir)
     assert forced.peak("fp32") == 2e9 and forced.memory_bandwidth == 4e9
@@ -201,7 +204,7 @@ def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: p
 
 
 def test_probe_ignores_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    figures = {"peak_flops": {"fp32": 2e9, "bf16": 3e9}, "memory_bandwidth": 4e9, "copy_bytes": 2**28, "constrained": False}
+    figures = FIGURES
     monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
     first = probe_host(cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("host-*.json")
