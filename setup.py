@@ -66,6 +66,7 @@ EXTRAS = {
         "pytest==9.0.3",
         "pytest-benchmark==5.2.3",
         "pytest-timeout==2.4.0",
+        "pytest-xdist==3.8.0",  # the suite runs in two workers (pyproject's addopts)
         "ruff==0.14.5",
         "hypothesis==6.155.2",
         # the server tests' HTTP client; the embeddings load test's (many requests in flight)

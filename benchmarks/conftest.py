@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: ``pytest benchmarks/ --benchmark-enable`` (pytest-benchmark's
+"""pytest-benchmark suite: ``pytest -n 0 benchmarks/ --benchmark-enable`` (pytest-benchmark's
 JSON and ``compare`` work on it: add ``--benchmark-json=build/peers-bench.json``)."""
 
 import sys

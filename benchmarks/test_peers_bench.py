@@ -1,6 +1,6 @@
 """MiniLM batch 1, seq 128: every peer and adapter engine under pytest-benchmark.
 
-    pytest benchmarks/ --benchmark-enable --benchmark-json=build/peers-bench.json
+    pytest -n 0 benchmarks/ --benchmark-enable --benchmark-json=build/peers-bench.json
 
 The same engines as ``benchmarks/peers.py`` (which prints the ratio table); here
 pytest-benchmark does the timing, so its JSON, histograms and ``compare`` apply.

@@ -352,10 +352,12 @@ def test_compare_reads_pytest_benchmark_json(tmp_path, bench_cli):
     """A real pytest-benchmark run (raw samples in stats.data) of 5000 and of 10000 additions,
     split into two files under one benchmark name: a baseline and a slower new run."""
     (tmp_path / "test_work.py").write_text(PYTEST_BENCH)
+    # without an xdist worker's marks in its environment, which turn pytest-benchmark off
     subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_work.py"),
          f"--benchmark-json={tmp_path / 'both.json'}", "--benchmark-max-time=0.05", "--benchmark-min-rounds=20"],
         cwd=tmp_path, check=True, capture_output=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
     )  # fmt: skip
     both = json.loads((tmp_path / "both.json").read_text())
     for name, bench_json in zip(("base", "slow"), both["benchmarks"]):
