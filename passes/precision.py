@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -255,6 +256,31 @@ def _quantize_static(model: ir.Model, plan: PrecisionPlan, samples, fp8: bool, c
         return ir.serde.deserialize_model(onnx.load(str(dst)))
 
 
+def _quantize_nncf(model: ir.Model, plan: PrecisionPlan, samples, lowered: list[str]) -> ir.Model:
+    """NNCF's post-training INT8 quantization of the ONNX graph (QDQ out: unsigned
+    activations with zero points, per-channel signed weights), with its transformer preset
+    (SmoothQuant before the MatMuls, attention's own products left FP32) where the graph has
+    a Softmax. The plan's kept products are NNCF's ignored scope. MiniLM on OpenVINO, every
+    Linear INT8 (Zen 4, 2 cores): per-token cosine to FP32 on held-out sentences mean 0.9969,
+    min 0.982, at 0.63x OpenVINO BF16's latency; ONNX Runtime's QDQ with signed symmetric
+    activations misses cos 0.995 fully lowered."""
+    import nncf
+
+    if not samples:
+        raise AdapterError("Static int8 quantization needs calibration samples.")
+    proto = ir.serde.serialize_model(model)
+    ignored = sorted({n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")} - set(lowered))
+    transformer = any(n.op_type == "Softmax" for n in proto.graph.node)
+    nncf.set_log_level(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars
+        quantized = nncf.quantize(
+            proto, nncf.Dataset(samples), subset_size=len(samples),
+            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+        )  # fmt: skip
+    return ir.serde.deserialize_model(quantized)
+
+
 def _quantize_int4(model: ir.Model, plan: PrecisionPlan, lowered: list[str]) -> ir.Model:
     """ONNX Runtime's ``MatMulNBits`` quantizer (INT4 weight-only); it takes a ModelProto."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -373,6 +399,9 @@ def _apply(model: ir.Model, plan: PrecisionPlan, lowered: list[str], samples, ca
             per_channel = bool(plan.options.get("per_channel", True))
             _take_over(model, _quantize_dynamic(prepared, lowered, per_channel, narrow))
             return {"weights_7bit": len(narrow), "smoothed_tensors": smoothed, "attention_unpacked": len(renamed)}
+        if plan.mode == "int8" and plan.options.get("quantizer") == "nncf":
+            _take_over(model, _quantize_nncf(model, plan, samples or [], lowered))
+            return {}
         if plan.mode in ("int8", "fp8"):
             _take_over(model, _quantize_static(model, plan, samples or [], plan.mode == "fp8", cache_dir))
             return {}
