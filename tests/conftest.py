@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,30 @@ def _private_cache(tmp_path_factory):
     """Every test session gets its own engine cache (and host-probe cache)."""
     os.environ["ADAPTER_CACHE_DIR"] = str(tmp_path_factory.mktemp("adapter-cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _machine_share(request, tmp_path_factory):
+    """Under pytest-xdist's workers, a test marked ``exclusive`` (its assertions compare
+    wall times) runs alone: it waits for the other workers' tests in progress to end, and
+    none starts until it is done; every other test shares the machine. A readers-writer
+    lock over two files: a writer holds the gate while it waits, so readers cannot starve it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    root = tmp_path_factory.getbasetemp().parent  # one folder for all of this run's workers
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(root / "machine.gate", "a") as gate, open(root / "machine.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 @pytest.fixture

@@ -327,6 +327,7 @@ def test_guard_retimes_blocks_the_probe_saw_slow(mlp_engine, monkeypatch):
     ]
 
 
+@pytest.mark.exclusive  # calibrates against this machine's quiet speed
 def test_machine_probe_measures():
     probe = _machine_probe.MachineProbe()
     level = probe.calibrate()

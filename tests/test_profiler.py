@@ -18,6 +18,8 @@ from adapter.converter.api import ConvertOptions, convert
 from adapter.converter.precision import PrecisionOptions
 from adapter.core.errors import AdapterError
 
+pytestmark = pytest.mark.exclusive  # per-module sums are judged against wall times
+
 _SEQ = 128
 _BATCH = 4
 

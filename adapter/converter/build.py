@@ -213,7 +213,8 @@ def _kernels_ran(plan: PrecisionPlan, ran: dict[str, str]) -> dict[str, Any]:
     (``ran``: node to the precision of the kernel it became), and which do not."""
     want = LOW_KERNELS[plan.mode]
     lowered = [n for n in plan.nodes if n not in plan.overrides and n in ran]
-    off = {n: ran[n] for n in lowered if not ran[n].startswith(want)}
+    same = (want, "u8") if want == "i8" else (want,)  # unsigned activations are INT8 kernels too (u8 x s8)
+    off = {n: ran[n] for n in lowered if not ran[n].startswith(same)}
     return {"expected": want, "lowered": len(lowered), "ran_low": len(lowered) - len(off), "not_low": off}
 
 

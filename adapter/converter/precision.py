@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from adapter.backends import BACKENDS
-from adapter.converter.roofline import peak_key, roofline
+from adapter.converter.roofline import overhead_bound, peak_key, roofline
 from adapter.core.budget import Budget, output_metrics, parse_budget
 from adapter.core.errors import AdapterError, SourceError
 from adapter.core.timing import median_ms, paired_median_ms
@@ -30,6 +30,7 @@ from adapter.passes.precision import (
     fit_weight_widths,
     fp16_overflow_overrides,
     model_size,
+    uses_nncf,
 )
 from adapter.passes.sensitivity import (
     HINTS,
@@ -69,12 +70,6 @@ NEAR_LOSSLESS_MODE = "bf16"
 (AVX512_BF16, AMX) it runs 2-7x the FP32 rate."""
 NEAR_LOSSLESS_GAIN = 0.95
 """BF16 is kept only when it runs in at most this fraction of FP32's time."""
-OVERHEAD_BOUND = 0.02
-"""Below this fraction of the roofline (the FP32 engine's arithmetic and weights at the
-FP32 peak, against its measured latency) a model is bound by per-op overhead, which BF16
-does not shorten: the default keeps FP32 without building BF16. Measured here (Zen 4,
-2 cores): a 2-layer MLP 0.3%, the zoo's small models 6-52%, MiniLM [2,128] ~100%. On such
-a model a 5% gain is within timing noise, so the choice would flip from run to run."""
 SENTENCES = Path(__file__).resolve().parents[1] / "data" / "sentences.txt"
 """The project's English sentences: what the default judges a text model on."""
 DEFAULT_AUTO_BUDGET = "cos>=0.999"
@@ -89,8 +84,6 @@ unsmoothed); with the weight widths fitted (7-bit where the kernel saturates) 0.
 0.949, 0.9954 / 0.981 and 0.9964 / 0.986 -- the best strength depends on the model (and
 on the judging samples: 0.65 wins on MiniLM's, where 0.8's minimum falls to 0.979), so
 it is measured."""
-GUARD_SAMPLES = 8
-"""Random feeds added to an OpenVINO INT8 plan's calibration (see lower_precision)."""
 _MIN_COSINE = {"fp16": 0.999, "bf16": 0.999}
 """Cosine a mode must keep without a budget (others: 0.99 on held-out, 0.9 on random inputs)."""
 
@@ -255,6 +248,14 @@ class _Backend:
         self._dirs.clear()
 
 
+def _nncf_quantizes(mode: str, backend_name: str, options: PrecisionOptions, loaded, fp32: ir.Model) -> bool:
+    """Whether a new INT8 static plan goes through NNCF: on OpenVINO, for a graph with
+    attention, with the default calibration method (NNCF has no entropy/percentile choice;
+    those keep ONNX Runtime's tool). A plan file says its quantizer itself."""
+    return (mode == "int8" and backend_name == "openvino" and loaded is None
+            and options.calibrate_method == "minmax" and uses_nncf(fp32))  # fmt: skip
+
+
 def _fits_widths(plan: PrecisionPlan, loaded: PrecisionPlan | None, runner: _Backend) -> bool:
     """Whether the INT8 dynamic weight widths are measured for this plan: not for a plan
     file (it says them), and only when the engine runs on this machine (the kernel whose
@@ -311,19 +312,6 @@ def _exact(model: ir.Model, report: dict[str, Any]) -> PrecisionResult:
     return PrecisionResult(model, PrecisionPlan(mode="fp32"), {**report, "mode": "fp32"}, "fp32", None, [], None)
 
 
-def _overhead_bound(fp32: ir.Model, imported, exact, profile: Any) -> str:
-    """Why the model is bound by per-op overhead (see :data:`OVERHEAD_BOUND`), or ''."""
-    feed = imported.example_inputs
-    roof = roofline(fp32, imported.inputs, feed, profile)
-    if roof is None:  # FLOPs unknown: BF16 is built and timed
-        return ""
-    ideal, measured = roof.ms("fp32"), median_ms(lambda: exact.run(feed), warmup=3, repeats=15)
-    if ideal >= OVERHEAD_BOUND * measured:
-        return ""
-    return (f"the FP32 engine runs {measured:.3f} ms, of which its arithmetic and weights at the FP32 peak would "
-            f"take {ideal:.2g} ms ({100 * ideal / measured:.2g}%, under {OVERHEAD_BOUND:.0%})")  # fmt: skip
-
-
 def _near_lossless(imported, fp32: ir.Model, profile: Any, backend, backend_name: str, say) -> PrecisionResult:
     """``--precision default``: BF16 when the backend and target compute it natively, it
     holds :data:`NEAR_LOSSLESS` against the FP32 engine and it is faster; FP32 otherwise.
@@ -342,7 +330,8 @@ def _near_lossless(imported, fp32: ir.Model, profile: Any, backend, backend_name
     runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
     try:
         exact = runner.engine(fp32, "fp32")
-        bound = None if runner.stand_in_note else _overhead_bound(fp32, imported, exact, profile)
+        on_host = getattr(profile, "name", HOST) == HOST and not runner.stand_in_note  # peak and timing of one machine
+        bound = overhead_bound(fp32, imported.inputs, imported.example_inputs, exact.run, profile) if on_host else None
         if bound:
             return _exact(fp32, {**base, "reason": f"{bound}: per-op overhead sets its time and {mode} does not shorten it, so FP32"})
         reduced = runner.engine(fp32, HINTS[mode])
@@ -420,11 +409,6 @@ def lower_precision(
         raise SourceError(f"Cannot build a {mode} engine: {why}.", "Choose another --precision, --backend or --target.")
     calibration = _calibration(options, imported, warnings)
     calib_samples, held_out = calibration.split()
-    if backend_name == "openvino" and "int8" in candidates and not calibration.synthetic and not loaded:
-        # NNCF's static ranges also cover a few feeds drawn like the examples (the guard
-        # cases verification runs): MiniLM's random-id case 0.80 -> 0.89 cosine, held-out
-        # sentences unchanged (per-token mean 0.9969 -> 0.9972)
-        calib_samples = [*calib_samples, *synthetic_calibration(imported.inputs, imported.example_inputs).samples[:GUARD_SAMPLES]]
     runner = _Backend(backend, backend_name, profile, (imported.inputs, imported.outputs))
     try:
         feed = imported.example_inputs
@@ -459,7 +443,7 @@ def lower_precision(
                 "digest": calibration.digest(),
                 "samples": len(calib_samples),
             }
-            if candidate == "int8" and backend_name == "openvino" and not loaded:
+            if _nncf_quantizes(candidate, backend_name, options, loaded, fp32):
                 plan.options["quantizer"] = "nncf"  # OpenVINO's own quantizer (see passes.precision._quantize_nncf)
             if mixed and not loaded and candidate in MIXED_MODES:
                 plan.options["hint"] = "bf16"  # the layers it keeps run BF16, not FP32

@@ -31,8 +31,8 @@ class Tolerance:
     min_cosine: float = 0.99999
     """Lowest cosine similarity between flattened engine and reference outputs."""
     skip_padding: bool = False
-    """Compare an output shaped like the ``attention_mask`` input (its leading axes) only
-    at the positions the mask keeps: what a model computes for padding is read by nobody
+    """Compare an output whose leading axes are the ``attention_mask`` input's ([batch,
+    seq, ...], more axes than the mask) only at the positions the mask keeps: what a model computes for padding is read by nobody
     (pooling and attention leave it out), and a statically calibrated INT8 engine need not
     match it. Set for reduced-precision plans, whose guard cases these are."""
 
@@ -118,9 +118,10 @@ def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> dict[st
 
 
 def _kept_positions(feed: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The ``attention_mask`` input's kept positions (a boolean [batch, seq]), if any."""
+    """The ``attention_mask`` input's kept positions (a boolean [batch, seq]); None when
+    there is no such mask or it keeps nothing (then every position is compared)."""
     mask = feed.get("attention_mask")
-    if mask is None or np.asarray(mask).ndim != 2:
+    if mask is None or np.asarray(mask).ndim != 2 or not np.asarray(mask).any():
         return None
     return np.asarray(mask) != 0
 
@@ -151,7 +152,7 @@ def verify(
         keep = _kept_positions(feed) if tol.skip_padding else None
         for out_name, ref in expected.items():
             got, ref = np.asarray(actual[out_name]), np.asarray(ref)
-            if keep is not None and got.shape == ref.shape and ref.shape[: keep.ndim] == keep.shape:
+            if keep is not None and got.shape == ref.shape and ref.ndim > keep.ndim and ref.shape[: keep.ndim] == keep.shape:
                 got, ref = got[keep], ref[keep]
             figures = compare(got, ref, tol)
             outputs[out_name] = figures
