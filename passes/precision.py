@@ -272,7 +272,8 @@ def _guard_feeds(samples: list[dict[str, np.ndarray]], count: int = NNCF_GUARD_F
     """``count`` feeds shaped like the largest sample, values drawn as verification draws
     its random cases (integers within the samples' range, floats by their mean and spread):
     static ranges that also cover them keep an engine sane on inputs unlike the samples.
-    MiniLM, random ids: cosine to FP32 0.80 -> 0.89; held-out sentences unchanged."""
+    MiniLM (every Linear INT8): verification's random-id case 0.895 -> 0.920 cosine to
+    FP32; held-out sentences per-token mean 0.9969 -> 0.9971, min 0.9816 -> 0.9820."""
     largest = max(samples, key=lambda feed: sum(np.asarray(v).size for v in feed.values()))
     pooled = {name: np.concatenate([np.asarray(feed[name]).ravel() for feed in samples]) for name in largest}
     specs = [TensorSpec(name, str(np.asarray(value).dtype), tuple(np.asarray(value).shape)) for name, value in largest.items()]
@@ -281,8 +282,8 @@ def _guard_feeds(samples: list[dict[str, np.ndarray]], count: int = NNCF_GUARD_F
 
 
 def _quantize_nncf(model: ir.Model, plan: PrecisionPlan, samples, lowered: list[str]) -> ir.Model:
-    """NNCF's post-training INT8 quantization of the ONNX graph (QDQ out: unsigned
-    activations with zero points, per-channel signed weights) with its transformer preset
+    """NNCF's post-training INT8 quantization of the ONNX graph (QDQ out: activations
+    with zero points, unsigned where NNCF picks; per-channel weights) with its transformer preset
     (SmoothQuant before the MatMuls, attention's own products left wider), calibrated on
     the samples and :func:`_guard_feeds`. Every weight op the plan does not lower is in
     NNCF's ignored scope. MiniLM on OpenVINO, every Linear INT8 (Zen 4, 2 cores):

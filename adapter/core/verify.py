@@ -32,9 +32,10 @@ class Tolerance:
     """Lowest cosine similarity between flattened engine and reference outputs."""
     skip_padding: bool = False
     """Compare an output whose leading axes are the ``attention_mask`` input's ([batch,
-    seq, ...], more axes than the mask) only at the positions the mask keeps: what a model computes for padding is read by nobody
-    (pooling and attention leave it out), and a statically calibrated INT8 engine need not
-    match it. Set for reduced-precision plans, whose guard cases these are."""
+    seq, ...], more axes than the mask) only at the positions the mask keeps: what a model
+    computes for padding is read by nobody (pooling and attention leave it out), and a
+    statically calibrated INT8 engine need not match it. Set for reduced-precision plans,
+    whose guard cases these are."""
 
 
 def _dim_sizes(specs: list[TensorSpec], examples: dict[str, np.ndarray] | None) -> dict[str, int]:
