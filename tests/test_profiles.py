@@ -196,16 +196,14 @@ def test_probe_cache_is_private_and_reused(probed: tuple[Profile, Path], monkeyp
 
 def test_probe_force_measures_again(probed: tuple[Profile, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     _, cache_dir = probed
-    figures = FIGURES
-    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
+    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: FIGURES)
     forced = probe_host(force=True, cache_dir=cache_dir)
     assert forced.peak("fp32") == 2e9 and forced.memory_bandwidth == 4e9
     assert probe_host(cache_dir=cache_dir) == forced
 
 
 def test_probe_ignores_a_corrupt_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    figures = FIGURES
-    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: figures)
+    monkeypatch.setattr(probe_module, "_measure", lambda threads, bf16=True, fp16=False: FIGURES)
     first = probe_host(cache_dir=tmp_path)
     (cache_file,) = tmp_path.glob("host-*.json")
     cache_file.write_text("{not json")
